@@ -1,0 +1,268 @@
+"""The numpy twin of the C kernels: the same seven functions, the same names and arguments, in readable numpy.
+
+Every function here computes exactly what its namesake in ``cnnx._kernels`` computes, so the C code can be
+checked against it (``tests/test_kernel_parity.py``), and ``cnnx.set_backend("numpy")`` runs the whole library
+on it. It is written to be read: each docstring gives the shapes and the formula. It is also vectorised (the
+only Python loops run over the KH*KW kernel offsets), so whole LeNet-5 trainings run on it in reasonable time.
+
+Conventions (the kernel-level contract, see ``cnnx/_geometry.py`` for the normalisation):
+    x is (N, C, H, W), weight is (OC, C/groups, KH, KW), bias is (OC,) or None; one float dtype throughout,
+    the output has the input's dtype.
+    stride (SH, SW), dilation (DH, DW), pool kernel_size (KH, KW), pool padding (PH, PW): pairs of ints.
+    conv padding (top, bottom, left, right): four ints.
+    G = groups, CG = C/G input channels per group, OCG = OC/G output channels per group.
+
+The central tool is the kernel-offset view: for a kernel offset (i, j), the input pixels that offset touches,
+one per output position, form the strided slice
+
+    xp[..., i*DH : i*DH + (OH-1)*SH + 1 : SH,  j*DW : j*DW + (OW-1)*SW + 1 : SW]      (shape (..., OH, OW))
+
+of the padded input xp. Forward passes gather through it; backward passes scatter-add through it, which is
+where overlapping windows accumulate.
+"""
+import numpy as np
+
+from ._geometry import conv2d_out_size, pool2d_out_size
+
+__all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
+           "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward", "avgpool2d_backward"]
+
+
+def _offset_view(xp, i, j, oh, ow, stride, dilation):
+    """The (..., OH, OW) slice of padded `xp` that kernel offset (i, j) reads, one pixel per output position."""
+    sh, sw = stride
+    dh, dw = dilation
+    return xp[..., i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+
+
+def _conv_out_hw(x_shape, kernel_hw, stride, padding, dilation):
+    _, _, h, w = x_shape
+    pt, pb, pl, pr = padding
+    oh = conv2d_out_size(h, kernel_hw[0], stride[0], pt, pb, dilation[0], "H")
+    ow = conv2d_out_size(w, kernel_hw[1], stride[1], pl, pr, dilation[1], "W")
+    return oh, ow
+
+
+def _im2col(x, kernel_hw, stride, padding, dilation, groups, oh, ow):
+    """cols (N, G, CG*KH*KW, OH*OW): cols[n, g, (c, i, j), (oh, ow)] = xp[n, g*CG + c, oh*SH + i*DH, ow*SW + j*DW],
+    where xp is x zero-padded by (top, bottom, left, right)."""
+    n, c, _, _ = x.shape
+    kh, kw = kernel_hw
+    pt, pb, pl, pr = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = _offset_view(xp, i, j, oh, ow, stride, dilation)
+    return cols.reshape(n, groups, (c // groups) * kh * kw, oh * ow)
+
+
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
+    """Cross-correlation, the convolution of CNN layers (no kernel flip).
+
+    x (N, C, H, W), weight (OC, CG, KH, KW), bias (OC,) or None -> y (N, OC, OH, OW), with
+        OH = floor((H + top + bottom - DH*(KH-1) - 1) / SH) + 1   (OW likewise)
+        y[n, o, oh, ow] = bias[o] + sum_{c < CG, i < KH, j < KW}
+                          weight[o, c, i, j] * xp[n, g*CG + c, oh*SH + i*DH, ow*SW + j*DW],   g = o // OCG
+    where xp is x zero-padded. Computed as im2col + one batched matrix product per group.
+    """
+    oc, cg, kh, kw = weight.shape
+    n = x.shape[0]
+    oh, ow = _conv_out_hw(x.shape, (kh, kw), stride, padding, dilation)
+    cols = _im2col(x, (kh, kw), stride, padding, dilation, groups, oh, ow)       # (N, G, CG*KH*KW, OH*OW)
+    w = weight.reshape(groups, oc // groups, cg * kh * kw)                       # (G, OCG, CG*KH*KW)
+    y = np.matmul(w, cols).reshape(n, oc, oh, ow)                                # (N, G, OCG, OH*OW)
+    if bias is not None:
+        y += bias.reshape(1, oc, 1, 1)
+    return np.ascontiguousarray(y, dtype=x.dtype)
+
+
+def conv2d_backward_input(dy, weight, x_shape, stride, padding, dilation, groups):
+    """Gradient of conv2d_forward with respect to x.
+
+    dy (N, OC, OH, OW), weight (OC, CG, KH, KW), x_shape (N, C, H, W) -> dx (N, C, H, W).
+    Differentiating  y[n, o, oh, ow] += weight[o, c, i, j] * xp[n, g*CG + c, oh*SH + i*DH, ow*SW + j*DW]:
+        dxp[n, g*CG + c, oh*SH + i*DH, ow*SW + j*DW] += weight[o, c, i, j] * dy[n, o, oh, ow]
+    summed over o in group g and all (oh, ow, i, j); dx is dxp with the padding cut off.
+    Computed as dcols = weight^T @ dy per group, then col2im (scatter-add over the KH*KW offsets).
+    """
+    n, c, h, w_in = x_shape
+    oc, cg, kh, kw = weight.shape
+    oh, ow = _conv_out_hw(x_shape, (kh, kw), stride, padding, dilation)
+    if dy.shape != (n, oc, oh, ow):
+        raise ValueError(f"conv2d_backward_input: dy must have shape {(n, oc, oh, ow)}, got {dy.shape}")
+    pt, pb, pl, pr = padding
+    w = weight.reshape(groups, oc // groups, cg * kh * kw)
+    dyg = dy.reshape(n, groups, oc // groups, oh * ow)
+    dcols = np.matmul(w.transpose(0, 2, 1), dyg)                                 # (N, G, CG*KH*KW, OH*OW)
+    dcols = dcols.reshape(n, c, kh, kw, oh, ow)
+    dxp = np.zeros((n, c, h + pt + pb, w_in + pl + pr), dtype=dy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            _offset_view(dxp, i, j, oh, ow, stride, dilation)[...] += dcols[:, :, i, j]
+    return np.ascontiguousarray(dxp[:, :, pt:pt + h, pl:pl + w_in])
+
+
+def conv2d_backward_weight(dy, x, weight_shape, stride, padding, dilation, groups, with_bias):
+    """Gradients of conv2d_forward with respect to weight and bias.
+
+    dy (N, OC, OH, OW), x (N, C, H, W), weight_shape (OC, CG, KH, KW), with_bias bool
+    -> (dweight (OC, CG, KH, KW), dbias (OC,) or None), with
+        dweight[o, c, i, j] = sum_{n, oh, ow} dy[n, o, oh, ow] * xp[n, g*CG + c, oh*SH + i*DH, ow*SW + j*DW]
+        dbias[o]            = sum_{n, oh, ow} dy[n, o, oh, ow]
+    Computed as dy @ cols^T per group, summed over the batch.
+    """
+    oc, cg, kh, kw = weight_shape
+    n = x.shape[0]
+    oh, ow = _conv_out_hw(x.shape, (kh, kw), stride, padding, dilation)
+    if dy.shape != (n, oc, oh, ow):
+        raise ValueError(f"conv2d_backward_weight: dy must have shape {(n, oc, oh, ow)}, got {dy.shape}")
+    cols = _im2col(x, (kh, kw), stride, padding, dilation, groups, oh, ow)       # (N, G, CG*KH*KW, OH*OW)
+    dyg = dy.reshape(n, groups, oc // groups, oh * ow)
+    dweight = np.matmul(dyg, cols.transpose(0, 1, 3, 2)).sum(axis=0)             # (G, OCG, CG*KH*KW)
+    dweight = np.ascontiguousarray(dweight.reshape(weight_shape), dtype=dy.dtype)
+    dbias = np.ascontiguousarray(dy.sum(axis=(0, 2, 3)), dtype=dy.dtype) if with_bias else None
+    return dweight, dbias
+
+
+def _pool_windows(n_in, k, s, p, d, n_out):
+    """Per output position along one axis: window start (may be negative, in the padding), and for each kernel
+    offset the input coordinate it reads (out, k) and whether that coordinate lies inside the input."""
+    start = np.arange(n_out, dtype=np.int64) * s - p
+    coord = start[:, None] + np.arange(k, dtype=np.int64)[None, :] * d
+    return start, coord, (coord >= 0) & (coord < n_in)
+
+
+def maxpool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """Max pooling with the argmax, PyTorch's semantics.
+
+    x (N, C, H, W) -> (y (N, C, OH, OW), indices int64 (N, C, OH, OW)), with
+        OH = floor-or-ceil((H + 2*PH - DH*(KH-1) - 1) / SH) + 1 (a last window starting in the padding is dropped)
+        y[n, c, oh, ow] = max_{i < KH, j < KW} x[n, c, oh*SH - PH + i*DH, ow*SW - PW + j*DW]  over in-bounds taps
+        indices[n, c, oh, ow] = h*W + w of that maximum in the input plane.
+    Padding never wins (it acts as -inf). Taps are visited in row-major window order and a tap replaces the
+    running maximum when it is strictly greater, so ties go to the first maximum; a NaN always replaces it,
+    so a NaN in the window propagates (and, as in PyTorch's CPU kernel, the index is that of the last NaN).
+    A window whose in-bounds values are all -inf gets -inf and the index of its first in-bounds tap.
+    """
+    n, c, h, w = x.shape
+    kh, kw = kernel_size
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    oh = pool2d_out_size(h, kh, sh, ph, dh, ceil_mode, "H", "max_pool2d")
+    ow = pool2d_out_size(w, kw, sw, pw, dw, ceil_mode, "W", "max_pool2d")
+    hstart, hcoord, hvalid = _pool_windows(h, kh, sh, ph, dh, oh)
+    wstart, wcoord, wvalid = _pool_windows(w, kw, sw, pw, dw, ow)
+    # Pad so every tap of every window is addressable; the padded values are masked out, never compared.
+    pad_bottom = max((oh - 1) * sh + dh * (kh - 1) + 1 - h - ph, 0)
+    pad_right = max((ow - 1) * sw + dw * (kw - 1) + 1 - w - pw, 0)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, pad_bottom), (pw, pad_right)))
+
+    # The first in-bounds tap of each window: where PyTorch starts, and the index an all -inf window keeps.
+    h0 = np.where(hstart < 0, hstart + (-hstart + dh - 1) // dh * dh, hstart)
+    w0 = np.where(wstart < 0, wstart + (-wstart + dw - 1) // dw * dw, wstart)
+    best = np.full((n, c, oh, ow), -np.inf, dtype=x.dtype)
+    index = np.broadcast_to(h0[:, None] * w + w0[None, :], best.shape).copy()
+    for i in range(kh):
+        for j in range(kw):
+            v = _offset_view(xp, i, j, oh, ow, (sh, sw), (dh, dw))
+            valid = hvalid[:, i, None] & wvalid[None, :, j]                      # (OH, OW)
+            take = valid & ((v > best) | np.isnan(v))
+            best = np.where(take, v, best)
+            index = np.where(take, hcoord[:, i, None] * w + wcoord[None, :, j], index)
+    return best, index
+
+
+def maxpool2d_backward(dy, indices, x_shape):
+    """Gradient of max pooling: each dy goes to the input pixel its window's maximum came from.
+
+    dy (N, C, OH, OW), indices int64 (N, C, OH, OW) from maxpool2d_forward, x_shape (N, C, H, W)
+    -> dx (N, C, H, W):  dx[n, c].flat[indices[n, c, oh, ow]] += dy[n, c, oh, ow]
+    (differentiating y[n, c, oh, ow] = x[n, c].flat[indices[n, c, oh, ow]]); where windows overlap, the
+    contributions of every window that picked the same pixel accumulate.
+    """
+    n, c, h, w = x_shape
+    if dy.shape != indices.shape or dy.shape[:2] != (n, c):
+        raise ValueError(f"maxpool2d_backward: dy {dy.shape} and indices {indices.shape} must have the same "
+                         f"shape (N, C, OH, OW) with (N, C) = {(n, c)}")
+    # A window lying wholly in the padding (possible with dilation, e.g. H=3, kernel 2, padding 1, dilation 4)
+    # reads no input: its output is -inf and its index, h0*W + w0 of its first tap after clipping as in
+    # PyTorch, points outside the plane. Its gradient belongs to no input pixel and is dropped here
+    # (PyTorch's CPU backward writes it out of bounds).
+    inside = (indices >= 0) & (indices < h * w)
+    plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)
+    # bincount sums in float64; a float32 result is rounded once at the end.
+    dx = np.bincount((indices + plane)[inside], weights=dy[inside], minlength=n * c * h * w)
+    return dx.astype(dy.dtype, copy=False).reshape(n, c, h, w)
+
+
+def _avgpool_divisor(n_in, k, s, p, n_out, count_include_pad):
+    """Per output position along one axis, PyTorch's window length: hend = min(hstart + K, H + P) before
+    clipping (padding counted), or after clipping to [0, H) (padding not counted)."""
+    start = np.arange(n_out, dtype=np.int64) * s - p
+    end = np.minimum(start + k, n_in + p)
+    if count_include_pad:
+        return end - start
+    return np.minimum(end, n_in) - np.maximum(start, 0)
+
+
+def _avgpool_geometry(x_shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    n, c, h, w = x_shape
+    kh, kw = kernel_size
+    sh, sw = stride
+    ph, pw = padding
+    oh = pool2d_out_size(h, kh, sh, ph, 1, ceil_mode, "H", "avg_pool2d")
+    ow = pool2d_out_size(w, kw, sw, pw, 1, ceil_mode, "W", "avg_pool2d")
+    if divisor_override is not None:
+        divisor = np.full((oh, ow), divisor_override, dtype=np.int64)
+    else:
+        divisor = np.outer(_avgpool_divisor(h, kh, sh, ph, oh, count_include_pad),
+                           _avgpool_divisor(w, kw, sw, pw, ow, count_include_pad))
+    pad_bottom = max((oh - 1) * sh + kh - h - ph, 0)
+    pad_right = max((ow - 1) * sw + kw - w - pw, 0)
+    return oh, ow, divisor, (ph, pad_bottom, pw, pad_right)
+
+
+def avgpool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """Average pooling, PyTorch's semantics.
+
+    x (N, C, H, W) -> y (N, C, OH, OW) (OH as for max pooling, no dilation), with
+        hstart = oh*SH - PH,  hend = min(hstart + KH, H + PH),  pool_size = (hend - hstart) * (wend - wstart)
+        y[n, c, oh, ow] = sum of x over the window clipped to the input / divisor
+        divisor = divisor_override if given, else pool_size if count_include_pad,
+                  else the number of in-bounds pixels (clipped (hend - hstart) * (wend - wstart)).
+    """
+    n, c, _, _ = x.shape
+    kh, kw = kernel_size
+    oh, ow, divisor, (pt, pb, pl, pr) = _avgpool_geometry(
+        x.shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    total = np.zeros((n, c, oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            total += _offset_view(xp, i, j, oh, ow, stride, (1, 1))
+    # A window with no in-bounds pixel (impossible once padding <= kernel/2) averages to 0, as in PyTorch.
+    return np.where(divisor > 0, total / np.maximum(divisor, 1).astype(x.dtype), 0).astype(x.dtype, copy=False)
+
+
+def avgpool2d_backward(dy, x_shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """Gradient of average pooling.
+
+    dy (N, C, OH, OW), x_shape (N, C, H, W) -> dx (N, C, H, W). Differentiating
+        y[n, c, oh, ow] = sum_{i, j} xp[n, c, oh*SH + i, ow*SW + j] / divisor[oh, ow]:
+        dxp[n, c, oh*SH + i, ow*SW + j] += dy[n, c, oh, ow] / divisor[oh, ow]
+    (overlapping windows accumulate); dx is dxp with the padding cut off.
+    """
+    n, c, h, w = x_shape
+    kh, kw = kernel_size
+    oh, ow, divisor, (pt, pb, pl, pr) = _avgpool_geometry(
+        x_shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    if dy.shape != (n, c, oh, ow):
+        raise ValueError(f"avgpool2d_backward: dy must have shape {(n, c, oh, ow)}, got {dy.shape}")
+    share = np.where(divisor > 0, dy / np.maximum(divisor, 1).astype(dy.dtype), 0).astype(dy.dtype, copy=False)
+    dxp = np.zeros((n, c, h + pt + pb, w + pl + pr), dtype=dy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            _offset_view(dxp, i, j, oh, ow, stride, (1, 1))[...] += share
+    return np.ascontiguousarray(dxp[:, :, pt:pt + h, pl:pl + w])
