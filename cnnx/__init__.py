@@ -1,0 +1,9 @@
+"""cnnx: explicit CNN layers for Python with fast C kernels and a numpy twin that proves them right."""
+__version__ = "0.1.0"
+
+from ._backend import set_backend, get_backend, backend
+from ._config import show_config, set_num_threads, get_num_threads
+from . import functional
+from . import reference
+
+# -- issue 3 (nn, optim, data, training) adds its imports below this line --

@@ -1,0 +1,483 @@
+# cython: language_level=3
+"""The only door between Python and the C core (csrc/).
+
+Each function here has the same name, arguments and results as its twin in cnnx/reference.py. It checks what C
+cannot (dtype, contiguity, ndim, shape agreement), allocates the outputs, dispatches on float32/float64 and
+calls the C kernel with the GIL released. Geometry arrives normalised (see cnnx/_geometry.py):
+stride (sh, sw), conv padding (top, bottom, left, right), pool padding (ph, pw), dilation (dh, dw).
+"""
+import numpy as np
+from libc.stdint cimport int64_t
+from cython cimport floating
+
+from cnnx._geometry import conv2d_out_size, pool2d_out_size
+
+cdef extern from "cnnx.h" nogil:
+    int CNNX_OK, CNNX_ENOMEM, CNNX_EINDEX
+    void cnnx_init_cpu()
+    int cnnx_set_num_threads(int n)
+    int cnnx_get_num_threads()
+    int cnnx_have_openmp()
+    const char *cnnx_simd_path()
+    int cnnx_force_portable(int on)
+    const char *cnnx_compiler()
+    int conv2d_forward_f32(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t C,
+                           int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                           int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+    int conv2d_forward_f64(double *y, const double *x, const double *w, const double *b, int64_t N, int64_t C,
+                           int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                           int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+    int conv2d_backward_input_f32(float *dx, const float *dy, const float *w, int64_t N, int64_t C, int64_t H,
+                                  int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                                  int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+    int conv2d_backward_input_f64(double *dx, const double *dy, const double *w, int64_t N, int64_t C, int64_t H,
+                                  int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                                  int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+    int conv2d_backward_weight_f32(float *dw, float *db, const float *dy, const float *x, int64_t N, int64_t C,
+                                   int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH,
+                                   int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G,
+                                   int64_t OH, int64_t OW)
+    int conv2d_backward_weight_f64(double *dw, double *db, const double *dy, const double *x, int64_t N,
+                                   int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
+                                   int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
+                                   int64_t G, int64_t OH, int64_t OW)
+    int maxpool2d_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H, int64_t W,
+                              int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
+                              int64_t DH, int64_t DW, int64_t OH, int64_t OW)
+    int maxpool2d_forward_f64(double *y, int64_t *indices, const double *x, int64_t NC, int64_t H, int64_t W,
+                              int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
+                              int64_t DH, int64_t DW, int64_t OH, int64_t OW)
+    int maxpool2d_backward_f32(float *dx, const float *dy, const int64_t *indices, int64_t NC, int64_t H,
+                               int64_t W, int64_t OH, int64_t OW)
+    int maxpool2d_backward_f64(double *dx, const double *dy, const int64_t *indices, int64_t NC, int64_t H,
+                               int64_t W, int64_t OH, int64_t OW)
+    int avgpool2d_forward_f32(float *y, const float *x, int64_t NC, int64_t H, int64_t W, int64_t KH,
+                              int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
+                              int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
+    int avgpool2d_forward_f64(double *y, const double *x, int64_t NC, int64_t H, int64_t W, int64_t KH,
+                              int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
+                              int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
+    int avgpool2d_backward_f32(float *dx, const float *dy, int64_t NC, int64_t H, int64_t W, int64_t KH,
+                               int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
+                               int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
+    int avgpool2d_backward_f64(double *dx, const double *dy, int64_t NC, int64_t H, int64_t W, int64_t KH,
+                               int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
+                               int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
+
+cnnx_init_cpu()
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# Every buffer size is checked against this before allocation: n*c*h*w must fit int64 with room for
+# the offsets the kernels compute.
+cdef int64_t _MAX_ELEMENTS = (<int64_t>1) << 60
+
+
+# ---------------------------------------------------------------- configuration
+
+def set_num_threads(int n):
+    """Threads used by every kernel (n <= 0: the OpenMP default). Returns the previous count."""
+    return cnnx_set_num_threads(n)
+
+
+def get_num_threads():
+    return cnnx_get_num_threads()
+
+
+def have_openmp():
+    return bool(cnnx_have_openmp())
+
+
+def simd_path():
+    """'avx2+fma' or 'portable': the GEMM path the kernels use on this CPU."""
+    return cnnx_simd_path().decode()
+
+
+def force_portable(on=None):
+    """Force the portable path (True), allow AVX2+FMA again (False) or query (None). Returns the setting."""
+    return bool(cnnx_force_portable(-1 if on is None else int(bool(on))))
+
+
+def compiler():
+    return cnnx_compiler().decode()
+
+
+# ---------------------------------------------------------------- checks
+
+cdef _check(a, str name, str fn, int ndim, dtype=None):
+    """a must be a C-contiguous float32/float64 ndarray with `ndim` dims (and `dtype` if given)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.ndim != ndim:
+        raise ValueError(f"{fn}: {name} must have {ndim} dims, got shape {a.shape}")
+    if dtype is None:
+        if a.dtype not in _FLOATS:
+            raise TypeError(f"{fn}: {name} must be float32 or float64, got {a.dtype}")
+    elif a.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have the dtype of x ({dtype}), got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{fn}: {name} must be C-contiguous (use numpy.ascontiguousarray)")
+    if a.size >= _MAX_ELEMENTS:
+        raise ValueError(f"{fn}: {name} is too large ({a.size} elements)")
+
+
+cdef tuple _shape4(shape, str name, str fn):
+    try:
+        t = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be a tuple of 4 ints, got {shape!r}") from None
+    if len(t) != 4 or min(t) < 0:
+        raise ValueError(f"{fn}: {name} must be 4 non-negative sizes, got {shape!r}")
+    cdef object total = 1
+    for s in t:
+        total *= s
+    if total >= _MAX_ELEMENTS:
+        raise ValueError(f"{fn}: {name} {t} has {total} elements, more than cnnx can address")
+    return t
+
+
+cdef _status(int code, str fn):
+    if code == CNNX_ENOMEM:
+        raise MemoryError(f"{fn}: could not allocate the kernel's scratch space")
+    if code == CNNX_EINDEX:
+        raise ValueError(f"{fn}: indices holds a position outside the input plane "
+                         f"(indices must come from maxpool2d_forward on an input of this shape)")
+    if code != CNNX_OK:
+        raise RuntimeError(f"{fn}: kernel failed with code {code}")
+
+
+cdef tuple _conv_geometry(tuple xs, tuple ws, stride, padding, dilation, groups, str fn):
+    """Check the (normalised) geometry and return (OH, OW)."""
+    cdef int64_t N = xs[0], C = xs[1], H = xs[2], W = xs[3]
+    cdef int64_t OC = ws[0], CG = ws[1], KH = ws[2], KW = ws[3]
+    sh, sw = stride
+    pt, pb, pl, pr = padding
+    dh, dw = dilation
+    if groups < 1 or C % groups or OC % groups:
+        raise ValueError(f"{fn}: channels not divisible by groups: in_channels {C}, out_channels {OC}, "
+                         f"groups {groups}")
+    if CG * groups != C:
+        raise ValueError(f"{fn}: channel mismatch: weight {ws} expects {CG * groups} input channels "
+                         f"(weight.shape[1] {CG} * groups {groups}), x has {C}")
+    if KH < 1 or KW < 1:
+        raise ValueError(f"{fn}: kernel must be at least 1x1, got weight shape {ws}")
+    if min(sh, sw) < 1 or min(dh, dw) < 1 or min(pt, pb, pl, pr) < 0:
+        raise ValueError(f"{fn}: stride and dilation must be >= 1 and padding >= 0, got stride {stride}, "
+                         f"dilation {dilation}, padding {padding}")
+    oh = conv2d_out_size(H, KH, sh, pt, pb, dh, "H", fn)
+    ow = conv2d_out_size(W, KW, sw, pl, pr, dw, "W", fn)
+    return oh, ow
+
+
+cdef tuple _pool_geometry(tuple xs, kernel_size, stride, padding, dilation, ceil_mode, str fn):
+    kh, kw = kernel_size
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"{fn}: kernel_size, stride and dilation must be >= 1 and padding >= 0, got "
+                         f"kernel_size {kernel_size}, stride {stride}, dilation {dilation}, padding {padding}")
+    oh = pool2d_out_size(xs[2], kh, sh, ph, dh, bool(ceil_mode), "H", fn)
+    ow = pool2d_out_size(xs[3], kw, sw, pw, dw, bool(ceil_mode), "W", fn)
+    return oh, ow
+
+
+# ---------------------------------------------------------------- conv2d
+
+cdef int _conv_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
+                   const floating *b, int64_t G, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
+                   int64_t DH, int64_t DW):
+    cdef int code
+    with nogil:
+      if floating is float:
+        code = conv2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
+                                  x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
+                                  DH, DW, G, y.shape[2], y.shape[3])
+      else:
+        code = conv2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
+                                  x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
+                                  DH, DW, G, y.shape[2], y.shape[3])
+    return code
+
+
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
+    """y (N, OC, OH, OW) = cross-correlation of x (N, C, H, W) with weight (OC, C/groups, KH, KW) + bias."""
+    fn = "conv2d_forward"
+    _check(x, "x", fn, 4)
+    _check(weight, "weight", fn, 4, x.dtype)
+    oh, ow = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups, fn)
+    if bias is not None:
+        _check(bias, "bias", fn, 1, x.dtype)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) (out_channels), got {bias.shape}")
+    _shape4((x.shape[0], weight.shape[0], oh, ow), "output shape", fn)
+    y = np.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype)
+    if y.size == 0:
+        return y
+    cdef int code
+    cdef int64_t G = groups, SH = stride[0], SW = stride[1], PT = padding[0], PL = padding[2]
+    cdef int64_t DH = dilation[0], DW = dilation[1]
+    cdef const float[::1] b32
+    cdef const double[::1] b64
+    if x.dtype == np.float32:
+        b32 = bias if bias is not None else None
+        code = _conv_fwd[float](y, x, weight, &b32[0] if b32 is not None else NULL,
+                                    G, SH, SW, PT, PL, DH, DW)
+    else:
+        b64 = bias if bias is not None else None
+        code = _conv_fwd[double](y, x, weight, &b64[0] if b64 is not None else NULL,
+                                     G, SH, SW, PT, PL, DH, DW)
+    _status(code, fn)
+    return y
+
+
+cdef int _conv_bwd_input(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy,
+                         const floating[:, :, :, ::1] w, int64_t G, int64_t SH, int64_t SW, int64_t PT,
+                         int64_t PL, int64_t DH, int64_t DW):
+    cdef int code
+    with nogil:
+      if floating is float:
+        code = conv2d_backward_input_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
+                                         dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
+                                         w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+      else:
+        code = conv2d_backward_input_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
+                                         dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
+                                         w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+    return code
+
+
+def conv2d_backward_input(dy, weight, x_shape, stride, padding, dilation, groups):
+    """dx (x_shape) of conv2d_forward given dy (N, OC, OH, OW) and weight."""
+    fn = "conv2d_backward_input"
+    _check(dy, "dy", fn, 4)
+    _check(weight, "weight", fn, 4, dy.dtype)
+    xs = _shape4(x_shape, "x_shape", fn)
+    oh, ow = _conv_geometry(xs, weight.shape, stride, padding, dilation, groups, fn)
+    expected = (xs[0], weight.shape[0], oh, ow)
+    if dy.shape != expected:
+        raise ValueError(f"{fn}: dy must have the output shape {expected}, got {dy.shape}")
+    dx = np.empty(xs, dtype=dy.dtype)
+    if dx.size == 0:
+        return dx
+    if dy.size == 0:
+        dx.fill(0)
+        return dx
+    cdef int code
+    cdef int64_t G = groups, SH = stride[0], SW = stride[1], PT = padding[0], PL = padding[2]
+    cdef int64_t DH = dilation[0], DW = dilation[1]
+    if dy.dtype == np.float32:
+        code = _conv_bwd_input[float](dx, dy, weight, G, SH, SW, PT, PL, DH, DW)
+    else:
+        code = _conv_bwd_input[double](dx, dy, weight, G, SH, SW, PT, PL, DH, DW)
+    _status(code, fn)
+    return dx
+
+
+cdef int _conv_bwd_weight(floating[:, :, :, ::1] dw, floating *db, const floating[:, :, :, ::1] dy,
+                          const floating[:, :, :, ::1] x, int64_t G, int64_t SH, int64_t SW, int64_t PT,
+                          int64_t PL, int64_t DH, int64_t DW):
+    cdef int code
+    with nogil:
+      if floating is float:
+        code = conv2d_backward_weight_f32(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
+                                          x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
+                                          dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+      else:
+        code = conv2d_backward_weight_f64(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
+                                          x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
+                                          dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+    return code
+
+
+def conv2d_backward_weight(dy, x, weight_shape, stride, padding, dilation, groups, with_bias):
+    """(dweight (weight_shape), dbias (OC,) or None) of conv2d_forward given dy and x."""
+    fn = "conv2d_backward_weight"
+    _check(dy, "dy", fn, 4)
+    _check(x, "x", fn, 4, dy.dtype)
+    ws = _shape4(weight_shape, "weight_shape", fn)
+    oh, ow = _conv_geometry(x.shape, ws, stride, padding, dilation, groups, fn)
+    expected = (x.shape[0], ws[0], oh, ow)
+    if dy.shape != expected:
+        raise ValueError(f"{fn}: dy must have the output shape {expected}, got {dy.shape}")
+    dw = np.empty(ws, dtype=dy.dtype)
+    db = np.empty((ws[0],), dtype=dy.dtype) if with_bias else None
+    if dw.size == 0 or dy.size == 0:
+        dw.fill(0)
+        if db is not None:
+            db.fill(0)
+        return dw, db
+    cdef int code
+    cdef int64_t G = groups, SH = stride[0], SW = stride[1], PT = padding[0], PL = padding[2]
+    cdef int64_t DH = dilation[0], DW = dilation[1]
+    cdef float[::1] db32
+    cdef double[::1] db64
+    if dy.dtype == np.float32:
+        db32 = db
+        code = _conv_bwd_weight[float](dw, &db32[0] if db32 is not None else NULL, dy, x,
+                                           G, SH, SW, PT, PL, DH, DW)
+    else:
+        db64 = db
+        code = _conv_bwd_weight[double](dw, &db64[0] if db64 is not None else NULL, dy, x,
+                                            G, SH, SW, PT, PL, DH, DW)
+    _status(code, fn)
+    return dw, db
+
+
+# ---------------------------------------------------------------- max pooling
+
+cdef int _max_fwd(floating[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx, const floating[:, :, :, ::1] x,
+                  int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH,
+                  int64_t DW):
+    cdef int code
+    with nogil:
+      if floating is float:
+        code = maxpool2d_forward_f32(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
+                                     x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
+      else:
+        code = maxpool2d_forward_f64(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
+                                     x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
+    return code
+
+
+def maxpool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """(y (N, C, OH, OW), indices int64 (N, C, OH, OW)): window maxima and their flat h*W + w positions."""
+    fn = "maxpool2d_forward"
+    _check(x, "x", fn, 4)
+    oh, ow = _pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode, fn)
+    shape = (x.shape[0], x.shape[1], oh, ow)
+    y = np.empty(shape, dtype=x.dtype)
+    indices = np.empty(shape, dtype=np.int64)
+    if y.size == 0:
+        return y, indices
+    cdef int code
+    cdef int64_t KH = kernel_size[0], KW = kernel_size[1], SH = stride[0], SW = stride[1]
+    cdef int64_t PH = padding[0], PW = padding[1], DH = dilation[0], DW = dilation[1]
+    if x.dtype == np.float32:
+        code = _max_fwd[float](y, indices, x, KH, KW, SH, SW, PH, PW, DH, DW)
+    else:
+        code = _max_fwd[double](y, indices, x, KH, KW, SH, SW, PH, PW, DH, DW)
+    _status(code, fn)
+    return y, indices
+
+
+cdef int _max_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy,
+                  const int64_t[:, :, :, ::1] idx):
+    cdef int code
+    with nogil:
+      if floating is float:
+        code = maxpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
+                                      dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
+      else:
+        code = maxpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
+                                      dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
+    return code
+
+
+def maxpool2d_backward(dy, indices, x_shape):
+    """dx (x_shape): dy scattered to the recorded argmax positions, accumulating where windows overlap."""
+    fn = "maxpool2d_backward"
+    _check(dy, "dy", fn, 4)
+    xs = _shape4(x_shape, "x_shape", fn)
+    if not isinstance(indices, np.ndarray) or indices.dtype != np.int64:
+        raise TypeError(f"{fn}: indices must be an int64 numpy.ndarray, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    if indices.shape != dy.shape:
+        raise ValueError(f"{fn}: indices must have the shape of dy {dy.shape}, got {indices.shape}")
+    if not indices.flags.c_contiguous:
+        raise ValueError(f"{fn}: indices must be C-contiguous")
+    if dy.shape[:2] != xs[:2]:
+        raise ValueError(f"{fn}: dy (N, C) = {dy.shape[:2]} does not match x_shape (N, C) = {xs[:2]}")
+    dx = np.empty(xs, dtype=dy.dtype)
+    if dx.size == 0:
+        return dx
+    if dy.size == 0:
+        dx.fill(0)
+        return dx
+    cdef int code
+    if dy.dtype == np.float32:
+        code = _max_bwd[float](dx, dy, indices)
+    else:
+        code = _max_bwd[double](dx, dy, indices)
+    _status(code, fn)
+    return dx
+
+
+# ---------------------------------------------------------------- average pooling
+
+cdef int _avg_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, int64_t KH, int64_t KW, int64_t SH,
+                  int64_t SW, int64_t PH, int64_t PW, int cip, int64_t div):
+    cdef int code
+    with nogil:
+      if floating is float:
+        code = avgpool2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
+                                     x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
+      else:
+        code = avgpool2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
+                                     x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
+    return code
+
+
+cdef int64_t _divisor(divisor_override, str fn) except -1:
+    if divisor_override is None:
+        return 0
+    d = int(divisor_override)
+    if d <= 0:
+        raise ValueError(f"{fn}: divisor_override must be a positive int or None, got {divisor_override!r}")
+    return d
+
+
+def avgpool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """y (N, C, OH, OW): window means (PyTorch's divisor rules)."""
+    fn = "avgpool2d_forward"
+    _check(x, "x", fn, 4)
+    oh, ow = _pool_geometry(x.shape, kernel_size, stride, padding, (1, 1), ceil_mode, fn)
+    cdef int64_t div = _divisor(divisor_override, fn)
+    y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
+    if y.size == 0:
+        return y
+    cdef int code, cip = bool(count_include_pad)
+    cdef int64_t KH = kernel_size[0], KW = kernel_size[1], SH = stride[0], SW = stride[1]
+    cdef int64_t PH = padding[0], PW = padding[1]
+    if x.dtype == np.float32:
+        code = _avg_fwd[float](y, x, KH, KW, SH, SW, PH, PW, cip, div)
+    else:
+        code = _avg_fwd[double](y, x, KH, KW, SH, SW, PH, PW, cip, div)
+    _status(code, fn)
+    return y
+
+
+cdef int _avg_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy, int64_t KH, int64_t KW,
+                  int64_t SH, int64_t SW, int64_t PH, int64_t PW, int cip, int64_t div):
+    cdef int code
+    with nogil:
+      if floating is float:
+        code = avgpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
+                                      dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
+      else:
+        code = avgpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
+                                      dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
+    return code
+
+
+def avgpool2d_backward(dy, x_shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """dx (x_shape) of avgpool2d_forward given dy (N, C, OH, OW)."""
+    fn = "avgpool2d_backward"
+    _check(dy, "dy", fn, 4)
+    xs = _shape4(x_shape, "x_shape", fn)
+    oh, ow = _pool_geometry(xs, kernel_size, stride, padding, (1, 1), ceil_mode, fn)
+    cdef int64_t div = _divisor(divisor_override, fn)
+    expected = (xs[0], xs[1], oh, ow)
+    if dy.shape != expected:
+        raise ValueError(f"{fn}: dy must have the output shape {expected}, got {dy.shape}")
+    dx = np.empty(xs, dtype=dy.dtype)
+    if dx.size == 0:
+        return dx
+    cdef int code, cip = bool(count_include_pad)
+    cdef int64_t KH = kernel_size[0], KW = kernel_size[1], SH = stride[0], SW = stride[1]
+    cdef int64_t PH = padding[0], PW = padding[1]
+    if dy.dtype == np.float32:
+        code = _avg_bwd[float](dx, dy, KH, KW, SH, SW, PH, PW, cip, div)
+    else:
+        code = _avg_bwd[double](dx, dy, KH, KW, SH, SW, PH, PW, cip, div)
+    _status(code, fn)
+    return dx

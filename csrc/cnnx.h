@@ -1,0 +1,86 @@
+/*
+ * cnnx C core: convolution and pooling kernels on flat row-major buffers.
+ * Knows nothing of Python or numpy. Every size and offset is int64_t.
+ *
+ * Dimension glossary (used in every comment and signature below):
+ *   N        batch size
+ *   C        input channels            OC   output channels         G  groups
+ *   H, W     input height, width       OH, OW  output height, width
+ *   KH, KW   kernel height, width
+ *   SH, SW   stride                    DH, DW  dilation
+ *   PT, PL   zero padding at the top / left (bottom / right padding is implied by OH, OW)
+ *   PH, PW   symmetric pooling padding (top = bottom = PH, left = right = PW)
+ *
+ * Layouts: activations NCHW, weights OIHW = (OC, C/G, KH, KW), bias (OC,).
+ * Input pixel of output (oh, ow) under kernel tap (kh, kw):
+ *   ih = oh*SH - PT + kh*DH,   iw = ow*SW - PL + kw*DW   (outside [0,H) x [0,W) reads as 0 / -inf)
+ *
+ * Return codes: CNNX_OK (0) on success, CNNX_ENOMEM when scratch space could not be allocated,
+ * CNNX_EINDEX when a max-pool index lies outside its input plane.
+ * Nothing is ever printed; the Cython layer turns codes into Python exceptions.
+ */
+#ifndef CNNX_H
+#define CNNX_H
+
+#include <stdint.h>
+
+#define CNNX_OK 0
+#define CNNX_ENOMEM 1
+#define CNNX_EINDEX 2     /* a max-pool index outside its input plane */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- configuration (config.c) ---- */
+void cnnx_init_cpu(void);          /* once, at import: CPU features and CNNX_FORCE_PORTABLE */
+int cnnx_set_num_threads(int n);     /* n <= 0: back to the OpenMP default; returns the old value */
+int cnnx_get_num_threads(void);
+int cnnx_have_openmp(void);
+const char *cnnx_simd_path(void);    /* "avx2+fma" or "portable" */
+int cnnx_force_portable(int on);     /* on < 0: query; returns the active setting (1 = portable forced) */
+const char *cnnx_compiler(void);
+
+/* ---- conv2d (conv2d.c), cross-correlation ----
+ * conv2d_forward: y (N, OC, OH, OW) is overwritten.
+ *   y[n, oc, oh, ow] = b[oc] + sum_{c, kh, kw} w[oc, c, kh, kw] * x[n, g*C/G + c, ih, iw],  g = oc / (OC/G)
+ *   b may be NULL (no bias). */
+#define CNNX_CONV2D_DECLARE(REAL, SUF)                                                              \
+int conv2d_forward_##SUF(REAL *y, const REAL *x, const REAL *w, const REAL *b,                      \
+                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,        \
+                         int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,    \
+                         int64_t DW, int64_t G, int64_t OH, int64_t OW);                            \
+int conv2d_backward_input_##SUF(REAL *dx, const REAL *dy, const REAL *w,                            \
+                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,        \
+                         int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,    \
+                         int64_t DW, int64_t G, int64_t OH, int64_t OW);                            \
+int conv2d_backward_weight_##SUF(REAL *dw, REAL *db, const REAL *dy, const REAL *x,                 \
+                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,        \
+                         int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,    \
+                         int64_t DW, int64_t G, int64_t OH, int64_t OW);
+CNNX_CONV2D_DECLARE(float, f32)
+CNNX_CONV2D_DECLARE(double, f64)
+
+/* ---- pooling (pool2d.c) ---- planes are (N*C) independent (H, W) images. */
+#define CNNX_POOL2D_DECLARE(REAL, SUF)                                                              \
+int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,                               \
+                         int64_t NC, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,      \
+                         int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW,                \
+                         int64_t OH, int64_t OW);                                                   \
+int maxpool2d_backward_##SUF(REAL *dx, const REAL *dy, const int64_t *indices,                      \
+                         int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
+int avgpool2d_forward_##SUF(REAL *y, const REAL *x,                                                 \
+                         int64_t NC, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,      \
+                         int64_t SW, int64_t PH, int64_t PW, int count_include_pad,                 \
+                         int64_t divisor_override, int64_t OH, int64_t OW);                         \
+int avgpool2d_backward_##SUF(REAL *dx, const REAL *dy,                                              \
+                         int64_t NC, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,      \
+                         int64_t SW, int64_t PH, int64_t PW, int count_include_pad,                 \
+                         int64_t divisor_override, int64_t OH, int64_t OW);
+CNNX_POOL2D_DECLARE(float, f32)
+CNNX_POOL2D_DECLARE(double, f64)
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CNNX_H */

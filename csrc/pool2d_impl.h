@@ -1,0 +1,152 @@
+/*
+ * Pooling template, included by pool2d.c once per dtype with REAL and SUF defined.
+ * Every kernel sees NC = N*C independent planes of (H, W) and is threaded over planes.
+ * Window of output (oh, ow): rows ih = oh*SH - PH + kh*DH (kh < KH), columns iw = ow*SW - PW + kw*DW.
+ */
+#define GLUE_(a, b) a##_##b
+#define GLUE(a, b) GLUE_(a, b)
+
+/*
+ * maxpool2d_forward: x (NC, H, W) -> y (NC, OH, OW) and indices (NC, OH, OW), both overwritten.
+ *   y[p, oh, ow] = max over the window's in-image taps of x[p, ih, iw]  (padding never wins: it is -inf)
+ *   indices[p, oh, ow] = ih*W + iw of that maximum: the first one in row-major window order on ties
+ *   (a later tap wins only when strictly greater); a NaN wins and propagates, as in PyTorch.
+ */
+int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64_t NC, int64_t H,
+                                 int64_t W, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH,
+                                 int64_t PW, int64_t DH, int64_t DW, int64_t OH, int64_t OW)
+{
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 4096)
+    for (int64_t p = 0; p < NC; p++) {
+        const REAL *restrict xp = x + p * H * W;
+        REAL *restrict yp = y + p * OH * OW;
+        int64_t *restrict ip = indices + p * OH * OW;
+        for (int64_t oh = 0; oh < OH; oh++) {
+            int64_t h0 = oh * SH - PH, kh0 = 0;
+            while (h0 + kh0 * DH < 0) kh0++;
+            int64_t kh1 = KH;
+            while (kh1 > kh0 && h0 + (kh1 - 1) * DH >= H) kh1--;
+            for (int64_t ow = 0; ow < OW; ow++) {
+                int64_t w0 = ow * SW - PW, kw0 = 0;
+                while (w0 + kw0 * DW < 0) kw0++;
+                int64_t kw1 = KW;
+                while (kw1 > kw0 && w0 + (kw1 - 1) * DW >= W) kw1--;
+                REAL best = -INFINITY;
+                int64_t arg = (h0 + kh0 * DH) * W + (w0 + kw0 * DW);
+                for (int64_t kh = kh0; kh < kh1; kh++) {
+                    const int64_t ih = h0 + kh * DH;
+                    for (int64_t kw = kw0; kw < kw1; kw++) {
+                        const int64_t iw = w0 + kw * DW;
+                        const REAL v = xp[ih * W + iw];
+                        if (v > best || isnan(v)) {
+                            best = v;
+                            arg = ih * W + iw;
+                        }
+                    }
+                }
+                yp[oh * OW + ow] = best;
+                ip[oh * OW + ow] = arg;
+            }
+        }
+    }
+    return CNNX_OK;
+}
+
+/*
+ * maxpool2d_backward: dy (NC, OH, OW), indices (NC, OH, OW) -> dx (NC, H, W), overwritten.
+ * Differentiates  y[p, oh, ow] = x[p, indices[p, oh, ow]]:
+ *   dx[p, i] = sum over outputs whose index is i of dy[p, oh, ow]  (overlapping windows accumulate)
+ * Returns CNNX_EINDEX, leaving dx partly written, when an index lies outside [0, H*W).
+ */
+int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indices, int64_t NC,
+                                  int64_t H, int64_t W, int64_t OH, int64_t OW)
+{
+    int status = CNNX_OK;
+    const int64_t plane = H * W;
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 4096)
+    for (int64_t p = 0; p < NC; p++) {
+        REAL *restrict dxp = dx + p * plane;
+        const REAL *restrict dyp = dy + p * OH * OW;
+        const int64_t *restrict ip = indices + p * OH * OW;
+        for (int64_t i = 0; i < plane; i++) dxp[i] = 0;
+        for (int64_t o = 0; o < OH * OW; o++) {
+            const int64_t i = ip[o];
+            if (i < 0 || i >= plane) {
+#pragma omp atomic write
+                status = CNNX_EINDEX;
+                break;
+            }
+            dxp[i] += dyp[o];
+        }
+    }
+    return status;
+}
+
+/* PyTorch's average-pool window: [h0, h1) x [w0, w1) clipped to the image, and its divisor. */
+#define AVG_WINDOW()                                                                              \
+    int64_t h0 = oh * SH - PH, w0 = ow * SW - PW;                                                 \
+    int64_t h1 = h0 + KH < H + PH ? h0 + KH : H + PH, w1 = w0 + KW < W + PW ? w0 + KW : W + PW;   \
+    const int64_t pool_size = (h1 - h0) * (w1 - w0);                                              \
+    h0 = h0 > 0 ? h0 : 0;                                                                         \
+    w0 = w0 > 0 ? w0 : 0;                                                                         \
+    h1 = h1 < H ? h1 : H;                                                                         \
+    w1 = w1 < W ? w1 : W;                                                                         \
+    const int64_t divisor = divisor_override > 0 ? divisor_override                               \
+                            : count_include_pad ? pool_size : (h1 - h0) * (w1 - w0);
+
+/*
+ * avgpool2d_forward: x (NC, H, W) -> y (NC, OH, OW), overwritten.
+ *   y[p, oh, ow] = (sum of x[p, ih, iw] over the clipped window) / divisor
+ * divisor = divisor_override if > 0, else the window size counting padding (count_include_pad) or not.
+ * A window holding no image pixel (possible with ceil_mode) gives 0.
+ */
+int GLUE(avgpool2d_forward, SUF)(REAL *y, const REAL *x, int64_t NC, int64_t H, int64_t W, int64_t KH,
+                                 int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
+                                 int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
+{
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 4096)
+    for (int64_t p = 0; p < NC; p++) {
+        const REAL *restrict xp = x + p * H * W;
+        REAL *restrict yp = y + p * OH * OW;
+        for (int64_t oh = 0; oh < OH; oh++)
+            for (int64_t ow = 0; ow < OW; ow++) {
+                AVG_WINDOW()
+                REAL sum = 0;
+                for (int64_t ih = h0; ih < h1; ih++)
+                    for (int64_t iw = w0; iw < w1; iw++) sum += xp[ih * W + iw];
+                yp[oh * OW + ow] = divisor > 0 ? sum / (REAL)divisor : 0;
+            }
+    }
+    return CNNX_OK;
+}
+
+/*
+ * avgpool2d_backward: dy (NC, OH, OW) -> dx (NC, H, W), overwritten.
+ * Differentiates  y[p, oh, ow] = sum_window x[p, ih, iw] / divisor:
+ *   dx[p, ih, iw] = sum over windows containing (ih, iw) of dy[p, oh, ow] / divisor
+ */
+int GLUE(avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, int64_t NC, int64_t H, int64_t W,
+                                  int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH,
+                                  int64_t PW, int count_include_pad, int64_t divisor_override,
+                                  int64_t OH, int64_t OW)
+{
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 4096)
+    for (int64_t p = 0; p < NC; p++) {
+        REAL *restrict dxp = dx + p * H * W;
+        const REAL *restrict dyp = dy + p * OH * OW;
+        for (int64_t i = 0; i < H * W; i++) dxp[i] = 0;
+        for (int64_t oh = 0; oh < OH; oh++)
+            for (int64_t ow = 0; ow < OW; ow++) {
+                AVG_WINDOW()
+                if (divisor <= 0) continue;
+                const REAL g = dyp[oh * OW + ow] / (REAL)divisor;
+                for (int64_t ih = h0; ih < h1; ih++)
+                    for (int64_t iw = w0; iw < w1; iw++) dxp[ih * W + iw] += g;
+            }
+    }
+    return CNNX_OK;
+}
+
+#undef AVG_WINDOW
+#undef GLUE
+#undef GLUE_
