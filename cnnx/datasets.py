@@ -162,18 +162,19 @@ def download_file(filename, mirrors, directory, sha256, timeout=30.0, max_bytes=
                     for chunk in iter(lambda: response.read(1 << 20), b""):
                         received[0] += len(chunk)
                         if received[0] > max_bytes:
-                            raise DownloadError(f"{url} sent more than {max_bytes} bytes")
+                            raise DownloadError(f"sent more than {max_bytes} bytes")
                         digest.update(chunk)
                         out.write(chunk)
                     if digest.hexdigest() != sha256:
                         raise DownloadError(
-                            f"{url}: SHA-256 {digest.hexdigest()} does not match the expected {sha256}")
+                            f"SHA-256 {digest.hexdigest()} does not match the expected {sha256}")
 
             atomic_write(target, write)
             return target
-        except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, DownloadError, bad URL
-            reason = getattr(exc, "reason", None) or exc
-            failures.append(f"{url}: {reason}")
+        except urllib.error.HTTPError as exc:
+            failures.append(f"{url}: HTTP {exc.code} {exc.reason}")
+        except (OSError, ValueError) as exc:  # URLError, timeouts, DownloadError (hash, size), bad URL
+            failures.append(f"{url}: {getattr(exc, 'reason', None) or exc}")
     raise DownloadError(f"could not download {filename} into {directory}: " + "; ".join(failures))
 
 
@@ -182,6 +183,7 @@ class _Dataset:
     """Shared behaviour: ``len``, ``ds[i] -> (image, label)``, ``ds[index_array] -> (images, labels)``."""
 
     classes = [str(i) for i in range(10)]
+    _batch_indexable = True  # ds[index_array] -> (images, labels); cnnx.data.DataLoader relies on it
     data = None
     targets = None
 
@@ -228,8 +230,13 @@ class _IDXDataset(_Dataset):
             directory = os.path.join(root, self.folder)
             for i, name in enumerate(names):
                 if paths[i] is None:
-                    paths[i] = download_file(name + ".gz", self.mirrors if mirrors is None else mirrors,
-                                             directory, self.resources[name], log=_stderr_log)
+                    try:
+                        paths[i] = download_file(name + ".gz", self.mirrors if mirrors is None else mirrors,
+                                                 directory, self.resources[name], log=_stderr_log)
+                    except DownloadError as exc:
+                        raise DownloadError(
+                            f"{type(self).__name__}: {exc}. Without network access, copy "
+                            f"{', '.join(n + '.gz' for n in names)} into {directory}") from None
         missing = [n + ".gz" for n, p in zip(names, paths) if p is None]
         if missing:
             raise DatasetNotFoundError(
@@ -339,8 +346,13 @@ class CIFAR10(_Dataset):
         if directory is None and download:
             tar_path = os.path.join(root, self.archive)
             if not (os.path.isfile(tar_path) and _sha256(tar_path) == self.archive_sha256):
-                download_file(self.archive, self.mirrors if mirrors is None else mirrors, root,
-                              self.archive_sha256, max_bytes=1 << 28, log=_stderr_log)
+                try:
+                    download_file(self.archive, self.mirrors if mirrors is None else mirrors, root,
+                                  self.archive_sha256, max_bytes=1 << 28, log=_stderr_log)
+                except DownloadError as exc:
+                    raise DownloadError(
+                        f"CIFAR10: {exc}. Without network access, put {self.archive} in {root} or extract "
+                        f"its {', '.join(names)} into {os.path.join(root, self.folder)}") from None
             self._extract(tar_path, root)
             directory = self._find_dir(root, names)
         if directory is None:
