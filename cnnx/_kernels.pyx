@@ -139,7 +139,7 @@ cdef _status(int code, str fn):
     if code == CNNX_ENOMEM:
         raise MemoryError(f"{fn}: could not allocate the kernel's scratch space")
     if code == CNNX_EINDEX:
-        raise ValueError(f"{fn}: indices holds a position outside the input plane "
+        raise ValueError(f"{fn}: indices holds a negative position "
                          f"(indices must come from maxpool2d_forward on an input of this shape)")
     if code != CNNX_OK:
         raise RuntimeError(f"{fn}: kernel failed with code {code}")

@@ -56,7 +56,9 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
  * maxpool2d_backward: dy (NC, OH, OW), indices (NC, OH, OW) -> dx (NC, H, W), overwritten.
  * Differentiates  y[p, oh, ow] = x[p, indices[p, oh, ow]]:
  *   dx[p, i] = sum over outputs whose index is i of dy[p, oh, ow]  (overlapping windows accumulate)
- * Returns CNNX_EINDEX, leaving dx partly written, when an index lies outside [0, H*W).
+ * An index >= H*W marks a window that lay wholly in the padding (PyTorch records the position just past
+ * the plane for it): such an output took no input and sends no gradient. A negative index is an error:
+ * CNNX_EINDEX, with dx partly written.
  */
 int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indices, int64_t NC,
                                   int64_t H, int64_t W, int64_t OH, int64_t OW)
@@ -71,7 +73,8 @@ int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indic
         for (int64_t i = 0; i < plane; i++) dxp[i] = 0;
         for (int64_t o = 0; o < OH * OW; o++) {
             const int64_t i = ip[o];
-            if (i < 0 || i >= plane) {
+            if (i >= plane) continue; /* a window wholly in the padding: its -inf output has no input */
+            if (i < 0) {
 #pragma omp atomic write
                 status = CNNX_EINDEX;
                 break;
