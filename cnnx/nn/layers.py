@@ -1,0 +1,988 @@
+"""Layers with PyTorch's names, constructor arguments, defaults and initialisation, plus explicit backward.
+
+Activations are numpy arrays in NCHW (conv/pool) or (N, features) (Linear) layout. Layers with parameters
+hold them in one dtype (``dtype=None`` means float32; np.float64 on request) and expect inputs of that
+dtype (TypeError otherwise, as PyTorch does); parameter-free layers keep whatever floating dtype comes in.
+Conv2d, MaxPool2d and AvgPool2d run the kernels of the active backend through :mod:`cnnx.functional`.
+
+Every forward keeps in ``_cache*`` attributes only what its backward needs (references, not copies) and
+backward releases it.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from .. import functional as F
+from .. import init
+from .._geometry import pair, flops_conv2d
+from .module import Module, Parameter
+
+__all__ = ["Identity", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d",
+           "Linear", "Flatten", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "ScaledTanh", "Softmax",
+           "LogSoftmax", "Dropout", "BatchNorm1d", "BatchNorm2d"]
+
+
+# -- argument helpers ---------------------------------------------------------------------------------
+def _dtype(dtype, fn):
+    if dtype is None:
+        return np.dtype(np.float32)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _positive_int(value, name, fn, minimum=1):
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} {value!r}") from None
+    if v < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {v}")
+    return v
+
+
+def _real(value, name, fn):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _float_input(x, fn):
+    """x as an ndarray of a floating dtype (float32/float64), else TypeError."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype != np.float32 and x.dtype != np.float64:
+        raise TypeError(f"{fn}: input must be a float32 or float64 array, got dtype {x.dtype}")
+    return x
+
+
+def _typed_input(x, dtype, fn, ndims=None, what=""):
+    """x as an ndarray of exactly `dtype` (the layer's parameter dtype) with an allowed ndim."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype != dtype:
+        raise TypeError(f"{fn}: input dtype {x.dtype} does not match the layer's dtype {dtype}; convert the "
+                        f"input with x.astype(np.{dtype}) or build the layer with dtype=np.{x.dtype}"
+                        if np.issubdtype(x.dtype, np.floating) else
+                        f"{fn}: input must be a {dtype} array, got dtype {x.dtype}")
+    if ndims is not None and x.ndim not in ndims:
+        raise ValueError(f"{fn}: input must have {' or '.join(map(str, ndims))} dims {what}, got shape {x.shape}")
+    return x
+
+
+def _tuple_or_int(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _dtype_name(dt):
+    return np.dtype(dt).name
+
+
+# -- containers ---------------------------------------------------------------------------------------
+class Identity(Module):
+    """y = x."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, x):
+        self._cache_shape = np.shape(x)
+        return x
+
+    def backward(self, dy):
+        if self._cache_shape is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, self._cache_shape)
+        self._cache_shape = None
+        return dy
+
+    def get_config(self):
+        return {}
+
+
+# -- convolution and pooling --------------------------------------------------------------------------
+class Conv2d(Module):
+    """2-D cross-correlation, as ``torch.nn.Conv2d``.
+
+    x (N, in_channels, H, W) -> y (N, out_channels, OH, OW); weight (out_channels, in_channels/groups, KH, KW),
+    bias (out_channels,). padding: int, (ph, pw), (top, bottom, left, right), 'valid' or 'same' (for
+    stride > 1 the extra padding goes bottom/right, TensorFlow's rule; PyTorch rejects that case). Only
+    padding_mode='zeros' is implemented. Weight and bias start as U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    PyTorch's kaiming_uniform_(a=sqrt(5)) default, with fan_in = in_channels/groups * KH * KW.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", dtype=None):
+        super().__init__()
+        fn = "Conv2d"
+        self.in_channels = _positive_int(in_channels, "in_channels", fn)
+        self.out_channels = _positive_int(out_channels, "out_channels", fn)
+        self.groups = _positive_int(groups, "groups", fn)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"{fn}: in_channels ({self.in_channels}) and out_channels ({self.out_channels}) "
+                             f"must both be divisible by groups ({self.groups})")
+        self.kernel_size = pair(kernel_size, "kernel_size", fn, minimum=1)
+        self.stride = pair(stride, "stride", fn, minimum=1)
+        self.dilation = pair(dilation, "dilation", fn, minimum=1)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"{fn}: padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+            self.padding = padding
+        elif isinstance(padding, (tuple, list)) and len(padding) == 4:
+            self.padding = tuple(_positive_int(p, "padding", fn, 0) for p in padding)
+        else:
+            self.padding = pair(padding, "padding", fn, minimum=0)
+        if padding_mode != "zeros":
+            raise ValueError(f"{fn}: padding_mode must be 'zeros' (the only mode cnnx implements), "
+                             f"got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        self.dtype = _dtype(dtype, fn)
+        kh, kw = self.kernel_size
+        self.weight = Parameter(np.empty((self.out_channels, self.in_channels // self.groups, kh, kw), self.dtype))
+        self.bias = Parameter(np.empty(self.out_channels, self.dtype)) if bias else None
+        self._cache_x = None
+        self.reset_parameters()
+
+    def reset_parameters(self, generator=None):
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=generator)
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in)
+            init.uniform_(self.bias, -bound, bound, generator=generator)
+
+    def forward(self, x):
+        x = _typed_input(x, self.dtype, "Conv2d", (4,), "(N, C, H, W)")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"Conv2d: input has {x.shape[1]} channels (shape {x.shape}), "
+                             f"expected in_channels={self.in_channels}")
+        y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
+                     self.stride, self.padding, self.dilation, self.groups)
+        self._cache_x = x
+        self._cache_y_shape = y.shape
+        return y
+
+    def backward(self, dy):
+        x = self._cache_x
+        if x is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, self._cache_y_shape)
+        bias = self.bias
+        dx, dw, db = F.conv2d_backward(dy, x, self.weight.data, None if bias is None else bias.data,
+                                       self.stride, self.padding, self.dilation, self.groups)
+        self.weight.accumulate_grad(dw)
+        if bias is not None:
+            bias.accumulate_grad(db)
+        self._cache_x = None
+        return dx
+
+    def flops(self, input_shape, output_shape):
+        return flops_conv2d(output_shape, self.weight.shape)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
+        if isinstance(self.padding, str) or any(self.padding):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype.name}"
+        return s
+
+    def get_config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": _tuple_or_int(self.padding), "dilation": list(self.dilation), "groups": self.groups,
+                "bias": self.bias is not None, "padding_mode": self.padding_mode,
+                "dtype": _dtype_name(self.dtype)}
+
+
+class MaxPool2d(Module):
+    """Max pooling, as ``torch.nn.MaxPool2d`` (stride defaults to kernel_size; padding acts as -inf).
+
+    With return_indices=True forward returns (y, indices), indices int64 (N, C, OH, OW) holding h*W + w
+    into each input plane; backward takes dy only (the indices are cached).
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False):
+        super().__init__()
+        fn = "MaxPool2d"
+        pair(kernel_size, "kernel_size", fn, minimum=1)
+        if stride is not None:
+            pair(stride, "stride", fn, minimum=1)
+        pair(padding, "padding", fn, minimum=0)
+        pair(dilation, "dilation", fn, minimum=1)
+        self.kernel_size = kernel_size
+        self.stride = stride if stride is not None else kernel_size
+        self.padding = padding
+        self.dilation = dilation
+        self.return_indices = bool(return_indices)
+        self.ceil_mode = bool(ceil_mode)
+        self._cache_x_shape = None
+
+    def forward(self, x):
+        x = _float_input(x, "MaxPool2d")
+        y, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                  self.ceil_mode, return_indices=True)
+        self._cache_x_shape = x.shape
+        self._cache_indices = indices
+        self._cache_y_shape = y.shape
+        return (y, indices) if self.return_indices else y
+
+    def backward(self, dy):
+        x_shape = self._cache_x_shape
+        if x_shape is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, self._cache_y_shape)
+        dx = F.max_pool2d_backward(dy, x_shape, self.kernel_size, self.stride, self.padding, self.dilation,
+                                   self.ceil_mode, indices=self._cache_indices)
+        self._cache_x_shape = self._cache_indices = None
+        return dx
+
+    def flops(self, input_shape, output_shape):
+        kh, kw = pair(self.kernel_size, "kernel_size")
+        return math.prod(output_shape) * kh * kw
+
+    def extra_repr(self):
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, ceil_mode={self.ceil_mode}")
+
+    def get_config(self):
+        return {"kernel_size": _tuple_or_int(self.kernel_size), "stride": _tuple_or_int(self.stride),
+                "padding": _tuple_or_int(self.padding), "dilation": _tuple_or_int(self.dilation),
+                "return_indices": self.return_indices, "ceil_mode": self.ceil_mode}
+
+
+class AvgPool2d(Module):
+    """Average pooling, as ``torch.nn.AvgPool2d`` (count_include_pad, divisor_override, ceil_mode)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None):
+        super().__init__()
+        fn = "AvgPool2d"
+        pair(kernel_size, "kernel_size", fn, minimum=1)
+        if stride is not None:
+            pair(stride, "stride", fn, minimum=1)
+        pair(padding, "padding", fn, minimum=0)
+        if divisor_override is not None:
+            divisor_override = _positive_int(divisor_override, "divisor_override", fn)
+        self.kernel_size = kernel_size
+        self.stride = stride if stride is not None else kernel_size
+        self.padding = padding
+        self.ceil_mode = bool(ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+        self.divisor_override = divisor_override
+        self._cache_x_shape = None
+
+    def _args(self):
+        return (self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                self.divisor_override)
+
+    def forward(self, x):
+        x = _float_input(x, "AvgPool2d")
+        y = F.avg_pool2d(x, *self._args())
+        self._cache_x_shape = x.shape
+        self._cache_y_shape = y.shape
+        return y
+
+    def backward(self, dy):
+        x_shape = self._cache_x_shape
+        if x_shape is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, self._cache_y_shape)
+        dx = F.avg_pool2d_backward(dy, x_shape, *self._args())
+        self._cache_x_shape = None
+        return dx
+
+    def flops(self, input_shape, output_shape):
+        kh, kw = pair(self.kernel_size, "kernel_size")
+        return math.prod(output_shape) * kh * kw
+
+    def extra_repr(self):
+        s = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        if self.ceil_mode:
+            s += ", ceil_mode=True"
+        if not self.count_include_pad:
+            s += ", count_include_pad=False"
+        if self.divisor_override is not None:
+            s += f", divisor_override={self.divisor_override}"
+        return s
+
+    def get_config(self):
+        return {"kernel_size": _tuple_or_int(self.kernel_size), "stride": _tuple_or_int(self.stride),
+                "padding": _tuple_or_int(self.padding), "ceil_mode": self.ceil_mode,
+                "count_include_pad": self.count_include_pad, "divisor_override": self.divisor_override}
+
+
+def _adaptive_output_size(output_size, fn):
+    if isinstance(output_size, (tuple, list)):
+        if len(output_size) != 2:
+            raise ValueError(f"{fn}: output_size must be an int or a pair (oh, ow), got {output_size!r}")
+        return tuple(None if s is None else _positive_int(s, "output_size", fn) for s in output_size)
+    size = _positive_int(output_size, "output_size", fn)
+    return (size, size)
+
+
+def _adaptive_windows(n_in, n_out):
+    """PyTorch's adaptive pooling windows: [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out))."""
+    return [((i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)) for i in range(n_out)]
+
+
+class _AdaptivePool2d(Module):
+    _name = ""
+
+    def __init__(self, output_size):
+        super().__init__()
+        self._size = _adaptive_output_size(output_size, self._name)
+        self.output_size = output_size
+        self._cache_x_shape = None
+
+    def _geometry(self, x):
+        x = _float_input(x, self._name)
+        if x.ndim not in (3, 4):
+            raise ValueError(f"{self._name}: input must have 3 (C, H, W) or 4 (N, C, H, W) dims, got shape {x.shape}")
+        h, w = x.shape[-2:]
+        oh = h if self._size[0] is None else self._size[0]
+        ow = w if self._size[1] is None else self._size[1]
+        if h < 1 or w < 1:
+            raise ValueError(f"{self._name}: input spatial size must be >= 1, got shape {x.shape}")
+        return x, oh, ow
+
+    def flops(self, input_shape, output_shape):
+        return math.prod(input_shape)
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"
+
+    def get_config(self):
+        return {"output_size": _tuple_or_int(self.output_size)}
+
+
+class AdaptiveAvgPool2d(_AdaptivePool2d):
+    """Average pooling to a fixed output size, as ``torch.nn.AdaptiveAvgPool2d``; output_size=1 is global
+    average pooling. Window i along an axis covers [floor(i*H/OH), ceil((i+1)*H/OH))."""
+    _name = "AdaptiveAvgPool2d"
+
+    def forward(self, x):
+        x, oh, ow = self._geometry(x)
+        h, w = x.shape[-2:]
+        if (oh, ow) == (1, 1):
+            y = x.mean(axis=(-2, -1), keepdims=True)
+        else:
+            y = np.empty(x.shape[:-2] + (oh, ow), dtype=x.dtype)
+            for i, (h0, h1) in enumerate(_adaptive_windows(h, oh)):
+                for j, (w0, w1) in enumerate(_adaptive_windows(w, ow)):
+                    y[..., i, j] = x[..., h0:h1, w0:w1].mean(axis=(-2, -1))
+        self._cache_x_shape = x.shape
+        return y
+
+    def backward(self, dy):
+        x_shape = self._cache_x_shape
+        if x_shape is None:
+            raise self._no_forward()
+        _, oh, ow = self._geometry(np.empty((1, 1) + x_shape[-2:], dtype=np.float32))
+        dy = self._check_dy(dy, x_shape[:-2] + (oh, ow))
+        h, w = x_shape[-2:]
+        if (oh, ow) == (1, 1):
+            dx = np.empty(x_shape, dtype=dy.dtype)
+            dx[...] = dy * (1.0 / (h * w))
+        else:
+            dx = np.zeros(x_shape, dtype=dy.dtype)
+            for i, (h0, h1) in enumerate(_adaptive_windows(h, oh)):
+                for j, (w0, w1) in enumerate(_adaptive_windows(w, ow)):
+                    dx[..., h0:h1, w0:w1] += dy[..., i, j, None, None] * (1.0 / ((h1 - h0) * (w1 - w0)))
+        self._cache_x_shape = None
+        return dx
+
+
+class AdaptiveMaxPool2d(_AdaptivePool2d):
+    """Max pooling to a fixed output size, as ``torch.nn.AdaptiveMaxPool2d``; output_size=1 is global max
+    pooling. Ties go to the first maximum in row-major order; NaN propagates. With return_indices=True
+    forward returns (y, indices) with indices h*W + w into each input plane."""
+    _name = "AdaptiveMaxPool2d"
+
+    def __init__(self, output_size, return_indices=False):
+        super().__init__(output_size)
+        self.return_indices = bool(return_indices)
+
+    def forward(self, x):
+        x, oh, ow = self._geometry(x)
+        h, w = x.shape[-2:]
+        lead = x.shape[:-2]
+        indices = np.empty(lead + (oh, ow), dtype=np.int64)
+        for i, (h0, h1) in enumerate(_adaptive_windows(h, oh)):
+            for j, (w0, w1) in enumerate(_adaptive_windows(w, ow)):
+                window = x[..., h0:h1, w0:w1].reshape(lead + (-1,))
+                k = np.argmax(window, axis=-1)           # first maximum; a NaN counts as the maximum
+                indices[..., i, j] = (h0 + k // (w1 - w0)) * w + (w0 + k % (w1 - w0))
+        flat = x.reshape(lead + (h * w,))
+        y = np.take_along_axis(flat, indices.reshape(lead + (oh * ow,)), axis=-1).reshape(lead + (oh, ow))
+        self._cache_x_shape = x.shape
+        self._cache_indices = indices
+        return (y, indices) if self.return_indices else y
+
+    def backward(self, dy):
+        x_shape = self._cache_x_shape
+        if x_shape is None:
+            raise self._no_forward()
+        indices = self._cache_indices
+        dy = self._check_dy(dy, indices.shape)
+        lead = x_shape[:-2]
+        h, w = x_shape[-2:]
+        dx = np.zeros(lead + (h * w,), dtype=dy.dtype)
+        idx = indices.reshape(lead + (-1,))
+        g = dy.reshape(lead + (-1,))
+        for k in range(idx.shape[-1]):                  # one cell at a time: windows may overlap
+            col = idx[..., k:k + 1]
+            np.put_along_axis(dx, col, np.take_along_axis(dx, col, axis=-1) + g[..., k:k + 1], axis=-1)
+        self._cache_x_shape = self._cache_indices = None
+        return dx.reshape(x_shape)
+
+    def get_config(self):
+        return {"output_size": _tuple_or_int(self.output_size), "return_indices": self.return_indices}
+
+
+# -- dense --------------------------------------------------------------------------------------------
+class Linear(Module):
+    """y = x @ weight.T + bias, as ``torch.nn.Linear``; x (*, in_features) -> y (*, out_features).
+
+    weight (out_features, in_features) and bias start as U(-1/sqrt(in_features), 1/sqrt(in_features)).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype=None):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features", "Linear")
+        self.out_features = _positive_int(out_features, "out_features", "Linear")
+        self.dtype = _dtype(dtype, "Linear")
+        self.weight = Parameter(np.empty((self.out_features, self.in_features), self.dtype))
+        self.bias = Parameter(np.empty(self.out_features, self.dtype)) if bias else None
+        self._cache_x = None
+        self.reset_parameters()
+
+    def reset_parameters(self, generator=None):
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=generator)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            init.uniform_(self.bias, -bound, bound, generator=generator)
+
+    def forward(self, x):
+        x = _typed_input(x, self.dtype, "Linear")
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear: input's last dimension must be in_features={self.in_features}, "
+                             f"got shape {x.shape}")
+        y = x @ self.weight.data.T
+        if self.bias is not None:
+            y += self.bias.data
+        self._cache_x = x
+        return y
+
+    def backward(self, dy):
+        x = self._cache_x
+        if x is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, x.shape[:-1] + (self.out_features,))
+        dy2 = dy.reshape(-1, self.out_features)
+        if self.weight.requires_grad:
+            self.weight.accumulate_grad(dy2.T @ x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            self.bias.accumulate_grad(dy2.sum(axis=0))
+        self._cache_x = None
+        return dy @ self.weight.data
+
+    def flops(self, input_shape, output_shape):
+        return 2 * math.prod(input_shape) * self.out_features
+
+    def extra_repr(self):
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype.name}"
+        return s
+
+    def get_config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "dtype": _dtype_name(self.dtype)}
+
+
+class Flatten(Module):
+    """Flatten dims start_dim..end_dim into one, as ``torch.nn.Flatten`` (a view when possible)."""
+
+    def __init__(self, start_dim=1, end_dim=-1):
+        super().__init__()
+        self.start_dim = operator.index(start_dim)
+        self.end_dim = operator.index(end_dim)
+        self._cache_x_shape = None
+
+    def forward(self, x):
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        nd = max(x.ndim, 1)
+        start = self.start_dim + nd if self.start_dim < 0 else self.start_dim
+        end = self.end_dim + nd if self.end_dim < 0 else self.end_dim
+        if not (0 <= start < nd and 0 <= end < nd):
+            raise ValueError(f"Flatten: start_dim={self.start_dim}, end_dim={self.end_dim} out of range for an "
+                             f"input with shape {x.shape}")
+        if start > end:
+            raise ValueError(f"Flatten: start_dim ({self.start_dim}) must not come after end_dim ({self.end_dim}) "
+                             f"for an input with shape {x.shape}")
+        self._cache_x_shape = x.shape
+        shape = x.shape[:start] + (math.prod(x.shape[start:end + 1]),) + x.shape[end + 1:]
+        return x.reshape(shape)
+
+    def backward(self, dy):
+        x_shape = self._cache_x_shape
+        if x_shape is None:
+            raise self._no_forward()
+        dy = np.asarray(dy)
+        if dy.size != math.prod(x_shape):
+            raise ValueError(f"Flatten.backward: dy must have {math.prod(x_shape)} elements to reshape to the "
+                             f"input shape {x_shape}, got shape {dy.shape}")
+        self._cache_x_shape = None
+        return dy.reshape(x_shape)
+
+    def extra_repr(self):
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+    def get_config(self):
+        return {"start_dim": self.start_dim, "end_dim": self.end_dim}
+
+
+# -- activations --------------------------------------------------------------------------------------
+class _Elementwise(Module):
+    """An activation y = f(x); the subclass caches what its derivative needs in _cache."""
+    _name = ""
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
+    def _begin_backward(self, dy):
+        cache = self._cache
+        if cache is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, cache.shape)
+        self._cache = None
+        return dy, cache
+
+    def flops(self, input_shape, output_shape):
+        return math.prod(output_shape)
+
+    def get_config(self):
+        return {}
+
+
+class ReLU(_Elementwise):
+    """max(x, 0), as ``torch.nn.ReLU`` (gradient 0 at x = 0; NaN propagates). inplace=True overwrites x."""
+    _name = "ReLU"
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = bool(inplace)
+
+    def forward(self, x):
+        x = _float_input(x, "ReLU")
+        y = np.maximum(x, 0, out=x if self.inplace else None)
+        self._cache = y
+        return y
+
+    def backward(self, dy):
+        dy, y = self._begin_backward(dy)
+        return np.where(y > 0, dy, 0).astype(dy.dtype, copy=False)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
+
+    def get_config(self):
+        return {"inplace": self.inplace}
+
+
+class LeakyReLU(_Elementwise):
+    """x if x > 0 else negative_slope * x, as ``torch.nn.LeakyReLU``."""
+    _name = "LeakyReLU"
+
+    def __init__(self, negative_slope=0.01, inplace=False):
+        super().__init__()
+        self.negative_slope = _real(negative_slope, "negative_slope", "LeakyReLU")
+        self.inplace = bool(inplace)
+
+    def forward(self, x):
+        x = _float_input(x, "LeakyReLU")
+        positive = x > 0
+        y = np.where(positive, x, x * x.dtype.type(self.negative_slope))
+        if self.inplace:
+            x[...] = y
+            y = x
+        self._cache = positive
+        return y
+
+    def backward(self, dy):
+        dy, positive = self._begin_backward(dy)
+        return np.where(positive, dy, dy * dy.dtype.type(self.negative_slope))
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
+
+    def get_config(self):
+        return {"negative_slope": self.negative_slope, "inplace": self.inplace}
+
+
+class Tanh(_Elementwise):
+    """tanh(x); dx = dy * (1 - y**2)."""
+    _name = "Tanh"
+
+    def forward(self, x):
+        y = np.tanh(_float_input(x, "Tanh"))
+        self._cache = y
+        return y
+
+    def backward(self, dy):
+        dy, y = self._begin_backward(dy)
+        return dy * (1 - y * y)
+
+
+class ScaledTanh(_Elementwise):
+    """LeCun's squashing function: amplitude * tanh(slope * x), by default 1.7159 * tanh(2x/3)
+    (LeCun et al. 1998, appendix A: f(1) = 1, f(-1) = -1). Not in PyTorch."""
+    _name = "ScaledTanh"
+
+    def __init__(self, amplitude=1.7159, slope=2.0 / 3.0):
+        super().__init__()
+        self.amplitude = _real(amplitude, "amplitude", "ScaledTanh")
+        self.slope = _real(slope, "slope", "ScaledTanh")
+
+    def forward(self, x):
+        x = _float_input(x, "ScaledTanh")
+        t = np.tanh(x * x.dtype.type(self.slope))
+        self._cache = t
+        return t * t.dtype.type(self.amplitude)
+
+    def backward(self, dy):
+        dy, t = self._begin_backward(dy)
+        dx = t * t
+        np.subtract(1, dx, out=dx)
+        dx *= dy
+        dx *= dx.dtype.type(self.amplitude * self.slope)
+        return dx
+
+    def extra_repr(self):
+        return f"amplitude={self.amplitude}, slope={self.slope:.6g}"
+
+    def get_config(self):
+        return {"amplitude": self.amplitude, "slope": self.slope}
+
+
+class Sigmoid(_Elementwise):
+    """1 / (1 + exp(-x)), evaluated without overflow for large |x|; dx = dy * y * (1 - y)."""
+    _name = "Sigmoid"
+
+    def forward(self, x):
+        y = _sigmoid(_float_input(x, "Sigmoid"))
+        self._cache = y
+        return y
+
+    def backward(self, dy):
+        dy, y = self._begin_backward(dy)
+        return dy * y * (1 - y)
+
+
+def _sigmoid(x):
+    e = np.exp(-np.abs(x))                  # in (0, 1]: never overflows
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _softmax_dim(ndim, dim, fn):
+    if dim is None:                          # PyTorch's legacy implicit choice
+        return 0 if ndim in (0, 1, 3) else 1
+    d = operator.index(dim)
+    if not -ndim <= d < ndim:
+        raise ValueError(f"{fn}: dim {dim} out of range for an input with {ndim} dims")
+    return d % ndim
+
+
+def _log_softmax(x, axis):
+    z = x - x.max(axis=axis, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    return z
+
+
+class Softmax(_Elementwise):
+    """exp(x) / sum(exp(x)) along `dim` (max-shifted, stable); dx = y * (dy - sum(dy * y, dim))."""
+    _name = "Softmax"
+
+    def __init__(self, dim=None):
+        super().__init__()
+        self.dim = None if dim is None else operator.index(dim)
+
+    def forward(self, x):
+        x = _float_input(x, "Softmax")
+        axis = _softmax_dim(x.ndim, self.dim, "Softmax")
+        y = np.exp(x - x.max(axis=axis, keepdims=True))
+        y /= y.sum(axis=axis, keepdims=True)
+        self._cache = y
+        self._axis = axis
+        return y
+
+    def backward(self, dy):
+        dy, y = self._begin_backward(dy)
+        dx = dy * y
+        dx -= y * dx.sum(axis=self._axis, keepdims=True)
+        return dx
+
+    def extra_repr(self):
+        return f"dim={self.dim}"
+
+    def get_config(self):
+        return {"dim": self.dim}
+
+
+class LogSoftmax(_Elementwise):
+    """x - logsumexp(x, dim) (stable); dx = dy - exp(y) * sum(dy, dim)."""
+    _name = "LogSoftmax"
+
+    def __init__(self, dim=None):
+        super().__init__()
+        self.dim = None if dim is None else operator.index(dim)
+
+    def forward(self, x):
+        x = _float_input(x, "LogSoftmax")
+        axis = _softmax_dim(x.ndim, self.dim, "LogSoftmax")
+        y = _log_softmax(x, axis)
+        self._cache = y
+        self._axis = axis
+        return y
+
+    def backward(self, dy):
+        dy, y = self._begin_backward(dy)
+        return dy - np.exp(y) * dy.sum(axis=self._axis, keepdims=True)
+
+    def extra_repr(self):
+        return f"dim={self.dim}"
+
+    def get_config(self):
+        return {"dim": self.dim}
+
+
+class Dropout(Module):
+    """Inverted dropout, as ``torch.nn.Dropout``: in training each element is zeroed with probability p and
+    the survivors are scaled by 1 / (1 - p); in eval mode it is the identity.
+
+    The mask is drawn from `generator` (default: cnnx's default generator, see cnnx.manual_seed) at each
+    forward. inplace=True overwrites x.
+    """
+
+    def __init__(self, p=0.5, inplace=False, generator=None):
+        super().__init__()
+        p = _real(p, "p", "Dropout")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: dropout probability has to be between 0 and 1, but got {p}")
+        self.p = p
+        self.inplace = bool(inplace)
+        self.generator = generator
+        self._cache_mask = None
+        self._cache_shape = None
+
+    def forward(self, x):
+        from .._random import resolve_generator
+        x = _float_input(x, "Dropout")
+        self._cache_shape = x.shape
+        if not self.training or self.p == 0.0:
+            self._cache_mask = None
+            return x
+        if self.p == 1.0:
+            mask = np.zeros(x.shape, dtype=x.dtype)
+        else:
+            rng = resolve_generator(self.generator, "Dropout")
+            mask = (rng.random(x.shape, dtype=x.dtype) >= x.dtype.type(self.p)).astype(x.dtype)
+            mask *= x.dtype.type(1.0 / (1.0 - self.p))
+        self._cache_mask = mask
+        return np.multiply(x, mask, out=x if self.inplace else None)
+
+    def backward(self, dy):
+        if self._cache_shape is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, self._cache_shape)
+        mask = self._cache_mask
+        self._cache_shape = self._cache_mask = None
+        return dy if mask is None else dy * mask
+
+    def extra_repr(self):
+        return f"p={self.p}, inplace={self.inplace}"
+
+    def get_config(self):
+        return {"p": self.p, "inplace": self.inplace}
+
+
+# -- normalisation ------------------------------------------------------------------------------------
+class _BatchNorm(Module):
+    _name = ""
+    _ndims = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, dtype=None):
+        super().__init__()
+        fn = self._name
+        self.num_features = _positive_int(num_features, "num_features", fn)
+        self.eps = _real(eps, "eps", fn)
+        if self.eps <= 0:
+            raise ValueError(f"{fn}: eps must be > 0, got {eps}")
+        self.momentum = None if momentum is None else _real(momentum, "momentum", fn)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = _dtype(dtype, fn)
+        c = self.num_features
+        if self.affine:
+            self.weight = Parameter(np.ones(c, self.dtype))
+            self.bias = Parameter(np.zeros(c, self.dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", np.zeros(c, self.dtype))
+            self.register_buffer("running_var", np.ones(c, self.dtype))
+            self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._cache_xhat = None
+        self._cache_x = None
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked.fill(0)
+
+    def reset_parameters(self, generator=None):
+        self.reset_running_stats()
+        if self.affine:
+            init.ones_(self.weight)
+            init.zeros_(self.bias)
+
+    def _layout(self, x):
+        """(reduction axes, broadcast shape of a per-channel vector)."""
+        if x.ndim == 2:
+            return (0,), (1, self.num_features)
+        if x.ndim == 3:
+            return (0, 2), (1, self.num_features, 1)
+        return (0, 2, 3), (1, self.num_features, 1, 1)
+
+    def forward(self, x):
+        fn = self._name
+        x = _typed_input(x, self.dtype, fn, self._ndims, self._layout_text)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{fn}: input has {x.shape[1]} channels (shape {x.shape}), expected "
+                             f"num_features={self.num_features}")
+        axes, bshape = self._layout(x)
+        n = x.size // self.num_features
+        use_batch_stats = self.training or not self.track_running_stats
+        self._cache_y_shape = x.shape
+        if use_batch_stats:
+            if n <= 1 and self.training:
+                raise ValueError(f"{fn}: expected more than 1 value per channel when training, got input "
+                                 f"shape {x.shape}")
+            mean = x.mean(axis=axes, keepdims=True)
+            xhat = x - mean
+            var = np.mean(np.square(xhat), axis=axes, keepdims=True)          # biased: normalises
+            invstd = 1.0 / np.sqrt(var + x.dtype.type(self.eps))
+            xhat *= invstd
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked += 1
+                f = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
+                rm, rv = self.running_mean, self.running_var
+                rm *= 1.0 - f
+                rm += f * mean.reshape(-1)
+                rv *= 1.0 - f
+                rv += (f * n / max(n - 1, 1)) * var.reshape(-1)               # unbiased in running_var
+            self._cache_xhat = xhat
+            self._cache_scale = invstd if not self.affine else invstd * self.weight.data.reshape(bshape)
+            self._cache_x = None
+            if not self.affine:
+                return xhat.copy()
+            y = xhat * self.weight.data.reshape(bshape)
+            y += self.bias.data.reshape(bshape)
+            return y
+        # eval with running statistics: an affine map per channel
+        invstd = 1.0 / np.sqrt(self.running_var + self.running_var.dtype.type(self.eps))
+        scale = invstd if not self.affine else invstd * self.weight.data
+        shift = -self.running_mean * scale
+        if self.affine:
+            shift += self.bias.data
+        y = x * scale.reshape(bshape)
+        y += shift.reshape(bshape)
+        self._cache_x = x
+        self._cache_xhat = None
+        self._cache_scale = scale.reshape(bshape)
+        return y
+
+    def backward(self, dy):
+        xhat, x = self._cache_xhat, self._cache_x
+        if xhat is None and x is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, self._cache_y_shape)
+        axes, bshape = self._layout(dy)
+        scale = self._cache_scale
+        if xhat is None:       # eval mode: y = x * scale + shift with constant statistics
+            dx = dy * scale
+            if self.affine and (self.weight.requires_grad or self.bias.requires_grad):
+                invstd = 1.0 / np.sqrt(self.running_var + self.running_var.dtype.type(self.eps))
+                xhat = (x - self.running_mean.reshape(bshape)) * invstd.reshape(bshape)
+                self.weight.accumulate_grad((dy * xhat).sum(axis=axes))
+                self.bias.accumulate_grad(dy.sum(axis=axes))
+        else:
+            # y = w * xhat + b, xhat = (x - mean) * invstd over the batch:
+            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+            n = dy.size // self.num_features
+            dbias = dy.sum(axis=axes)
+            dweight = (dy * xhat).sum(axis=axes)
+            dx = xhat * (dweight / n).reshape(bshape)
+            np.subtract(dy, dx, out=dx)
+            dx -= (dbias / n).reshape(bshape)
+            dx *= scale
+            if self.affine:
+                self.weight.accumulate_grad(dweight)
+                self.bias.accumulate_grad(dbias)
+        self._cache_xhat = self._cache_x = self._cache_scale = None
+        return dx
+
+    def flops(self, input_shape, output_shape):
+        return 2 * math.prod(output_shape)
+
+    def extra_repr(self):
+        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+             f"track_running_stats={self.track_running_stats}")
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype.name}"
+        return s
+
+    def get_config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "affine": self.affine, "track_running_stats": self.track_running_stats,
+                "dtype": _dtype_name(self.dtype)}
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation over (N, C) or (N, C, L) inputs, as ``torch.nn.BatchNorm1d``.
+
+    Training: normalise with the batch mean and BIASED variance, update running_mean/running_var with
+    momentum (running_var gets the UNBIASED variance; momentum=None means a cumulative average), count
+    num_batches_tracked. Eval: normalise with the running statistics (unless track_running_stats=False).
+    """
+    _name = "BatchNorm1d"
+    _ndims = (2, 3)
+    _layout_text = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation over (N, C, H, W) inputs, per channel, as ``torch.nn.BatchNorm2d`` (see
+    BatchNorm1d for the training/eval semantics)."""
+    _name = "BatchNorm2d"
+    _ndims = (4,)
+    _layout_text = "(N, C, H, W)"

@@ -1,0 +1,522 @@
+"""Parameter, Module and Sequential: the PyTorch-shaped skeleton of every cnnx layer, with explicit backward.
+
+A Module's ``forward(x)`` returns the output and keeps what its ``backward`` needs (usually a reference to
+``x``, never a copy); ``backward(dy)`` returns ``dx`` and ADDS the parameter gradients into ``param.grad``.
+The cache is released by ``backward``, so a second ``backward`` without a new ``forward`` raises
+``RuntimeError`` (as PyTorch does when it backpropagates through a graph twice). Do not modify an input
+array in place between ``forward`` and ``backward``.
+"""
+import collections
+import sys
+
+import numpy as np
+
+__all__ = ["Parameter", "Module", "Sequential", "StateDictError"]
+
+
+class Parameter:
+    """A trainable array: ``data`` (numpy, float32 or float64) and ``grad`` (same shape and dtype).
+
+    ``grad`` is allocated zero-filled at construction and ``zero_grad()`` refills it with zeros in place,
+    so a training step allocates nothing for gradients. (PyTorch starts from ``grad = None``; here
+    ``grad`` may still be set to None by the user or by ``zero_grad(set_to_none=True)``: the next
+    backward then allocates it again, and optimizers skip parameters whose grad is None.)
+    ``requires_grad=False`` freezes the parameter: layers do not accumulate into its grad and
+    optimizers leave it unchanged.
+    """
+
+    __slots__ = ("data", "grad", "requires_grad")
+
+    def __init__(self, data, requires_grad=True):
+        data = np.asarray(data)
+        if not np.issubdtype(data.dtype, np.floating):
+            raise TypeError(f"Parameter: data must be a floating numpy array, got dtype {data.dtype}")
+        self.data = np.ascontiguousarray(data)
+        self.grad = np.zeros_like(self.data)
+        self.requires_grad = bool(requires_grad)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def numel(self):
+        return self.data.size
+
+    def accumulate_grad(self, g):
+        """grad += g (skipped when requires_grad is False; allocates grad if it is None)."""
+        if not self.requires_grad:
+            return
+        if self.grad is None:
+            self.grad = np.array(g, dtype=self.data.dtype, copy=True).reshape(self.data.shape)
+        else:
+            self.grad += g
+
+    def __array__(self, dtype=None, copy=None):
+        return self.data if dtype is None else self.data.astype(dtype)
+
+    def __repr__(self):
+        flag = "" if self.requires_grad else ", requires_grad=False"
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}{flag})"
+
+
+class StateDictError(ValueError, RuntimeError):
+    """load_state_dict found missing/unexpected keys or shape mismatches.
+
+    A ValueError (cnnx's rule for bad input) that is also a RuntimeError (what PyTorch raises).
+    """
+
+
+class _IncompatibleKeys(collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])):
+    pass
+
+
+def _addindent(text, spaces):
+    lines = text.split("\n")
+    if len(lines) == 1:
+        return text
+    return lines[0] + "\n" + "\n".join(" " * spaces + line for line in lines[1:])
+
+
+class Module:
+    """Base class of every layer, loss and model.
+
+    Assigning a :class:`Parameter` or a :class:`Module` to an attribute registers it (in order), as in
+    PyTorch; :meth:`register_buffer` registers a non-trainable state array (saved by ``state_dict``).
+    Subclasses implement ``forward`` and ``backward`` and, to be saved with :func:`cnnx.save`,
+    ``get_config()`` returning their constructor arguments as a JSON-able dict.
+    """
+
+    def __init__(self):
+        d = self.__dict__
+        d["training"] = True
+        d["_parameters"] = {}
+        d["_buffers"] = {}
+        d["_modules"] = {}
+
+    # -- registration --------------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        d = self.__dict__
+        if "_parameters" not in d:
+            raise AttributeError(f"cannot assign {name!r} before {type(self).__name__}.__init__ called "
+                                 f"Module.__init__() (call super().__init__() first)")
+        params, buffers, modules = d["_parameters"], d["_buffers"], d["_modules"]
+        if isinstance(value, Parameter):
+            buffers.pop(name, None)
+            modules.pop(name, None)
+            params[name] = value
+        elif isinstance(value, Module):
+            params.pop(name, None)
+            buffers.pop(name, None)
+            modules[name] = value
+        elif name in params:
+            if value is not None:
+                raise TypeError(f"cannot assign {type(value).__name__} to parameter {name!r} of "
+                                f"{type(self).__name__} (expected a Parameter or None)")
+            params[name] = None
+        elif name in modules:
+            if value is not None:
+                raise TypeError(f"cannot assign {type(value).__name__} to submodule {name!r} of "
+                                f"{type(self).__name__} (expected a Module or None)")
+            modules[name] = None
+        elif name in buffers:
+            if value is not None and not isinstance(value, np.ndarray):
+                raise TypeError(f"cannot assign {type(value).__name__} to buffer {name!r} of "
+                                f"{type(self).__name__} (expected a numpy array or None)")
+            buffers[name] = value
+        d[name] = value
+
+    def __delattr__(self, name):
+        for registry in ("_parameters", "_buffers", "_modules"):
+            self.__dict__[registry].pop(name, None)
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name, array):
+        """Register a state array that is not trained (e.g. BatchNorm's running_mean); None is allowed."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"register_buffer: name must be a non-empty string without '.', got {name!r}")
+        if array is not None and not isinstance(array, np.ndarray):
+            raise TypeError(f"register_buffer: {name!r} must be a numpy array or None, got {type(array).__name__}")
+        self.__dict__["_parameters"].pop(name, None)
+        self.__dict__["_modules"].pop(name, None)
+        self.__dict__["_buffers"][name] = array
+        self.__dict__[name] = array
+
+    def register_parameter(self, name, param):
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(f"register_parameter: {name!r} must be a Parameter or None, got {type(param).__name__}")
+        self.__dict__["_parameters"][name] = param
+        self.__dict__[name] = param
+
+    def add_module(self, name, module):
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"add_module: name must be a non-empty string without '.', got {name!r}")
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"add_module: {name!r} must be a Module or None, got {type(module).__name__}")
+        self.__dict__["_modules"][name] = module
+        self.__dict__[name] = module
+
+    # -- computation -----------------------------------------------------------------------------
+    def forward(self, *args):
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def backward(self, dy):
+        raise NotImplementedError(f"{type(self).__name__} does not implement backward")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def _no_forward(self):
+        return RuntimeError(f"{type(self).__name__}.backward called before forward (or twice after one "
+                            f"forward): run forward first; backward consumes the cached forward state")
+
+    def _check_dy(self, dy, shape):
+        """dy as an ndarray with the forward output's shape, else ValueError."""
+        if not isinstance(dy, np.ndarray):
+            dy = np.asarray(dy)
+        if dy.shape != shape:
+            raise ValueError(f"{type(self).__name__}.backward: dy must have the forward output's shape "
+                             f"{tuple(shape)}, got {tuple(dy.shape)}")
+        return dy
+
+    # -- traversal -------------------------------------------------------------------------------
+    def named_children(self):
+        for name, module in self._modules.items():
+            if module is not None:
+                yield name, module
+
+    def children(self):
+        for _, module in self.named_children():
+            yield module
+
+    def named_modules(self, prefix="", memo=None):
+        memo = set() if memo is None else memo
+        if id(self) in memo:
+            return
+        memo.add(id(self))
+        yield prefix, self
+        for name, module in self.named_children():
+            yield from module.named_modules(f"{prefix}.{name}" if prefix else name, memo)
+
+    def modules(self):
+        for _, module in self.named_modules():
+            yield module
+
+    def named_parameters(self, prefix="", recurse=True):
+        """(dotted name, Parameter) pairs: 'weight', '0.bias', 'features.conv1.weight', ..."""
+        seen = set()
+        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for mod_prefix, module in modules:
+            for name, param in module._parameters.items():
+                if param is None or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                yield (f"{mod_prefix}.{name}" if mod_prefix else name), param
+
+    def parameters(self, recurse=True):
+        for _, param in self.named_parameters(recurse=recurse):
+            yield param
+
+    def named_buffers(self, prefix="", recurse=True):
+        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for mod_prefix, module in modules:
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    yield (f"{mod_prefix}.{name}" if mod_prefix else name), buf
+
+    def buffers(self, recurse=True):
+        for _, buf in self.named_buffers(recurse=recurse):
+            yield buf
+
+    def zero_grad(self, set_to_none=False):
+        """Zero every parameter's grad in place (or set it to None with set_to_none=True)."""
+        for param in self.parameters():
+            if set_to_none:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.fill(0)
+
+    def train(self, mode=True):
+        """Training mode (batch statistics in BatchNorm, active Dropout); returns self."""
+        if not isinstance(mode, bool):
+            raise TypeError(f"train: mode must be a bool, got {type(mode).__name__}")
+        for module in self.modules():
+            module.__dict__["training"] = mode
+        return self
+
+    def eval(self):
+        """Evaluation mode (running statistics, Dropout off); same as train(False)."""
+        return self.train(False)
+
+    def requires_grad_(self, requires_grad=True):
+        for param in self.parameters():
+            param.requires_grad = bool(requires_grad)
+        return self
+
+    def to(self, dtype):
+        """Convert every floating parameter and buffer to `dtype` (np.float32 or np.float64) in place."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"to: dtype must be float32 or float64, got {dtype}")
+        for module in self.modules():
+            for param in module._parameters.values():
+                if param is not None and param.data.dtype != dtype:
+                    param.data = param.data.astype(dtype)
+                    param.grad = None if param.grad is None else param.grad.astype(dtype)
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and np.issubdtype(buf.dtype, np.floating) and buf.dtype != dtype:
+                    module.register_buffer(name, buf.astype(dtype))
+            if "dtype" in module.__dict__:
+                module.__dict__["dtype"] = dtype
+        return self
+
+    def num_parameters(self, trainable_only=False):
+        return sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self, prefix=""):
+        """An ordered {dotted name: array} of every parameter and buffer (running stats included).
+
+        The arrays are COPIES (unlike PyTorch's references), so a state_dict kept as 'the best
+        checkpoint so far' does not change when training continues.
+        """
+        out = collections.OrderedDict()
+        for mod_prefix, module in self.named_modules(prefix):
+            for registry in (module._parameters, module._buffers):
+                for name, value in registry.items():
+                    if value is None:
+                        continue
+                    array = value.data if isinstance(value, Parameter) else value
+                    out[f"{mod_prefix}.{name}" if mod_prefix else name] = array.copy()
+        return out
+
+    def _state_targets(self):
+        targets = collections.OrderedDict()
+        for mod_prefix, module in self.named_modules():
+            for registry in (module._parameters, module._buffers):
+                for name, value in registry.items():
+                    if value is not None:
+                        key = f"{mod_prefix}.{name}" if mod_prefix else name
+                        targets[key] = value.data if isinstance(value, Parameter) else value
+        return targets
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays from `state_dict` into this module's parameters and buffers, in place.
+
+        Values are cast to the module's dtypes. With strict=True (default) a missing or unexpected key
+        raises StateDictError (a ValueError and RuntimeError) listing them; a shape mismatch always
+        raises. Returns (missing_keys, unexpected_keys).
+        """
+        if not isinstance(state_dict, collections.abc.Mapping):
+            raise TypeError(f"load_state_dict: state_dict must be a mapping of name -> array, "
+                            f"got {type(state_dict).__name__}")
+        targets = self._state_targets()
+        missing = [k for k in targets if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in targets]
+        errors = []
+        if strict:
+            if unexpected:
+                errors.append("Unexpected key(s) in state_dict: " + ", ".join(map(repr, unexpected)) + ".")
+            if missing:
+                errors.append("Missing key(s) in state_dict: " + ", ".join(map(repr, missing)) + ".")
+        values = {}
+        for key, target in targets.items():
+            if key not in state_dict:
+                continue
+            value = np.asarray(state_dict[key])
+            if value.shape != target.shape:
+                errors.append(f"size mismatch for {key}: copying an array of shape {value.shape}, "
+                              f"the shape in the current model is {target.shape}.")
+            elif not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+                errors.append(f"dtype error for {key}: expected a numeric array, got dtype {value.dtype}.")
+            else:
+                values[key] = value
+        if errors:
+            raise StateDictError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                                 + "\n\t".join(errors))
+        for key, value in values.items():
+            np.copyto(targets[key], value, casting="unsafe")
+        return _IncompatibleKeys(missing, unexpected)
+
+    # -- description -----------------------------------------------------------------------------
+    def get_config(self):
+        """Constructor arguments as a JSON-able dict (used by cnnx.save); layers override this."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not describe its configuration (get_config), so cnnx.save cannot "
+            f"record it; implement get_config() and register the class with cnnx.serialization.register_module")
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        lines = []
+        extra = self.extra_repr()
+        if extra:
+            lines = extra.split("\n")
+        for name, module in self._modules.items():
+            lines.append(f"({name}): " + _addindent(repr(module), 2))
+        main = type(self).__name__ + "("
+        if lines:
+            if len(lines) == 1 and not self._modules:
+                main += lines[0]
+            else:
+                main += "\n  " + "\n  ".join(lines) + "\n"
+        return main + ")"
+
+    def __dir__(self):
+        return sorted(set(object.__dir__(self)))
+
+    def flops(self, input_shape, output_shape):
+        """Floating-point operations of one forward for these shapes (multiply-add = 2); 0 if negligible."""
+        return 0
+
+    def summary(self, input_shape, dtype=None, file=None, print_summary=True):
+        """Run one forward on zeros of `input_shape` (batch included, e.g. (1, 1, 28, 28)) in eval mode
+        and report per leaf layer its output shape, parameter count and forward FLOPs.
+
+        Prints a table (to `file`, default stdout, unless print_summary=False) and returns a dict:
+        {"layers": [{"name", "type", "output_shape", "params", "flops"}, ...], "input_shape",
+        "output_shape", "total_params", "trainable_params", "total_flops"}.
+        """
+        try:
+            input_shape = tuple(int(s) for s in input_shape)
+        except TypeError:
+            raise TypeError(f"summary: input_shape must be a tuple of ints, got {input_shape!r}") from None
+        if dtype is None:
+            first = next(self.parameters(), None)
+            dtype = first.dtype if first is not None else np.float32
+        rows = []
+        leaves = [(name, m) for name, m in self.named_modules() if not m._modules and m is not self]
+        if not leaves:
+            leaves = [("", self)]
+        modes = {id(m): m.training for m in self.modules()}
+
+        def recorder(name, module, forward):
+            def run(*args, **kwargs):
+                out = forward(*args, **kwargs)
+                y = out[0] if isinstance(out, tuple) else out
+                x = args[0] if args else None
+                in_shape = tuple(np.shape(x)) if x is not None else ()
+                rows.append({"name": name or type(module).__name__, "type": type(module).__name__,
+                             "output_shape": tuple(np.shape(y)),
+                             "params": sum(p.size for p in module.parameters()),
+                             "flops": int(module.flops(in_shape, tuple(np.shape(y))))})
+                return out
+            return run
+
+        try:
+            self.eval()
+            for name, module in leaves:
+                module.__dict__["forward"] = recorder(name, module, module.forward)
+            out = self.forward(np.zeros(input_shape, dtype=dtype))
+        finally:
+            for _, module in leaves:
+                module.__dict__.pop("forward", None)
+            for m in self.modules():
+                m.__dict__["training"] = modes.get(id(m), True)
+            for m in self.modules():        # drop the caches the probe forward left behind
+                for key in [k for k in m.__dict__ if k.startswith("_cache")]:
+                    m.__dict__[key] = None
+        y = out[0] if isinstance(out, tuple) else out
+        result = {"input_shape": input_shape, "output_shape": tuple(np.shape(y)), "layers": rows,
+                  "total_params": self.num_parameters(),
+                  "trainable_params": self.num_parameters(trainable_only=True),
+                  "total_flops": sum(r["flops"] for r in rows)}
+        if print_summary:
+            print(_format_summary(type(self).__name__, result), file=file or sys.stdout)
+        return result
+
+
+def _format_summary(title, result):
+    header = ("Layer (type)", "Output shape", "Params", "FLOPs")
+    body = [(f"{r['name']} ({r['type']})", str(r["output_shape"]), f"{r['params']:,}", f"{r['flops']:,}")
+            for r in result["layers"]]
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(4)]
+    rule = "-" * (sum(widths) + 6)
+
+    def fmt(row):
+        return (f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  "
+                f"{row[3]:>{widths[3]}}")
+
+    lines = [f"{title} summary, input {result['input_shape']}", rule, fmt(header), rule]
+    lines += [fmt(row) for row in body]
+    lines += [rule, f"Total params: {result['total_params']:,}",
+              f"Trainable params: {result['trainable_params']:,}",
+              f"Non-trainable params: {result['total_params'] - result['trainable_params']:,}",
+              f"Forward FLOPs: {result['total_flops']:,}  (multiply-add = 2)",
+              f"Output shape: {result['output_shape']}"]
+    return "\n".join(lines)
+
+
+class Sequential(Module):
+    """Modules run in order: ``Sequential(Conv2d(1, 6, 5), ReLU(), ...)`` or ``Sequential(OrderedDict)``.
+
+    Indexable (an int gives the module, a slice a new Sequential sharing the modules), ``len()`` and
+    iteration; backward runs the modules in reverse.
+    """
+
+    def __init__(self, *args):
+        super().__init__()
+        if len(args) == 1 and isinstance(args[0], collections.OrderedDict):
+            for name, module in args[0].items():
+                self.add_module(name, module)
+        else:
+            for index, module in enumerate(args):
+                if not isinstance(module, Module):
+                    raise TypeError(f"Sequential: argument {index} must be a Module, got {type(module).__name__}")
+                self.add_module(str(index), module)
+
+    def add_module(self, name, module):
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential: {name!r} must be a Module, got {type(module).__name__}")
+        super().add_module(name, module)
+
+    def append(self, module):
+        self.add_module(str(len(self._modules)), module)
+        return self
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        modules = list(self._modules.items())
+        if isinstance(index, slice):
+            return Sequential(collections.OrderedDict(modules[index]))
+        try:
+            return modules[index][1]
+        except IndexError:
+            raise IndexError(f"Sequential index {index} out of range for {len(modules)} modules") from None
+        except TypeError:
+            raise TypeError(f"Sequential indices must be int or slice, got {type(index).__name__}") from None
+
+    def forward(self, x):
+        for module in self._modules.values():
+            x = module(x)
+        return x
+
+    def backward(self, dy):
+        for module in reversed(self._modules.values()):
+            dy = module.backward(dy)
+        return dy
+
+    def get_config(self):
+        return {"layers": [{"name": name, "module": _describe(module)} for name, module in self._modules.items()]}
+
+
+def _describe(module):
+    """{"type": class name, "config": get_config()} for one module (see cnnx.serialization)."""
+    return {"type": type(module).__name__, "config": module.get_config()}
