@@ -1,0 +1,285 @@
+"""Checkpoints as plain ``.npz`` archives: no pickle on write or read, rebuilt without the caller's code.
+
+``save(model, path)`` writes one array per state tensor (``model/<dotted name>``) and a JSON header
+(``__cnnx__``, a uint8 array) describing the architecture -- ``{"type": "LeNet5", "config": {...}}`` or a
+Sequential's layer list with every layer's constructor arguments -- so ``load(path)`` rebuilds the model
+on its own. The optimizer's and scheduler's state and free-form metadata can ride along
+(``save(model, path, optimizer=opt, scheduler=sched, metadata={...})``; read them back with
+``load_checkpoint``). Files are written through :func:`cnnx._io.atomic_write` (temporary file + rename,
+so a crash never destroys the previous checkpoint) and read with ``np.load(path, allow_pickle=False)``.
+A corrupt, truncated or foreign file, an object array, or an unknown layer type is a ValueError.
+
+Layer types are looked up by class name among cnnx.nn and cnnx.models; ``register_module(cls)`` adds a
+user class (it must implement ``get_config()`` returning its constructor keyword arguments).
+"""
+import collections
+import json
+import os
+
+import numpy as np
+
+from . import nn
+from ._io import atomic_write
+from .nn.module import Module, Sequential, StateDictError, _describe
+
+__all__ = ["save", "load", "load_checkpoint", "save_state_dict", "load_state_dict", "register_module"]
+
+FORMAT = "cnnx-checkpoint"
+STATE_DICT_FORMAT = "cnnx-state-dict"
+VERSION = 1
+HEADER = "__cnnx__"
+
+_REGISTRY = {}
+
+
+def register_module(cls, name=None):
+    """Make `cls` (a Module subclass with get_config) loadable by name; returns cls (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Module)):
+        raise TypeError(f"register_module: expected a Module subclass, got {cls!r}")
+    _REGISTRY[name or cls.__name__] = cls
+    return cls
+
+
+def _register_builtins():
+    from . import models
+    for name in nn.__all__:
+        obj = getattr(nn, name)
+        if isinstance(obj, type) and issubclass(obj, Module) and obj is not Module:
+            _REGISTRY.setdefault(name, obj)
+    _REGISTRY.setdefault("LeNet5", models.LeNet5)
+
+
+def _registry():
+    if "LeNet5" not in _REGISTRY:
+        _register_builtins()
+    return _REGISTRY
+
+
+# -- describing and rebuilding architectures ------------------------------------------------------------
+def describe(model):
+    """The JSON-able architecture description that save() stores (checked to be rebuildable)."""
+    if not isinstance(model, Module):
+        raise TypeError(f"cnnx.save: model must be a cnnx.nn.Module, got {type(model).__name__}")
+    registry = _registry()
+    for name, module in model.named_modules():
+        if registry.get(type(module).__name__) is not type(module):
+            where = f" (submodule {name!r})" if name else ""
+            raise ValueError(f"cnnx.save: {type(module).__name__}{where} is not a known layer type, so the "
+                             f"checkpoint could not be rebuilt; register it with "
+                             f"cnnx.serialization.register_module({type(module).__name__})")
+    try:
+        desc = _describe(model)
+    except NotImplementedError as exc:
+        raise ValueError(f"cnnx.save: {exc}") from None
+    json.dumps(desc)           # fails early, here, if a config is not JSON-able
+    return desc
+
+
+def build(desc):
+    """A fresh module from a description made by describe(); ValueError on anything malformed."""
+    if not isinstance(desc, dict) or not isinstance(desc.get("type"), str):
+        raise ValueError(f"architecture description must be a dict with a 'type', got {desc!r:.200}")
+    type_name = desc["type"]
+    cls = _registry().get(type_name)
+    if cls is None:
+        raise ValueError(f"unknown layer type {type_name!r} in the architecture description (known: "
+                         f"{', '.join(sorted(_registry()))}; register custom layers with "
+                         f"cnnx.serialization.register_module)")
+    config = desc.get("config", {})
+    if not isinstance(config, dict):
+        raise ValueError(f"config of {type_name} must be a dict, got {type(config).__name__}")
+    if cls is Sequential:
+        layers = config.get("layers")
+        if not isinstance(layers, list):
+            raise ValueError("config of Sequential must hold a 'layers' list")
+        modules = collections.OrderedDict()
+        for entry in layers:
+            if not isinstance(entry, dict) or "name" not in entry or "module" not in entry:
+                raise ValueError(f"malformed Sequential entry {entry!r:.200}")
+            modules[str(entry["name"])] = build(entry["module"])
+        return Sequential(modules)
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot rebuild {type_name} from config {config}: {exc}") from None
+
+
+# -- writing --------------------------------------------------------------------------------------------
+def _header_array(meta):
+    return np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+
+
+def _write_npz(path, arrays):
+    for key, value in arrays.items():
+        if value.dtype == object:
+            raise ValueError(f"cnnx.save: {key} is an object array, which cannot be stored without pickle")
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return os.fspath(path)
+
+
+def _json_scalar(value, what):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_scalar(v, what) for v in value]
+    raise ValueError(f"cnnx.save: cannot store {what} of type {type(value).__name__} (not an array or number)")
+
+
+def save(model, path, optimizer=None, scheduler=None, metadata=None):
+    """Write `model` (architecture + every parameter and buffer) to `path` as a pickle-free .npz.
+
+    optimizer, scheduler: optionally their state too (read back by load_checkpoint). metadata: any
+    JSON-able dict (epoch, metrics, ...). The write is atomic. Returns the path.
+    """
+    desc = describe(model)
+    arrays = {}
+    state = model.state_dict()
+    for key, value in state.items():
+        arrays["model/" + key] = np.asarray(value, order="C")
+    meta = {"format": FORMAT, "version": VERSION, "model": desc, "state_keys": list(state),
+            "training": bool(model.training), "optimizer": None, "scheduler": None, "metadata": metadata}
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        scalars = {}
+        for idx, st in osd["state"].items():
+            for key, value in st.items():
+                if isinstance(value, np.ndarray):
+                    arrays[f"optimizer/state/{idx}/{key}"] = np.asarray(value, order="C")
+                else:
+                    scalars.setdefault(str(idx), {})[key] = _json_scalar(value, f"optimizer state {key!r}")
+        groups = [{k: _json_scalar(v, f"optimizer hyperparameter {k!r}") for k, v in g.items()}
+                  for g in osd["param_groups"]]
+        meta["optimizer"] = {"type": type(optimizer).__name__, "param_groups": groups, "scalars": scalars,
+                             "array_state": sorted({k.split("/")[2] for k in arrays if k.startswith("optimizer/")},
+                                                   key=int)}
+    if scheduler is not None:
+        meta["scheduler"] = {"type": type(scheduler).__name__,
+                             "state": json.loads(json.dumps(scheduler.state_dict(), default=_json_default))}
+    try:
+        arrays[HEADER] = _header_array(meta)
+    except TypeError as exc:
+        raise ValueError(f"cnnx.save: metadata must be JSON-serialisable: {exc}") from None
+    return _write_npz(path, arrays)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# -- reading --------------------------------------------------------------------------------------------
+def _read_npz(path, fn):
+    """(header dict, {name: array}) from a cnnx .npz, with clear errors for anything else."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{fn}: no such file: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{fn}: {path} is a directory, not a checkpoint file")
+    arrays = {}
+    try:
+        with open(path, "rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ValueError(f"{fn}: {path} holds a single .npy array, not a cnnx .npz checkpoint")
+            with loaded:
+                for key in loaded.files:
+                    try:
+                        arrays[key] = loaded[key]
+                    except ValueError as exc:
+                        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                            raise ValueError(f"{fn}: {path}: entry {key!r} is an object array, which cnnx never "
+                                             f"writes and will not unpickle") from None
+                        raise
+    except ValueError as exc:
+        if str(exc).startswith(fn):
+            raise
+        raise ValueError(f"{fn}: {path} is not a readable cnnx checkpoint: {exc}") from None
+    except Exception as exc:        # BadZipFile, EOFError, zlib.error, OSError, ... from a damaged archive
+        raise ValueError(f"{fn}: {path} is not a readable cnnx checkpoint (corrupt or truncated: "
+                         f"{type(exc).__name__}: {exc})") from None
+    header = arrays.pop(HEADER, None)
+    if header is None:
+        raise ValueError(f"{fn}: {path} is an .npz archive without a {HEADER!r} header: not written by cnnx")
+    if header.dtype != np.uint8 or header.ndim != 1:
+        raise ValueError(f"{fn}: {path}: malformed {HEADER!r} header (dtype {header.dtype}, shape {header.shape})")
+    try:
+        meta = json.loads(header.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{fn}: {path}: the {HEADER!r} header is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, STATE_DICT_FORMAT):
+        raise ValueError(f"{fn}: {path}: unknown header format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+        raise ValueError(f"{fn}: {path}: checkpoint version {meta.get('version')!r} is newer than this cnnx "
+                         f"understands ({VERSION}); upgrade cnnx")
+    return meta, arrays
+
+
+def load_checkpoint(path):
+    """Everything save() wrote: {"model": rebuilt Module, "optimizer_type", "optimizer_state" (for
+    Optimizer.load_state_dict, or None), "scheduler_type", "scheduler_state" (or None), "metadata"}."""
+    fn = "cnnx.load"
+    meta, arrays = _read_npz(path, fn)
+    if meta["format"] != FORMAT:
+        raise ValueError(f"{fn}: {path} holds a bare state dict (format {meta['format']!r}), not a model; "
+                         f"read it with cnnx.serialization.load_state_dict")
+    try:
+        model = build(meta["model"])
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{fn}: {path}: {exc}") from None
+    state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except StateDictError as exc:
+        raise ValueError(f"{fn}: {path}: the stored tensors do not match the stored architecture: {exc}") from None
+    model.train(bool(meta.get("training", False)))
+    out = {"model": model, "optimizer_type": None, "optimizer_state": None, "scheduler_type": None,
+           "scheduler_state": None, "metadata": meta.get("metadata")}
+    opt = meta.get("optimizer")
+    if opt:
+        state = {}
+        for key, value in arrays.items():
+            if key.startswith("optimizer/state/"):
+                _, _, idx, name = key.split("/", 3)
+                state.setdefault(int(idx), {})[name] = value
+        for idx, scalars in opt.get("scalars", {}).items():
+            state.setdefault(int(idx), {}).update(scalars)
+        out["optimizer_type"] = opt.get("type")
+        out["optimizer_state"] = {"state": state, "param_groups": opt.get("param_groups", [])}
+    sched = meta.get("scheduler")
+    if sched:
+        out["scheduler_type"] = sched.get("type")
+        out["scheduler_state"] = sched.get("state")
+    return out
+
+
+def load(path):
+    """Rebuild the model saved at `path` by cnnx.save (architecture and weights, same training/eval mode)."""
+    return load_checkpoint(path)["model"]
+
+
+def save_state_dict(state_dict, path):
+    """Write a flat {name: array} mapping (e.g. model.state_dict()) as a pickle-free .npz, atomically."""
+    if not isinstance(state_dict, collections.abc.Mapping):
+        raise TypeError(f"save_state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+    arrays = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or key == HEADER:
+            raise ValueError(f"save_state_dict: keys must be strings other than {HEADER!r}, got {key!r}")
+        arrays[key] = np.asarray(value, order="C")
+    arrays[HEADER] = _header_array({"format": STATE_DICT_FORMAT, "version": VERSION, "keys": list(state_dict)})
+    return _write_npz(path, arrays)
+
+
+def load_state_dict(path):
+    """The {name: array} OrderedDict written by save_state_dict (or the model tensors of a checkpoint)."""
+    meta, arrays = _read_npz(path, "load_state_dict")
+    if meta["format"] == FORMAT:
+        return collections.OrderedDict((k, arrays["model/" + k]) for k in meta.get("state_keys", [])
+                                       if "model/" + k in arrays)
+    keys = meta.get("keys", list(arrays))
+    return collections.OrderedDict((k, arrays[k]) for k in keys if k in arrays)
