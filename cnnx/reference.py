@@ -186,11 +186,14 @@ def maxpool2d_backward(dy, indices, x_shape):
     if dy.shape != indices.shape or dy.shape[:2] != (n, c):
         raise ValueError(f"maxpool2d_backward: dy {dy.shape} and indices {indices.shape} must have the same "
                          f"shape (N, C, OH, OW) with (N, C) = {(n, c)}")
+    if indices.size and indices.min() < 0:
+        raise ValueError(f"maxpool2d_backward: indices holds a negative position ({indices.min()}); indices "
+                         f"must come from maxpool2d_forward on an input of this shape")
     # A window lying wholly in the padding (possible with dilation, e.g. H=3, kernel 2, padding 1, dilation 4)
     # reads no input: its output is -inf and its index, h0*W + w0 of its first tap after clipping as in
-    # PyTorch, points outside the plane. Its gradient belongs to no input pixel and is dropped here
+    # PyTorch, points past the plane. Its gradient belongs to no input pixel and is dropped here
     # (PyTorch's CPU backward writes it out of bounds).
-    inside = (indices >= 0) & (indices < h * w)
+    inside = indices < h * w
     plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)
     # bincount sums in float64; a float32 result is rounded once at the end.
     dx = np.bincount((indices + plane)[inside], weights=dy[inside], minlength=n * c * h * w)
