@@ -173,6 +173,56 @@ def test_conv2d_kernels_random_geometry(kernels, ref, check, seed, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("name", ["gemm_tail_sizes", "wide_channels_7x7_s2", "depthwise_multiplier2",
+                                  "same_stride2_tf", "lenet_conv2"])
+def test_conv2d_portable_path(kernels, ref, check, rng, name, dtype):
+    """The same parity with the AVX2+FMA GEMM switched off (the path of CPUs without AVX2)."""
+    x_shape, w_shape, s, p, d, g = conv_geometry(CONV_CASES[name])
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    previous = kernels.force_portable()
+    kernels.force_portable(True)
+    try:
+        y = kernels.conv2d_forward(x, w, b, s, p, d, g)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        dx = kernels.conv2d_backward_input(dy, w, x_shape, s, p, d, g)
+        dw, db = kernels.conv2d_backward_weight(dy, x, w_shape, s, p, d, g, True)
+    finally:
+        kernels.force_portable(previous)
+    label = "C portable vs numpy conv2d"
+    check(y, ref.conv2d_forward(x, w, b, s, p, d, g), dtype, label, "y")
+    check(dx, ref.conv2d_backward_input(dy, w, x_shape, s, p, d, g), dtype, label, "dx")
+    dw_r, db_r = ref.conv2d_backward_weight(dy, x, w_shape, s, p, d, g, True)
+    check(dw, dw_r, dtype, label, "dweight")
+    check(db, db_r, dtype, label, "dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+def test_empty_batch_and_zero_channels(kernels, ref, check, dtype):
+    """N = 0 gives empty results; C = 0 (weight (OC, 0, KH, KW)) gives y = bias and dbias = sum(dy)."""
+    geometry = ((1, 1), (1, 0, 0, 1), (1, 1), 1)
+    for x_shape, w_shape in [((0, 3, 5, 6), (2, 3, 3, 3)), ((2, 0, 5, 6), (2, 0, 3, 3))]:
+        x = np.ones(x_shape, dtype)
+        w = np.ones(w_shape, dtype)
+        b = np.array([1.5, -2.0], dtype)
+        y = kernels.conv2d_forward(x, w, b, *geometry)
+        check(y, ref.conv2d_forward(x, w, b, *geometry), dtype, "C vs numpy conv2d y", f"x {x_shape}")
+        dy = np.ones(y.shape, dtype)
+        check(kernels.conv2d_backward_input(dy, w, x_shape, *geometry),
+              ref.conv2d_backward_input(dy, w, x_shape, *geometry), dtype, "C vs numpy conv2d dx", f"x {x_shape}")
+        for got, want in zip(kernels.conv2d_backward_weight(dy, x, w_shape, *geometry, True),
+                             ref.conv2d_backward_weight(dy, x, w_shape, *geometry, True)):
+            check(got, want, dtype, "C vs numpy conv2d dweight/dbias", f"x {x_shape}")
+    x = np.ones((0, 2, 5, 5), dtype)
+    y, idx = kernels.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
+    assert y.shape == idx.shape == (0, 2, 2, 2)
+    assert kernels.maxpool2d_backward(y, idx, x.shape).shape == x.shape
+    y = kernels.avgpool2d_forward(x, (2, 2), (2, 2), (0, 0), False, True, None)
+    assert kernels.avgpool2d_backward(y, x.shape, (2, 2), (2, 2), (0, 0), False, True, None).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("kind", ["normal", "constant", "ints", "infs"])
 @pytest.mark.parametrize("case", list(POOL_CASES.values()), ids=list(POOL_CASES))
 def test_maxpool2d_kernels(kernels, ref, check, rng, case, kind, dtype):
