@@ -30,12 +30,14 @@ extern int cnnx_avx2_active;
 int cnnx_threads(void);
 
 #define CNNX_GEMM_MR_MAX 6
-int64_t cnnx_gemm_pack_size(int64_t K);
-/* c (M, N; leading dim ldc) = or += a (M, K; element (i, k) at a[i*rsa + k*csa]) @ b (K, N; leading dim ldb).
- * apack: scratch of cnnx_gemm_pack_size(K) elements. Single-threaded. */
+#define CNNX_GEMM_NR_MAX 16
+int64_t cnnx_gemm_work_size(int64_t M, int64_t K);
+/* c (M, N; leading dim ldc) = or += a (M, K) @ b (K, N), where element (i, k) of a is a[i*rsa + k*csa] and
+ * element (k, j) of b is b[k*rsb + j*csb] (so either operand may be a transposed view).
+ * work: scratch of cnnx_gemm_work_size(M, K) elements. Single-threaded. */
 void cnnx_gemm_f32(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, const float *b,
-                   int64_t ldb, int64_t M, int64_t N, int64_t K, int accumulate, float *apack);
+                   int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate, float *work);
 void cnnx_gemm_f64(double *c, int64_t ldc, const double *a, int64_t rsa, int64_t csa, const double *b,
-                   int64_t ldb, int64_t M, int64_t N, int64_t K, int accumulate, double *apack);
+                   int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate, double *work);
 
 #endif

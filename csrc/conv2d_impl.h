@@ -134,7 +134,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1)
     {
         REAL *col = pointwise ? NULL : (REAL *)malloc(sizeof(REAL) * (size_t)(K * pc_max));
-        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_pack_size(K));
+        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_work_size(OCg, K));
         const int ok = (pointwise || col) && apack;
         if (!ok) {
 #pragma omp atomic write
@@ -149,10 +149,10 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
             REAL *yg = y + (n * OC + g * OCg) * P + p0;
             const REAL *wg = w + g * OCg * K;
             if (pointwise) {
-                GEMM(yg, P, wg, K, 1, xg + p0, P, OCg, pc, K, 0, apack);
+                GEMM(yg, P, wg, K, 1, xg + p0, P, 1, OCg, pc, K, 0, apack);
             } else {
                 GLUE(im2col, SUF)(col, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
-                GEMM(yg, P, wg, K, 1, col, pc, OCg, pc, K, 0, apack);
+                GEMM(yg, P, wg, K, 1, col, pc, 1, OCg, pc, K, 0, apack);
             }
             if (b)
                 for (int64_t o = 0; o < OCg; o++) {
@@ -187,7 +187,7 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1)
     {
         REAL *dcol = pointwise ? NULL : (REAL *)malloc(sizeof(REAL) * (size_t)(K * pc_max));
-        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_pack_size(OCg));
+        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_work_size(K, OCg));
         const int ok = (pointwise || dcol) && apack;
         if (!ok) {
 #pragma omp atomic write
@@ -201,13 +201,13 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
             const REAL *dyg = dy + (n * OC + g * OCg) * P;
             const REAL *wg = w + g * OCg * K;
             if (pointwise) { /* dx[g] (Cg, P) = w[g]^T (Cg, OCg) @ dy[g] (OCg, P) */
-                GEMM(dxg, P, wg, 1, K, dyg, P, K, P, OCg, 0, apack);
+                GEMM(dxg, P, wg, 1, K, dyg, P, 1, K, P, OCg, 0, apack);
                 continue;
             }
             for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
             for (int64_t p0 = 0; p0 < P; p0 += pc_max) {
                 const int64_t pc = (P - p0 < pc_max) ? P - p0 : pc_max;
-                GEMM(dcol, pc, wg, 1, K, dyg + p0, P, K, pc, OCg, 0, apack);
+                GEMM(dcol, pc, wg, 1, K, dyg + p0, P, 1, K, pc, OCg, 0, apack);
                 GLUE(col2im, SUF)(dxg, dcol, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
             }
         }
@@ -222,7 +222,7 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
  * NULL, db (OC,); both overwritten. Differentiates  y[n, oc, oh, ow] = b[oc] + w[oc, c, kh, kw] * x[...]:
  *   dw[oc, c, kh, kw] = sum_{n, oh, ow} dy[n, oc, oh, ow] * x[n, g*C/G + c, ih, iw]
  *   db[oc]            = sum_{n, oh, ow} dy[n, oc, oh, ow]
- * computed per image as dw[g] += dy[n, g] (OCg, chunk) @ col^T (chunk, K).
+ * computed per image as dw[g] += dy[n, g] (OCg, chunk) @ col^T (chunk, K), im2col as in the forward.
  * Threads: the batch is cut into S slices (S depends on the sizes only, never on the thread count), each
  * slice sums into its own partial dw, and the partials are added in slice order: the result is the same
  * bit for bit on 1 or many threads.
@@ -239,14 +239,15 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     while (S > 1 && S * wsize > ((int64_t)1 << 22)) S--;
     if (S < 1) S = 1;
     const int64_t ntasks = S * G;
+    const int pointwise = GLUE(is_pointwise, SUF)(H, W, KH, KW, SH, SW, PT, PL, OH, OW);
     REAL *partial = S > 1 ? (REAL *)malloc(sizeof(REAL) * (size_t)(S * wsize)) : dw;
     if (!partial) return CNNX_ENOMEM;
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads())
     {
-        REAL *colT = (REAL *)malloc(sizeof(REAL) * (size_t)(K * pc_max));
-        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_pack_size(pc_max));
-        const int ok = colT && apack;
+        REAL *col = pointwise ? NULL : (REAL *)malloc(sizeof(REAL) * (size_t)(K * pc_max));
+        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_work_size(OCg, pc_max));
+        const int ok = (pointwise || col) && apack;
         if (!ok) {
 #pragma omp atomic write
             status = CNNX_ENOMEM;
@@ -263,30 +264,17 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
                 const REAL *dyg = dy + (n * OC + g * OCg) * P;
                 for (int64_t p0 = 0; p0 < P; p0 += pc_max) {
                     const int64_t pc = (P - p0 < pc_max) ? P - p0 : pc_max;
-                    /* colT (pc, K): the transpose of im2col, built row by row */
-                    for (int64_t q = 0; q < pc; q++) {
-                        const int64_t p = p0 + q, oh = p / OW, ow = p - oh * OW;
-                        REAL *restrict row = colT + q * K;
-                        for (int64_t c = 0; c < Cg; c++)
-                            for (int64_t kh = 0; kh < KH; kh++) {
-                                const int64_t ih = oh * SH - PT + kh * DH;
-                                REAL *restrict r = row + (c * KH + kh) * KW;
-                                if (ih < 0 || ih >= H) {
-                                    for (int64_t kw = 0; kw < KW; kw++) r[kw] = 0;
-                                    continue;
-                                }
-                                const REAL *restrict src = xg + (c * H + ih) * W;
-                                for (int64_t kw = 0; kw < KW; kw++) {
-                                    const int64_t iw = ow * SW - PL + kw * DW;
-                                    r[kw] = (iw >= 0 && iw < W) ? src[iw] : 0;
-                                }
-                            }
+                    /* dw[g] (OCg, K) += dy (OCg, pc) @ col^T: col (K, pc) read as a transposed view */
+                    if (pointwise) {
+                        GEMM(dwg, K, dyg + p0, P, 1, xg + p0, 1, P, OCg, K, pc, 1, apack);
+                    } else {
+                        GLUE(im2col, SUF)(col, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
+                        GEMM(dwg, K, dyg + p0, P, 1, col, 1, pc, OCg, K, pc, 1, apack);
                     }
-                    GEMM(dwg, K, dyg + p0, P, 1, colT, K, OCg, K, pc, 1, apack);
                 }
             }
         }
-        free(colT);
+        free(col);
         free(apack);
         if (S > 1) {
 #pragma omp barrier

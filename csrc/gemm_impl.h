@@ -1,76 +1,19 @@
 /*
- * GEMM template: included by gemm.c once per (dtype, CPU path). Expects REAL, SUF (a suffix such as
- * f32_portable), MR, NR and TARGET (a function attribute, possibly empty) to be defined.
+ * GEMM driver template: included by gemm.c once per (dtype, CPU path) after that path's micro-tile
+ * TILE(c, ldc, ap, b, ldb, K, mr, nr, accumulate) is defined. Expects REAL, SUF, MR, NR, TARGET.
  *
- * c (M, N) (+)= a (M, K) @ b (K, N).  a is read through strides (rsa, csa) so a transposed matrix costs
- * nothing; it is packed MR rows at a time into apack ([K][MR] per row block). b is row-major with leading
- * dimension ldb and read in place, NR columns per micro-tile. The micro-tile accumulates MR x NR results
- * in registers over the whole K range, then writes or adds them to c once.
+ * c (M, N) (+)= a (M, K) @ b (K, N). a is read through strides (rsa, csa), so a transposed matrix costs
+ * nothing, and packed once into work as ceil(M/MR) panels of [K][MR] (rows past M are zero). b's element
+ * (k, j) is b[k*rsb + j*csb]: with csb == 1 (rows contiguous) full NR-column panels are read in place;
+ * otherwise, and for the last, narrower panel, the panel is packed into a zero-padded [K][NR] buffer, so
+ * every tile runs the full-width kernel.
  */
 #define GLUE_(a, b) a##_##b
 #define GLUE(a, b) GLUE_(a, b)
 
-TARGET static void GLUE(pack_a, SUF)(REAL *restrict apack, const REAL *restrict a, int64_t rsa,
-                                     int64_t csa, int64_t rows, int64_t K)
-{
-    for (int64_t k = 0; k < K; k++) {
-        const REAL *col = a + k * csa;
-        REAL *dst = apack + k * MR;
-        int64_t i = 0;
-        for (; i < rows; i++) dst[i] = col[i * rsa];
-        for (; i < MR; i++) dst[i] = 0;
-    }
-}
-
-/* Full MR x NR tile: the hot loop. */
-TARGET static void GLUE(tile_full, SUF)(REAL *restrict c, int64_t ldc, const REAL *restrict ap,
-                                        const REAL *restrict b, int64_t ldb, int64_t K, int accumulate)
-{
-    REAL acc[MR][NR];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) acc[i][j] = 0;
-    for (int64_t k = 0; k < K; k++) {
-        const REAL *restrict bk = b + k * ldb;
-        const REAL *restrict ak = ap + k * MR;
-        for (int i = 0; i < MR; i++) {
-            const REAL av = ak[i];
-            for (int j = 0; j < NR; j++) acc[i][j] += av * bk[j];
-        }
-    }
-    for (int i = 0; i < MR; i++) {
-        REAL *restrict ci = c + i * ldc;
-        if (accumulate)
-            for (int j = 0; j < NR; j++) ci[j] += acc[i][j];
-        else
-            for (int j = 0; j < NR; j++) ci[j] = acc[i][j];
-    }
-}
-
-/* Edge tile: mr <= MR rows, nr <= NR columns. */
-TARGET static void GLUE(tile_edge, SUF)(REAL *restrict c, int64_t ldc, const REAL *restrict ap,
-                                        const REAL *restrict b, int64_t ldb, int64_t K, int64_t mr,
-                                        int64_t nr, int accumulate)
-{
-    REAL acc[MR][NR];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) acc[i][j] = 0;
-    for (int64_t k = 0; k < K; k++) {
-        const REAL *restrict bk = b + k * ldb;
-        const REAL *restrict ak = ap + k * MR;
-        for (int i = 0; i < MR; i++) {
-            const REAL av = ak[i];
-            for (int64_t j = 0; j < nr; j++) acc[i][j] += av * bk[j];
-        }
-    }
-    for (int64_t i = 0; i < mr; i++) {
-        REAL *restrict ci = c + i * ldc;
-        for (int64_t j = 0; j < nr; j++) ci[j] = (accumulate ? ci[j] : 0) + acc[i][j];
-    }
-}
-
 TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const REAL *a, int64_t rsa, int64_t csa,
-                                   const REAL *b, int64_t ldb, int64_t M, int64_t N, int64_t K,
-                                   int accumulate, REAL *apack)
+                                   const REAL *b, int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K,
+                                   int accumulate, REAL *work)
 {
     if (K == 0) {
         if (!accumulate)
@@ -78,16 +21,43 @@ TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const REAL *a, int64_t 
                 for (int64_t j = 0; j < N; j++) c[i * ldc + j] = 0;
         return;
     }
-    for (int64_t i0 = 0; i0 < M; i0 += MR) {
-        const int64_t mr = M - i0 < MR ? M - i0 : MR;
-        GLUE(pack_a, SUF)(apack, a + i0 * rsa, rsa, csa, mr, K);
-        int64_t j0 = 0;
-        if (mr == MR)
-            for (; j0 + NR <= N; j0 += NR)
-                GLUE(tile_full, SUF)(c + i0 * ldc + j0, ldc, apack, b + j0, ldb, K, accumulate);
-        for (; j0 < N; j0 += NR) {
-            const int64_t nr = N - j0 < NR ? N - j0 : NR;
-            GLUE(tile_edge, SUF)(c + i0 * ldc + j0, ldc, apack, b + j0, ldb, K, mr, nr, accumulate);
+    const int64_t mblocks = (M + MR - 1) / MR;
+    REAL *restrict apack = work, *restrict bpad = work + mblocks * MR * K;
+    for (int64_t ib = 0; ib < mblocks; ib++) {
+        const int64_t i0 = ib * MR, mr = M - i0 < MR ? M - i0 : MR;
+        REAL *restrict dst = apack + ib * MR * K;
+        for (int64_t k = 0; k < K; k++) {
+            const REAL *src = a + i0 * rsa + k * csa;
+            int64_t i = 0;
+            for (; i < mr; i++) dst[k * MR + i] = src[i * rsa];
+            for (; i < MR; i++) dst[k * MR + i] = 0;
+        }
+    }
+    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+        const int64_t nr = N - j0 < NR ? N - j0 : NR;
+        const REAL *bp = b + j0 * csb;
+        int64_t ldbp = rsb;
+        if (nr < NR || csb != 1) {
+            if (csb == 1) {
+                for (int64_t k = 0; k < K; k++) {
+                    int64_t j = 0;
+                    for (; j < nr; j++) bpad[k * NR + j] = bp[k * rsb + j];
+                    for (; j < NR; j++) bpad[k * NR + j] = 0;
+                }
+            } else { /* b is a transposed view: read each column contiguously along k */
+                for (int64_t j = 0; j < nr; j++) {
+                    const REAL *restrict src = bp + j * csb;
+                    for (int64_t k = 0; k < K; k++) bpad[k * NR + j] = src[k * rsb];
+                }
+                for (int64_t k = 0; k < K; k++)
+                    for (int64_t j = nr; j < NR; j++) bpad[k * NR + j] = 0;
+            }
+            bp = bpad;
+            ldbp = NR;
+        }
+        for (int64_t ib = 0; ib < mblocks; ib++) {
+            const int64_t i0 = ib * MR, mr = M - i0 < MR ? M - i0 : MR;
+            GLUE(tile, SUF)(c + i0 * ldc + j0, ldc, apack + ib * MR * K, bp, ldbp, K, mr, nr, accumulate);
         }
     }
 }
