@@ -21,7 +21,8 @@ import numpy as np
 
 from ._random import default_generator
 
-__all__ = ["DataLoader", "ArrayDataset", "Compose", "ToFloat", "Normalize", "Pad", "RandomCrop", "RandomShift"]
+__all__ = ["DataLoader", "ArrayDataset", "Compose", "ToFloat", "Normalize", "Pad", "CenterCrop", "RandomCrop",
+           "RandomShift"]
 
 
 def _generator(generator, name):
@@ -301,6 +302,25 @@ def _crop_at(x, oy, ox, h, w):
         return x[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
     return x[np.arange(n)[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
              rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class CenterCrop:
+    """Crop the central (h, w) window of every image (torchvision's ``CenterCrop``; offsets round down)."""
+
+    def __init__(self, size):
+        self.size = _size2(size, "CenterCrop")
+
+    def __call__(self, x):
+        x = _check_batch(x, "CenterCrop")
+        h, w = self.size
+        H, W = x.shape[-2:]
+        if h > H or w > W:
+            raise ValueError(f"CenterCrop: crop size {(h, w)} is larger than the images {(H, W)}")
+        top, left = (H - h) // 2, (W - w) // 2
+        return x[..., top:top + h, left:left + w].copy()
+
+    def __repr__(self):
+        return f"CenterCrop(size={self.size})"
 
 
 class RandomCrop:
