@@ -308,14 +308,7 @@ class AvgPool2d(Module):
         return math.prod(output_shape) * kh * kw
 
     def extra_repr(self):
-        s = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
-        if self.ceil_mode:
-            s += ", ceil_mode=True"
-        if not self.count_include_pad:
-            s += ", count_include_pad=False"
-        if self.divisor_override is not None:
-            s += f", divisor_override={self.divisor_override}"
-        return s
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"   # as PyTorch
 
     def get_config(self):
         return {"kernel_size": _tuple_or_int(self.kernel_size), "stride": _tuple_or_int(self.stride),
@@ -825,7 +818,8 @@ class _BatchNorm(Module):
     _name = ""
     _ndims = ()
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, dtype=None):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, dtype=None, *,
+                 bias=True):
         super().__init__()
         fn = self._name
         self.num_features = _positive_int(num_features, "num_features", fn)
@@ -839,9 +833,11 @@ class _BatchNorm(Module):
         c = self.num_features
         if self.affine:
             self.weight = Parameter(np.ones(c, self.dtype))
-            self.bias = Parameter(np.zeros(c, self.dtype))
         else:
             self.register_parameter("weight", None)
+        if self.affine and bias:
+            self.bias = Parameter(np.zeros(c, self.dtype))
+        else:
             self.register_parameter("bias", None)
         if self.track_running_stats:
             self.register_buffer("running_mean", np.zeros(c, self.dtype))
@@ -862,8 +858,9 @@ class _BatchNorm(Module):
 
     def reset_parameters(self, generator=None):
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             init.ones_(self.weight)
+        if self.bias is not None:
             init.zeros_(self.bias)
 
     def _layout(self, x):
@@ -907,13 +904,14 @@ class _BatchNorm(Module):
             if not self.affine:
                 return xhat.copy()
             y = xhat * self.weight.data.reshape(bshape)
-            y += self.bias.data.reshape(bshape)
+            if self.bias is not None:
+                y += self.bias.data.reshape(bshape)
             return y
         # eval with running statistics: an affine map per channel
         invstd = 1.0 / np.sqrt(self.running_var + self.running_var.dtype.type(self.eps))
         scale = invstd if not self.affine else invstd * self.weight.data
         shift = -self.running_mean * scale
-        if self.affine:
+        if self.bias is not None:
             shift += self.bias.data
         y = x * scale.reshape(bshape)
         y += shift.reshape(bshape)
@@ -931,10 +929,11 @@ class _BatchNorm(Module):
         scale = self._cache_scale
         if xhat is None:       # eval mode: y = x * scale + shift with constant statistics
             dx = dy * scale
-            if self.affine and (self.weight.requires_grad or self.bias.requires_grad):
+            if self.affine and self.weight.requires_grad:
                 invstd = 1.0 / np.sqrt(self.running_var + self.running_var.dtype.type(self.eps))
                 xhat = (x - self.running_mean.reshape(bshape)) * invstd.reshape(bshape)
                 self.weight.accumulate_grad((dy * xhat).sum(axis=axes))
+            if self.bias is not None:
                 self.bias.accumulate_grad(dy.sum(axis=axes))
         else:
             # y = w * xhat + b, xhat = (x - mean) * invstd over the batch:
@@ -948,6 +947,7 @@ class _BatchNorm(Module):
             dx *= scale
             if self.affine:
                 self.weight.accumulate_grad(dweight)
+            if self.bias is not None:
                 self.bias.accumulate_grad(dbias)
         self._cache_xhat = self._cache_x = self._cache_scale = None
         return dx
@@ -957,7 +957,7 @@ class _BatchNorm(Module):
 
     def extra_repr(self):
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-             f"track_running_stats={self.track_running_stats}")
+             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
         if self.dtype != np.float32:
             s += f", dtype={self.dtype.name}"
         return s
@@ -965,7 +965,7 @@ class _BatchNorm(Module):
     def get_config(self):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
                 "affine": self.affine, "track_running_stats": self.track_running_stats,
-                "dtype": _dtype_name(self.dtype)}
+                "dtype": _dtype_name(self.dtype), "bias": self.bias is not None or not self.affine}
 
 
 class BatchNorm1d(_BatchNorm):
