@@ -101,5 +101,17 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("cnnx worst parity error per dtype")
     terminalreporter.write_line("err = max|actual - expected| / max(max|expected|, 1); tolerance "
                                 + ", ".join(f"{t.__name__} {v:g}" for t, v in RTOL.items()))
+    headline = {}
+    for (comparison, dtype), (err, where) in _LEDGER.items():
+        low = comparison.lower()
+        group = ("C vs numpy reference" if low.startswith("c ") and "numpy" in low else
+                 "C vs torch" if low.startswith("c vs torch") else
+                 "numpy vs torch" if low.startswith("numpy vs torch") else
+                 "gradcheck (central differences)" if "gradcheck" in low else None)
+        if group and err > headline.get((group, dtype), (-1.0, ""))[0]:
+            headline[(group, dtype)] = (err, where)
+    for (group, dtype), (err, where) in sorted(headline.items()):
+        terminalreporter.write_line(f"WORST {group:<34} {dtype:<8} {err:.3e}   ({where})")
+    terminalreporter.write_line("by comparison:")
     for (comparison, dtype), (err, where) in sorted(_LEDGER.items()):
         terminalreporter.write_line(f"{comparison:<40} {dtype:<8} {err:.3e}   ({where})")

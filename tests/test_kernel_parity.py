@@ -199,6 +199,27 @@ def test_conv2d_portable_path(kernels, ref, check, rng, name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+def test_conv2d_nonfinite_propagates(kernels, ref, check, rng, dtype):
+    """NaN and inf in x or dy reach exactly the outputs/gradients the reference says (no skipped zero taps)."""
+    x = rng.standard_normal((2, 3, 9, 10)).astype(dtype)
+    x[0, 1, 4, 5], x[1, 2, 0, 0] = np.nan, np.inf
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    w[1, 0, 1, 1] = 0.0
+    geometry = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    y = ref.conv2d_forward(x, w, None, *geometry)
+    assert np.isnan(y).any() and np.isinf(y).any()
+    check(kernels.conv2d_forward(x, w, None, *geometry), y, dtype, "C vs numpy conv2d y", "non-finite")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dy[0, 0, 2, 2] = np.nan
+    x[1, 2, 0, 0] = 0.0
+    check(kernels.conv2d_backward_input(dy, w, x.shape, *geometry),
+          ref.conv2d_backward_input(dy, w, x.shape, *geometry), dtype, "C vs numpy conv2d dx", "non-finite")
+    for got, want in zip(kernels.conv2d_backward_weight(dy, x, w.shape, *geometry, True),
+                         ref.conv2d_backward_weight(dy, x, w.shape, *geometry, True)):
+        check(got, want, dtype, "C vs numpy conv2d dweight", "non-finite")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 def test_empty_batch_and_zero_channels(kernels, ref, check, dtype):
     """N = 0 gives empty results; C = 0 (weight (OC, 0, KH, KW)) gives y = bias and dbias = sum(dy)."""
     geometry = ((1, 1), (1, 0, 0, 1), (1, 1), 1)
