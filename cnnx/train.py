@@ -113,11 +113,11 @@ def format_confusion_matrix(cm, class_names=None):
     names = [str(c) for c in (class_names if class_names is not None else range(k))]
     names = [n if len(n) <= 10 else n[:9] + "." for n in names]
     width = max(max(len(str(int(v))) for v in cm.ravel()) if cm.size else 1, max(len(n) for n in names))
-    label = max(len(n) for n in names)
     corner = "true \\ pred"
-    lines = [f"{corner:>{label + 4}} " + " ".join(f"{n:>{width}}" for n in names)]
+    label = max(len(corner), max(len(n) for n in names))
+    lines = [f"{corner:>{label}} " + " ".join(f"{n:>{width}}" for n in names)]
     for name, row in zip(names, cm):
-        lines.append(f"{name:>{label + 4}} " + " ".join(f"{int(v):>{width}}" for v in row))
+        lines.append(f"{name:>{label}} " + " ".join(f"{int(v):>{width}}" for v in row))
     return "\n".join(lines)
 
 

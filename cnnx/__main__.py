@@ -1,0 +1,7 @@
+"""``python -m cnnx``: the same as the ``cnnx`` console script."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
