@@ -153,3 +153,22 @@ def test_checkpoint_with_wrong_channels_is_one_line(capsys, tmp_path):
     model = cnnx.models.LeNet5(in_channels=3)
     cnnx.save(model, str(tmp_path / "rgb.npz"))
     one_error_line(capsys, ["evaluate", str(tmp_path / "rgb.npz")], 1, "3 input channel")
+
+
+def test_train_and_evaluate_on_cifar10_binary_files(tmp_path, capsys):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records = rng.integers(0, 256, size=(20, 3073), dtype=np.uint8)
+        records[:, 0] = np.arange(20) % 10
+        (folder / name).write_bytes(records.tobytes())
+    ckpt = tmp_path / "cifar.npz"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--epochs", "1", "--no-progress",
+                 "--save", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "CIFAR10 train" in out and "100 train / 20 test" in out and "epoch 1/1" in out
+    assert cnnx.load(str(ckpt)).in_channels == 3
+    assert main(["evaluate", str(ckpt), "--dataset", "cifar10", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "/20)" in out and "0=airplane" in out

@@ -183,3 +183,40 @@ def test_short_training_run_on_embedded_subset():
     train, test = MNIST(), MNIST(train=False)
     record = train_lenet(train.data, train.targets, test.data[::2], test.targets[::2], n_train=1000)
     assert record["test_accuracy"] > 0.5, record
+
+
+class _FakeTTY:
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_fit_progress_fallback_on_a_tty(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):  # the fallback bar, as on a machine without tqdm
+        if name.startswith("tqdm"):
+            raise ImportError("no tqdm")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    tty = _FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    model = small_net()
+    x, y = blobs(32)
+    loader = DataLoader((x, y), batch_size=8)
+    fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01), loader, epochs=1, progress=True)
+    assert "epoch 1/1" in tty.text and "4/4" in tty.text and "loss" in tty.text
+    assert tty.text.endswith("\r\033[K")  # the bar erases itself at the end of the epoch
+    tty.text = ""
+    fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01), loader, epochs=1, progress=False)
+    assert tty.text == ""
