@@ -221,7 +221,10 @@ def _read_npz(path, fn):
 
 def load_checkpoint(path):
     """Everything save() wrote: {"model": rebuilt Module, "optimizer_type", "optimizer_state" (for
-    Optimizer.load_state_dict, or None), "scheduler_type", "scheduler_state" (or None), "metadata"}."""
+    Optimizer.load_state_dict, or None), "scheduler_type", "scheduler_state" (or None), "metadata"}.
+
+    To resume: build the optimizer on ckpt["model"].parameters() and the scheduler on it, THEN load both
+    states (building a scheduler resets the groups' lr to its base rate, as in PyTorch)."""
     fn = "cnnx.load"
     meta, arrays = _read_npz(path, fn)
     if meta["format"] != FORMAT:
