@@ -481,3 +481,25 @@ def test_backends_agree_on_public_api(kernels, rng):
             assert cnnx.get_backend() == name
             out[name] = F.conv2d(x, w, stride=2, padding="same")
     np.testing.assert_allclose(out["c"], out["numpy"], rtol=1e-12, atol=1e-12)
+
+
+# (H, W, (KH, KW), stride, dilation) -> (top, bottom, left, right), worked out by hand from TensorFlow's rule:
+# out = ceil(in / s); total = max((out - 1)*s + d*(k - 1) + 1 - in, 0); top = total // 2, bottom = the rest.
+SAME_PADDING = [
+    ((9, 10), (3, 3), 2, 1, (1, 1, 0, 1)),      # H: out 5, total 2; W: out 5, total 1 -> extra on the right
+    ((10, 7), (4, 2), 2, 1, (1, 1, 0, 1)),      # H: out 5, total 2; W: out 4, total 1
+    ((8, 8), (4, 4), 1, 1, (1, 2, 1, 2)),       # stride 1, even kernel: extra bottom/right (= PyTorch)
+    ((7, 9), (3, 2), 3, 2, (2, 2, 0, 0)),       # H: out 3, dilated kernel 5, total 4; W: out 3, total 0
+    ((5, 5), (1, 1), 2, 1, (0, 0, 0, 0)),       # 1x1 never pads
+    ((6, 6), (5, 5), 4, 1, (1, 2, 1, 2)),       # H: out 2, total 3
+]
+
+
+@pytest.mark.parametrize("h_w, k, s, d, pads", SAME_PADDING, ids=[str(c[:4]) for c in SAME_PADDING])
+def test_same_padding_follows_tensorflow(backend, ref, check, rng, h_w, k, s, d, pads):
+    x = rng.standard_normal((1, 2) + h_w)
+    w = rng.standard_normal((3, 2) + k)
+    y = F.conv2d(x, w, stride=s, padding="same", dilation=d)
+    assert y.shape[2:] == (-(-h_w[0] // s), -(-h_w[1] // s))
+    check(y, ref.conv2d_forward(x, w, None, (s, s), pads, (d, d), 1), np.float64,
+          f"{backend} functional vs numpy kernels", "same padding")
