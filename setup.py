@@ -29,17 +29,27 @@ from setuptools import setup, Extension
 from setuptools.command.build_ext import build_ext
 from Cython.Build import cythonize
 
+# The C core uses OpenMP 3.1 (`#pragma omp atomic write`), so the probe asks for 3.1: MSVC's /openmp is
+# OpenMP 2.0 (_OPENMP == 200203) and would compile the probe but not csrc/.
+OPENMP_MIN = 201107
 OMP_TEST = r"""
 #include <omp.h>
 #include <stdio.h>
+#if !defined(_OPENMP) || _OPENMP < %d
+#error "OpenMP too old"
+#endif
 int main(void) {
-    int n = 0;
+    int n = 0, last = 0;
 #pragma omp parallel reduction(+:n)
-    n += 1;
-    printf("%d %d\n", omp_get_max_threads(), n);
-    return (omp_get_max_threads() > 0 && n > 0) ? 0 : 1;
+    {
+        n += 1;
+#pragma omp atomic write
+        last = 1;
+    }
+    printf("%%d %%d %%d\n", omp_get_max_threads(), n, last);
+    return (omp_get_max_threads() > 0 && n > 0 && last == 1) ? 0 : 1;
 }
-"""
+""" % OPENMP_MIN
 
 HOMEBREW_LIBOMP = ("/opt/homebrew/opt/libomp", "/usr/local/opt/libomp")
 
@@ -47,9 +57,10 @@ HOMEBREW_LIBOMP = ("/opt/homebrew/opt/libomp", "/usr/local/opt/libomp")
 def _openmp_candidates(compiler):
     """(label, compile_args, link_args) to try, best first."""
     if compiler.compiler_type == "msvc":
-        # /openmp links vcomp140.dll, part of the Visual C++ redistributable (OpenMP 2.0: no
-        # collapse, no simd clause). /openmp:llvm needs libomp140.x86_64.dll, which Microsoft
-        # does not license for redistribution, so a wheel cannot carry it.
+        # /openmp links vcomp140.dll, part of the Visual C++ redistributable, but is OpenMP 2.0 (no
+        # atomic write, collapse or simd): it passes the probe only once OPENMP_MIN is lowered to
+        # 200203 for C code that keeps to 2.0. /openmp:llvm needs libomp140.x86_64.dll, which
+        # Microsoft does not license for redistribution, so a wheel cannot carry it.
         return [("msvc /openmp", ["/openmp"], [])]
     candidates = []
     if sys.platform == "darwin":
@@ -114,9 +125,9 @@ class BuildExt(build_ext):
                     openmp = (label, cflags, lflags)
                     break
         if mode == "on" and openmp is None:
-            raise SystemExit("cnnx: CNNX_OPENMP=on but the C compiler cannot build and run an OpenMP "
-                             "program (Linux: install gcc's libgomp; macOS: brew install libomp or set "
-                             "CNNX_LIBOMP_PREFIX; Windows: MSVC /openmp)")
+            raise SystemExit(f"cnnx: CNNX_OPENMP=on but the C compiler cannot build and run an OpenMP >= "
+                             f"{OPENMP_MIN} program (Linux: install gcc's libgomp; macOS: brew install "
+                             "libomp or set CNNX_LIBOMP_PREFIX; Windows: MSVC /openmp is OpenMP 2.0)")
 
         is_msvc = self.compiler.compiler_type == "msvc"
         if is_msvc:
@@ -144,7 +155,7 @@ class BuildExt(build_ext):
             "cflags": " ".join(cflags),
             "ldflags": " ".join(lflags),
             "openmp": bool(openmp),
-            "openmp_flags": " ".join(openmp[1] + openmp[2]) if openmp else "",
+            "openmp_via": openmp[0] if openmp else "",
             "openmp_request": mode,
             "platform": sysconfig.get_platform(),
             "python": platform.python_version(),
@@ -160,6 +171,17 @@ class BuildExt(build_ext):
                 f.write(f"    {key!r}: {value!r},\n")
             f.write("}\n")
         print(f"cnnx: wrote {target}")
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            # setuptools builds into build_lib and then copies the extension into the source tree;
+            # the build info has to follow it.
+            built = os.path.join(self.build_lib, "cnnx", "_build_info.py")
+            target = os.path.join(os.path.dirname(self.get_ext_fullpath("cnnx._kernels")), "_build_info.py")
+            if os.path.exists(built) and os.path.abspath(built) != os.path.abspath(target):
+                shutil.copyfile(built, target)
+                print(f"cnnx: copied the build info to {target}")
 
     def get_outputs(self):
         # Declare the generated module so that install/bdist_wheel record it.

@@ -15,9 +15,11 @@
 #                   the others run without torch and those tests skip with a reason.
 #   --qemu          on: the Nehalem run is required; auto (default): run it when qemu-x86_64 exists; off.
 #   --modes         also run the kernel tests with CNNX_FORCE_PORTABLE=1 and with OMP_NUM_THREADS=1.
+#   --source-install  also install with the README's source install command (pip install "<checkout>[test]")
+#                   into a fresh venv and run the README's test command against that.
 #   --workdir       where sdist, wheels and venvs go (default: a new directory under /tmp).
 # Environment: CNNX_QEMU_TESTS  test files (relative to tests/) for the qemu and --modes runs
-#                               (default: test_kernel_parity.py).
+#                               (default: test_kernel_parity.py test_gradcheck.py).
 set -euo pipefail
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +27,7 @@ PYTHONS=()
 TORCH_PY=""
 QEMU=auto
 MODES=0
+SOURCE_INSTALL=0
 WORK=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -32,13 +35,14 @@ while [ $# -gt 0 ]; do
         --torch-python) TORCH_PY="$2"; shift 2 ;;
         --qemu) QEMU="$2"; shift 2 ;;
         --modes) MODES=1; shift ;;
+        --source-install) SOURCE_INSTALL=1; shift ;;
         --workdir) WORK="$2"; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "check_wheels: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 case "$QEMU" in auto|on|off) ;; *) echo "check_wheels: --qemu must be auto, on or off, got $QEMU" >&2; exit 2 ;; esac
-QEMU_TESTS="${CNNX_QEMU_TESTS:-test_kernel_parity.py}"
+QEMU_TESTS="${CNNX_QEMU_TESTS:-test_kernel_parity.py test_gradcheck.py}"
 TORCH_SPEC="torch==2.13.0"   # the local CPU wheel, found through pip's configured find-links; never bare torch
 
 WORK="${WORK:-$(mktemp -d /tmp/cnnx-wheels.XXXXXX)}"
@@ -149,6 +153,7 @@ for whl in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
             if elf.get_section_by_name(".symtab") is not None or elf.get_section_by_name(".debug_info") is not None:
                 problems.append(f"{ext} is not stripped")
         libs = [n.split("/", 1)[1] for n in names if n.startswith("cnnx.libs/")]
+    libs = [lib for lib in libs if lib]
     tag = whl.name[:-4].split("-", 2)[2]
     print(f"{whl.name}: {whl.stat().st_size / 1e6:.2f} MB, tag {tag}, {len(names)} files, bundled libs {libs or 'none'}"
           + ("" if not problems else "\n    PROBLEMS: " + "; ".join(problems)))
@@ -286,7 +291,21 @@ for py in "${INTERPS[@]}"; do
 done
 
 QEMU_FILES=()
-for f in $QEMU_TESTS; do QEMU_FILES+=("$SRC/tests/$f"); done
+for f in $QEMU_TESTS; do [ -f "$SRC/tests/$f" ] && QEMU_FILES+=("$SRC/tests/$f"); done
+[ ${#QEMU_FILES[@]} -gt 0 ] || die "none of the kernel test files ($QEMU_TESTS) exists in $SRC/tests"
+
+if [ "$SOURCE_INSTALL" = 1 ]; then
+    v="$(pyver "$HOST_PY")"
+    stage_start "Python $v: README source install (pip install \"$SRC[test]\") into a fresh venv"
+    "$HOST_PY" -m venv "$WORK/venv-$v-src"
+    "$WORK/venv-$v-src/bin/python" -m pip install -q --upgrade pip
+    (cd "$WORK" && "$WORK/venv-$v-src/bin/python" -m pip install -q "$SRC[test]") > "$WORK/source-install.log" 2>&1 \
+        || { tail -40 "$WORK/source-install.log"; die "README source install failed"; }
+    stage_end
+    stage_start "Python $v: README test command against the source install"
+    run_suite "$v-src" "$WORK/venv-$v-src" any -- --
+    stage_end
+fi
 
 if [ "$MODES" = 1 ]; then
     v="$(pyver "$HOST_PY")"
