@@ -20,7 +20,7 @@ __all__ = ["calculate_gain", "uniform_", "normal_", "constant_", "ones_", "zeros
 
 
 def _array(tensor, fn):
-    data = getattr(tensor, "data", tensor)
+    data = tensor if isinstance(tensor, np.ndarray) else getattr(tensor, "data", None)
     if not isinstance(data, np.ndarray):
         raise TypeError(f"{fn}: tensor must be a Parameter or a numpy array, got {type(tensor).__name__}")
     if not np.issubdtype(data.dtype, np.floating):

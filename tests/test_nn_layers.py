@@ -617,3 +617,78 @@ def test_adaptive_pooling_matches_pytorch(rng):
             r = rng.standard_normal(y.shape)
             ty.backward(torch.from_numpy(r))
             np.testing.assert_allclose(ours.backward(r), tx.grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_backward_without_input_grad_gives_the_same_parameter_grads(any_backend, rng):
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding="same", dtype=F64), nn.ReLU()),
+                        nn.Flatten(), nn.Linear(12, 2, dtype=F64))
+    x = rng.standard_normal((2, 2, 4, 4))
+    dy = rng.standard_normal((2, 2))
+    net(x)
+    dx = net.backward(dy)
+    full = {n: p.grad.copy() for n, p in net.named_parameters()}
+    net.zero_grad()
+    net(x)
+    assert net.backward(dy, input_grad=False) is None and dx.shape == x.shape
+    for name, p in net.named_parameters():
+        np.testing.assert_allclose(p.grad, full[name], rtol=1e-13, atol=1e-15, err_msg=name)
+    lin = nn.Sequential(nn.Linear(3, 2, dtype=F64))
+    lin(rng.standard_normal((4, 3)))
+    assert lin.backward(np.ones((4, 2)), input_grad=False) is None and lin[0].bias.grad.tolist() == [4.0, 4.0]
+    with pytest.raises(RuntimeError, match="before forward"):
+        lin.backward(np.ones((4, 2)), input_grad=False)
+
+
+# -- cnnx.init ------------------------------------------------------------------------------------------
+def test_init_bounds_and_gains():
+    from cnnx import init
+    assert init.calculate_gain("relu") == pytest.approx(math.sqrt(2))
+    assert init.calculate_gain("tanh") == pytest.approx(5 / 3)
+    assert init.calculate_gain("leaky_relu", math.sqrt(5)) == pytest.approx(math.sqrt(1 / 3))
+    assert init.calculate_gain("conv2d") == 1.0
+    with pytest.raises(ValueError, match="unsupported nonlinearity"):
+        init.calculate_gain("swish")
+    g = np.random.default_rng(0)
+    w = np.empty((200, 50, 3, 3), np.float32)                     # fan_in 450, fan_out 1800
+    cases = [(init.xavier_uniform_, math.sqrt(6 / 2250), None), (init.kaiming_uniform_, math.sqrt(6 / 450), None),
+             (init.lecun_uniform_, math.sqrt(3 / 450), None), (init.xavier_normal_, None, math.sqrt(2 / 2250)),
+             (init.kaiming_normal_, None, math.sqrt(2 / 450)), (init.lecun_normal_, None, math.sqrt(1 / 450))]
+    for fn, bound, std in cases:
+        kwargs = {"nonlinearity": "relu"} if fn.__name__.startswith("kaiming") else {}
+        out = fn(w, generator=g, **kwargs)
+        assert out is w and w.dtype == np.float32
+        if bound is not None:
+            assert np.abs(w).max() <= bound * (1 + 1e-6) and np.abs(w).max() > 0.99 * bound, fn.__name__
+        else:
+            assert abs(w.std() / std - 1) < 0.02, fn.__name__
+    init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu", generator=g)
+    assert abs(w.std() / math.sqrt(2 / 1800) - 1) < 0.02
+    p = nn.Parameter(np.zeros((3, 4)))
+    assert init.constant_(p, 2.5) is p and (p.data == 2.5).all()
+    init.ones_(p)
+    assert (p.data == 1).all()
+    init.zeros_(p)
+    assert not p.data.any()
+    init.uniform_(p, -2, -1, generator=g)
+    assert (p.data >= -2).all() and (p.data < -1).all()
+    with pytest.raises(ValueError, match="fewer than 2 dimensions"):
+        init.xavier_uniform_(np.zeros(3))
+    with pytest.raises(TypeError, match="floating point"):
+        init.normal_(np.zeros(3, dtype=np.int32))
+    with pytest.raises(TypeError, match="numpy.random.Generator"):
+        init.normal_(np.zeros(3), generator=42)
+
+
+def test_init_generator_reproducible():
+    from cnnx import init
+    a, b = np.empty((4, 5)), np.empty((4, 5))
+    init.xavier_normal_(a, generator=np.random.default_rng(3))
+    init.xavier_normal_(b, generator=np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)
+    cnnx.manual_seed(9)
+    init.uniform_(a)
+    cnnx.manual_seed(9)
+    init.uniform_(b)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        cnnx.manual_seed(-1)

@@ -14,9 +14,10 @@ import operator
 
 import numpy as np
 
+from .. import _backend
 from .. import functional as F
 from .. import init
-from .._geometry import pair, flops_conv2d
+from .._geometry import pair, flops_conv2d, conv_padding
 from .module import Module, Parameter
 
 __all__ = ["Identity", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d",
@@ -180,6 +181,25 @@ class Conv2d(Module):
             bias.accumulate_grad(db)
         self._cache_x = None
         return dx
+
+    def _backward_params_only(self, dy):
+        """backward without dx: only the weight/bias gradients (the first layer of a network needs no dx).
+        Calls the backend's weight-gradient kernel directly with the geometry normalised as functional does."""
+        x = self._cache_x
+        if x is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, self._cache_y_shape)
+        if dy.dtype != x.dtype:
+            raise TypeError(f"Conv2d.backward: dy dtype {dy.dtype} does not match the input's {x.dtype}")
+        padding = conv_padding(self.padding, x.shape[2:], self.kernel_size, self.stride, self.dilation, "Conv2d")
+        bias = self.bias
+        dw, db = _backend.ops().conv2d_backward_weight(
+            np.ascontiguousarray(dy), np.ascontiguousarray(x), self.weight.shape, self.stride, padding,
+            self.dilation, self.groups, bias is not None)
+        self.weight.accumulate_grad(dw)
+        if bias is not None:
+            bias.accumulate_grad(db)
+        self._cache_x = None
 
     def flops(self, input_shape, output_shape):
         return flops_conv2d(output_shape, self.weight.shape)
@@ -490,6 +510,18 @@ class Linear(Module):
             self.bias.accumulate_grad(dy2.sum(axis=0))
         self._cache_x = None
         return dy @ self.weight.data
+
+    def _backward_params_only(self, dy):
+        x = self._cache_x
+        if x is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, x.shape[:-1] + (self.out_features,))
+        dy2 = dy.reshape(-1, self.out_features)
+        if self.weight.requires_grad:
+            self.weight.accumulate_grad(dy2.T @ x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            self.bias.accumulate_grad(dy2.sum(axis=0))
+        self._cache_x = None
 
     def flops(self, input_shape, output_shape):
         return 2 * math.prod(input_shape) * self.out_features

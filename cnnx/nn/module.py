@@ -508,10 +508,24 @@ class Sequential(Module):
             x = module(x)
         return x
 
-    def backward(self, dy):
-        for module in reversed(self._modules.values()):
+    def backward(self, dy, input_grad=True):
+        """Run every module's backward in reverse; returns dx.
+
+        input_grad=False skips the gradient with respect to the network's input (returns None): the first
+        layer (Conv2d, Linear, or a Sequential starting with one) then computes only its parameter gradients,
+        which saves a whole convolution-backward per training step. Parameter gradients are identical.
+        """
+        modules = list(self._modules.values())
+        for i in range(len(modules) - 1, -1, -1):
+            module = modules[i]
+            if not input_grad and i == 0 and hasattr(module, "_backward_params_only"):
+                module._backward_params_only(dy)
+                return None
             dy = module.backward(dy)
-        return dy
+        return None if not input_grad else dy
+
+    def _backward_params_only(self, dy):
+        self.backward(dy, input_grad=False)
 
     def get_config(self):
         return {"layers": [{"name": name, "module": _describe(module)} for name, module in self._modules.items()]}
