@@ -169,8 +169,8 @@ def maxpool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
             v = _offset_view(xp, i, j, oh, ow, (sh, sw), (dh, dw))
             valid = hvalid[:, i, None] & wvalid[None, :, j]                      # (OH, OW)
             take = valid & ((v > best) | np.isnan(v))
-            best = np.where(take, v, best)
-            index = np.where(take, hcoord[:, i, None] * w + wcoord[None, :, j], index)
+            np.copyto(best, v, where=take)
+            np.copyto(index, hcoord[:, i, None] * w + wcoord[None, :, j], where=take)
     return best, index
 
 

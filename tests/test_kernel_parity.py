@@ -399,6 +399,8 @@ def test_functional_pools(backend, ref, check, rng, name, dtype):
     check(F.max_pool2d_backward(dy, x, kernel, **margs), dx_r, dtype, f"{backend} functional vs numpy kernels")
     check(F.max_pool2d_backward(dy, x, kernel, indices=idx, **margs), dx_r, dtype,
           f"{backend} functional vs numpy kernels")
+    check(F.max_pool2d_backward(dy, x_shape, kernel, indices=idx, **margs), dx_r, dtype,
+          f"{backend} functional vs numpy kernels", "x given as its shape")
     if d == (1, 1):
         for cip, divisor in AVG_OPTIONS.values():
             aargs = dict(stride=stride, padding=padding, ceil_mode=ceil_mode, count_include_pad=cip,
@@ -406,9 +408,10 @@ def test_functional_pools(backend, ref, check, rng, name, dtype):
             y = F.avg_pool2d(x, kernel, **aargs)
             check(y, ref.avgpool2d_forward(x, k, s, p, ceil_mode, cip, divisor), dtype,
                   f"{backend} functional vs numpy kernels")
-            check(F.avg_pool2d_backward(dy, x, kernel, **aargs),
-                  ref.avgpool2d_backward(dy, x_shape, k, s, p, ceil_mode, cip, divisor), dtype,
-                  f"{backend} functional vs numpy kernels")
+            dx_r = ref.avgpool2d_backward(dy, x_shape, k, s, p, ceil_mode, cip, divisor)
+            check(F.avg_pool2d_backward(dy, x, kernel, **aargs), dx_r, dtype, f"{backend} functional vs numpy kernels")
+            check(F.avg_pool2d_backward(dy, x_shape, kernel, **aargs), dx_r, dtype,
+                  f"{backend} functional vs numpy kernels", "x given as its shape")
 
 
 def _layouts(a):
