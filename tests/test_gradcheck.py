@@ -7,23 +7,8 @@ import pytest
 
 from cnnx import functional as F
 
-EPS = 1e-6
+EPS = 1e-6    # central_differences in conftest.py
 RTOL = 1e-7   # relative to max(max|gradient|, 1)
-
-
-def numerical_grad(loss, a):
-    """d loss / d a by central differences, perturbing `a` in place one element at a time."""
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + EPS
-        up = loss()
-        flat[i] = saved - EPS
-        down = loss()
-        flat[i] = saved
-        gflat[i] = (up - down) / (2 * EPS)
-    return grad
 
 
 # (N, C, H, W, OC, (KH, KW), stride, padding, dilation, groups)
@@ -38,7 +23,7 @@ CONV_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CONV_CASES.values()), ids=list(CONV_CASES))
-def test_conv2d_gradients(backend, check, rng, case):
+def test_conv2d_gradients(backend, check, rng, numerical_grad, case):
     n, c, h, w, oc, (kh, kw), stride, padding, dilation, groups = case
     args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     x = rng.standard_normal((n, c, h, w))
@@ -51,10 +36,10 @@ def test_conv2d_gradients(backend, check, rng, case):
 
     dx, dw, db = F.conv2d_backward(g, x, wt, b, **args)
     for name, analytic, arr in (("dx", dx, x), ("dweight", dw, wt), ("dbias", db, b)):
-        check(analytic, numerical_grad(loss, arr), np.float64, f"{backend} gradcheck conv2d", name, rtol=RTOL)
+        check(analytic, numerical_grad(loss, arr, EPS), np.float64, f"{backend} gradcheck conv2d", name, rtol=RTOL)
 
 
-def test_convolve2d_gradients(backend, check, rng):
+def test_convolve2d_gradients(backend, check, rng, numerical_grad):
     args = dict(stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=1)
     x = rng.standard_normal((1, 2, 6, 5))
     wt = rng.standard_normal((2, 2, 2, 3))
@@ -66,7 +51,7 @@ def test_convolve2d_gradients(backend, check, rng):
 
     dx, dw, db = F.convolve2d_backward(g, x, wt, b, **args)
     for name, analytic, arr in (("dx", dx, x), ("dweight", dw, wt), ("dbias", db, b)):
-        check(analytic, numerical_grad(loss, arr), np.float64, f"{backend} gradcheck convolve2d", name, rtol=RTOL)
+        check(analytic, numerical_grad(loss, arr, EPS), np.float64, f"{backend} gradcheck convolve2d", name, rtol=RTOL)
 
 
 # (N, C, H, W, kernel, stride, padding, dilation, ceil_mode)
@@ -86,7 +71,7 @@ def distinct_values(rng, shape):
 
 
 @pytest.mark.parametrize("case", list(POOL_CASES.values()), ids=list(POOL_CASES))
-def test_max_pool2d_gradient(backend, check, rng, case):
+def test_max_pool2d_gradient(backend, check, rng, numerical_grad, case):
     n, c, h, w, kernel, stride, padding, dilation, ceil_mode = case
     args = dict(stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
     x = distinct_values(rng, (n, c, h, w))
@@ -96,14 +81,14 @@ def test_max_pool2d_gradient(backend, check, rng, case):
         return float(np.sum(F.max_pool2d(x, kernel, **args) * g))
 
     dx = F.max_pool2d_backward(g, x, kernel, **args)
-    check(dx, numerical_grad(loss, x), np.float64, f"{backend} gradcheck max_pool2d", "dx", rtol=RTOL)
+    check(dx, numerical_grad(loss, x, EPS), np.float64, f"{backend} gradcheck max_pool2d", "dx", rtol=RTOL)
 
 
 @pytest.mark.parametrize("option", [(True, None), (False, None), (True, 5)], ids=["include_pad", "exclude_pad",
                                                                                    "divisor5"])
 @pytest.mark.parametrize("case", [c for c in POOL_CASES.values() if c[7] == 1],
                          ids=[k for k, c in POOL_CASES.items() if c[7] == 1])
-def test_avg_pool2d_gradient(backend, check, rng, case, option):
+def test_avg_pool2d_gradient(backend, check, rng, numerical_grad, case, option):
     n, c, h, w, kernel, stride, padding, _, ceil_mode = case
     cip, divisor = option
     args = dict(stride=stride, padding=padding, ceil_mode=ceil_mode, count_include_pad=cip,
@@ -115,4 +100,4 @@ def test_avg_pool2d_gradient(backend, check, rng, case, option):
         return float(np.sum(F.avg_pool2d(x, kernel, **args) * g))
 
     dx = F.avg_pool2d_backward(g, x, kernel, **args)
-    check(dx, numerical_grad(loss, x), np.float64, f"{backend} gradcheck avg_pool2d", "dx", rtol=RTOL)
+    check(dx, numerical_grad(loss, x, EPS), np.float64, f"{backend} gradcheck avg_pool2d", "dx", rtol=RTOL)

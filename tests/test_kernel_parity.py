@@ -357,7 +357,7 @@ def test_functional_conv2d(backend, ref, check, rng, name, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 def test_functional_convolve2d_is_flipped_conv2d(backend, check, rng, dtype):
-    """True convolution: y[n, o, i, j] = sum x[n, c, i + KH-1 - a, j + KW-1 - b] w[o, c, a, b] = conv2d with w flipped."""
+    """True convolution, y[n, o, i, j] = sum x[n, c, i + KH-1 - a, j + KW-1 - b] w[o, c, a, b]: conv2d, w flipped."""
     x = rng.standard_normal((2, 4, 9, 8)).astype(dtype)
     w = rng.standard_normal((6, 2, 3, 2)).astype(dtype)
     b = rng.standard_normal(6).astype(dtype)
