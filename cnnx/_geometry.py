@@ -11,12 +11,22 @@ __all__ = ["pair", "conv_padding", "conv2d_output_shape", "pool2d_output_shape",
            "pool2d_out_size", "conv2d_out_size"]
 
 
+# Geometry values reach the C kernels as int64_t; bounding each by 2**61 keeps every sum they form there
+# (two paddings plus a size below 2**60) inside int64, and turns what would be an OverflowError at the
+# C boundary into a ValueError naming the argument.
+_INT_LIMIT = 1 << 61
+_MAX_ELEMENTS = 1 << 60      # as in cnnx/_kernels.pyx: the largest buffer the kernels will index
+
+
 def _int(value, name, fn):
     try:
-        return operator.index(value)
+        v = operator.index(value)
     except TypeError:
         raise TypeError(f"{fn}: {name} must be an int or a tuple of ints, "
                         f"got {type(value).__name__} {value!r}") from None
+    if not -_INT_LIMIT < v < _INT_LIMIT:
+        raise ValueError(f"{fn}: {name} must be less than 2**61 in magnitude, got {value!r}")
+    return v
 
 
 def pair(value, name, fn="cnnx", minimum=None):
@@ -105,6 +115,10 @@ def conv2d_output_shape(input_shape, weight_shape, stride=1, padding=0, dilation
     pt, pb, pl, pr = conv_padding(padding, (h, w), (kh, kw), (sh, sw), (dh, dw), fn)
     oh = conv2d_out_size(h, kh, sh, pt, pb, dh, "H", fn)
     ow = conv2d_out_size(w, kw, sw, pl, pr, dw, "W", fn)
+    if n * oc * oh * ow >= _MAX_ELEMENTS:
+        raise ValueError(f"{fn}: the output shape {(n, oc, oh, ow)} (x shape {tuple(input_shape)}, padding "
+                         f"{(pt, pb, pl, pr)}, stride {(sh, sw)}, dilation {(dh, dw)}) has {n * oc * oh * ow} "
+                         f"elements, more than cnnx can address (2**60)")
     return (n, oc, oh, ow)
 
 
