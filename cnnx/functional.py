@@ -184,8 +184,9 @@ def _divisor(divisor_override, fn):
     if divisor_override is None:
         return None
     if isinstance(divisor_override, bool) or not isinstance(divisor_override, (int, np.integer)) \
-            or divisor_override <= 0:
-        raise ValueError(f"{fn}: divisor_override must be a positive int or None, got {divisor_override!r}")
+            or not 0 < divisor_override < 1 << 61:
+        raise ValueError(f"{fn}: divisor_override must be a positive int (below 2**61) or None, "
+                         f"got {divisor_override!r}")
     return int(divisor_override)
 
 
