@@ -368,6 +368,20 @@ POOLS = {"pool1": (6, 28, 28), "pool2": (16, 10, 10)}
 LINEARS = {"fc1": (400, 120), "fc2": (120, 84), "fc3": (84, 10)}
 
 
+def torch_lenet5(torch, model):
+    """LeNet-5 modern in torch.nn with the cnnx model's weights (layer i of one is layer i of the other)."""
+    tn = torch.nn
+    t = tn.Sequential(tn.Conv2d(1, 6, 5, padding=2), tn.ReLU(), tn.MaxPool2d(2), tn.Conv2d(6, 16, 5), tn.ReLU(),
+                      tn.MaxPool2d(2), tn.Flatten(), tn.Linear(400, 120), tn.ReLU(), tn.Linear(120, 84), tn.ReLU(),
+                      tn.Linear(84, 10))
+    with torch.no_grad():
+        for layer, tlayer in zip(model._modules.values(), t):
+            if hasattr(tlayer, "weight"):
+                tlayer.weight.copy_(torch.from_numpy(layer.weight.data))
+                tlayer.bias.copy_(torch.from_numpy(layer.bias.data))
+    return t
+
+
 def conv_flops(n, spec):
     c, h, w, oc, k, pad = spec
     oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1

@@ -157,7 +157,7 @@ def layer_cases(n, torch, seed=3):
     from cnnx.models import LeNet5
     cnnx.manual_seed(seed)
     model = LeNet5()
-    tmodel = torch_lenet5(torch, model) if torch is not None else None
+    tmodel = C.torch_lenet5(torch, model) if torch is not None else None
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, 1, 28, 28), dtype=np.float32)
     cases = []
@@ -169,20 +169,6 @@ def layer_cases(n, torch, seed=3):
             cases.append((name, layer, None if tmodel is None else tmodel[i], x, dy, kernel, i > 0))
         x = np.ascontiguousarray(y)
     return cases
-
-
-def torch_lenet5(torch, model):
-    """LeNet-5 modern in torch.nn with the cnnx model's weights (layer i of one is layer i of the other)."""
-    tn = torch.nn
-    t = tn.Sequential(tn.Conv2d(1, 6, 5, padding=2), tn.ReLU(), tn.MaxPool2d(2), tn.Conv2d(6, 16, 5), tn.ReLU(),
-                      tn.MaxPool2d(2), tn.Flatten(), tn.Linear(400, 120), tn.ReLU(), tn.Linear(120, 84), tn.ReLU(),
-                      tn.Linear(84, 10))
-    with torch.no_grad():
-        for layer, tlayer in zip(model._modules.values(), t):
-            if hasattr(tlayer, "weight"):
-                tlayer.weight.copy_(torch.from_numpy(layer.weight.data))
-                tlayer.bias.copy_(torch.from_numpy(layer.bias.data))
-    return t
 
 
 def layer_fns(case, torch):

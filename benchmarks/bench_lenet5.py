@@ -1,0 +1,374 @@
+"""LeNet-5 training and inference speed: cnnx (C kernels) vs PyTorch vs cnnx's numpy reference backend.
+
+    python benchmarks/bench_lenet5.py                 # batches 1,16,64,256 on 1 and 2 threads (a few minutes)
+    python benchmarks/bench_lenet5.py --quick         # smoke test
+    python benchmarks/bench_lenet5.py --threads 2 --batches 64 --repeat 15 --data-dir ~/data/mnist
+
+The network is LeNet-5 in its modern form, identical in both libraries: conv 6@5x5 pad 2 -> ReLU -> maxpool 2
+-> conv 16@5x5 -> ReLU -> maxpool 2 -> 400-120-84-10, float32, cross-entropy, SGD lr 0.01 momentum 0.9.
+A training step is forward, loss, backward and the SGD step (cnnx: zero_grad, model(x), loss, model.backward,
+opt.step; torch: zero_grad, model(x), F.cross_entropy, loss.backward, opt.step); inference is the forward
+in eval mode (torch under torch.inference_mode, entered once around the measurement). All three start from
+the same weights and are checked to agree before anything is timed. The thread count is applied alike to
+cnnx, PyTorch's intra-op pool and numpy's BLAS (the Linear layers of cnnx are numpy matmuls).
+
+Ends with the issue's four "done when" lines, measured in this run, with PASS/FAIL.
+"""
+import os
+import resource
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+import _common as C
+from _common import cnnx
+
+LR, MOMENTUM = 0.01, 0.9
+MNIST_TRAIN = 60000
+TARGET_TRAIN_64, TARGET_BATCH1, TARGET_MATMUL, TARGET_EPOCH = 3.0, 5.0, 0.5, 3.0
+
+
+# -- the three implementations ------------------------------------------------------------------------
+class CnnxNet:
+    """cnnx LeNet-5 + CrossEntropyLoss + SGD on one backend ("c" or "numpy")."""
+
+    def __init__(self, backend_name, seed=0):
+        from cnnx import nn, optim
+        from cnnx.models import LeNet5
+        cnnx.manual_seed(seed)
+        self.backend = backend_name
+        self.model = LeNet5()
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.opt = optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def _step(self, x, y):
+        self.opt.zero_grad()
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        self.model.backward(self.loss_fn.backward())
+        self.opt.step()
+        return loss, logits
+
+    def train_fn(self, x, y):
+        self.model.train()
+        if self.backend == "c":
+            return lambda: self._step(x, y)
+
+        def step():
+            with cnnx.backend(self.backend):
+                return self._step(x, y)
+        return step
+
+    def infer_fn(self, x):
+        self.model.eval()
+        if self.backend == "c":
+            return lambda: self.model(x)
+
+        def infer():
+            with cnnx.backend(self.backend):
+                return self.model(x)
+        return infer
+
+    def params(self):
+        return [p.data for p in self.model.parameters()]
+
+
+class TorchNet:
+    """The same network in torch.nn with the cnnx model's initial weights."""
+
+    def __init__(self, torch, cnnx_model):
+        self.torch = torch
+        self.model = C.torch_lenet5(torch, cnnx_model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def train_fn(self, x, y):
+        torch, model, opt = self.torch, self.model, self.opt
+        F = torch.nn.functional
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        model.train()
+
+        def step():
+            opt.zero_grad()
+            logits = model(xt)
+            loss = F.cross_entropy(logits, yt)
+            loss.backward()
+            opt.step()
+            return loss, logits
+        return step
+
+    def infer_fn(self, x):
+        xt = self.torch.from_numpy(x)
+        self.model.eval()
+        return lambda: self.model(xt)
+
+    def params(self):
+        return [p.detach().numpy() for p in self.model.parameters()]
+
+
+def batch(n, seed=0):
+    rng = np.random.default_rng(seed + n)
+    return rng.standard_normal((n, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, n, dtype=np.int64)
+
+
+# -- validation ---------------------------------------------------------------------------------------
+def validate(torch, sizes):
+    """From identical weights, two training steps (so momentum is used) and an inference agree across
+    cnnx C, cnnx numpy and torch. Returns the worst relative error."""
+    worst = 0.0
+    for n in sizes:
+        x, y = batch(n, seed=100)
+        nets = {"c": CnnxNet("c", seed=7), "numpy": CnnxNet("numpy", seed=7)}
+        if torch is not None:
+            nets["torch"] = TorchNet(torch, nets["c"].model)
+        ref_name = "torch" if torch is not None else "numpy"
+        results = {}
+        for name, net in nets.items():
+            out = []
+            step = net.train_fn(x, y)
+            for _ in range(2):
+                loss, logits = step()
+                out.append((C.to_numpy(loss), C.to_numpy(logits)))
+            infer = C.to_numpy(net.infer_fn(x)())
+            results[name] = (out, [np.array(p, copy=True) for p in net.params()], infer)
+        want = results[ref_name]
+        for name, got in results.items():
+            if name == ref_name:
+                continue
+            for s in range(2):
+                worst = max(worst, C.check_close(f"N={n} step {s + 1} loss {name}", got[0][s][0], want[0][s][0]))
+                worst = max(worst, C.check_close(f"N={n} step {s + 1} logits {name}", got[0][s][1], want[0][s][1]))
+            for i, (p, q) in enumerate(zip(got[1], want[1])):
+                worst = max(worst, C.check_close(f"N={n} parameter {i} after 2 SGD steps {name}", p, q))
+            worst = max(worst, C.check_close(f"N={n} inference {name}", got[2], want[2]))
+    return worst
+
+
+# -- measurements -------------------------------------------------------------------------------------
+def run_speed(args, torch, t, nets, results):
+    """Training and inference images/s for every batch size at t threads; fills results[(mode, n, t)]."""
+    rows = {"train": [], "infer": []}
+    for n in args.batches:
+        x, y = batch(n)
+        use_ref = n in args.ref_batches
+        for mode in ("train", "infer"):
+            fns = {}
+            for name, net in nets.items():
+                if name == "numpy" and not use_ref:
+                    continue
+                fns[name] = net.train_fn(x, y) if mode == "train" else net.infer_fn(x)
+            if mode == "infer" and torch is not None:
+                with torch.inference_mode():
+                    stats = C.measure(fns, args.repeat, args.target, budget=args.ref_budget)
+            else:
+                stats = C.measure(fns, args.repeat, args.target, budget=args.ref_budget)
+            ips = {name: n / st.median for name, st in stats.items()}
+            results[(mode, n, t)] = (ips, stats)
+            rows[mode].append([
+                n, f"{C.fmt_rate(ips['c'])} ({C.fmt_stat(stats['c'])})",
+                f"{C.fmt_rate(ips.get('torch'))} ({C.fmt_stat(stats.get('torch'))})" if "torch" in ips else "-",
+                f"{C.fmt_rate(ips.get('numpy'))} ({C.fmt_stat(stats.get('numpy'))})" if "numpy" in ips else "-",
+                C.fmt_ratio(ips["c"], ips.get("torch")), C.fmt_ratio(ips["c"], ips.get("numpy"))])
+    headers = ["batch", "cnnx C img/s (step)", "torch img/s (step)", "numpy ref img/s (step)", "C/torch", "C/ref"]
+    print("training step (forward, loss, backward, SGD momentum):")
+    C.print_table(headers, rows["train"])
+    print("\ninference (forward, eval mode):")
+    C.print_table(headers, rows["infer"])
+
+
+def peak_memory(sizes):
+    """tracemalloc peak (numpy + Python allocations, not the C kernels' own scratch) of one steady-state
+    training step, above what was allocated before it."""
+    rows = []
+    for n in sizes:
+        x, y = batch(n)
+        row = [n]
+        for name in ("c", "numpy"):
+            net = CnnxNet(name)
+            step = net.train_fn(x, y)
+            step()
+            step()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                tracemalloc.reset_peak()
+                step()
+                peak = tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+            row.append(f"{peak / 2 ** 20:.2f} MiB")
+        row.append(f"{n * 28 * 28 * 4 / 2 ** 20:.2f} MiB")
+        rows.append(row)
+    print("peak numpy/Python allocations during one training step (tracemalloc, steady state):")
+    C.print_table(["batch", "cnnx C", "cnnx numpy ref", "(input batch itself)"], rows)
+
+
+def _find_mnist(data_dir):
+    from cnnx import datasets
+    candidates = [data_dir] if data_dir else [datasets.default_root(), "/work/shared/data/mnist"]
+    for root in candidates:
+        try:
+            return datasets.MNIST(root, train=True)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def real_epoch(torch, threads, data_dir):
+    """One epoch of MNIST (60,000 images, batch 64, shuffled, ToFloat + Normalize as `cnnx train` does)
+    through cnnx.data.DataLoader and cnnx.train.fit. Returns seconds or None when MNIST is not found."""
+    from cnnx import nn, optim
+    from cnnx.data import Compose, DataLoader, Normalize, ToFloat
+    from cnnx.models import LeNet5
+    from cnnx.train import fit
+    ds = _find_mnist(data_dir)
+    if ds is None or len(ds) != MNIST_TRAIN:
+        print(f"MNIST training set not found (--data-dir {data_dir or '(default locations)'}): epoch not timed")
+        return None
+    C.set_threads(threads, torch)
+    cnnx.manual_seed(0)
+    model = LeNet5()
+    opt = optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    loader = DataLoader((ds.data, ds.targets), batch_size=64, shuffle=True, generator=0,
+                        transform=Compose([ToFloat(), Normalize(0.1307, 0.3081)]))
+    t0 = time.perf_counter()
+    history = fit(model, nn.CrossEntropyLoss(), opt, loader, epochs=1, progress=False)
+    seconds = time.perf_counter() - t0
+    rec = history[0]
+    print(f"one MNIST epoch from {ds.source}, batch 64, {threads} threads, DataLoader + fit: {seconds:.2f} s "
+          f"({MNIST_TRAIN / seconds:,.0f} img/s), train loss {rec['train_loss']:.4f}, "
+          f"train accuracy {rec['train_accuracy']:.4f}")
+    return seconds
+
+
+# -- main ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = C.parser("LeNet-5 training/inference speed: cnnx vs PyTorch vs the numpy reference backend.",
+                 batches=[1, 16, 64, 256])
+    p.add_argument("--ref-batches", type=C.int_list, default=None,
+                   help="batch sizes at which the (slow) numpy reference is timed (default: all of --batches)")
+    p.add_argument("--ref-budget", type=float, default=None,
+                   help="seconds of samples for a slow implementation before it takes fewer rounds "
+                        "(default 2, 0.2 with --quick)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the MNIST IDX files for a real timed epoch (default: cnnx's data folder, "
+                        "then /work/shared/data/mnist)")
+    p.add_argument("--epoch", choices=("auto", "yes", "no"), default="auto",
+                   help="time a real MNIST epoch (auto: yes unless --quick, when the data is found)")
+    args = C.finish_args(p.parse_args(argv))
+    if args.ref_batches is None:
+        args.ref_batches = list(args.batches)
+    if args.ref_budget is None:
+        args.ref_budget = 0.2 if args.quick else 2.0
+    torch = C.import_torch(args.no_torch)
+    if not C.have_c_backend():
+        print("bench_lenet5: the C extension cnnx._kernels is not built (python setup.py build_ext --inplace); "
+              "nothing to compare", file=sys.stderr)
+        return 2
+    if torch is not None:
+        torch.manual_seed(0)
+    ceilings = C.print_header("cnnx LeNet-5 benchmark: training step and inference, float32", args, torch,
+                              args.threads)
+
+    C.section("validation (before timing): 2 SGD-momentum steps and inference from identical weights")
+    try:
+        worst = validate(torch, sorted({1, min(64, max(args.batches))}))
+        worst = max(worst, C.validate_conv(C.ConvCase("conv2", 64), torch))
+    except C.ValidationError as exc:
+        print(f"VALIDATION FAILED: {exc}")
+        return 1
+    print(f"cnnx C, cnnx numpy{' and torch' if torch is not None else ''} agree: losses, logits, all parameters "
+          f"after 2 steps and inference, worst error {worst:.2e} of the largest value (tolerance 2e-4)")
+
+    results = {}
+    for t in args.threads:
+        C.set_threads(t, torch)
+        C.section(f"{t} thread{'s' if t > 1 else ''} ({C.thread_report(torch)})")
+        nets = {"c": CnnxNet("c")}
+        if torch is not None:
+            nets["torch"] = TorchNet(torch, nets["c"].model)
+        nets["numpy"] = CnnxNet("numpy")
+        run_speed(args, torch, t, nets, results)
+        finite = all(np.all(np.isfinite(p)) for net in nets.values() for p in net.params())
+        if not finite:
+            print("warning: a model's parameters became non-finite while timing (random data, lr 0.01)")
+        print(f"({C.load_average()})")
+
+    C.section("conv2 kernels at batch 64 vs the numpy matmul ceiling")
+    conv2 = C.conv2_vs_matmul(args, torch, args.threads, ceilings)
+    conv2_lines = C.conv2_lines(conv2, ceilings)
+    for _, line in conv2_lines:
+        print(line)
+
+    C.section("memory")
+    peak_memory(sorted({64, max(args.batches)}))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    maxrss_mib = maxrss / 2 ** 20 if sys.platform == "darwin" else maxrss / 2 ** 10
+    print(f"process peak RSS (everything, torch included): {maxrss_mib:.0f} MiB")
+
+    C.section("one MNIST epoch (60,000 images) at batch 64")
+    epoch_threads = 2 if 2 in args.threads else max(args.threads)
+    estimate = {}
+    for name in ("c", "torch", "numpy"):
+        r = results.get(("train", 64, epoch_threads))
+        if r is not None and name in r[0]:
+            estimate[name] = MNIST_TRAIN / r[0][name]
+            print(f"estimate from the measured step rate, {epoch_threads} threads, "
+                  f"{ {'c': 'cnnx C', 'torch': 'torch', 'numpy': 'cnnx numpy ref'}[name] }: "
+                  f"{estimate[name]:.2f} s")
+    if not estimate:
+        print("no estimate: batch 64 was not measured (--batches)")
+    measured = None
+    if args.epoch == "yes" or (args.epoch == "auto" and not args.quick):
+        measured = real_epoch(torch, epoch_threads, args.data_dir)
+    else:
+        print("real epoch not timed (--quick or --epoch no)")
+
+    C.section("summary: the issue's \"done when\" lines, measured in this run")
+    print("ratio = cnnx C images/s / torch images/s at the same thread count (medians); "
+          f"{C.load_average()}")
+    summary = []
+
+    def torch_ratio(mode, n, t):
+        r = results.get((mode, n, t))
+        if r is None or "torch" not in r[0]:
+            return None
+        return r[0]["c"], r[0]["torch"], r[0]["c"] / r[0]["torch"]
+
+    for t in args.threads:
+        r = torch_ratio("train", 64, t)
+        what = f"LeNet-5 training, batch 64, {t} thread{'s' if t > 1 else ''}"
+        if r is None:
+            summary.append(f"{what}: not measured (needs torch and batch 64)  N/A")
+        else:
+            summary.append(f"{what}: cnnx {r[0]:,.0f} img/s vs torch {r[1]:,.0f} img/s = {r[2]:.2f}x "
+                           f"(target >= {TARGET_TRAIN_64:g}x)  {C.verdict(r[2] >= TARGET_TRAIN_64)}")
+    for mode, label in (("train", "batch-1 training"), ("infer", "batch-1 inference")):
+        for t in args.threads:
+            r = torch_ratio(mode, 1, t)
+            what = f"{label}, {t} thread{'s' if t > 1 else ''}"
+            if r is None:
+                summary.append(f"{what}: not measured (needs torch and batch 1)  N/A")
+            else:
+                summary.append(f"{what}: cnnx {r[0]:,.0f} img/s vs torch {r[1]:,.0f} img/s = {r[2]:.2f}x "
+                               f"(target >= {TARGET_BATCH1:g}x)  {C.verdict(r[2] >= TARGET_BATCH1)}")
+    for ok, line in conv2_lines:
+        summary.append(f"{line}  {C.verdict(ok)}")
+    what = f"one MNIST epoch at batch 64, {epoch_threads} thread{'s' if epoch_threads > 1 else ''}"
+    if measured is not None:
+        est = f", estimate from the step rate {estimate['c']:.2f} s" if "c" in estimate else ""
+        summary.append(f"{what}: {measured:.2f} s measured through DataLoader + fit{est} "
+                       f"(target < {TARGET_EPOCH:g} s)  {C.verdict(measured < TARGET_EPOCH)}")
+    elif "c" in estimate:
+        summary.append(f"{what}: {estimate['c']:.2f} s estimated from the step rate (not timed for real) "
+                       f"(target < {TARGET_EPOCH:g} s)  {C.verdict(estimate['c'] < TARGET_EPOCH)}")
+    else:
+        summary.append(f"{what}: not measured (needs batch 64)  N/A")
+    for line in summary:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
