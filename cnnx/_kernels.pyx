@@ -301,10 +301,10 @@ def conv2d_backward_weight(dy, x, weight_shape, stride, padding, dilation, group
         raise ValueError(f"{fn}: dy must have the output shape {expected}, got {dy.shape}")
     dw = np.empty(ws, dtype=dy.dtype)
     db = np.empty((ws[0],), dtype=dy.dtype) if with_bias else None
-    if dw.size == 0 or dy.size == 0:
+    if dw.size == 0 or dy.size == 0:  # nothing for the kernel to do (no weights, or an empty batch)
         dw.fill(0)
         if db is not None:
-            db.fill(0)
+            db[...] = dy.sum(axis=(0, 2, 3))
         return dw, db
     cdef int code
     cdef int64_t G = groups, SH = stride[0], SW = stride[1], PT = padding[0], PL = padding[2]

@@ -21,8 +21,6 @@ extern int cnnx_avx2_active;
 #define CNNX_USE_AVX2 cnnx_avx2_active
 #else
 #define CNNX_USE_AVX2 0
-#define gemm_f32_avx2 gemm_f32_portable
-#define gemm_f64_avx2 gemm_f64_portable
 #endif
 
 /* Thread count for every parallel region (an explicit num_threads clause, so the setting is global,
@@ -31,13 +29,26 @@ int cnnx_threads(void);
 
 #define CNNX_GEMM_MR_MAX 6
 #define CNNX_GEMM_NR_MAX 16
-int64_t cnnx_gemm_work_size(int64_t M, int64_t K);
-/* c (M, N; leading dim ldc) = or += a (M, K) @ b (K, N), where element (i, k) of a is a[i*rsa + k*csa] and
- * element (k, j) of b is b[k*rsb + j*csb] (so either operand may be a transposed view).
- * work: scratch of cnnx_gemm_work_size(M, K) elements. Single-threaded. */
-void cnnx_gemm_f32(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, const float *b,
-                   int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate, float *work);
-void cnnx_gemm_f64(double *c, int64_t ldc, const double *a, int64_t rsa, int64_t csa, const double *b,
-                   int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate, double *work);
+
+/* The GEMM path to use for one whole kernel call: 1 = AVX2+FMA, 0 = portable. */
+int cnnx_gemm_path(void);
+/* Scratch sizes (elements): a packed (M, K) matrix, and the padded last column panel of B. */
+int64_t cnnx_gemm_apack_size(int64_t M, int64_t K);
+int64_t cnnx_gemm_bpad_size(int64_t K);
+
+#define CNNX_GEMM_DECLARE(REAL, S)                                                                 \
+/* Pack a (M, K), element (i, k) at a[i*rsa + k*csa], for cnnx_gemm_* on the same path. */          \
+void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int64_t csa, int64_t M, \
+                          int64_t K);                                                              \
+/* c (M, N; row stride ldc) = or += A @ B: A packed, row k of B at b + boff[k] (b + k*rsb if boff is \
+ * NULL), N contiguous columns. bpad: cnnx_gemm_bpad_size(K) elements of scratch. Single-threaded. */ \
+void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const REAL *apack, const REAL *b,                \
+                   const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K,               \
+                   int accumulate, REAL *bpad);                                                     \
+/* c (M, N) = or += A @ B^T: row i of A at a + i*lda, row j of B at b + boff[j], both K long. */    \
+void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
+                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate);
+CNNX_GEMM_DECLARE(float, f32)
+CNNX_GEMM_DECLARE(double, f64)
 
 #endif

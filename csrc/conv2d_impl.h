@@ -1,20 +1,35 @@
 /*
  * conv2d template, included by conv2d.c once per dtype with REAL (float/double) and SUF (f32/f64).
  *
- * Strategy: per (image n, group g) the convolution is a matrix product
- *     y[n, g] (OC/G, OH*OW) = w[g] (OC/G, K) @ col (K, OH*OW),    K = C/G * KH * KW,
- * where col is the im2col unfolding of x[n, g]. col is built for a chunk of output pixels at a time, so
- * the scratch space per thread is bounded (K * chunk elements) whatever the image size.
+ * Per (image n, group g) a convolution is a matrix product y[n, g] (OC/G, pixels) = w[g] (OC/G, K) @ B (K,
+ * pixels), K = C/G * KH * KW, where row k = (c, kh, kw) of B is the input shifted by that kernel tap.
+ *
+ * Stride 1 ("direct" path): with the input zero-padded to width Wp = OW + (KW-1)*DW, row k of B over the
+ * padded output grid (OH rows of Wp columns, of which the first OW are real) is one contiguous slice of
+ * the padded image, starting at c*R*Wp + kh*DH*Wp + kw*DW. The GEMM reads those slices in place through a
+ * table of row offsets: no im2col. The Wp - OW extra columns per row are computed and dropped.
+ * The backward to the input at stride 1 is the same operation on dy with the flipped, transposed kernel;
+ * the backward to the weight is dot products of dy's rows with those same slices.
+ *
+ * Any stride ("im2col" path): B is unfolded (im2col) for a chunk of output pixels at a time, so scratch
+ * stays bounded whatever the image size; dx goes back through col2im.
+ *
+ * The weights are packed for the GEMM once per call. Scratch is allocated once per call and thread.
  */
 #define GLUE_(a, b) a##_##b
 #define GLUE(a, b) GLUE_(a, b)
 #define GEMM GLUE(cnnx_gemm, SUF)
+#define GEMM_NT GLUE(cnnx_gemm_nt, SUF)
+#define PACK_A GLUE(cnnx_gemm_pack_a, SUF)
+#define ALLOC(n) ((REAL *)malloc(sizeof(REAL) * (size_t)((n) > 0 ? (n) : 1)))
+#define SCRATCH_BUDGET ((int64_t)1 << 17) /* elements per scratch buffer and thread (512 KiB f32) */
 
-/* The output columns ow in [lo, hi) whose input column iw = ow*SW - PL + kw*DW lies in [0, W). */
+/* ---------------------------------------------------------------- shared pieces */
+
+/* The output columns ow in [lo, hi) whose input column iw = ow*SW + off lies in [0, W). */
 static void GLUE(valid_range, SUF)(int64_t *lo, int64_t *hi, int64_t OW, int64_t W, int64_t SW,
                                    int64_t off)
 {
-    /* iw = ow*SW + off;  iw >= 0  <=>  ow >= ceil(-off / SW);  iw < W  <=>  ow <= floor((W - 1 - off) / SW) */
     int64_t l = off >= 0 ? 0 : (-off + SW - 1) / SW;
     int64_t h = (W - 1 - off) < 0 ? 0 : (W - 1 - off) / SW + 1;
     if (h > OW) h = OW;
@@ -45,19 +60,16 @@ static void GLUE(im2col, SUF)(REAL *restrict col, const REAL *restrict x, int64_
                     const int64_t oh = p / OW, ow = p - oh * OW;
                     const int64_t seg = (OW - ow < pc - q) ? OW - ow : pc - q;
                     const int64_t ih = oh * SH - PT + kh * DH;
-                    REAL *restrict d = dst + q;
+                    REAL *restrict d = dst + q - ow; /* d[o] is output column o of this row */
                     if (ih < 0 || ih >= H) {
-                        for (int64_t t = 0; t < seg; t++) d[t] = 0;
+                        for (int64_t o = ow; o < ow + seg; o++) d[o] = 0;
                     } else {
                         const REAL *restrict src = x + (c * H + ih) * W + off;
                         const int64_t a = lo > ow ? lo : ow, e = hi < ow + seg ? hi : ow + seg;
                         int64_t o = ow;
-                        for (; o < a && o < ow + seg; o++) d[o - ow] = 0;
-                        if (SW == 1)
-                            for (; o < e; o++) d[o - ow] = src[o];
-                        else
-                            for (; o < e; o++) d[o - ow] = src[o * SW];
-                        for (; o < ow + seg; o++) d[o - ow] = 0;
+                        for (; o < a && o < ow + seg; o++) d[o] = 0;
+                        for (; o < e; o++) d[o] = src[o * SW];
+                        for (; o < ow + seg; o++) d[o] = 0;
                     }
                     q += seg;
                     p += seg;
@@ -86,10 +98,7 @@ static void GLUE(col2im, SUF)(REAL *restrict dx, const REAL *restrict dcol, int6
                         REAL *restrict d = dx + (c * H + ih) * W + off;
                         const REAL *restrict s = src + q - ow;
                         const int64_t a = lo > ow ? lo : ow, e = hi < ow + seg ? hi : ow + seg;
-                        if (SW == 1)
-                            for (int64_t o = a; o < e; o++) d[o] += s[o];
-                        else
-                            for (int64_t o = a; o < e; o++) d[o * SW] += s[o];
+                        for (int64_t o = a; o < e; o++) d[o * SW] += s[o];
                     }
                     q += seg;
                     p += seg;
@@ -101,41 +110,113 @@ static void GLUE(col2im, SUF)(REAL *restrict dx, const REAL *restrict dcol, int6
  * multiple of 16 pixels so the GEMM tiles stay full. */
 static int64_t GLUE(chunk_pixels, SUF)(int64_t K, int64_t P)
 {
-    const int64_t budget = (int64_t)1 << 17; /* elements of col per thread: 512 KiB f32, 1 MiB f64 */
-    int64_t pc = budget / (K > 0 ? K : 1);
+    int64_t pc = SCRATCH_BUDGET / (K > 0 ? K : 1);
     pc = pc < 16 ? 16 : pc - pc % 16;
     return pc < P ? pc : P;
 }
 
-/* A 1x1 kernel with stride 1 and no padding reads x itself as its column matrix. */
-static int GLUE(is_pointwise, SUF)(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                                   int64_t PT, int64_t PL, int64_t OH, int64_t OW)
+/* Output rows per direct-path chunk, so that the padded input rows and the output rows of one chunk each
+ * stay near the scratch budget. */
+static int64_t GLUE(chunk_rows, SUF)(int64_t Cin, int64_t Cout, int64_t span_h, int64_t Wp, int64_t OH)
 {
-    return KH == 1 && KW == 1 && SH == 1 && SW == 1 && PT == 0 && PL == 0 && OH == H && OW == W;
+    const int64_t ch = Cin > Cout ? Cin : Cout;
+    int64_t rows = SCRATCH_BUDGET / ((ch > 0 ? ch : 1) * Wp) - span_h;
+    if (rows < 1) rows = 1;
+    return rows < OH ? rows : OH;
 }
+
+/*
+ * Direct (stride 1) convolution of one image-group, output rows [oh0, oh1):
+ *   out[o, oh, ow] (+bias[o]) = sum_{c, kh, kw} A[o, (c*KH + kh)*KW + kw] * in[c, oh - T + kh*DH, ow - L + kw*DW]
+ * in (Cin, Hin, Win) with implicit zero padding T on top and L on the left (a negative T or L crops);
+ * out (Cout, OH, OW), overwritten.
+ * apack: A (Cout, Cin*KH*KW) packed. img (Cin, R, Wp), off (K), tmp (Cout, rows*Wp), bpad: scratch.
+ */
+static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const REAL *apack, const REAL *bias,
+                                   int64_t Cin, int64_t Hin, int64_t Win, int64_t Cout, int64_t KH,
+                                   int64_t KW, int64_t DH, int64_t DW, int64_t T, int64_t L, int64_t OH,
+                                   int64_t OW, int64_t oh0, int64_t oh1, REAL *img, int64_t *off, REAL *tmp,
+                                   REAL *bpad)
+{
+    const int64_t Wp = OW + (KW - 1) * DW, rows = oh1 - oh0, R = rows + (KH - 1) * DH;
+    const int64_t K = Cin * KH * KW, Nc = (rows - 1) * Wp + OW;
+    const REAL *src = img;
+    int64_t plane = R * Wp;
+    if (T == 0 && L == 0 && Wp == Win && oh0 + R <= Hin) {
+        src = in + oh0 * Win; /* the input itself is the padded image */
+        plane = Hin * Win;
+    } else {
+        for (int64_t c = 0; c < Cin; c++)
+            for (int64_t r = 0; r < R; r++) {
+                REAL *restrict d = img + (c * R + r) * Wp;
+                const int64_t ih = oh0 + r - T;
+                if (ih < 0 || ih >= Hin) {
+                    for (int64_t s = 0; s < Wp; s++) d[s] = 0;
+                    continue;
+                }
+                const REAL *restrict srow = in + (c * Hin + ih) * Win;
+                const int64_t s0 = L < Wp ? L : Wp, s1 = L + Win < Wp ? L + Win : Wp;
+                int64_t s = 0;
+                for (; s < s0; s++) d[s] = 0;
+                for (; s < s1; s++) d[s] = srow[s - L];
+                for (; s < Wp; s++) d[s] = 0;
+            }
+    }
+    for (int64_t c = 0; c < Cin; c++)
+        for (int64_t kh = 0; kh < KH; kh++)
+            for (int64_t kw = 0; kw < KW; kw++) off[(c * KH + kh) * KW + kw] = c * plane + kh * DH * Wp + kw * DW;
+    REAL *outr = out + oh0 * OW;
+    if (Wp == OW) { /* no dropped columns: write the output rows in place */
+        GEMM(path, outr, OH * OW, apack, src, off, 0, Cout, Nc, K, 0, bpad);
+        if (bias)
+            for (int64_t o = 0; o < Cout; o++)
+                for (int64_t q = 0; q < Nc; q++) outr[o * OH * OW + q] += bias[o];
+        return;
+    }
+    GEMM(path, tmp, Nc, apack, src, off, 0, Cout, Nc, K, 0, bpad);
+    for (int64_t o = 0; o < Cout; o++) {
+        const REAL b = bias ? bias[o] : 0;
+        for (int64_t r = 0; r < rows; r++) {
+            REAL *restrict d = outr + o * OH * OW + r * OW;
+            const REAL *restrict s = tmp + o * Nc + r * Wp;
+            for (int64_t q = 0; q < OW; q++) d[q] = s[q] + b;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- forward */
 
 /*
  * conv2d_forward: x (N, C, H, W), w (OC, C/G, KH, KW), b (OC,) or NULL  ->  y (N, OC, OH, OW), overwritten.
  *   y[n, oc, oh, ow] = b[oc] + sum_{c < C/G, kh, kw} w[oc, c, kh, kw] * x[n, g*C/G + c, ih, iw]
  *   with g = oc / (OC/G), ih = oh*SH - PT + kh*DH, iw = ow*SW - PL + kw*DW (zero outside the image).
- * Threads: independent (n, g, pixel chunk) tasks.
+ * Threads: independent (n, g, chunk of output rows or pixels) tasks.
  */
 int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N,
                               int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
                               int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
                               int64_t G, int64_t OH, int64_t OW)
 {
+    const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
-    const int64_t pc_max = GLUE(chunk_pixels, SUF)(K, P);
-    const int64_t nchunks = P > 0 ? (P + pc_max - 1) / pc_max : 0;
+    const int direct = SH == 1 && SW == 1;
+    const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
+    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_pixels, SUF)(K, P);
+    const int64_t total = direct ? OH : P;
+    const int64_t nchunks = (total + unit - 1) / unit;
     const int64_t ntasks = N * G * nchunks;
-    const int pointwise = GLUE(is_pointwise, SUF)(H, W, KH, KW, SH, SW, PT, PL, OH, OW);
+    const int64_t apg = cnnx_gemm_apack_size(OCg, K);
+    REAL *apack = ALLOC(G * apg);
+    if (!apack) return CNNX_ENOMEM;
+    for (int64_t g = 0; g < G; g++) PACK_A(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1)
     {
-        REAL *col = pointwise ? NULL : (REAL *)malloc(sizeof(REAL) * (size_t)(K * pc_max));
-        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_work_size(OCg, K));
-        const int ok = (pointwise || col) && apack;
+        const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit;
+        REAL *img = ALLOC(img_n), *tmp = direct ? ALLOC(OCg * unit * Wp) : NULL;
+        REAL *bpad = ALLOC(cnnx_gemm_bpad_size(K));
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
+        const int ok = img && bpad && off && (tmp || !direct);
         if (!ok) {
 #pragma omp atomic write
             status = CNNX_ENOMEM;
@@ -144,51 +225,85 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int64_t chunk = t % nchunks, ng = t / nchunks, g = ng % G, n = ng / G;
-            const int64_t p0 = chunk * pc_max, pc = (P - p0 < pc_max) ? P - p0 : pc_max;
+            const int64_t u0 = chunk * unit, u1 = u0 + unit < total ? u0 + unit : total;
             const REAL *xg = x + (n * C + g * Cg) * H * W;
-            REAL *yg = y + (n * OC + g * OCg) * P + p0;
-            const REAL *wg = w + g * OCg * K;
-            if (pointwise) {
-                GEMM(yg, P, wg, K, 1, xg + p0, P, 1, OCg, pc, K, 0, apack);
-            } else {
-                GLUE(im2col, SUF)(col, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
-                GEMM(yg, P, wg, K, 1, col, pc, 1, OCg, pc, K, 0, apack);
+            REAL *yg = y + (n * OC + g * OCg) * P;
+            const REAL *bg = b ? b + g * OCg : NULL;
+            if (direct) {
+                GLUE(direct_rows, SUF)(path, yg, xg, apack + g * apg, bg, Cg, H, W, OCg, KH, KW, DH, DW, PT,
+                                       PL, OH, OW, u0, u1, img, off, tmp, bpad);
+                continue;
             }
-            if (b)
-                for (int64_t o = 0; o < OCg; o++) {
-                    const REAL bo = b[g * OCg + o];
-                    REAL *restrict yo = yg + o * P;
-                    for (int64_t q = 0; q < pc; q++) yo[q] += bo;
-                }
+            const int64_t pc = u1 - u0;
+            GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, pc);
+            GEMM(path, yg + u0, P, apack + g * apg, img, NULL, pc, OCg, pc, K, 0, bpad);
+            if (bg)
+                for (int64_t o = 0; o < OCg; o++)
+                    for (int64_t q = 0; q < pc; q++) yg[o * P + u0 + q] += bg[o];
         }
-        free(col);
-        free(apack);
+        free(img);
+        free(tmp);
+        free(bpad);
+        free(off);
     }
+    free(apack);
     return status;
 }
+
+/* ---------------------------------------------------------------- backward to the input */
 
 /*
  * conv2d_backward_input: dy (N, OC, OH, OW), w (OC, C/G, KH, KW)  ->  dx (N, C, H, W), overwritten.
  * Differentiates  y[n, oc, oh, ow] += w[oc, c, kh, kw] * x[n, g*C/G + c, ih, iw]:
  *   dx[n, g*C/G + c, ih, iw] = sum_{oc in g, kh, kw, (oh, ow) reading (ih, iw)} w[oc, c, kh, kw] * dy[n, oc, oh, ow]
- * computed as dcol (K, chunk) = w[g]^T @ dy[n, g] followed by col2im. Threads: (n, g) tasks, which own
- * disjoint slices of dx; the chunks of one task run in order on one thread.
+ * Stride 1: a direct convolution of dy, padded by (KH-1)*DH - PT on top and (KW-1)*DW - PL on the left
+ * (cropped where that is negative), with w transposed to (C/G, OC/G) and flipped.
+ * Otherwise dcol (K, chunk) = w[g]^T @ dy[n, g] followed by col2im.
+ * Threads: (n, g) tasks (direct path: (n, g, row chunk)), which own disjoint slices of dx.
  */
 int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, int64_t N, int64_t C,
                                      int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
                                      int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,
                                      int64_t DW, int64_t G, int64_t OH, int64_t OW)
 {
-    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
-    const int64_t pc_max = P > 0 ? GLUE(chunk_pixels, SUF)(K, P) : 1;
-    const int64_t ntasks = N * G;
-    const int pointwise = GLUE(is_pointwise, SUF)(H, W, KH, KW, SH, SW, PT, PL, OH, OW);
+    const int path = cnnx_gemm_path();
+    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, KK = KH * KW;
+    const int64_t T2 = (KH - 1) * DH - PT, L2 = (KW - 1) * DW - PL;
+    const int direct = SH == 1 && SW == 1; /* negative T2, L2 (padding past the kernel's reach) crop dy */
+    const int64_t Wp = W + (KW - 1) * DW, span_h = (KH - 1) * DH;
+    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wp, H) : GLUE(chunk_pixels, SUF)(K, P);
+    const int64_t nchunks = direct ? (H + unit - 1) / unit : 1;
+    const int64_t ntasks = N * G * nchunks;
+    /* direct: A = flipped w^T (Cg, OCg*KH*KW); im2col: A = w^T (K, OCg) */
+    const int64_t apg = direct ? cnnx_gemm_apack_size(Cg, OCg * KK) : cnnx_gemm_apack_size(K, OCg);
+    REAL *apack = ALLOC(G * apg);
+    REAL *wt = direct ? ALLOC(Cg * OCg * KK) : NULL;
+    if (!apack || (direct && !wt)) {
+        free(apack);
+        free(wt);
+        return CNNX_ENOMEM;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const REAL *wg = w + g * OCg * K;
+        if (direct) {
+            for (int64_t c = 0; c < Cg; c++)
+                for (int64_t o = 0; o < OCg; o++)
+                    for (int64_t k = 0; k < KK; k++) wt[(c * OCg + o) * KK + k] = wg[(o * Cg + c) * KK + KK - 1 - k];
+            PACK_A(path, apack + g * apg, wt, OCg * KK, 1, Cg, OCg * KK);
+        } else {
+            PACK_A(path, apack + g * apg, wg, 1, K, K, OCg);
+        }
+    }
+    free(wt);
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1)
     {
-        REAL *dcol = pointwise ? NULL : (REAL *)malloc(sizeof(REAL) * (size_t)(K * pc_max));
-        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_work_size(K, OCg));
-        const int ok = (pointwise || dcol) && apack;
+        const int64_t kd = direct ? OCg * KK : OCg;
+        REAL *img = ALLOC(direct ? OCg * (unit + span_h) * Wp : K * unit);
+        REAL *tmp = direct ? ALLOC(Cg * unit * Wp) : NULL;
+        REAL *bpad = ALLOC(cnnx_gemm_bpad_size(kd));
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(kd > 0 ? kd : 1));
+        const int ok = img && bpad && off && (tmp || !direct);
         if (!ok) {
 #pragma omp atomic write
             status = CNNX_ENOMEM;
@@ -196,33 +311,40 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
-            const int64_t g = t % G, n = t / G;
+            const int64_t chunk = t % nchunks, ng = t / nchunks, g = ng % G, n = ng / G;
             REAL *dxg = dx + (n * C + g * Cg) * H * W;
             const REAL *dyg = dy + (n * OC + g * OCg) * P;
-            const REAL *wg = w + g * OCg * K;
-            if (pointwise) { /* dx[g] (Cg, P) = w[g]^T (Cg, OCg) @ dy[g] (OCg, P) */
-                GEMM(dxg, P, wg, 1, K, dyg, P, 1, K, P, OCg, 0, apack);
+            if (direct) {
+                const int64_t r0 = chunk * unit, r1 = r0 + unit < H ? r0 + unit : H;
+                GLUE(direct_rows, SUF)(path, dxg, dyg, apack + g * apg, NULL, OCg, OH, OW, Cg, KH, KW, DH, DW,
+                                       T2, L2, H, W, r0, r1, img, off, tmp, bpad);
                 continue;
             }
             for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
-            for (int64_t p0 = 0; p0 < P; p0 += pc_max) {
-                const int64_t pc = (P - p0 < pc_max) ? P - p0 : pc_max;
-                GEMM(dcol, pc, wg, 1, K, dyg + p0, P, 1, K, pc, OCg, 0, apack);
-                GLUE(col2im, SUF)(dxg, dcol, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
+            for (int64_t p0 = 0; p0 < P; p0 += unit) {
+                const int64_t pc = (P - p0 < unit) ? P - p0 : unit;
+                GEMM(path, img, pc, apack + g * apg, dyg + p0, NULL, P, K, pc, OCg, 0, bpad);
+                GLUE(col2im, SUF)(dxg, img, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
             }
         }
-        free(dcol);
-        free(apack);
+        free(img);
+        free(tmp);
+        free(bpad);
+        free(off);
     }
+    free(apack);
     return status;
 }
+
+/* ---------------------------------------------------------------- backward to the weight */
 
 /*
  * conv2d_backward_weight: dy (N, OC, OH, OW), x (N, C, H, W)  ->  dw (OC, C/G, KH, KW) and, when db is not
  * NULL, db (OC,); both overwritten. Differentiates  y[n, oc, oh, ow] = b[oc] + w[oc, c, kh, kw] * x[...]:
  *   dw[oc, c, kh, kw] = sum_{n, oh, ow} dy[n, oc, oh, ow] * x[n, g*C/G + c, ih, iw]
  *   db[oc]            = sum_{n, oh, ow} dy[n, oc, oh, ow]
- * computed per image as dw[g] += dy[n, g] (OCg, chunk) @ col^T (chunk, K), im2col as in the forward.
+ * computed per image as dot products of dy's rows with the rows of B (the padded-image slices at stride 1,
+ * im2col otherwise).
  * Threads: the batch is cut into S slices (S depends on the sizes only, never on the thread count), each
  * slice sums into its own partial dw, and the partials are added in slice order: the result is the same
  * bit for bit on 1 or many threads.
@@ -232,22 +354,25 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
                                       int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
                                       int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
 {
+    const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
     const int64_t wsize = OC * K;
-    const int64_t pc_max = P > 0 ? GLUE(chunk_pixels, SUF)(K, P) : 1;
+    const int direct = SH == 1 && SW == 1;
+    const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
+    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_pixels, SUF)(K, P);
     int64_t S = N < 16 ? N : 16;
     while (S > 1 && S * wsize > ((int64_t)1 << 22)) S--;
     if (S < 1) S = 1;
     const int64_t ntasks = S * G;
-    const int pointwise = GLUE(is_pointwise, SUF)(H, W, KH, KW, SH, SW, PT, PL, OH, OW);
-    REAL *partial = S > 1 ? (REAL *)malloc(sizeof(REAL) * (size_t)(S * wsize)) : dw;
+    REAL *partial = S > 1 ? ALLOC(S * wsize) : dw;
     if (!partial) return CNNX_ENOMEM;
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads())
     {
-        REAL *col = pointwise ? NULL : (REAL *)malloc(sizeof(REAL) * (size_t)(K * pc_max));
-        REAL *apack = (REAL *)malloc(sizeof(REAL) * (size_t)cnnx_gemm_work_size(OCg, pc_max));
-        const int ok = (pointwise || col) && apack;
+        REAL *img = ALLOC(direct ? Cg * (unit + span_h) * Wp : K * unit);
+        REAL *dyx = direct ? ALLOC(OCg * unit * Wp) : NULL;
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
+        const int ok = img && off && (dyx || !direct);
         if (!ok) {
 #pragma omp atomic write
             status = CNNX_ENOMEM;
@@ -262,22 +387,67 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
             for (int64_t n = n0; n < n1; n++) {
                 const REAL *xg = x + (n * C + g * Cg) * H * W;
                 const REAL *dyg = dy + (n * OC + g * OCg) * P;
-                for (int64_t p0 = 0; p0 < P; p0 += pc_max) {
-                    const int64_t pc = (P - p0 < pc_max) ? P - p0 : pc_max;
-                    /* dw[g] (OCg, K) += dy (OCg, pc) @ col^T: col (K, pc) read as a transposed view */
-                    if (pointwise) {
-                        GEMM(dwg, K, dyg + p0, P, 1, xg + p0, 1, P, OCg, K, pc, 1, apack);
-                    } else {
-                        GLUE(im2col, SUF)(col, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
-                        GEMM(dwg, K, dyg + p0, P, 1, col, 1, pc, OCg, K, pc, 1, apack);
+                if (!direct) {
+                    for (int64_t p0 = 0; p0 < P; p0 += unit) {
+                        const int64_t pc = (P - p0 < unit) ? P - p0 : unit;
+                        GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
+                        for (int64_t k = 0; k < K; k++) off[k] = k * pc;
+                        GEMM_NT(path, dwg, K, dyg + p0, P, img, off, OCg, K, pc, 1);
                     }
+                    continue;
+                }
+                for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+                    const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, R = rows + span_h;
+                    const int64_t Nc = (rows - 1) * Wp + OW;
+                    const REAL *src = img;
+                    int64_t plane = R * Wp;
+                    if (PT == 0 && PL == 0 && Wp == W && oh0 + R <= H) {
+                        src = xg + oh0 * W;
+                        plane = H * W;
+                    } else {
+                        for (int64_t c = 0; c < Cg; c++)
+                            for (int64_t r = 0; r < R; r++) {
+                                REAL *restrict d = img + (c * R + r) * Wp;
+                                const int64_t ih = oh0 + r - PT;
+                                if (ih < 0 || ih >= H) {
+                                    for (int64_t q = 0; q < Wp; q++) d[q] = 0;
+                                    continue;
+                                }
+                                const REAL *restrict srow = xg + (c * H + ih) * W;
+                                const int64_t s0 = PL < Wp ? PL : Wp, s1 = PL + W < Wp ? PL + W : Wp;
+                                int64_t q = 0;
+                                for (; q < s0; q++) d[q] = 0;
+                                for (; q < s1; q++) d[q] = srow[q - PL];
+                                for (; q < Wp; q++) d[q] = 0;
+                            }
+                    }
+                    for (int64_t c = 0; c < Cg; c++)
+                        for (int64_t kh = 0; kh < KH; kh++)
+                            for (int64_t kw = 0; kw < KW; kw++)
+                                off[(c * KH + kh) * KW + kw] = c * plane + kh * DH * Wp + kw * DW;
+                    /* dy rows spread to the padded width, zeros in the dropped columns */
+                    const REAL *a = dyg + oh0 * OW;
+                    int64_t lda = P;
+                    if (Wp != OW) {
+                        for (int64_t o = 0; o < OCg; o++)
+                            for (int64_t r = 0; r < rows; r++) {
+                                REAL *restrict d = dyx + o * Nc + r * Wp;
+                                const REAL *restrict sr = dyg + o * P + (oh0 + r) * OW;
+                                for (int64_t q = 0; q < OW; q++) d[q] = sr[q];
+                                if (r < rows - 1)
+                                    for (int64_t q = OW; q < Wp; q++) d[q] = 0;
+                            }
+                        a = dyx;
+                        lda = Nc;
+                    }
+                    GEMM_NT(path, dwg, K, a, lda, src, off, OCg, K, Nc, 1);
                 }
             }
         }
-        free(col);
-        free(apack);
+        free(img);
+        free(dyx);
+        free(off);
         if (S > 1) {
-#pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < wsize; i++) {
                 REAL sum = partial[i];
@@ -303,6 +473,10 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     return status;
 }
 
+#undef ALLOC
+#undef SCRATCH_BUDGET
+#undef PACK_A
+#undef GEMM_NT
 #undef GEMM
 #undef GLUE
 #undef GLUE_

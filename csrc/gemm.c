@@ -1,28 +1,37 @@
 /*
- * Small GEMM for the convolution kernels, in two CPU paths chosen at run time:
+ * Small GEMMs for the convolution kernels, in two CPU paths chosen at run time:
  *   portable  - plain C that the compiler vectorises for the baseline ISA (SSE2 on x86-64, NEON on arm64);
  *   avx2+fma  - x86-64 with GCC/Clang: AVX2/FMA intrinsics in functions marked target("avx2,fma"), so the
  *               rest of the library, and the wheel, stay baseline x86-64.
- * cnnx_init_cpu (config.c) picks the path from cpuid; CNNX_FORCE_PORTABLE=1 forces the portable one.
- * A micro-tile computes an MR x NR block of c over the whole K range in registers and then writes it
- * (accumulate == 0) or adds it (accumulate == 1) to c, storing only the mr x nr part that exists.
+ * cnnx_init_cpu (config.c) picks the path from cpuid; CNNX_FORCE_PORTABLE=1 forces the portable one. A caller
+ * reads the path once (cnnx_gemm_path) and passes it to every call, so a packed A always matches its GEMM.
+ *
+ * tile:     an MR x NR block of c = A @ B over the whole K range in registers, then written (accumulate == 0)
+ *           or added (accumulate == 1) to c, storing only the mr x nr part that exists.
+ * dot_tile: a DR x DC block of c = A @ B^T as dot products along contiguous rows (vector partial sums,
+ *           reduced at the end): the weight gradient, where the sum runs over output pixels.
  */
 #include <stdlib.h>
 #include <string.h>
 #include "cnnx.h"
 #include "cnnx_internal.h"
 
+#define BROW(k) (boff ? b + boff[k] : b + (k) * rsb)
+
 /* ---------------------------------------------------------------- portable path */
 #define TARGET
 #define MR 4
 #define NR 8
-#define PORTABLE_TILE(REAL, S)                                                                       \
+#define DR 2
+#define DC 2
+#define PORTABLE_TILES(REAL, S)                                                                      \
 static void tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict ap, const REAL *restrict b, \
-                     int64_t ldb, int64_t K, int64_t mr, int64_t nr, int accumulate)                 \
+                     const int64_t *boff, int64_t rsb, int64_t K, int64_t mr, int64_t nr,             \
+                     int accumulate)                                                                  \
 {                                                                                                    \
     REAL acc[MR][NR] = {{0}};                                                                        \
     for (int64_t k = 0; k < K; k++) {                                                                \
-        const REAL *restrict bk = b + k * ldb;                                                       \
+        const REAL *restrict bk = BROW(k);                                                           \
         for (int i = 0; i < MR; i++) {                                                               \
             const REAL av = ap[k * MR + i];                                                          \
             for (int j = 0; j < NR; j++) acc[i][j] += av * bk[j];                                    \
@@ -31,9 +40,26 @@ static void tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict ap, con
     for (int64_t i = 0; i < mr; i++)                                                                 \
         for (int64_t j = 0; j < nr; j++)                                                             \
             c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + acc[i][j];                          \
+}                                                                                                    \
+static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda,         \
+                         const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr,          \
+                         int64_t nc, int accumulate)                                                  \
+{                                                                                                    \
+    for (int64_t i = 0; i < mr; i++)                                                                 \
+        for (int64_t j = 0; j < nc; j++) {                                                           \
+            const REAL *restrict x = a + i * lda, *restrict y = b + boff[j];                         \
+            REAL part[8] = {0};                                                                      \
+            int64_t k = 0;                                                                           \
+            for (; k + 8 <= K; k += 8)                                                               \
+                for (int l = 0; l < 8; l++) part[l] += x[k + l] * y[k + l];                          \
+            REAL sum = 0;                                                                            \
+            for (; k < K; k++) sum += x[k] * y[k];                                                   \
+            for (int l = 0; l < 8; l++) sum += part[l];                                              \
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sum;                                \
+        }                                                                                            \
 }
-PORTABLE_TILE(float, f32_portable)
-PORTABLE_TILE(double, f64_portable)
+PORTABLE_TILES(float, f32_portable)
+PORTABLE_TILES(double, f64_portable)
 #define REAL float
 #define SUF f32_portable
 #include "gemm_impl.h"
@@ -46,6 +72,8 @@ PORTABLE_TILE(double, f64_portable)
 #undef SUF
 #undef MR
 #undef NR
+#undef DR
+#undef DC
 #undef TARGET
 
 /* ---------------------------------------------------------------- AVX2 + FMA path */
@@ -53,9 +81,11 @@ PORTABLE_TILE(double, f64_portable)
 #include <immintrin.h>
 #define TARGET __attribute__((target("avx2,fma")))
 #define MR 6
+#define DR 4
+#define DC 3
 
-/* Store (or add) the register tile rows into c; a partial tile goes through a stack buffer. */
-#define STORE_TILE(REAL, VEC, LOADU, STOREU, ADD, LANES)                                             \
+/* Store (or add) the register tile into c; a partial tile goes through a stack buffer. */
+#define STORE_TILE(REAL, LOADU, STOREU, ADD, LANES)                                                  \
     if (mr == MR && nr == NR) {                                                                      \
         for (int i = 0; i < MR; i++)                                                                 \
             for (int v = 0; v < NR / LANES; v++) {                                                   \
@@ -71,25 +101,86 @@ PORTABLE_TILE(double, f64_portable)
                 c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + tmp[i][j];                      \
     }
 
+TARGET static inline float hsum_f32(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TARGET static inline double hsum_f64(__m256d v)
+{
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+/* DR x DC dot products of length K: DR*DC vector accumulators, then a horizontal sum and a scalar tail.
+ * Rows/columns past mr/nc repeat the last valid one (their results are not stored). */
+#define DOT_TILE(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES)                                      \
+TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda,  \
+                                const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr,   \
+                                int64_t nc, int accumulate)                                           \
+{                                                                                                    \
+    const REAL *x[DR], *y[DC];                                                                       \
+    for (int i = 0; i < DR; i++) x[i] = a + (i < mr ? i : mr - 1) * lda;                             \
+    for (int j = 0; j < DC; j++) y[j] = b + boff[j < nc ? j : nc - 1];                               \
+    VEC acc[DR][DC];                                                                                 \
+    for (int i = 0; i < DR; i++)                                                                     \
+        for (int j = 0; j < DC; j++) acc[i][j] = ZERO();                                             \
+    int64_t k = 0;                                                                                   \
+    for (; k + LANES <= K; k += LANES) {                                                             \
+        VEC yv[DC];                                                                                  \
+        for (int j = 0; j < DC; j++) yv[j] = LOADU(y[j] + k);                                        \
+        for (int i = 0; i < DR; i++) {                                                               \
+            const VEC xv = LOADU(x[i] + k);                                                          \
+            for (int j = 0; j < DC; j++) acc[i][j] = FMADD(xv, yv[j], acc[i][j]);                    \
+        }                                                                                            \
+    }                                                                                                \
+    for (int64_t i = 0; i < mr; i++)                                                                 \
+        for (int64_t j = 0; j < nc; j++) {                                                           \
+            REAL sum = HSUM(acc[i][j]);                                                              \
+            for (int64_t t = k; t < K; t++) sum += x[i][t] * y[j][t];                                \
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sum;                                \
+        }                                                                                            \
+}
+
 #define NR 16
 /* float: 6 rows x 16 columns = 12 ymm accumulators; per k, 2 loads of b, 6 broadcasts of a, 12 FMAs. */
 TARGET static void tile_f32_avx2(float *restrict c, int64_t ldc, const float *restrict ap,
-                                 const float *restrict b, int64_t ldb, int64_t K, int64_t mr, int64_t nr,
-                                 int accumulate)
+                                 const float *restrict b, const int64_t *boff, int64_t rsb, int64_t K,
+                                 int64_t mr, int64_t nr, int accumulate)
 {
-    __m256 acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    /* twelve named accumulators, so the compiler keeps them in registers through the k loop */
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t k = 0; k < K; k++) {
-        const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
-        const float *a = ap + k * MR;
-        for (int i = 0; i < MR; i++) {
-            const __m256 av = _mm256_broadcast_ss(a + i);
-            acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
-        }
+        const float *bk = BROW(k);
+        const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+        const float *av = ap + k * MR;
+        __m256 ai = _mm256_broadcast_ss(av + 0);
+        c00 = _mm256_fmadd_ps(ai, b0, c00);
+        c01 = _mm256_fmadd_ps(ai, b1, c01);
+        ai = _mm256_broadcast_ss(av + 1);
+        c10 = _mm256_fmadd_ps(ai, b0, c10);
+        c11 = _mm256_fmadd_ps(ai, b1, c11);
+        ai = _mm256_broadcast_ss(av + 2);
+        c20 = _mm256_fmadd_ps(ai, b0, c20);
+        c21 = _mm256_fmadd_ps(ai, b1, c21);
+        ai = _mm256_broadcast_ss(av + 3);
+        c30 = _mm256_fmadd_ps(ai, b0, c30);
+        c31 = _mm256_fmadd_ps(ai, b1, c31);
+        ai = _mm256_broadcast_ss(av + 4);
+        c40 = _mm256_fmadd_ps(ai, b0, c40);
+        c41 = _mm256_fmadd_ps(ai, b1, c41);
+        ai = _mm256_broadcast_ss(av + 5);
+        c50 = _mm256_fmadd_ps(ai, b0, c50);
+        c51 = _mm256_fmadd_ps(ai, b1, c51);
     }
-    STORE_TILE(float, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, 8)
+    const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    STORE_TILE(float, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, 8)
 }
+DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum_f32, 8)
 #define REAL float
 #define SUF f32_avx2
 #include "gemm_impl.h"
@@ -100,22 +191,39 @@ TARGET static void tile_f32_avx2(float *restrict c, int64_t ldc, const float *re
 #define NR 8
 /* double: 6 rows x 8 columns = 12 ymm accumulators. */
 TARGET static void tile_f64_avx2(double *restrict c, int64_t ldc, const double *restrict ap,
-                                 const double *restrict b, int64_t ldb, int64_t K, int64_t mr, int64_t nr,
-                                 int accumulate)
+                                 const double *restrict b, const int64_t *boff, int64_t rsb, int64_t K,
+                                 int64_t mr, int64_t nr, int accumulate)
 {
-    __m256d acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_pd();
+    /* twelve named accumulators, so the compiler keeps them in registers through the k loop */
+    __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256d c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t k = 0; k < K; k++) {
-        const __m256d b0 = _mm256_loadu_pd(b + k * ldb), b1 = _mm256_loadu_pd(b + k * ldb + 4);
-        const double *a = ap + k * MR;
-        for (int i = 0; i < MR; i++) {
-            const __m256d av = _mm256_broadcast_sd(a + i);
-            acc[i][0] = _mm256_fmadd_pd(av, b0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_pd(av, b1, acc[i][1]);
-        }
+        const double *bk = BROW(k);
+        const __m256d b0 = _mm256_loadu_pd(bk), b1 = _mm256_loadu_pd(bk + 4);
+        const double *av = ap + k * MR;
+        __m256d ai = _mm256_broadcast_sd(av + 0);
+        c00 = _mm256_fmadd_pd(ai, b0, c00);
+        c01 = _mm256_fmadd_pd(ai, b1, c01);
+        ai = _mm256_broadcast_sd(av + 1);
+        c10 = _mm256_fmadd_pd(ai, b0, c10);
+        c11 = _mm256_fmadd_pd(ai, b1, c11);
+        ai = _mm256_broadcast_sd(av + 2);
+        c20 = _mm256_fmadd_pd(ai, b0, c20);
+        c21 = _mm256_fmadd_pd(ai, b1, c21);
+        ai = _mm256_broadcast_sd(av + 3);
+        c30 = _mm256_fmadd_pd(ai, b0, c30);
+        c31 = _mm256_fmadd_pd(ai, b1, c31);
+        ai = _mm256_broadcast_sd(av + 4);
+        c40 = _mm256_fmadd_pd(ai, b0, c40);
+        c41 = _mm256_fmadd_pd(ai, b1, c41);
+        ai = _mm256_broadcast_sd(av + 5);
+        c50 = _mm256_fmadd_pd(ai, b0, c50);
+        c51 = _mm256_fmadd_pd(ai, b1, c51);
     }
-    STORE_TILE(double, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, 4)
+    const __m256d acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    STORE_TILE(double, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, 4)
 }
+DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum_f64, 4)
 #define REAL double
 #define SUF f64_avx2
 #include "gemm_impl.h"
@@ -123,26 +231,43 @@ TARGET static void tile_f64_avx2(double *restrict c, int64_t ldc, const double *
 #undef SUF
 #undef NR
 #undef MR
+#undef DR
+#undef DC
 #undef TARGET
+#else
+#define pack_a_f32_avx2 pack_a_f32_portable
+#define pack_a_f64_avx2 pack_a_f64_portable
+#define gemm_f32_avx2 gemm_f32_portable
+#define gemm_f64_avx2 gemm_f64_portable
+#define gemm_nt_f32_avx2 gemm_nt_f32_portable
+#define gemm_nt_f64_avx2 gemm_nt_f64_portable
 #endif
 
-/* Scratch (elements) that cnnx_gemm_* need for an (M, K) @ (K, N) product: the packed a and one padded
- * column panel of b, sized for the widest path. */
-int64_t cnnx_gemm_work_size(int64_t M, int64_t K)
-{
-    const int64_t k = K > 0 ? K : 1;
-    return ((M + CNNX_GEMM_MR_MAX - 1) / CNNX_GEMM_MR_MAX + 1) * CNNX_GEMM_MR_MAX * k + CNNX_GEMM_NR_MAX * k;
-}
+int cnnx_gemm_path(void) { return CNNX_USE_AVX2 ? 1 : 0; }
+
+int64_t cnnx_gemm_apack_size(int64_t M, int64_t K) { return (M + CNNX_GEMM_MR_MAX) * (K > 0 ? K : 1); }
+
+int64_t cnnx_gemm_bpad_size(int64_t K) { return CNNX_GEMM_NR_MAX * (K > 0 ? K : 1); }
 
 #define CNNX_GEMM_DISPATCH(REAL, S)                                                                \
-void cnnx_gemm_##S(REAL *c, int64_t ldc, const REAL *a, int64_t rsa, int64_t csa, const REAL *b,    \
-                   int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate,       \
-                   REAL *work)                                                                      \
+void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int64_t csa, int64_t M, \
+                          int64_t K)                                                               \
 {                                                                                                   \
-    if (CNNX_USE_AVX2)                                                                              \
-        gemm_##S##_avx2(c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, accumulate, work);               \
-    else                                                                                            \
-        gemm_##S##_portable(c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, accumulate, work);           \
+    if (path) pack_a_##S##_avx2(apack, a, rsa, csa, M, K);                                          \
+    else pack_a_##S##_portable(apack, a, rsa, csa, M, K);                                           \
+}                                                                                                   \
+void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const REAL *apack, const REAL *b,                \
+                   const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K,               \
+                   int accumulate, REAL *bpad)                                                      \
+{                                                                                                   \
+    if (path) gemm_##S##_avx2(c, ldc, apack, b, boff, rsb, M, N, K, accumulate, bpad);              \
+    else gemm_##S##_portable(c, ldc, apack, b, boff, rsb, M, N, K, accumulate, bpad);               \
+}                                                                                                   \
+void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
+                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate)         \
+{                                                                                                   \
+    if (path) gemm_nt_##S##_avx2(c, ldc, a, lda, b, boff, M, N, K, accumulate);                     \
+    else gemm_nt_##S##_portable(c, ldc, a, lda, b, boff, M, N, K, accumulate);                      \
 }
 CNNX_GEMM_DISPATCH(float, f32)
 CNNX_GEMM_DISPATCH(double, f64)

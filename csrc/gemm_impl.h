@@ -1,31 +1,17 @@
 /*
- * GEMM driver template: included by gemm.c once per (dtype, CPU path) after that path's micro-tile
- * TILE(c, ldc, ap, b, ldb, K, mr, nr, accumulate) is defined. Expects REAL, SUF, MR, NR, TARGET.
- *
- * c (M, N) (+)= a (M, K) @ b (K, N). a is read through strides (rsa, csa), so a transposed matrix costs
- * nothing, and packed once into work as ceil(M/MR) panels of [K][MR] (rows past M are zero). b's element
- * (k, j) is b[k*rsb + j*csb]: with csb == 1 (rows contiguous) full NR-column panels are read in place;
- * otherwise, and for the last, narrower panel, the panel is packed into a zero-padded [K][NR] buffer, so
- * every tile runs the full-width kernel.
+ * GEMM driver template, included by gemm.c once per (dtype, CPU path) after that path's micro-tiles
+ * tile_SUF (c (+)= a @ b) and dot_tile_SUF (c (+)= a @ b^T) are defined. Expects REAL, SUF, MR, NR, TARGET.
  */
 #define GLUE_(a, b) a##_##b
 #define GLUE(a, b) GLUE_(a, b)
 
-TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const REAL *a, int64_t rsa, int64_t csa,
-                                   const REAL *b, int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K,
-                                   int accumulate, REAL *work)
+/* Pack a (M, K), element (i, k) at a[i*rsa + k*csa], into ceil(M/MR) panels [K][MR]; rows past M are 0. */
+TARGET static void GLUE(pack_a, SUF)(REAL *restrict apack, const REAL *restrict a, int64_t rsa, int64_t csa,
+                                     int64_t M, int64_t K)
 {
-    if (K == 0) {
-        if (!accumulate)
-            for (int64_t i = 0; i < M; i++)
-                for (int64_t j = 0; j < N; j++) c[i * ldc + j] = 0;
-        return;
-    }
-    const int64_t mblocks = (M + MR - 1) / MR;
-    REAL *restrict apack = work, *restrict bpad = work + mblocks * MR * K;
-    for (int64_t ib = 0; ib < mblocks; ib++) {
-        const int64_t i0 = ib * MR, mr = M - i0 < MR ? M - i0 : MR;
-        REAL *restrict dst = apack + ib * MR * K;
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+        const int64_t mr = M - i0 < MR ? M - i0 : MR;
+        REAL *restrict dst = apack + i0 * K;
         for (int64_t k = 0; k < K; k++) {
             const REAL *src = a + i0 * rsa + k * csa;
             int64_t i = 0;
@@ -33,31 +19,55 @@ TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const REAL *a, int64_t 
             for (; i < MR; i++) dst[k * MR + i] = 0;
         }
     }
+}
+
+/*
+ * c (M, N) (+)= A (M, K) @ B (K, N), A packed by pack_a, row k of B at b + boff[k] (or b + k*rsb when boff
+ * is NULL) with its N columns contiguous. Full NR-column panels are read in place; the last, narrower one is
+ * copied into bpad, a zero-padded [K][NR] buffer, so every tile runs the full-width kernel.
+ */
+TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const REAL *apack, const REAL *b, const int64_t *boff,
+                                   int64_t rsb, int64_t M, int64_t N, int64_t K, int accumulate, REAL *bpad)
+{
+    if (K == 0) {
+        if (!accumulate)
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = 0; j < N; j++) c[i * ldc + j] = 0;
+        return;
+    }
     for (int64_t j0 = 0; j0 < N; j0 += NR) {
         const int64_t nr = N - j0 < NR ? N - j0 : NR;
-        const REAL *bp = b + j0 * csb;
-        int64_t ldbp = rsb;
-        if (nr < NR || csb != 1) {
-            if (csb == 1) {
-                for (int64_t k = 0; k < K; k++) {
-                    int64_t j = 0;
-                    for (; j < nr; j++) bpad[k * NR + j] = bp[k * rsb + j];
-                    for (; j < NR; j++) bpad[k * NR + j] = 0;
-                }
-            } else { /* b is a transposed view: read each column contiguously along k */
-                for (int64_t j = 0; j < nr; j++) {
-                    const REAL *restrict src = bp + j * csb;
-                    for (int64_t k = 0; k < K; k++) bpad[k * NR + j] = src[k * rsb];
-                }
-                for (int64_t k = 0; k < K; k++)
-                    for (int64_t j = nr; j < NR; j++) bpad[k * NR + j] = 0;
+        const REAL *bp = b + j0;
+        const int64_t *off = boff;
+        int64_t stride = rsb;
+        if (nr < NR) {
+            for (int64_t k = 0; k < K; k++) {
+                const REAL *src = bp + (boff ? boff[k] : k * rsb);
+                int64_t j = 0;
+                for (; j < nr; j++) bpad[k * NR + j] = src[j];
+                for (; j < NR; j++) bpad[k * NR + j] = 0;
             }
             bp = bpad;
-            ldbp = NR;
+            off = NULL;
+            stride = NR;
         }
-        for (int64_t ib = 0; ib < mblocks; ib++) {
-            const int64_t i0 = ib * MR, mr = M - i0 < MR ? M - i0 : MR;
-            GLUE(tile, SUF)(c + i0 * ldc + j0, ldc, apack + ib * MR * K, bp, ldbp, K, mr, nr, accumulate);
+        for (int64_t i0 = 0; i0 < M; i0 += MR) {
+            const int64_t mr = M - i0 < MR ? M - i0 : MR;
+            GLUE(tile, SUF)(c + i0 * ldc + j0, ldc, apack + i0 * K, bp, off, stride, K, mr, nr, accumulate);
+        }
+    }
+}
+
+/* c (M, N) (+)= A (M, K) @ B^T, row i of A at a + i*lda, row j of B (N, K) at b + boff[j]; both rows
+ * contiguous along K. Tiles of DR x DC dot products. */
+TARGET static void GLUE(gemm_nt, SUF)(REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,
+                                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate)
+{
+    for (int64_t i0 = 0; i0 < M; i0 += DR) {
+        const int64_t mr = M - i0 < DR ? M - i0 : DR;
+        for (int64_t j0 = 0; j0 < N; j0 += DC) {
+            const int64_t nc = N - j0 < DC ? N - j0 : DC;
+            GLUE(dot_tile, SUF)(c + i0 * ldc + j0, ldc, a + i0 * lda, lda, b, boff + j0, K, mr, nc, accumulate);
         }
     }
 }
