@@ -4,22 +4,9 @@ import numpy as np
 import pytest
 
 from cnnx import nn
+from test_nn_layers import numeric_grad
 
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def numeric_grad(f, arr, eps=1e-6):
-    grad = np.zeros_like(arr)
-    flat, gflat = arr.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f()
-        flat[i] = old - eps
-        fm = f()
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return grad
 
 
 def check_loss_grad(loss_fn, x, target, rng):

@@ -499,19 +499,10 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
-        x = self._cache_x
-        if x is None:
-            raise self._no_forward()
-        dy = self._check_dy(dy, x.shape[:-1] + (self.out_features,))
-        dy2 = dy.reshape(-1, self.out_features)
-        if self.weight.requires_grad:
-            self.weight.accumulate_grad(dy2.T @ x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            self.bias.accumulate_grad(dy2.sum(axis=0))
-        self._cache_x = None
-        return dy @ self.weight.data
+        return self._backward_params_only(dy) @ self.weight.data
 
     def _backward_params_only(self, dy):
+        """Accumulate dweight = dy^T x and dbias = sum(dy); returns dy (checked) for the dx product."""
         x = self._cache_x
         if x is None:
             raise self._no_forward()
@@ -522,6 +513,7 @@ class Linear(Module):
         if self.bias is not None:
             self.bias.accumulate_grad(dy2.sum(axis=0))
         self._cache_x = None
+        return dy
 
     def flops(self, input_shape, output_shape):
         return 2 * math.prod(input_shape) * self.out_features

@@ -68,6 +68,15 @@ class _Loss(Module):
                 grad *= grad.dtype.type(np.asarray(dloss).reshape(()))
         return grad
 
+    def _elementwise_grad(self, g, weight, dloss, denom, dtype):
+        """Per-element derivative g -> d(reduced loss)/d input: times the element weights, the upstream
+        gradient (reduction='none') and 1/denom (reduction='mean')."""
+        if weight is not None:
+            g = g * weight
+        if self.reduction == "none" and dloss is not None:
+            g = g * np.asarray(dloss, dtype=dtype)
+        return self._scale(np.array(g, dtype=dtype), denom, dloss)
+
     def backward(self, dloss=None):
         """d loss / d input. dloss: upstream gradient (the loss's shape for reduction='none', else a scalar);
         default 1."""
@@ -289,9 +298,11 @@ def _elementwise_weight(weight, shape, dtype, fn, name="weight"):
         return None
     w = np.asarray(weight, dtype=dtype)
     try:
-        np.broadcast_shapes(w.shape, shape)
+        fits = np.broadcast_shapes(w.shape, shape) == tuple(shape)
     except ValueError:
-        raise ValueError(f"{fn}: {name} of shape {w.shape} does not broadcast to the input shape {shape}") from None
+        fits = False
+    if not fits:
+        raise ValueError(f"{fn}: {name} of shape {w.shape} does not broadcast to the input shape {shape}")
     return w
 
 
@@ -327,13 +338,7 @@ class BCEWithLogitsLoss(_Loss):
         def grad_fn(dloss):
             e = np.exp(-np.abs(x))
             sig = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
-            g = (1 - y) + lw * (sig - 1)
-            if w is not None:
-                g = g * w
-            g = np.asarray(g, dtype=dtype)
-            if self.reduction == "none" and dloss is not None:
-                g = g * np.asarray(dloss, dtype=dtype)
-            return self._scale(np.array(g, dtype=dtype), denom, dloss)
+            return self._elementwise_grad((1 - y) + lw * (sig - 1), w, dloss, denom, dtype)
 
         self._cache_grad = grad_fn
         return loss
@@ -374,11 +379,7 @@ class BCELoss(_Loss):
 
         def grad_fn(dloss):
             g = (x - y) / np.maximum(x * (1 - x), dtype.type(1e-12))
-            if w is not None:
-                g = g * w
-            if self.reduction == "none" and dloss is not None:
-                g = g * np.asarray(dloss, dtype=dtype)
-            return self._scale(np.array(g, dtype=dtype), denom, dloss)
+            return self._elementwise_grad(g, w, dloss, denom, dtype)
 
         self._cache_grad = grad_fn
         return loss
@@ -399,10 +400,7 @@ class MSELoss(_Loss):
         loss = self._reduce(diff * diff, float(x.size), x.dtype)
 
         def grad_fn(dloss):
-            g = diff * x.dtype.type(2)
-            if self.reduction == "none" and dloss is not None:
-                g *= np.asarray(dloss, dtype=x.dtype)
-            return self._scale(g, float(x.size), dloss)
+            return self._elementwise_grad(diff * x.dtype.type(2), None, dloss, float(x.size), x.dtype)
 
         self._cache_grad = grad_fn
         return loss
