@@ -75,7 +75,7 @@ def build_parser():
         p.add_argument("--download", action="store_true",
                        help="fetch missing files from the known mirrors (SHA-256 verified) into --data-dir")
         p.add_argument("--threads", type=_positive(int, "--threads"), default=None, metavar="N",
-                       help="threads for the C kernels (cnnx.set_num_threads)")
+                       help="threads for the C kernels (cnnx.set_num_threads) and numpy's BLAS")
         p.add_argument("--backend", choices=("c", "numpy"), default=None,
                        help="kernel implementation (default: c)")
 
@@ -86,9 +86,11 @@ def build_parser():
                        help="lenet5 (modern: ReLU, max pooling; default) or lenet5-1998 (scaled tanh, average "
                             "pooling, 32x32 input)")
     data_options(train, "the embedded MNIST subset")
-    train.add_argument("--epochs", type=_positive(int, "--epochs"), default=10)
-    train.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=64)
-    train.add_argument("--optimizer", choices=_OPTIMIZERS, default="adam")
+    train.add_argument("--epochs", type=_positive(int, "--epochs"), default=10, metavar="N",
+                       help="passes over the training set (default 10)")
+    train.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=64, metavar="N",
+                       help="training mini-batch size (default 64)")
+    train.add_argument("--optimizer", choices=_OPTIMIZERS, default="adam", help="(default: adam)")
     train.add_argument("--lr", type=_positive(float, "--lr"), default=None,
                        help="learning rate (default: 0.001 for adam/adamw/rmsprop, 0.05 for sgd)")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
@@ -97,7 +99,8 @@ def build_parser():
     train.add_argument("--scheduler", choices=("cosine", "step", "none"), default="cosine",
                        help="learning-rate schedule over the epochs (default: cosine annealing to 0)")
     train.add_argument("--augment", action="store_true", help="random shifts of up to 2 pixels")
-    train.add_argument("--seed", type=_non_negative_int, default=0, help="seed for weights and shuffling")
+    train.add_argument("--seed", type=_non_negative_int, default=0,
+                       help="seed for weights, shuffling and augmentation (default 0)")
     train.add_argument("--train-samples", type=_positive(int, "--train-samples"), default=None, metavar="N",
                        help="use only the first N training images")
     train.add_argument("--test-samples", type=_positive(int, "--test-samples"), default=None, metavar="N",
@@ -110,7 +113,8 @@ def build_parser():
                         description="Accuracy and confusion matrix of a checkpoint on a test set.")
     ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a .npz written by cnnx train --save or cnnx.save")
     data_options(ev, "the embedded MNIST subset")
-    ev.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=500)
+    ev.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=500, metavar="N",
+                    help="evaluation batch size (default 500)")
     ev.add_argument("--train", action="store_true", help="evaluate on the training split instead")
 
     sub.add_parser("info", help="show the configuration (cnnx.show_config())")
