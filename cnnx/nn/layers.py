@@ -612,7 +612,7 @@ class ReLU(_Elementwise):
 
     def backward(self, dy):
         dy, y = self._begin_backward(dy)
-        return np.where(y > 0, dy, 0).astype(dy.dtype, copy=False)
+        return dy * (y > 0)            # bool mask multiply: several times faster than np.where here
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""
@@ -632,17 +632,17 @@ class LeakyReLU(_Elementwise):
 
     def forward(self, x):
         x = _float_input(x, "LeakyReLU")
-        positive = x > 0
-        y = np.where(positive, x, x * x.dtype.type(self.negative_slope))
-        if self.inplace:
-            x[...] = y
-            y = x
-        self._cache = positive
+        slope = x.dtype.type(self.negative_slope)
+        factor = (x > 0).astype(x.dtype)           # 1 where x > 0, negative_slope elsewhere: y = x * factor
+        factor *= 1 - slope
+        factor += slope
+        y = np.multiply(x, factor, out=x if self.inplace else None)
+        self._cache = factor
         return y
 
     def backward(self, dy):
-        dy, positive = self._begin_backward(dy)
-        return np.where(positive, dy, dy * dy.dtype.type(self.negative_slope))
+        dy, factor = self._begin_backward(dy)
+        return dy * factor
 
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
