@@ -87,6 +87,7 @@ PARAM_LAYERS = {
     "batchnorm2d": (lambda: nn.BatchNorm2d(3, dtype=F64), (4, 3, 3, 2)),
     "batchnorm1d_2d": (lambda: nn.BatchNorm1d(3, dtype=F64), (5, 3)),
     "batchnorm1d_3d": (lambda: nn.BatchNorm1d(2, dtype=F64), (3, 2, 4)),
+    "batchnorm2d_no_bias": (lambda: nn.BatchNorm2d(2, bias=False, dtype=F64), (3, 2, 2, 2)),
 }
 
 
@@ -422,6 +423,15 @@ def test_sequential_indexing_len_iteration():
         net[7]
     with pytest.raises(TypeError, match="must be a Module"):
         nn.Sequential(nn.ReLU(), "relu")
+
+
+def test_apply_visits_every_module():
+    net = make_net()
+    seen = []
+    assert net.apply(lambda m: seen.append(type(m).__name__)) is net
+    assert len(seen) == len(list(net.modules())) and seen[-1] == "Sequential"
+    net.apply(lambda m: cnnx.init.zeros_(m.weight) if isinstance(m, nn.Linear) else None)
+    assert not net[6].weight.data.any()
 
 
 def test_train_eval_propagates():

@@ -239,6 +239,14 @@ class Module:
         for _, buf in self.named_buffers(recurse=recurse):
             yield buf
 
+    def apply(self, fn):
+        """Call fn(module) on every submodule (children first) and on self, e.g. for custom initialisation;
+        returns self."""
+        for module in self.children():
+            module.apply(fn)
+        fn(self)
+        return self
+
     def zero_grad(self, set_to_none=False):
         """Zero every parameter's grad in place (or set it to None with set_to_none=True)."""
         for param in self.parameters():
@@ -373,9 +381,6 @@ class Module:
             else:
                 main += "\n  " + "\n  ".join(lines) + "\n"
         return main + ")"
-
-    def __dir__(self):
-        return sorted(set(object.__dir__(self)))
 
     def flops(self, input_shape, output_shape):
         """Floating-point operations of one forward for these shapes (multiply-add = 2); 0 if negligible."""
