@@ -107,6 +107,9 @@ def build_parser():
                        help="use only the first N test images")
     train.add_argument("--save", default=None, metavar="PATH", help="save the best model (by test accuracy)")
     train.add_argument("--metrics", default=None, metavar="PATH", help="write per-epoch metrics as JSON")
+    train.add_argument("--plots", default=None, metavar="DIR",
+                       help="write PNG pictures of the run there: training curves, first-layer filters, feature "
+                            "maps, confusion matrix, misclassified test images (needs pip install cnnx[viz])")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("evaluate", help="evaluate a saved model",
@@ -248,6 +251,11 @@ def cmd_train(args):
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 raise CLIError(f"{flag}: folder {parent} does not exist")
+    if args.plots is not None:
+        try:
+            import matplotlib  # noqa: F401  (fail now, not after training)
+        except ImportError:
+            raise CLIError("--plots needs matplotlib: pip install cnnx[viz]") from None
     x_train, y_train, train_desc, key, _ = _load_split(args, train=True)
     x_test, y_test, _, _, _ = _load_split(args, train=False)
     if args.train_samples is not None:
@@ -290,6 +298,16 @@ def cmd_train(args):
 
     history = fit(model, nn.CrossEntropyLoss(), optimizer, train_loader, test_loader, epochs=args.epochs,
                   scheduler=scheduler, checkpoint=args.save, progress=not args.no_progress, callbacks=[report])
+    if args.plots is not None:
+        from . import viz
+        from .train import confusion_matrix, evaluate
+        result = evaluate(model, test_loader, return_predictions=True)
+        classes = getattr(getattr(cnnx.datasets, _DATASETS[key][0]), "classes", None)
+        written = viz.write_training_plots(
+            args.plots, history=history, model=model, sample=test_loader.transform(x_test[:1])[0],
+            cm=confusion_matrix(result["y_true"], result["y_pred"], 10), class_names=classes, images=x_test,
+            y_true=result["y_true"], y_pred=result["y_pred"])
+        print(f"pictures of the final model: {', '.join(written[k] for k in sorted(written))}")
     best = max(history, key=lambda r: r["test_accuracy"])
     total = sum(r["seconds"] for r in history)
     print(f"best test accuracy {_percent(best['test_accuracy']).strip()} at epoch {best['epoch']}; "
