@@ -294,6 +294,10 @@ def section(title):
     print(f"\n=== {title} " + "=" * max(3, 100 - len(title) - 5), flush=True)
 
 
+def threads_label(t):
+    return f"{t} thread{'s' if t > 1 else ''}"
+
+
 def verdict(ok):
     return "PASS" if ok else "FAIL"
 
@@ -366,6 +370,7 @@ CONVS = {"conv1": (1, 28, 28, 6, 5, 2), "conv2": (6, 14, 14, 16, 5, 0)}
 # name -> (C, H, W) of the 2x2/2 max-pool inputs
 POOLS = {"pool1": (6, 28, 28), "pool2": (16, 10, 10)}
 LINEARS = {"fc1": (400, 120), "fc2": (120, 84), "fc3": (84, 10)}
+CONV2_MATMUL_TARGET = 0.5     # the issue: conv2's kernels at batch 64 reach half the numpy-matmul GFLOP/s
 
 
 def torch_lenet5(torch, model):
@@ -515,10 +520,10 @@ def conv2_lines(result, ceilings, n=64):
     for t, ops in result.items():
         gf = " / ".join(f"{ops[op][0]:.1f}" for op in ("fwd", "bwd_input", "bwd_weight"))
         ratio = " / ".join(f"{ops[op][1]:.2f}" for op in ("fwd", "bwd_input", "bwd_weight"))
-        torch_gf = " / ".join("-" if ops[op][2] is None else f"{ops[op][2]:.1f}"
-                              for op in ("fwd", "bwd_input", "bwd_weight"))
-        ok = all(ops[op][1] >= 0.5 for op in ops)
-        lines.append((ok, f"conv2 at batch {n}, {t} thread{'s' if t > 1 else ''}: fwd / bwd-input / bwd-weight "
-                          f"{gf} GFLOP/s vs matmul {ceilings[t]:.1f} GFLOP/s = {ratio}x (target >= 0.5x)"
-                          f"  [torch: {torch_gf} GFLOP/s]"))
+        torch_gf = "" if ops["fwd"][2] is None else "  [torch: " + " / ".join(
+            f"{ops[op][2]:.1f}" for op in ("fwd", "bwd_input", "bwd_weight")) + " GFLOP/s]"
+        ok = all(ops[op][1] >= CONV2_MATMUL_TARGET for op in ops)
+        lines.append((ok, f"conv2 at batch {n}, {threads_label(t)}: fwd / bwd-input / bwd-weight "
+                          f"{gf} GFLOP/s vs matmul {ceilings[t]:.1f} GFLOP/s = {ratio}x "
+                          f"(target >= {CONV2_MATMUL_TARGET:g}x){torch_gf}"))
     return lines

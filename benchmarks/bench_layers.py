@@ -273,7 +273,7 @@ def main(argv=None):
     for t in args.threads:
         C.set_threads(t, torch)
         for n in args.batches:
-            C.section(f"kernels, batch {n}, {t} thread{'s' if t > 1 else ''} ({C.thread_report(torch)})")
+            C.section(f"kernels, batch {n}, {C.threads_label(t)} ({C.thread_report(torch)})")
             rows, results = run_kernels(args, torch, n)
             C.print_table(["op", "cnnx C", "numpy ref", "torch", "ref/C", "torch/C", "GFLOP/s C",
                            "GFLOP/s torch"], rows)
@@ -286,7 +286,7 @@ def main(argv=None):
                     tg = case.flops / st["torch"].median / 1e9 if "torch" in st else None
                     conv2_64[t][op] = (gf, gf / ceilings[t], tg, st["c"])
             if not args.no_layers:
-                C.section(f"layers (Module forward / backward), batch {n}, {t} thread{'s' if t > 1 else ''}")
+                C.section(f"layers (Module forward / backward), batch {n}, {C.threads_label(t)}")
                 C.print_table(["layer", "cnnx C", "numpy ref", "torch", "ref/C", "torch/C"],
                               run_layers(args, torch, n))
         print(f"({C.load_average()})")
