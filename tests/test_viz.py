@@ -203,3 +203,18 @@ def test_no_pyplot_and_clear_import_error():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_train_plots(tmp_path):
+    """cnnx train --plots DIR writes the five pictures as PNG (embedded MNIST subset, a tiny run)."""
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "cnnx", "train", "--epochs", "1", "--train-samples", "256",
+                           "--test-samples", "100", "--threads", "1", "--no-progress", "--plots",
+                           str(tmp_path / "plots")], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "pictures of the final model" in proc.stdout
+    for name in ("history", "filters", "feature_maps", "confusion_matrix", "misclassified"):
+        check_png(tmp_path / "plots" / f"{name}.png")
