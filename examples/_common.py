@@ -45,6 +45,9 @@ def setup(args):
     cnnx.manual_seed(args.seed)
     if args.threads is not None:
         cnnx.set_num_threads(args.threads)
+        from cnnx.cli import _set_blas_threads  # numpy's BLAS too (the Linear layers), as `cnnx train --threads`
+
+        _set_blas_threads(args.threads)
     if args.backend is not None:
         cnnx.set_backend(args.backend)
     print(f"cnnx {cnnx.__version__}, backend {cnnx.get_backend()}, {cnnx.get_num_threads()} thread(s), "
