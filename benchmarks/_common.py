@@ -56,18 +56,37 @@ def parser(description, batches):
                    help="timed rounds per measurement; the median is reported (default 9, 3 with --quick)")
     p.add_argument("--target", type=float, default=None,
                    help="seconds per timed sample (default 0.02, 0.002 with --quick)")
+    p.add_argument("--ref-budget", type=float, default=None,
+                   help="seconds of samples for a slow implementation (the numpy reference) before it takes "
+                        "fewer rounds, at least 3")
     p.add_argument("--no-torch", action="store_true", help="do not import PyTorch even if it is installed")
     return p
 
 
-def finish_args(args):
+def finish_args(args, ref_budget):
+    """Fill the defaults that depend on --quick; ref_budget is (quick, full) seconds for --ref-budget."""
     if args.repeat is None:
         args.repeat = 3 if args.quick else 9
     if args.repeat < 1:
         raise SystemExit("--repeat must be >= 1")
     if args.target is None:
         args.target = 0.002 if args.quick else 0.02
+    if args.ref_budget is None:
+        args.ref_budget = ref_budget[0] if args.quick else ref_budget[1]
     return args
+
+
+def start(p, argv, script, ref_budget):
+    """Parse the options and import torch; (args, torch), or None when the C extension is not built."""
+    args = finish_args(p.parse_args(argv), ref_budget)
+    torch = import_torch(args.no_torch)
+    if not have_c_backend():
+        print(f"{script}: the C extension cnnx._kernels is not built (python setup.py build_ext --inplace); "
+              "nothing to compare", file=sys.stderr)
+        return None
+    if torch is not None:
+        torch.manual_seed(0)
+    return args, torch
 
 
 def import_torch(disabled=False):

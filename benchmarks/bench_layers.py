@@ -243,18 +243,11 @@ def run_layers(args, torch, n):
 def main(argv=None):
     p = C.parser("Per-layer speed of cnnx (C kernels) vs the numpy reference vs PyTorch on LeNet-5's shapes.",
                  batches=[1, 64, 256])
-    p.add_argument("--ref-budget", type=float, default=None,
-                   help="seconds of samples per slow implementation before it takes fewer rounds "
-                        "(default 1, 0.1 with --quick)")
     p.add_argument("--no-layers", action="store_true", help="skip the module-level table")
-    args = C.finish_args(p.parse_args(argv))
-    if args.ref_budget is None:
-        args.ref_budget = 0.1 if args.quick else 1.0
-    torch = C.import_torch(args.no_torch)
-    if not C.have_c_backend():
-        print("bench_layers: the C extension cnnx._kernels is not built (python setup.py build_ext --inplace); "
-              "nothing to compare", file=sys.stderr)
+    started = C.start(p, argv, "bench_layers", ref_budget=(0.1, 1.0))
+    if started is None:
         return 2
+    args, torch = started
     ceilings = C.print_header("cnnx per-layer benchmark: LeNet-5 shapes, float32", args, torch, args.threads)
 
     C.section("validation (before timing): cnnx C vs numpy reference vs PyTorch")

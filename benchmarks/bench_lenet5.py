@@ -248,26 +248,17 @@ def main(argv=None):
                  batches=[1, 16, 64, 256])
     p.add_argument("--ref-batches", type=C.int_list, default=None,
                    help="batch sizes at which the (slow) numpy reference is timed (default: all of --batches)")
-    p.add_argument("--ref-budget", type=float, default=None,
-                   help="seconds of samples for a slow implementation before it takes fewer rounds "
-                        "(default 2, 0.2 with --quick)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST IDX files for a real timed epoch (default: cnnx's data folder, "
                         "then /work/shared/data/mnist)")
     p.add_argument("--epoch", choices=("auto", "yes", "no"), default="auto",
                    help="time a real MNIST epoch (auto: yes unless --quick, when the data is found)")
-    args = C.finish_args(p.parse_args(argv))
+    started = C.start(p, argv, "bench_lenet5", ref_budget=(0.2, 2.0))
+    if started is None:
+        return 2
+    args, torch = started
     if args.ref_batches is None:
         args.ref_batches = list(args.batches)
-    if args.ref_budget is None:
-        args.ref_budget = 0.2 if args.quick else 2.0
-    torch = C.import_torch(args.no_torch)
-    if not C.have_c_backend():
-        print("bench_lenet5: the C extension cnnx._kernels is not built (python setup.py build_ext --inplace); "
-              "nothing to compare", file=sys.stderr)
-        return 2
-    if torch is not None:
-        torch.manual_seed(0)
     ceilings = C.print_header("cnnx LeNet-5 benchmark: training step and inference, float32", args, torch,
                               args.threads)
 
@@ -330,29 +321,18 @@ def main(argv=None):
           f"{C.load_average()}")
     summary = []
 
-    def torch_ratio(mode, n, t):
+    def ratio_line(mode, n, t, label, target):
+        what = f"{label}, {C.threads_label(t)}"
         r = results.get((mode, n, t))
         if r is None or "torch" not in r[0]:
-            return None
-        return r[0]["c"], r[0]["torch"], r[0]["c"] / r[0]["torch"]
+            return f"{what}: not measured (needs torch and batch {n})  N/A"
+        c, tt = r[0]["c"], r[0]["torch"]
+        return (f"{what}: cnnx {c:,.0f} img/s vs torch {tt:,.0f} img/s = {c / tt:.2f}x "
+                f"(target >= {target:g}x)  {C.verdict(c / tt >= target)}")
 
-    for t in args.threads:
-        r = torch_ratio("train", 64, t)
-        what = f"LeNet-5 training, batch 64, {C.threads_label(t)}"
-        if r is None:
-            summary.append(f"{what}: not measured (needs torch and batch 64)  N/A")
-        else:
-            summary.append(f"{what}: cnnx {r[0]:,.0f} img/s vs torch {r[1]:,.0f} img/s = {r[2]:.2f}x "
-                           f"(target >= {TARGET_TRAIN_64:g}x)  {C.verdict(r[2] >= TARGET_TRAIN_64)}")
-    for mode, label in (("train", "batch-1 training"), ("infer", "batch-1 inference")):
-        for t in args.threads:
-            r = torch_ratio(mode, 1, t)
-            what = f"{label}, {C.threads_label(t)}"
-            if r is None:
-                summary.append(f"{what}: not measured (needs torch and batch 1)  N/A")
-            else:
-                summary.append(f"{what}: cnnx {r[0]:,.0f} img/s vs torch {r[1]:,.0f} img/s = {r[2]:.2f}x "
-                               f"(target >= {TARGET_BATCH1:g}x)  {C.verdict(r[2] >= TARGET_BATCH1)}")
+    summary += [ratio_line("train", 64, t, "LeNet-5 training, batch 64", TARGET_TRAIN_64) for t in args.threads]
+    summary += [ratio_line("train", 1, t, "batch-1 training", TARGET_BATCH1) for t in args.threads]
+    summary += [ratio_line("infer", 1, t, "batch-1 inference", TARGET_BATCH1) for t in args.threads]
     for ok, line in conv2_lines:
         summary.append(f"{line}  {C.verdict(ok)}")
     what = f"one MNIST epoch at batch 64, {C.threads_label(epoch_threads)}"
