@@ -45,9 +45,11 @@ void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int
 void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const REAL *apack, const REAL *b,                \
                    const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K,               \
                    int accumulate, REAL *bpad);                                                     \
-/* c (M, N) = or += A @ B^T: row i of A at a + i*lda, row j of B at b + boff[j], both K long. */    \
+/* c (M, N) = or += sum_{s < nseg} A_s @ B_s^T: row i of A_s at a + s*sa + i*lda, row j of B_s at      \
+ * b + s*sb + boff[j], all K long. */                                                               \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
-                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate);
+                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \
+                      int64_t nseg, int64_t sa, int64_t sb);
 CNNX_GEMM_DECLARE(float, f32)
 CNNX_GEMM_DECLARE(double, f64)
 

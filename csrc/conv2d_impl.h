@@ -23,6 +23,7 @@
 #define PACK_A GLUE(cnnx_gemm_pack_a, SUF)
 #define ALLOC(n) ((REAL *)malloc(sizeof(REAL) * (size_t)((n) > 0 ? (n) : 1)))
 #define SCRATCH_BUDGET ((int64_t)1 << 17) /* elements per scratch buffer and thread (512 KiB f32) */
+#define GROUP 8 /* images per weight-gradient dot product */
 
 /* ---------------------------------------------------------------- shared pieces */
 
@@ -125,6 +126,37 @@ static int64_t GLUE(chunk_rows, SUF)(int64_t Cin, int64_t Cout, int64_t span_h, 
     return rows < OH ? rows : OH;
 }
 
+/* img (Cin, R, Wp) = rows [r0, r0 + R) of in (Cin, Hin, Win) zero-padded by T on top and L on the left
+ * (and with zeros, or cropped, past the bottom/right): img[c, r, s] = in[c, r0 + r - T, s - L]. */
+static void GLUE(pad_rows, SUF)(REAL *restrict img, const REAL *restrict in, int64_t Cin, int64_t Hin,
+                                int64_t Win, int64_t T, int64_t L, int64_t r0, int64_t R, int64_t Wp)
+{
+    const int64_t s0 = L < 0 ? 0 : (L < Wp ? L : Wp), s1 = L + Win < Wp ? L + Win : Wp;
+    for (int64_t c = 0; c < Cin; c++)
+        for (int64_t r = 0; r < R; r++) {
+            REAL *restrict d = img + (c * R + r) * Wp;
+            const int64_t ih = r0 + r - T;
+            if (ih < 0 || ih >= Hin) {
+                for (int64_t s = 0; s < Wp; s++) d[s] = 0;
+                continue;
+            }
+            const REAL *restrict srow = in + (c * Hin + ih) * Win - L;
+            int64_t s = 0;
+            for (; s < s0; s++) d[s] = 0;
+            for (; s < s1; s++) d[s] = srow[s];
+            for (; s < Wp; s++) d[s] = 0;
+        }
+}
+
+/* off[(c*KH + kh)*KW + kw] = c*plane + kh*DH*Wp + kw*DW: where each kernel tap's row of B starts. */
+static void GLUE(tap_offsets, SUF)(int64_t *off, int64_t Cin, int64_t KH, int64_t KW, int64_t DH, int64_t DW,
+                                   int64_t plane, int64_t Wp)
+{
+    for (int64_t c = 0; c < Cin; c++)
+        for (int64_t kh = 0; kh < KH; kh++)
+            for (int64_t kw = 0; kw < KW; kw++) off[(c * KH + kh) * KW + kw] = c * plane + kh * DH * Wp + kw * DW;
+}
+
 /*
  * Direct (stride 1) convolution of one image-group, output rows [oh0, oh1):
  *   out[o, oh, ow] (+bias[o]) = sum_{c, kh, kw} A[o, (c*KH + kh)*KW + kw] * in[c, oh - T + kh*DH, ow - L + kw*DW]
@@ -146,25 +178,9 @@ static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const RE
         src = in + oh0 * Win; /* the input itself is the padded image */
         plane = Hin * Win;
     } else {
-        for (int64_t c = 0; c < Cin; c++)
-            for (int64_t r = 0; r < R; r++) {
-                REAL *restrict d = img + (c * R + r) * Wp;
-                const int64_t ih = oh0 + r - T;
-                if (ih < 0 || ih >= Hin) {
-                    for (int64_t s = 0; s < Wp; s++) d[s] = 0;
-                    continue;
-                }
-                const REAL *restrict srow = in + (c * Hin + ih) * Win;
-                const int64_t s0 = L < Wp ? L : Wp, s1 = L + Win < Wp ? L + Win : Wp;
-                int64_t s = 0;
-                for (; s < s0; s++) d[s] = 0;
-                for (; s < s1; s++) d[s] = srow[s - L];
-                for (; s < Wp; s++) d[s] = 0;
-            }
+        GLUE(pad_rows, SUF)(img, in, Cin, Hin, Win, T, L, oh0, R, Wp);
     }
-    for (int64_t c = 0; c < Cin; c++)
-        for (int64_t kh = 0; kh < KH; kh++)
-            for (int64_t kw = 0; kw < KW; kw++) off[(c * KH + kh) * KW + kw] = c * plane + kh * DH * Wp + kw * DW;
+    GLUE(tap_offsets, SUF)(off, Cin, KH, KW, DH, DW, plane, Wp);
     REAL *outr = out + oh0 * OW;
     if (Wp == OW) { /* no dropped columns: write the output rows in place */
         GEMM(path, outr, OH * OW, apack, src, off, 0, Cout, Nc, K, 0, bpad);
@@ -369,8 +385,8 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads())
     {
-        REAL *img = ALLOC(direct ? Cg * (unit + span_h) * Wp : K * unit);
-        REAL *dyx = direct ? ALLOC(OCg * unit * Wp) : NULL;
+        REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit);
+        REAL *dyx = direct ? ALLOC(GROUP * OCg * unit * Wp) : NULL;
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
         const int ok = img && off && (dyx || !direct);
         if (!ok) {
@@ -384,63 +400,41 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
             const int64_t n0 = N * s / S, n1 = N * (s + 1) / S;
             REAL *dwg = partial + s * wsize + g * OCg * K;
             for (int64_t i = 0; i < OCg * K; i++) dwg[i] = 0;
-            for (int64_t n = n0; n < n1; n++) {
-                const REAL *xg = x + (n * C + g * Cg) * H * W;
-                const REAL *dyg = dy + (n * OC + g * OCg) * P;
-                if (!direct) {
+            if (!direct) {
+                for (int64_t n = n0; n < n1; n++)
                     for (int64_t p0 = 0; p0 < P; p0 += unit) {
                         const int64_t pc = (P - p0 < unit) ? P - p0 : unit;
-                        GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
+                        GLUE(im2col, SUF)(img, x + (n * C + g * Cg) * H * W, Cg, H, W, KH, KW, SH, SW, PT, PL,
+                                          DH, DW, OW, p0, pc);
                         for (int64_t k = 0; k < K; k++) off[k] = k * pc;
-                        GEMM_NT(path, dwg, K, dyg + p0, P, img, off, OCg, K, pc, 1);
+                        GEMM_NT(path, dwg, K, dy + (n * OC + g * OCg) * P + p0, P, img, off, OCg, K, pc, 1, 1, 0, 0);
                     }
-                    continue;
-                }
-                for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
-                    const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, R = rows + span_h;
-                    const int64_t Nc = (rows - 1) * Wp + OW;
-                    const REAL *src = img;
-                    int64_t plane = R * Wp;
-                    if (PT == 0 && PL == 0 && Wp == W && oh0 + R <= H) {
-                        src = xg + oh0 * W;
-                        plane = H * W;
-                    } else {
-                        for (int64_t c = 0; c < Cg; c++)
-                            for (int64_t r = 0; r < R; r++) {
-                                REAL *restrict d = img + (c * R + r) * Wp;
-                                const int64_t ih = oh0 + r - PT;
-                                if (ih < 0 || ih >= H) {
-                                    for (int64_t q = 0; q < Wp; q++) d[q] = 0;
-                                    continue;
-                                }
-                                const REAL *restrict srow = xg + (c * H + ih) * W;
-                                const int64_t s0 = PL < Wp ? PL : Wp, s1 = PL + W < Wp ? PL + W : Wp;
-                                int64_t q = 0;
-                                for (; q < s0; q++) d[q] = 0;
-                                for (; q < s1; q++) d[q] = srow[q - PL];
-                                for (; q < Wp; q++) d[q] = 0;
-                            }
-                    }
-                    for (int64_t c = 0; c < Cg; c++)
-                        for (int64_t kh = 0; kh < KH; kh++)
-                            for (int64_t kw = 0; kw < KW; kw++)
-                                off[(c * KH + kh) * KW + kw] = c * plane + kh * DH * Wp + kw * DW;
-                    /* dy rows spread to the padded width, zeros in the dropped columns */
-                    const REAL *a = dyg + oh0 * OW;
-                    int64_t lda = P;
-                    if (Wp != OW) {
+                continue;
+            }
+            for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+                const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, R = rows + span_h;
+                const int64_t Nc = (rows - 1) * Wp + OW;
+                const int x_in_place = PT == 0 && PL == 0 && Wp == W && oh0 + R <= H, dy_in_place = Wp == OW;
+                GLUE(tap_offsets, SUF)(off, Cg, KH, KW, DH, DW, x_in_place ? H * W : R * Wp, Wp);
+                /* GROUP images at a time: one long dot product per weight over all of their pixels */
+                for (int64_t nb = n0; nb < n1; nb += GROUP) {
+                    const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
+                    for (int64_t i = 0; i < ng && !x_in_place; i++)
+                        GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H, W,
+                                            PT, PL, oh0, R, Wp);
+                    for (int64_t i = 0; i < ng && !dy_in_place; i++) /* dy spread to width Wp, zeros between */
                         for (int64_t o = 0; o < OCg; o++)
                             for (int64_t r = 0; r < rows; r++) {
-                                REAL *restrict d = dyx + o * Nc + r * Wp;
-                                const REAL *restrict sr = dyg + o * P + (oh0 + r) * OW;
+                                REAL *restrict d = dyx + (i * OCg + o) * Nc + r * Wp;
+                                const REAL *restrict sr = dy + ((nb + i) * OC + g * OCg + o) * P + (oh0 + r) * OW;
                                 for (int64_t q = 0; q < OW; q++) d[q] = sr[q];
                                 if (r < rows - 1)
                                     for (int64_t q = OW; q < Wp; q++) d[q] = 0;
                             }
-                        a = dyx;
-                        lda = Nc;
-                    }
-                    GEMM_NT(path, dwg, K, a, lda, src, off, OCg, K, Nc, 1);
+                    const REAL *a = dy_in_place ? dy + (nb * OC + g * OCg) * P + oh0 * OW : dyx;
+                    const REAL *bsrc = x_in_place ? x + (nb * C + g * Cg) * H * W + oh0 * W : img;
+                    GEMM_NT(path, dwg, K, a, dy_in_place ? P : Nc, bsrc, off, OCg, K, Nc, 1, ng,
+                            dy_in_place ? OC * P : OCg * Nc, x_in_place ? C * H * W : Cg * R * Wp);
                 }
             }
         }
@@ -474,6 +468,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 }
 
 #undef ALLOC
+#undef GROUP
 #undef SCRATCH_BUDGET
 #undef PACK_A
 #undef GEMM_NT

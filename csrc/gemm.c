@@ -43,17 +43,18 @@ static void tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict ap, con
 }                                                                                                    \
 static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda,         \
                          const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr,          \
-                         int64_t nc, int accumulate)                                                  \
+                         int64_t nc, int accumulate, int64_t nseg, int64_t sa, int64_t sb)            \
 {                                                                                                    \
     for (int64_t i = 0; i < mr; i++)                                                                 \
         for (int64_t j = 0; j < nc; j++) {                                                           \
-            const REAL *restrict x = a + i * lda, *restrict y = b + boff[j];                         \
-            REAL part[8] = {0};                                                                      \
-            int64_t k = 0;                                                                           \
-            for (; k + 8 <= K; k += 8)                                                               \
-                for (int l = 0; l < 8; l++) part[l] += x[k + l] * y[k + l];                          \
-            REAL sum = 0;                                                                            \
-            for (; k < K; k++) sum += x[k] * y[k];                                                   \
+            REAL part[8] = {0}, sum = 0;                                                             \
+            for (int64_t seg = 0; seg < nseg; seg++) {                                               \
+                const REAL *restrict x = a + seg * sa + i * lda, *restrict y = b + seg * sb + boff[j];\
+                int64_t k = 0;                                                                       \
+                for (; k + 8 <= K; k += 8)                                                           \
+                    for (int l = 0; l < 8; l++) part[l] += x[k + l] * y[k + l];                      \
+                for (; k < K; k++) sum += x[k] * y[k];                                               \
+            }                                                                                        \
             for (int l = 0; l < 8; l++) sum += part[l];                                              \
             c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sum;                                \
         }                                                                                            \
@@ -101,48 +102,60 @@ PORTABLE_TILES(double, f64_portable)
                 c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + tmp[i][j];                      \
     }
 
-TARGET static inline float hsum_f32(__m256 v)
+/* out[0..3] = the horizontal sums of a, b, c, d (a handful of hadds instead of four full reductions). */
+TARGET static inline void hsum4_f32(float *out, __m256 a, __m256 b, __m256 c, __m256 d)
 {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
 }
 
-TARGET static inline double hsum_f64(__m256d v)
+TARGET static inline void hsum4_f64(double *out, __m256d a, __m256d b, __m256d c, __m256d d)
 {
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+    const __m256d ab = _mm256_hadd_pd(a, b), cd = _mm256_hadd_pd(c, d);
+    _mm_storeu_pd(out, _mm_add_pd(_mm256_castpd256_pd128(ab), _mm256_extractf128_pd(ab, 1)));
+    _mm_storeu_pd(out + 2, _mm_add_pd(_mm256_castpd256_pd128(cd), _mm256_extractf128_pd(cd, 1)));
 }
 
-/* DR x DC dot products of length K: DR*DC vector accumulators, then a horizontal sum and a scalar tail.
- * Rows/columns past mr/nc repeat the last valid one (their results are not stored). */
+/* DR x DC (4 x 3) dot products of length K: twelve named vector accumulators (kept in registers), then a
+ * 4-way horizontal sum and a scalar tail. Rows/columns past mr/nc repeat the last valid one (not stored). */
 #define DOT_TILE(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES)                                      \
 TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda,  \
                                 const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr,   \
-                                int64_t nc, int accumulate)                                           \
+                                int64_t nc, int accumulate, int64_t nseg, int64_t sa, int64_t sb)     \
 {                                                                                                    \
-    const REAL *x[DR], *y[DC];                                                                       \
-    for (int i = 0; i < DR; i++) x[i] = a + (i < mr ? i : mr - 1) * lda;                             \
-    for (int j = 0; j < DC; j++) y[j] = b + boff[j < nc ? j : nc - 1];                               \
-    VEC acc[DR][DC];                                                                                 \
-    for (int i = 0; i < DR; i++)                                                                     \
-        for (int j = 0; j < DC; j++) acc[i][j] = ZERO();                                             \
+    VEC s00 = ZERO(), s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00;                          \
+    VEC s20 = s00, s21 = s00, s22 = s00, s30 = s00, s31 = s00, s32 = s00;                             \
+    REAL tail[DR][DC] = {{0}};                                                                       \
+    for (int64_t seg = 0; seg < nseg; seg++) {                                                       \
+    const REAL *as = a + seg * sa, *bs = b + seg * sb;                                               \
+    const REAL *x0 = as, *x1 = as + (1 < mr ? 1 : mr - 1) * lda;                                     \
+    const REAL *x2 = as + (2 < mr ? 2 : mr - 1) * lda, *x3 = as + (3 < mr ? 3 : mr - 1) * lda;        \
+    const REAL *y0 = bs + boff[0], *y1 = bs + boff[1 < nc ? 1 : nc - 1];                             \
+    const REAL *y2 = bs + boff[2 < nc ? 2 : nc - 1];                                                 \
     int64_t k = 0;                                                                                   \
     for (; k + LANES <= K; k += LANES) {                                                             \
-        VEC yv[DC];                                                                                  \
-        for (int j = 0; j < DC; j++) yv[j] = LOADU(y[j] + k);                                        \
-        for (int i = 0; i < DR; i++) {                                                               \
-            const VEC xv = LOADU(x[i] + k);                                                          \
-            for (int j = 0; j < DC; j++) acc[i][j] = FMADD(xv, yv[j], acc[i][j]);                    \
-        }                                                                                            \
+        const VEC v0 = LOADU(y0 + k), v1 = LOADU(y1 + k), v2 = LOADU(y2 + k);                         \
+        VEC u = LOADU(x0 + k);                                                                       \
+        s00 = FMADD(u, v0, s00); s01 = FMADD(u, v1, s01); s02 = FMADD(u, v2, s02);                   \
+        u = LOADU(x1 + k);                                                                           \
+        s10 = FMADD(u, v0, s10); s11 = FMADD(u, v1, s11); s12 = FMADD(u, v2, s12);                   \
+        u = LOADU(x2 + k);                                                                           \
+        s20 = FMADD(u, v0, s20); s21 = FMADD(u, v1, s21); s22 = FMADD(u, v2, s22);                   \
+        u = LOADU(x3 + k);                                                                           \
+        s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31); s32 = FMADD(u, v2, s32);                   \
     }                                                                                                \
+    const REAL *x[DR] = {x0, x1, x2, x3}, *y[DC] = {y0, y1, y2};                                     \
     for (int64_t i = 0; i < mr; i++)                                                                 \
-        for (int64_t j = 0; j < nc; j++) {                                                           \
-            REAL sum = HSUM(acc[i][j]);                                                              \
-            for (int64_t t = k; t < K; t++) sum += x[i][t] * y[j][t];                                \
-            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sum;                                \
-        }                                                                                            \
+        for (int64_t j = 0; j < nc; j++)                                                             \
+            for (int64_t t = k; t < K; t++) tail[i][j] += x[i][t] * y[j][t];                         \
+    }                                                                                                \
+    REAL sums[DC][DR]; /* column j of the tile: rows 0..3 */                                          \
+    HSUM(sums[0], s00, s10, s20, s30);                                                               \
+    HSUM(sums[1], s01, s11, s21, s31);                                                               \
+    HSUM(sums[2], s02, s12, s22, s32);                                                               \
+    for (int64_t i = 0; i < mr; i++)                                                                 \
+        for (int64_t j = 0; j < nc; j++)                                                             \
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[j][i] + tail[i][j];            \
 }
 
 #define NR 16
@@ -180,7 +193,7 @@ TARGET static void tile_f32_avx2(float *restrict c, int64_t ldc, const float *re
     const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     STORE_TILE(float, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, 8)
 }
-DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum_f32, 8)
+DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
 #define REAL float
 #define SUF f32_avx2
 #include "gemm_impl.h"
@@ -223,7 +236,7 @@ TARGET static void tile_f64_avx2(double *restrict c, int64_t ldc, const double *
     const __m256d acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     STORE_TILE(double, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, 4)
 }
-DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum_f64, 4)
+DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
 #define REAL double
 #define SUF f64_avx2
 #include "gemm_impl.h"
@@ -264,10 +277,11 @@ void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const REAL *apack, const REAL
     else gemm_##S##_portable(c, ldc, apack, b, boff, rsb, M, N, K, accumulate, bpad);               \
 }                                                                                                   \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
-                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate)         \
+                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \
+                      int64_t nseg, int64_t sa, int64_t sb)                                         \
 {                                                                                                   \
-    if (path) gemm_nt_##S##_avx2(c, ldc, a, lda, b, boff, M, N, K, accumulate);                     \
-    else gemm_nt_##S##_portable(c, ldc, a, lda, b, boff, M, N, K, accumulate);                      \
+    if (path) gemm_nt_##S##_avx2(c, ldc, a, lda, b, boff, M, N, K, accumulate, nseg, sa, sb);       \
+    else gemm_nt_##S##_portable(c, ldc, a, lda, b, boff, M, N, K, accumulate, nseg, sa, sb);        \
 }
 CNNX_GEMM_DISPATCH(float, f32)
 CNNX_GEMM_DISPATCH(double, f64)

@@ -58,16 +58,19 @@ TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const REAL *apack, cons
     }
 }
 
-/* c (M, N) (+)= A (M, K) @ B^T, row i of A at a + i*lda, row j of B (N, K) at b + boff[j]; both rows
- * contiguous along K. Tiles of DR x DC dot products. */
+/* c (M, N) (+)= sum over nseg segments s of A_s (M, K) @ B_s^T: row i of A_s at a + s*sa + i*lda, row j of
+ * B_s at b + s*sb + boff[j], all rows contiguous along K. Tiles of DR x DC dot products, each summed over
+ * every segment before it is stored (one long dot product: the weight gradient over several images). */
 TARGET static void GLUE(gemm_nt, SUF)(REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,
-                                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate)
+                                      const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,
+                                      int64_t nseg, int64_t sa, int64_t sb)
 {
     for (int64_t i0 = 0; i0 < M; i0 += DR) {
         const int64_t mr = M - i0 < DR ? M - i0 : DR;
         for (int64_t j0 = 0; j0 < N; j0 += DC) {
             const int64_t nc = N - j0 < DC ? N - j0 : DC;
-            GLUE(dot_tile, SUF)(c + i0 * ldc + j0, ldc, a + i0 * lda, lda, b, boff + j0, K, mr, nc, accumulate);
+            GLUE(dot_tile, SUF)(c + i0 * ldc + j0, ldc, a + i0 * lda, lda, b, boff + j0, K, mr, nc, accumulate,
+                                nseg, sa, sb);
         }
     }
 }
