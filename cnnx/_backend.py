@@ -41,7 +41,8 @@ def backend(name):
     try:
         yield
     finally:
-        set_backend(previous)
+        with _lock:  # restore without re-importing: the previous backend was usable, or was the default
+            _state["name"] = previous
 
 
 def ops():
