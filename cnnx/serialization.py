@@ -100,7 +100,7 @@ def build(desc):
         return Sequential(modules)
     try:
         return cls(**config)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, MemoryError) as exc:     # MemoryError: a config declaring huge shapes
         raise ValueError(f"cannot rebuild {type_name} from config {config}: {exc}") from None
 
 
@@ -209,7 +209,7 @@ def _read_npz(path, fn):
         raise ValueError(f"{fn}: {path}: malformed {HEADER!r} header (dtype {header.dtype}, shape {header.shape})")
     try:
         meta = json.loads(header.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:   # RecursionError: hostile nesting
         raise ValueError(f"{fn}: {path}: the {HEADER!r} header is not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, STATE_DICT_FORMAT):
         raise ValueError(f"{fn}: {path}: unknown header format {meta.get('format') if isinstance(meta, dict) else meta!r}")
