@@ -259,6 +259,27 @@ def test_wrong_dy_shape_is_value_error():
         relu.backward(np.zeros((3, 2), np.float32))
 
 
+def test_wrong_dy_dtype_and_replaced_parameters_are_refused(rng):
+    pool = nn.MaxPool2d(2)
+    y = pool(np.ones((1, 1, 4, 4), np.float32))
+    with pytest.raises(TypeError, match="dy must have the forward output's dtype float32, got float64"):
+        pool.backward(np.ones(y.shape))
+    assert pool.backward(np.ones_like(y)).shape == (1, 1, 4, 4)          # the refusal kept the cache
+    lin = nn.Linear(3, 2)
+    lin.weight.data = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"parameter weight must have shape \(2, 3\), got \(2, 4\)"):
+        lin(np.zeros((1, 3), np.float32))
+    bn = nn.BatchNorm2d(2)
+    bn.bias.data = bn.bias.data.astype(np.float64)
+    with pytest.raises(TypeError, match="parameter bias must be a float32 array"):
+        bn(np.zeros((2, 2, 1, 1), np.float32))
+    conv = nn.Conv2d(1, 1, 2)
+    conv.weight.grad = np.zeros(3, np.float32)
+    conv(np.zeros((1, 1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="Parameter.grad has shape"):
+        conv.backward(np.zeros((1, 1, 2, 2), np.float32))
+
+
 def test_constructor_and_input_errors():
     with pytest.raises(ValueError, match="padding_mode must be 'zeros'"):
         nn.Conv2d(1, 1, 3, padding_mode="reflect")

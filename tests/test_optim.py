@@ -141,6 +141,8 @@ def test_optimizer_argument_errors():
     p = param([1.0], 0.0)
     with pytest.raises(ValueError, match="learning rate"):
         optim.SGD([p], lr=-1)
+    with pytest.raises(ValueError, match="invalid learning rate value nan"):
+        optim.Adam([p], lr=float("nan"))
     with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
         optim.SGD([p], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="beta parameter at index 1"):

@@ -77,6 +77,27 @@ def _typed_input(x, dtype, fn, ndims=None, what=""):
     return x
 
 
+def _check_parameters(self):
+    """Each registered parameter still holds an array of the layer's dtype and the shape it was built with
+    (a user may have replaced param.data); TypeError/ValueError naming the parameter otherwise."""
+    fn = type(self).__name__
+    for name, shape in self._param_shapes.items():
+        param = self._parameters.get(name)
+        if param is None:
+            continue
+        data = param.data
+        if not isinstance(data, np.ndarray) or data.dtype != self.dtype:
+            got = f"dtype {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise TypeError(f"{fn}: parameter {name} must be a {self.dtype} array (the layer's dtype), got {got}; "
+                            f"use module.to(dtype) to change a layer's dtype")
+        if data.shape != shape:
+            raise ValueError(f"{fn}: parameter {name} must have shape {shape}, got {data.shape}")
+
+
+def _shapes_of(module):
+    return {name: p.shape for name, p in module._parameters.items() if p is not None}
+
+
 def _tuple_or_int(value):
     return list(value) if isinstance(value, tuple) else value
 
@@ -91,15 +112,19 @@ class Identity(Module):
 
     def __init__(self, *args, **kwargs):
         super().__init__()
+        self._cache_shape = None
 
     def forward(self, x):
-        self._cache_shape = np.shape(x)
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        self._cache_shape = x.shape
+        self._cache_dtype = x.dtype
         return x
 
     def backward(self, dy):
         if self._cache_shape is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_shape)
+        dy = self._check_dy(dy, self._cache_shape, self._cache_dtype)
         self._cache_shape = None
         return dy
 
@@ -147,8 +172,11 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         self.weight = Parameter(np.empty((self.out_channels, self.in_channels // self.groups, kh, kw), self.dtype))
         self.bias = Parameter(np.empty(self.out_channels, self.dtype)) if bias else None
+        self._param_shapes = _shapes_of(self)
         self._cache_x = None
         self.reset_parameters()
+
+    _check_parameters = _check_parameters
 
     def reset_parameters(self, generator=None):
         init.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=generator)
@@ -162,6 +190,7 @@ class Conv2d(Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d: input has {x.shape[1]} channels (shape {x.shape}), "
                              f"expected in_channels={self.in_channels}")
+        self._check_parameters()
         y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
                      self.stride, self.padding, self.dilation, self.groups)
         self._cache_x = x
@@ -172,7 +201,8 @@ class Conv2d(Module):
         x = self._cache_x
         if x is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_y_shape)
+        dy = self._check_dy(dy, self._cache_y_shape, x.dtype)
+        self._check_parameters()
         bias = self.bias
         dx, dw, db = F.conv2d_backward(dy, x, self.weight.data, None if bias is None else bias.data,
                                        self.stride, self.padding, self.dilation, self.groups)
@@ -188,9 +218,8 @@ class Conv2d(Module):
         x = self._cache_x
         if x is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_y_shape)
-        if dy.dtype != x.dtype:
-            raise TypeError(f"Conv2d.backward: dy dtype {dy.dtype} does not match the input's {x.dtype}")
+        dy = self._check_dy(dy, self._cache_y_shape, x.dtype)
+        self._check_parameters()
         padding = conv_padding(self.padding, x.shape[2:], self.kernel_size, self.stride, self.dilation, "Conv2d")
         bias = self.bias
         dw, db = _backend.ops().conv2d_backward_weight(
@@ -256,13 +285,14 @@ class MaxPool2d(Module):
         self._cache_x_shape = x.shape
         self._cache_indices = indices
         self._cache_y_shape = y.shape
+        self._cache_dtype = y.dtype
         return (y, indices) if self.return_indices else y
 
     def backward(self, dy):
         x_shape = self._cache_x_shape
         if x_shape is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_y_shape)
+        dy = self._check_dy(dy, self._cache_y_shape, self._cache_dtype)
         dx = F.max_pool2d_backward(dy, x_shape, self.kernel_size, self.stride, self.padding, self.dilation,
                                    self.ceil_mode, indices=self._cache_indices)
         self._cache_x_shape = self._cache_indices = None
@@ -312,13 +342,14 @@ class AvgPool2d(Module):
         y = F.avg_pool2d(x, *self._args())
         self._cache_x_shape = x.shape
         self._cache_y_shape = y.shape
+        self._cache_dtype = y.dtype
         return y
 
     def backward(self, dy):
         x_shape = self._cache_x_shape
         if x_shape is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_y_shape)
+        dy = self._check_dy(dy, self._cache_y_shape, self._cache_dtype)
         dx = F.avg_pool2d_backward(dy, x_shape, *self._args())
         self._cache_x_shape = None
         return dx
@@ -396,6 +427,7 @@ class AdaptiveAvgPool2d(_AdaptivePool2d):
                 for j, (w0, w1) in enumerate(_adaptive_windows(w, ow)):
                     y[..., i, j] = x[..., h0:h1, w0:w1].mean(axis=(-2, -1))
         self._cache_x_shape = x.shape
+        self._cache_dtype = x.dtype
         return y
 
     def backward(self, dy):
@@ -403,7 +435,7 @@ class AdaptiveAvgPool2d(_AdaptivePool2d):
         if x_shape is None:
             raise self._no_forward()
         _, oh, ow = self._geometry(np.empty((1, 1) + x_shape[-2:], dtype=np.float32))
-        dy = self._check_dy(dy, x_shape[:-2] + (oh, ow))
+        dy = self._check_dy(dy, x_shape[:-2] + (oh, ow), self._cache_dtype)
         h, w = x_shape[-2:]
         if (oh, ow) == (1, 1):
             dx = np.empty(x_shape, dtype=dy.dtype)
@@ -441,6 +473,7 @@ class AdaptiveMaxPool2d(_AdaptivePool2d):
         y = np.take_along_axis(flat, indices.reshape(lead + (oh * ow,)), axis=-1).reshape(lead + (oh, ow))
         self._cache_x_shape = x.shape
         self._cache_indices = indices
+        self._cache_dtype = x.dtype
         return (y, indices) if self.return_indices else y
 
     def backward(self, dy):
@@ -448,7 +481,7 @@ class AdaptiveMaxPool2d(_AdaptivePool2d):
         if x_shape is None:
             raise self._no_forward()
         indices = self._cache_indices
-        dy = self._check_dy(dy, indices.shape)
+        dy = self._check_dy(dy, indices.shape, self._cache_dtype)
         lead = x_shape[:-2]
         h, w = x_shape[-2:]
         dx = np.zeros(lead + (h * w,), dtype=dy.dtype)
@@ -478,8 +511,11 @@ class Linear(Module):
         self.dtype = _dtype(dtype, "Linear")
         self.weight = Parameter(np.empty((self.out_features, self.in_features), self.dtype))
         self.bias = Parameter(np.empty(self.out_features, self.dtype)) if bias else None
+        self._param_shapes = _shapes_of(self)
         self._cache_x = None
         self.reset_parameters()
+
+    _check_parameters = _check_parameters
 
     def reset_parameters(self, generator=None):
         init.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=generator)
@@ -492,6 +528,7 @@ class Linear(Module):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"Linear: input's last dimension must be in_features={self.in_features}, "
                              f"got shape {x.shape}")
+        self._check_parameters()
         y = x @ self.weight.data.T
         if self.bias is not None:
             y += self.bias.data
@@ -506,7 +543,8 @@ class Linear(Module):
         x = self._cache_x
         if x is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, x.shape[:-1] + (self.out_features,))
+        dy = self._check_dy(dy, x.shape[:-1] + (self.out_features,), x.dtype)
+        self._check_parameters()
         dy2 = dy.reshape(-1, self.out_features)
         if self.weight.requires_grad:
             self.weight.accumulate_grad(dy2.T @ x.reshape(-1, self.in_features))
@@ -550,18 +588,17 @@ class Flatten(Module):
         if start > end:
             raise ValueError(f"Flatten: start_dim ({self.start_dim}) must not come after end_dim ({self.end_dim}) "
                              f"for an input with shape {x.shape}")
-        self._cache_x_shape = x.shape
         shape = x.shape[:start] + (math.prod(x.shape[start:end + 1]),) + x.shape[end + 1:]
+        self._cache_x_shape = x.shape
+        self._cache_y_shape = shape
+        self._cache_dtype = x.dtype
         return x.reshape(shape)
 
     def backward(self, dy):
         x_shape = self._cache_x_shape
         if x_shape is None:
             raise self._no_forward()
-        dy = np.asarray(dy)
-        if dy.size != math.prod(x_shape):
-            raise ValueError(f"Flatten.backward: dy must have {math.prod(x_shape)} elements to reshape to the "
-                             f"input shape {x_shape}, got shape {dy.shape}")
+        dy = self._check_dy(dy, self._cache_y_shape, self._cache_dtype)
         self._cache_x_shape = None
         return dy.reshape(x_shape)
 
@@ -585,7 +622,7 @@ class _Elementwise(Module):
         cache = self._cache
         if cache is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, cache.shape)
+        dy = self._check_dy(dy, cache.shape, cache.dtype)
         self._cache = None
         return dy, cache
 
@@ -810,6 +847,7 @@ class Dropout(Module):
         from .._random import resolve_generator
         x = _float_input(x, "Dropout")
         self._cache_shape = x.shape
+        self._cache_dtype = x.dtype
         if not self.training or self.p == 0.0:
             self._cache_mask = None
             return x
@@ -825,7 +863,7 @@ class Dropout(Module):
     def backward(self, dy):
         if self._cache_shape is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_shape)
+        dy = self._check_dy(dy, self._cache_shape, self._cache_dtype)
         mask = self._cache_mask
         self._cache_shape = self._cache_mask = None
         return dy if mask is None else dy * mask
@@ -863,6 +901,7 @@ class _BatchNorm(Module):
             self.bias = Parameter(np.zeros(c, self.dtype))
         else:
             self.register_parameter("bias", None)
+        self._param_shapes = _shapes_of(self)
         if self.track_running_stats:
             self.register_buffer("running_mean", np.zeros(c, self.dtype))
             self.register_buffer("running_var", np.ones(c, self.dtype))
@@ -873,6 +912,8 @@ class _BatchNorm(Module):
             self.register_buffer("num_batches_tracked", None)
         self._cache_xhat = None
         self._cache_x = None
+
+    _check_parameters = _check_parameters
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -901,6 +942,7 @@ class _BatchNorm(Module):
         if x.shape[1] != self.num_features:
             raise ValueError(f"{fn}: input has {x.shape[1]} channels (shape {x.shape}), expected "
                              f"num_features={self.num_features}")
+        self._check_parameters()
         axes, bshape = self._layout(x)
         n = x.size // self.num_features
         use_batch_stats = self.training or not self.track_running_stats
@@ -948,7 +990,8 @@ class _BatchNorm(Module):
         xhat, x = self._cache_xhat, self._cache_x
         if xhat is None and x is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_y_shape)
+        dy = self._check_dy(dy, self._cache_y_shape, self.dtype)
+        self._check_parameters()
         axes, bshape = self._layout(dy)
         scale = self._cache_scale
         if xhat is None:       # eval mode: y = x * scale + shift with constant statistics

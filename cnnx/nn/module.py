@@ -58,10 +58,14 @@ class Parameter:
         """grad += g (skipped when requires_grad is False; allocates grad if it is None)."""
         if not self.requires_grad:
             return
-        if self.grad is None:
+        grad = self.grad
+        if grad is None:
             self.grad = np.array(g, dtype=self.data.dtype, copy=True).reshape(self.data.shape)
+        elif grad.shape != self.data.shape:
+            raise ValueError(f"Parameter.grad has shape {grad.shape}, but the parameter has shape "
+                             f"{self.data.shape}; set grad to None or to an array of the parameter's shape")
         else:
-            self.grad += g
+            grad += g
 
     def __array__(self, dtype=None, copy=None):
         return self.data if dtype is None else self.data.astype(dtype)
@@ -181,13 +185,16 @@ class Module:
         return RuntimeError(f"{type(self).__name__}.backward called before forward (or twice after one "
                             f"forward): run forward first; backward consumes the cached forward state")
 
-    def _check_dy(self, dy, shape):
-        """dy as an ndarray with the forward output's shape, else ValueError."""
+    def _check_dy(self, dy, shape, dtype=None):
+        """dy as an ndarray with the forward output's shape (else ValueError) and dtype (else TypeError)."""
         if not isinstance(dy, np.ndarray):
             dy = np.asarray(dy)
         if dy.shape != shape:
             raise ValueError(f"{type(self).__name__}.backward: dy must have the forward output's shape "
                              f"{tuple(shape)}, got {tuple(dy.shape)}")
+        if dtype is not None and dy.dtype != dtype:
+            raise TypeError(f"{type(self).__name__}.backward: dy must have the forward output's dtype "
+                            f"{np.dtype(dtype)}, got {dy.dtype}")
         return dy
 
     # -- traversal -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "lr_scheduler"]
 def _check_real(value, name, fn, minimum=0.0, below=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    if value < minimum or (below is not None and value >= below):
+    if not value >= minimum or (below is not None and not value < below):        # NaN fails both
         rng = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
         raise ValueError(f"{fn}: invalid {name} value {value!r}: must be {rng}")
     return value
