@@ -11,8 +11,8 @@ reference and PyTorch:
     own ops (torch.conv2d, aten.convolution_backward computing only the gradients being timed,
     aten.max_pool2d_with_indices[_backward], F.linear / mm);
   * layers: each LeNet-5 module's forward and backward as a network runs them (cnnx Module.forward /
-    .backward vs a torch.nn module with autograd; the first convolution computes no dx in PyTorch since the
-    image needs none, while cnnx's Conv2d.backward always returns dx).
+    .backward vs a torch.nn module with autograd.grad; neither computes dx for the first convolution, as the
+    images need none).
 Then the issue's line: conv2 at batch 64, fwd / bwd-input / bwd-weight GFLOP/s vs the numpy-matmul GFLOP/s.
 """
 import sys
@@ -171,13 +171,22 @@ def layer_cases(n, torch, seed=3):
     return cases
 
 
+def _backward(layer, x_grad):
+    """The layer's backward; for the network's first layer the one without dx when cnnx has it (what
+    Sequential.backward(dy, input_grad=False) runs), as PyTorch computes no gradient for the images."""
+    if not x_grad and hasattr(layer, "_backward_params_only"):
+        return layer._backward_params_only
+    return layer.backward
+
+
 def layer_fns(case, torch):
     """{impl: {"fwd": fn, "bwd": (setup, fn)}} for one layer."""
     name, layer, tlayer, x, dy, kernel, x_grad = case
-    impls = {"c": {"fwd": lambda: layer.forward(x), "bwd": (lambda: layer.forward(x), lambda: layer.backward(dy))}}
+    backward = _backward(layer, x_grad)
+    impls = {"c": {"fwd": lambda: layer.forward(x), "bwd": (lambda: layer.forward(x), lambda: backward(dy))}}
     if kernel:
         fwd = _on_backend("numpy", lambda: layer.forward(x))
-        impls["numpy"] = {"fwd": fwd, "bwd": (fwd, _on_backend("numpy", lambda: layer.backward(dy)))}
+        impls["numpy"] = {"fwd": fwd, "bwd": (fwd, _on_backend("numpy", lambda: backward(dy)))}
     if tlayer is not None:
         xt = torch.from_numpy(x).requires_grad_(x_grad)
         dyt = torch.from_numpy(dy)
@@ -229,7 +238,10 @@ def run_layers(args, torch, n):
             for impl, st in stats.items():
                 totals[(impl, phase)] = totals.get((impl, phase), 0.0) + st.median
             c, ref, tt = stats["c"], stats.get("numpy"), stats.get("torch")
-            rows.append([f"{case[0]} {'forward' if phase == 'fwd' else 'backward'}", C.fmt_stat(c),
+            label = "forward" if phase == "fwd" else "backward"
+            if phase == "bwd" and not case[6]:
+                label += " (no dx)" if hasattr(case[1], "_backward_params_only") else " (with dx)"
+            rows.append([f"{case[0]} {label}", C.fmt_stat(c),
                          C.fmt_stat(ref), C.fmt_stat(tt), C.fmt_ratio(ref and ref.median, c.median),
                          C.fmt_ratio(tt and tt.median, c.median)])
     for phase in ("fwd", "bwd"):
