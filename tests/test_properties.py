@@ -502,3 +502,22 @@ def test_pool_layers_match_across_backends(case, data, kind):
             bound = layer(np.abs(x))
         assert_close(c_res[0], n_res[0], bound, "AvgPool2d y")
         assert_close(c_res[1], n_res[1], np.abs(n_res[1]) + 1, "AvgPool2d dx")
+
+
+# ------------------------------------------------------------------------------------------------ found bugs
+@needs_c
+@pytest.mark.xfail(strict=True, reason="reported to the lead: the stride-1 backward-weight path multiplies the "
+                                       "zeros it inserts between dy rows by the x pixels no output reads, so a "
+                                       "NaN/Inf there (0*NaN) poisons weight gradients that do not depend on it")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_pixel_outside_every_window_does_not_reach_unrelated_weight_gradients(bad):
+    # x (1, 1, 2, 3), kernel (1, 2), stride 1: tap kw=1 reads columns 1..2 only, so x[0, 0, 1, 0] cannot
+    # reach dweight[..., 1]. Found by the cnnx-dev hypothesis profile.
+    x = np.array([[[[0.1, -0.1, 0.6], [bad, -0.5, 0.3]]]], np.float32)
+    dy = np.array([[[[0.1, -0.1], [0.6, 0.1]]]], np.float32)
+    with cnnx.backend("numpy"):
+        _, expected, _ = F.conv2d_backward(dy, x, np.ones((1, 1, 1, 2), np.float32))
+    with cnnx.backend("c"):
+        _, got, _ = F.conv2d_backward(dy, x, np.ones((1, 1, 1, 2), np.float32))
+    assert np.isfinite(expected[0, 0, 0, 1])
+    assert_close(got, expected, np.abs(expected), "dweight")
