@@ -142,36 +142,50 @@ def _set_blas_threads(n):
 
     threadpoolctl when installed; otherwise OpenBLAS's own setter, found among the loaded libraries
     (Linux). A BLAS left at its default thread count spins on a shared machine: measured 15x slower
-    for LeNet-5's (64 x 400) @ (400 x 120) products on 2 busy cores. Returns True if a limit was set.
+    for LeNet-5's (64 x 400) @ (400 x 120) products on 2 busy cores. Returns the previous thread
+    count (None when unknown or when no BLAS could be reached).
     """
     try:
-        from threadpoolctl import threadpool_limits
+        import threadpoolctl
     except ImportError:
-        threadpool_limits = None
-    if threadpool_limits is not None:
-        threadpool_limits(n, user_api="blas")
-        return True
+        threadpoolctl = None
+    if threadpoolctl is not None:
+        info = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
+        threadpoolctl.threadpool_limits(int(n), user_api="blas")
+        return info[0]["num_threads"] if info else None
+    previous = None
+    for setter, getter in _openblas_functions():
+        if previous is None and getter is not None:
+            previous = int(getter())
+        setter(int(n))
+    return previous
+
+
+def _openblas_functions():
+    """(set_num_threads, get_num_threads or None) of every OpenBLAS loaded in this process (Linux)."""
     import ctypes
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
     except OSError:
-        return False
-    done = False
-    for path in sorted(paths):
+        return []
+    found = []
+    for path in paths:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
+                               ("openblas", "")):
+            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
             if setter is not None:
-                setter.argtypes = [ctypes.c_int]
-                setter(int(n))
-                done = True
+                setter.argtypes, setter.restype = [ctypes.c_int], None
+                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if getter is not None:
+                    getter.argtypes, getter.restype = [], ctypes.c_int
+                found.append((setter, getter))
                 break
-    return done
+    return found
 
 
 def _load_split(args, train):

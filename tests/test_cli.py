@@ -71,6 +71,18 @@ def test_evaluate_prints_accuracy_and_confusion_matrix(trained, capsys):
     assert np.trace(cm) == correct
 
 
+def test_set_blas_threads_reports_and_restores():
+    from cnnx.cli import _set_blas_threads
+    previous = _set_blas_threads(1)
+    if previous is None:
+        pytest.skip("no OpenBLAS or threadpoolctl reachable in this process")
+    try:
+        assert _set_blas_threads(1) == 1
+    finally:
+        _set_blas_threads(previous)
+    assert _set_blas_threads(previous) == previous
+
+
 def test_info_prints_the_configuration(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

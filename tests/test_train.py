@@ -11,6 +11,17 @@ from cnnx.datasets import MNIST
 from cnnx.train import confusion_matrix, evaluate, fit, format_confusion_matrix
 
 SHARED_MNIST = "/work/shared/data/mnist"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Train with one BLAS thread, as `cnnx train --threads 1` does: an idle-spinning BLAS pool makes
+    these runs several times slower on a busy 2-core CI machine. Restored afterwards."""
+    from cnnx.cli import _set_blas_threads
+    previous = _set_blas_threads(1)
+    yield
+    if previous is not None:
+        _set_blas_threads(previous)
 MNIST_TRANSFORM = Compose([ToFloat(), Normalize(0.1307, 0.3081)])
 
 
