@@ -24,6 +24,9 @@
 #define ALLOC(n) ((REAL *)malloc(sizeof(REAL) * (size_t)((n) > 0 ? (n) : 1)))
 #define SCRATCH_BUDGET ((int64_t)1 << 17) /* elements per scratch buffer and thread (512 KiB f32) */
 #define GROUP 8 /* images per weight-gradient dot product */
+/* Below this many multiply-adds a call runs on one thread: waking a second one costs more (much more on a
+ * busy machine, where it may wait a whole time slice). */
+#define PARALLEL_MIN_MACS ((int64_t)1 << 18)
 
 /* ---------------------------------------------------------------- shared pieces */
 
@@ -226,7 +229,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
     if (!apack) return CNNX_ENOMEM;
     for (int64_t g = 0; g < G; g++) PACK_A(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
     int status = CNNX_OK;
-#pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1)
+#pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit;
         REAL *img = ALLOC(img_n), *tmp = direct ? ALLOC(OCg * unit * Wp) : NULL;
@@ -312,7 +315,7 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     }
     free(wt);
     int status = CNNX_OK;
-#pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1)
+#pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         const int64_t kd = direct ? OCg * KK : OCg;
         REAL *img = ALLOC(direct ? OCg * (unit + span_h) * Wp : K * unit);
@@ -383,7 +386,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     REAL *partial = S > 1 ? ALLOC(S * wsize) : dw;
     if (!partial) return CNNX_ENOMEM;
     int status = CNNX_OK;
-#pragma omp parallel num_threads(cnnx_threads())
+#pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit);
         REAL *dyx = direct ? ALLOC(GROUP * OCg * unit * Wp) : NULL;
@@ -469,6 +472,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 
 #undef ALLOC
 #undef GROUP
+#undef PARALLEL_MIN_MACS
 #undef SCRATCH_BUDGET
 #undef PACK_A
 #undef GEMM_NT

@@ -6,6 +6,28 @@
 #define GLUE_(a, b) a##_##b
 #define GLUE(a, b) GLUE_(a, b)
 
+/* One max-pool window: taps kh in [kh0, kh1), kw in [kw0, kw1) of rows h0 + kh*DH, columns w0 + kw*DW. */
+static inline void GLUE(max_window, SUF)(REAL *out, int64_t *arg_out, const REAL *restrict xp, int64_t W,
+                                         int64_t h0, int64_t w0, int64_t kh0, int64_t kh1, int64_t kw0,
+                                         int64_t kw1, int64_t DH, int64_t DW)
+{
+    REAL best = -INFINITY;
+    int64_t arg = (h0 + kh0 * DH) * W + (w0 + kw0 * DW);
+    for (int64_t kh = kh0; kh < kh1; kh++) {
+        const int64_t row = (h0 + kh * DH) * W;
+        for (int64_t kw = kw0; kw < kw1; kw++) {
+            const int64_t i = row + w0 + kw * DW;
+            const REAL v = xp[i];
+            if (v > best || v != v) { /* strictly greater keeps the first maximum; a NaN always wins */
+                best = v;
+                arg = i;
+            }
+        }
+    }
+    *out = best;
+    *arg_out = arg;
+}
+
 /*
  * maxpool2d_forward: x (NC, H, W) -> y (NC, OH, OW) and indices (NC, OH, OW), both overwritten.
  *   y[p, oh, ow] = max over the window's in-image taps of x[p, ih, iw]  (padding never wins: it is -inf)
@@ -16,36 +38,61 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
                                  int64_t W, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH,
                                  int64_t PW, int64_t DH, int64_t DW, int64_t OH, int64_t OW)
 {
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 4096)
+    /* output columns whose window lies wholly inside the image need no bounds checks */
+    int64_t ow_in0 = (PW + SW - 1) / SW, ow_in1 = (W - 1 - (KW - 1) * DW + PW) / SW + 1;
+    if (W - 1 - (KW - 1) * DW + PW < 0) ow_in1 = 0;
+    if (ow_in1 > OW) ow_in1 = OW;
+    if (ow_in0 > ow_in1) ow_in0 = ow_in1;
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
     for (int64_t p = 0; p < NC; p++) {
         const REAL *restrict xp = x + p * H * W;
         REAL *restrict yp = y + p * OH * OW;
         int64_t *restrict ip = indices + p * OH * OW;
         for (int64_t oh = 0; oh < OH; oh++) {
-            int64_t h0 = oh * SH - PH, kh0 = 0;
+            const int64_t h0 = oh * SH - PH;
+            int64_t kh0 = 0, kh1 = KH;
             while (h0 + kh0 * DH < 0) kh0++;
-            int64_t kh1 = KH;
             while (kh1 > kh0 && h0 + (kh1 - 1) * DH >= H) kh1--;
+            REAL *restrict yr = yp + oh * OW;
+            int64_t *restrict ir = ip + oh * OW;
+            const int fast2x2 = KH == 2 && KW == 2 && DH == 1 && DW == 1 && kh0 == 0 && kh1 == 2;
             for (int64_t ow = 0; ow < OW; ow++) {
-                int64_t w0 = ow * SW - PW, kw0 = 0;
-                while (w0 + kw0 * DW < 0) kw0++;
-                int64_t kw1 = KW;
-                while (kw1 > kw0 && w0 + (kw1 - 1) * DW >= W) kw1--;
-                REAL best = -INFINITY;
-                int64_t arg = (h0 + kh0 * DH) * W + (w0 + kw0 * DW);
-                for (int64_t kh = kh0; kh < kh1; kh++) {
-                    const int64_t ih = h0 + kh * DH;
-                    for (int64_t kw = kw0; kw < kw1; kw++) {
-                        const int64_t iw = w0 + kw * DW;
-                        const REAL v = xp[ih * W + iw];
-                        if (v > best || isnan(v)) {
-                            best = v;
-                            arg = ih * W + iw;
+                const int64_t w0 = ow * SW - PW;
+                if (ow == ow_in0 && fast2x2) {
+                    /* the common 2x2 window over the interior columns, in row-major order, written as
+                     * selects so the compiler vectorises it (random data would mispredict branches) */
+                    const REAL *restrict r0 = xp + h0 * W, *restrict r1 = r0 + W;
+                    for (; ow < ow_in1; ow++) {
+                        const int64_t c0 = ow * SW - PW;
+                        const REAL v[4] = {r0[c0], r0[c0 + 1], r1[c0], r1[c0 + 1]};
+                        const int64_t offs[4] = {0, 1, W, W + 1};
+                        UREAL best;
+                        memcpy(&best, &v[0], sizeof best);
+                        REAL bestv = v[0];
+                        int64_t off = 0;
+                        for (int t = 1; t < 4; t++) {
+                            /* take = v[t] > best or v[t] is NaN, applied through all-ones/zero masks */
+                            const UREAL take = (UREAL)0 - (UREAL)((v[t] > bestv) | (v[t] != v[t]));
+                            UREAL bits;
+                            memcpy(&bits, &v[t], sizeof bits);
+                            best = (bits & take) | (best & ~take);
+                            memcpy(&bestv, &best, sizeof bestv);
+                            off = (int64_t)(((uint64_t)offs[t] & (uint64_t)take) | ((uint64_t)off & ~(uint64_t)take));
                         }
+                        yr[ow] = bestv;
+                        ir[ow] = h0 * W + c0 + off;
                     }
+                    ow--;
+                    continue;
                 }
-                yp[oh * OW + ow] = best;
-                ip[oh * OW + ow] = arg;
+                if (ow >= ow_in0 && ow < ow_in1) {
+                    GLUE(max_window, SUF)(yr + ow, ir + ow, xp, W, h0, w0, kh0, kh1, 0, KW, DH, DW);
+                    continue;
+                }
+                int64_t kw0 = 0, kw1 = KW;
+                while (w0 + kw0 * DW < 0) kw0++;
+                while (kw1 > kw0 && w0 + (kw1 - 1) * DW >= W) kw1--;
+                GLUE(max_window, SUF)(yr + ow, ir + ow, xp, W, h0, w0, kh0, kh1, kw0, kw1, DH, DW);
             }
         }
     }
@@ -65,7 +112,7 @@ int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indic
 {
     int status = CNNX_OK;
     const int64_t plane = H * W;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 4096)
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
     for (int64_t p = 0; p < NC; p++) {
         REAL *restrict dxp = dx + p * plane;
         const REAL *restrict dyp = dy + p * OH * OW;
@@ -107,7 +154,7 @@ int GLUE(avgpool2d_forward, SUF)(REAL *y, const REAL *x, int64_t NC, int64_t H, 
                                  int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
                                  int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
 {
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 4096)
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
     for (int64_t p = 0; p < NC; p++) {
         const REAL *restrict xp = x + p * H * W;
         REAL *restrict yp = y + p * OH * OW;
@@ -133,7 +180,7 @@ int GLUE(avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, int64_t NC, int64_t 
                                   int64_t PW, int count_include_pad, int64_t divisor_override,
                                   int64_t OH, int64_t OW)
 {
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 4096)
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
     for (int64_t p = 0; p < NC; p++) {
         REAL *restrict dxp = dx + p * H * W;
         const REAL *restrict dyp = dy + p * OH * OW;
