@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 
+from ._config import set_blas_threads as _set_blas_threads  # also used by tests and examples
+
 # Per-dataset normalisation (mean, std of the training images in [0, 1]) and display names.
 _DATASETS = {
     "mnist": ("MNIST", (0.1307,), (0.3081,)),
@@ -133,59 +135,7 @@ def _configure(args):
         except ImportError as exc:
             raise CLIError(str(exc)) from None
     if args.threads is not None:
-        cnnx.set_num_threads(args.threads)
-        _set_blas_threads(args.threads)
-
-
-def _set_blas_threads(n):
-    """Cap the BLAS behind numpy's matmul (the Linear layers) at n threads, like the C kernels.
-
-    threadpoolctl when installed; otherwise OpenBLAS's own setter, found among the loaded libraries
-    (Linux). A BLAS left at its default thread count spins on a shared machine: measured 15x slower
-    for LeNet-5's (64 x 400) @ (400 x 120) products on 2 busy cores. Returns the previous thread
-    count (None when unknown or when no BLAS could be reached).
-    """
-    try:
-        import threadpoolctl
-    except ImportError:
-        threadpoolctl = None
-    if threadpoolctl is not None:
-        info = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
-        threadpoolctl.threadpool_limits(int(n), user_api="blas")
-        return info[0]["num_threads"] if info else None
-    previous = None
-    for setter, getter in _openblas_functions():
-        if previous is None and getter is not None:
-            previous = int(getter())
-        setter(int(n))
-    return previous
-
-
-def _openblas_functions():
-    """(set_num_threads, get_num_threads or None) of every OpenBLAS loaded in this process (Linux)."""
-    import ctypes
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        return []
-    found = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
-                               ("openblas", "")):
-            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if setter is not None:
-                setter.argtypes, setter.restype = [ctypes.c_int], None
-                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                if getter is not None:
-                    getter.argtypes, getter.restype = [], ctypes.c_int
-                found.append((setter, getter))
-                break
-    return found
+        cnnx.set_num_threads(args.threads)  # the C kernels and numpy's BLAS
 
 
 def _load_split(args, train):

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from .nn import Sequential
+
 __all__ = ["fit", "evaluate", "confusion_matrix", "format_confusion_matrix", "accuracy"]
 
 
@@ -238,6 +240,7 @@ def fit(model, loss_fn, optimizer, train_loader, test_loader=None, epochs=1, sch
         except TypeError:
             total = 0
         bar = _Progress(total, f"epoch {epoch}/{epochs}", show)
+        skip_input_grad = isinstance(model, Sequential)
         try:
             for step, batch in enumerate(train_loader, 1):
                 x, y = _batch_xy(batch, "fit")
@@ -248,7 +251,10 @@ def fit(model, loss_fn, optimizer, train_loader, test_loader=None, epochs=1, sch
                     raise FloatingPointError(
                         f"fit: the training loss became {loss} at epoch {epoch}, batch {step}; "
                         f"lower the learning rate (lr={lr})")
-                model.backward(loss_fn.backward())
+                if skip_input_grad:  # nothing needs d(loss)/d(images): spare the first layer's dx
+                    model.backward(loss_fn.backward(), input_grad=False)
+                else:
+                    model.backward(loss_fn.backward())
                 optimizer.step()
                 if per_batch:
                     scheduler.step()
