@@ -129,6 +129,7 @@ def build_parser():
 # ------------------------------------------------------------------------------------------- helpers
 def _configure(args):
     import cnnx
+    cnnx.keep_freed_memory()  # this process reuses its activation memory every step (no page faults)
     if args.backend is not None:
         try:
             cnnx.set_backend(args.backend)
