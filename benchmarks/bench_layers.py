@@ -22,9 +22,6 @@ import numpy as np
 import _common as C
 from _common import cnnx
 
-KERNEL_OPS = ("fwd", "bwd_input", "bwd_weight")
-
-
 # -- kernels ------------------------------------------------------------------------------------------
 class PoolCase:
     """2x2/2 max pooling with indices on one of LeNet-5's feature maps."""
@@ -119,8 +116,8 @@ def validate_kernels(n, torch):
 
 
 def run_kernels(args, torch, n):
-    """One interleaved measurement per op; returns (rows, {(case, op): {impl: Stat}}, flops)."""
-    rows, results = [], {}
+    """One interleaved measurement per op; returns the table's rows."""
+    rows = []
     for case in kernel_cases(n):
         impl_ops = {"c": case.cnnx_ops("c")}
         if isinstance(case, (C.ConvCase, PoolCase)):
@@ -128,12 +125,11 @@ def run_kernels(args, torch, n):
         if torch is not None:
             impl_ops["torch"] = case.torch_ops(torch)
         flops = getattr(case, "flops", None)
-        for op in KERNEL_OPS:
+        for op in C.CONV_OPS:
             if op not in impl_ops["c"]:
                 continue
             fns = {impl: ops[op] for impl, ops in impl_ops.items()}
             stats = C.measure(fns, args.repeat, args.target, budget=args.ref_budget)
-            results[(case.name, op)] = stats
             c, ref, tt = stats["c"], stats.get("numpy"), stats.get("torch")
             label = {"fwd": "forward", "bwd_input": "backward dx",
                      "bwd_weight": "backward dw, db"}[op]
@@ -141,7 +137,7 @@ def run_kernels(args, torch, n):
                          C.fmt_ratio(ref and ref.median, c.median), C.fmt_ratio(tt and tt.median, c.median),
                          "-" if flops is None else f"{flops / c.median / 1e9:.1f}",
                          "-" if flops is None or tt is None else f"{flops / tt.median / 1e9:.1f}"])
-    return rows, results
+    return rows
 
 
 # -- layers -------------------------------------------------------------------------------------------
@@ -260,7 +256,7 @@ def main(argv=None):
     if started is None:
         return 2
     args, torch = started
-    ceilings = C.print_header("cnnx per-layer benchmark: LeNet-5 shapes, float32", args, torch, args.threads)
+    C.print_header("cnnx per-layer benchmark: LeNet-5 shapes, float32", args, torch, args.threads)
 
     C.section("validation (before timing): cnnx C vs numpy reference vs PyTorch")
     try:
@@ -274,22 +270,13 @@ def main(argv=None):
     print(f"all kernels and layers agree with {against} at batches {args.batches}: worst error "
           f"{worst:.2e} of the largest value (tolerance 2e-4)")
 
-    conv2_64 = {}
     for t in args.threads:
         C.set_threads(t, torch)
         for n in args.batches:
             C.section(f"kernels, batch {n}, {C.threads_label(t)} ({C.thread_report(torch)})")
-            rows, results = run_kernels(args, torch, n)
+            rows = run_kernels(args, torch, n)
             C.print_table(["op", "cnnx C", "numpy ref", "torch", "ref/C", "torch/C", "GFLOP/s C",
                            "GFLOP/s torch"], rows)
-            if n == 64:
-                case = C.ConvCase("conv2", 64)
-                conv2_64[t] = {}
-                for op in KERNEL_OPS:
-                    st = results[("conv2", op)]
-                    gf = case.flops / st["c"].median / 1e9
-                    tg = case.flops / st["torch"].median / 1e9 if "torch" in st else None
-                    conv2_64[t][op] = (gf, gf / ceilings[t], tg, st["c"])
             if not args.no_layers:
                 C.section(f"layers (Module forward / backward), batch {n}, {C.threads_label(t)}")
                 C.print_table(["layer", "cnnx C", "numpy ref", "torch", "ref/C", "torch/C"],
@@ -298,9 +285,8 @@ def main(argv=None):
 
     C.section("summary")
     print("ratios > 1 mean cnnx (C backend) is faster; times are medians ± interquartile spread")
-    if not conv2_64:
-        conv2_64 = C.conv2_vs_matmul(args, torch, args.threads, ceilings)
-    for ok, line in C.conv2_lines(conv2_64, ceilings):
+    print("conv2's C kernels and the numpy matmul re-measured side by side (interleaved) for the ratio:")
+    for ok, line in C.conv2_lines(C.conv2_vs_matmul(args, torch, args.threads)):
         print(f"{line}  {C.verdict(ok)}")
     return 0
 

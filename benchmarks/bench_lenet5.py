@@ -263,14 +263,18 @@ def main(argv=None):
                    help="folder with the MNIST IDX files for a real timed epoch (default: cnnx's data folder, "
                         "then /work/shared/data/mnist)")
     p.add_argument("--epoch", choices=("auto", "yes", "no"), default="auto",
-                   help="time a real MNIST epoch (auto: yes unless --quick, when the data is found)")
+                   help="time a real MNIST epoch (auto: yes unless --quick, when the data is found and the "
+                        "estimate is below --epoch-max)")
+    p.add_argument("--epoch-max", type=float, default=60.0,
+                   help="with --epoch auto, skip the real epoch when the step rate predicts more seconds than "
+                        "this (a busy machine; default 60)")
     started = C.start(p, argv, "bench_lenet5", ref_budget=(0.2, 2.0))
     if started is None:
         return 2
     args, torch = started
     if args.ref_batches is None:
         args.ref_batches = list(args.batches)
-    ceilings = C.print_header("cnnx LeNet-5 benchmark: training step and inference, float32", args, torch,
+    C.print_header("cnnx LeNet-5 benchmark: training step and inference, float32", args, torch,
                               args.threads)
 
     print("cnnx training step: model.backward(dlogits" + (", input_grad=False) (no gradient for the images, as "
@@ -300,8 +304,8 @@ def main(argv=None):
         print(f"({C.load_average()})")
 
     C.section("conv2 kernels at batch 64 vs the numpy matmul ceiling")
-    conv2 = C.conv2_vs_matmul(args, torch, args.threads, ceilings)
-    conv2_lines = C.conv2_lines(conv2, ceilings)
+    print("conv2's C kernels and the 1024x1024 numpy matmul measured side by side (interleaved):")
+    conv2_lines = C.conv2_lines(C.conv2_vs_matmul(args, torch, args.threads))
     for _, line in conv2_lines:
         print(line)
 
@@ -324,7 +328,9 @@ def main(argv=None):
     if not estimate:
         print("no estimate: batch 64 was not measured (--batches)")
     measured = None
-    if args.epoch == "yes" or (args.epoch == "auto" and not args.quick):
+    if args.epoch == "auto" and estimate.get("c", 0.0) > args.epoch_max:
+        print(f"real epoch not timed: the step rate predicts {estimate['c']:.0f} s > --epoch-max {args.epoch_max:g} s")
+    elif args.epoch == "yes" or (args.epoch == "auto" and not args.quick):
         measured = real_epoch(torch, epoch_threads, args.data_dir)
     else:
         print("real epoch not timed (--quick or --epoch no)")
