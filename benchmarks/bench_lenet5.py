@@ -17,6 +17,7 @@ Ends with the issue's four "done when" lines, measured in this run, with PASS/FA
 """
 import inspect
 import resource
+import statistics
 import sys
 import time
 import tracemalloc
@@ -61,6 +62,27 @@ class CnnxNet:
         self.model.backward(self.loss_fn.backward(), **self.backward_kwargs)
         self.opt.step()
         return loss, logits
+
+    def phased_fn(self, x, y, phases):
+        """A training step (C backend) that appends each phase's seconds to phases[name]."""
+        self.model.train()
+        model, loss_fn, opt, kwargs, clock = self.model, self.loss_fn, self.opt, self.backward_kwargs, time.perf_counter
+
+        def step():
+            t0 = clock()
+            opt.zero_grad()
+            logits = model(x)
+            t1 = clock()
+            loss = loss_fn(logits, y)
+            dlogits = loss_fn.backward()
+            t2 = clock()
+            model.backward(dlogits, **kwargs)
+            t3 = clock()
+            opt.step()
+            t4 = clock()
+            _record(phases, t0, t1, t2, t3, t4)
+            return loss
+        return step
 
     def train_fn(self, x, y):
         self.model.train()
@@ -109,6 +131,27 @@ class TorchNet:
             return loss, logits
         return step
 
+    def phased_fn(self, x, y, phases):
+        torch, model, opt, clock = self.torch, self.model, self.opt, time.perf_counter
+        F = torch.nn.functional
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        model.train()
+
+        def step():
+            t0 = clock()
+            opt.zero_grad()
+            logits = model(xt)
+            t1 = clock()
+            loss = F.cross_entropy(logits, yt)
+            t2 = clock()
+            loss.backward()
+            t3 = clock()
+            opt.step()
+            t4 = clock()
+            _record(phases, t0, t1, t2, t3, t4)
+            return loss
+        return step
+
     def infer_fn(self, x):
         xt = self.torch.from_numpy(x)
         self.model.eval()
@@ -116,6 +159,14 @@ class TorchNet:
 
     def params(self):
         return [p.detach().numpy() for p in self.model.parameters()]
+
+
+PHASES = ("zero_grad + forward", "loss", "backward", "optimizer step")
+
+
+def _record(phases, *clock):
+    for name, a, b in zip(PHASES, clock, clock[1:]):
+        phases.setdefault(name, []).append(b - a)
 
 
 def batch(n, seed=0):
@@ -186,6 +237,20 @@ def run_speed(args, torch, t, nets, results):
     C.print_table(headers, rows["train"])
     print("\ninference (forward, eval mode):")
     C.print_table(headers, rows["infer"])
+    breakdown = [n for n in args.breakdown if n in args.batches]
+    if breakdown and "torch" in nets:
+        print("\nwhere a training step's time goes (median per phase over the timed steps; cnnx's loss "
+              "includes its backward):")
+        rows = []
+        for n in breakdown:
+            x, y = batch(n)
+            phases = {"c": {}, "torch": {}}
+            C.measure({name: nets[name].phased_fn(x, y, phases[name]) for name in phases}, args.repeat,
+                      args.target)
+            for name, label in (("c", "cnnx C"), ("torch", "torch")):
+                med = {ph: statistics.median(v) for ph, v in phases[name].items()}
+                rows.append([n, label] + [C.fmt_time(med[ph]) for ph in PHASES] + [C.fmt_time(sum(med.values()))])
+        C.print_table(["batch", "library"] + list(PHASES) + ["sum"], rows)
 
 
 def peak_memory(sizes):
@@ -259,6 +324,8 @@ def main(argv=None):
                  batches=[1, 16, 64, 256])
     p.add_argument("--ref-batches", type=C.int_list, default=None,
                    help="batch sizes at which the (slow) numpy reference is timed (default: all of --batches)")
+    p.add_argument("--breakdown", type=C.int_list, default=[1, 64],
+                   help="batch sizes with a per-phase breakdown of the training step (default 1,64)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST IDX files for a real timed epoch (default: cnnx's data folder, "
                         "then /work/shared/data/mnist)")

@@ -64,6 +64,7 @@ def test_bench_lenet5_quick():
     assert "torch 2." in out or "torch " in out
     assert "training step (forward, loss, backward, SGD momentum)" in out
     assert "peak numpy/Python allocations during one training step" in out
+    assert "where a training step's time goes" in out
     lines = summary(out).splitlines()
 
     def line(prefix):
