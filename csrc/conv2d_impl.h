@@ -110,6 +110,20 @@ static void GLUE(col2im, SUF)(REAL *restrict dx, const REAL *restrict dcol, int6
             }
 }
 
+/* 1 when every x[i], i < n, is finite. (x - x is 0 for a finite x and NaN for an infinite or NaN one;
+ * eight independent partial sums let the compiler vectorise the scan.) */
+static int GLUE(all_finite, SUF)(const REAL *restrict x, int64_t n)
+{
+    REAL part[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) part[l] += x[i + l] - x[i + l];
+    REAL sum = 0;
+    for (; i < n; i++) sum += x[i] - x[i];
+    for (int l = 0; l < 8; l++) sum += part[l];
+    return sum == 0;
+}
+
 /* Output pixels per im2col chunk: the whole image when its column matrix fits the budget, else a
  * multiple of 16 pixels so the GEMM tiles stay full. */
 static int64_t GLUE(chunk_pixels, SUF)(int64_t K, int64_t P)
@@ -379,7 +393,10 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
     const int64_t wsize = OC * K;
-    const int direct = SH == 1 && SW == 1;
+    /* The stride-1 path sums over the padded output grid, pairing the zeros it puts in dy's extra columns with
+     * input pixels no output reads; 0 * Inf or 0 * NaN would leak into weights that never see such a pixel.
+     * An input that is not all finite takes the im2col path, which pairs only what the convolution pairs. */
+    const int direct = SH == 1 && SW == 1 && GLUE(all_finite, SUF)(x, N * C * H * W);
     const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
     const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_pixels, SUF)(K, P);
     int64_t S = N < 16 ? N : 16;
