@@ -14,8 +14,10 @@ N(0, 1)/1352, zero bias), plain SGD with learning rate 0.005 at batch size 1.
 1. The post's loop: 3 epochs over the first 1,000 training images (shuffled each epoch), one image per
    step, then the first 1,000 test images. The post prints about 78% test accuracy here.
 2. The same network on all 60,000 training images at batch 64 for 3 epochs, tested on all 10,000 test
-   images. The post's Keras version of this network reports about 97.4% after 3 epochs. At batch 64 the
-   learning rate is 0.005 x 64 = 0.32 on the batch-mean loss, i.e. the summed per-sample step of the post.
+   images; the post's Keras version of this network reports about 97.4% after 3 epochs. Optimiser: SGD
+   with learning rate 0.05 and momentum 0.9. (Plain SGD scaled to the batch, 0.005 x 64 = 0.32, reaches
+   97.5% when it converges but diverges for some seeds; Adam 1e-3 at batch 64 is stable but reaches
+   only about 96% in 3 epochs.)
 
 Bugs in the post's from-scratch code that cnnx does not have (checked at start-up):
 - ``MaxPool2.backprop`` copies the gradient to *every* pixel equal to the window's maximum, so a tie (a
@@ -103,11 +105,11 @@ def main(argv=None):
 
     n_train = 10000 if args.quick else len(x_tr)
     epochs = 1 if args.quick else 3
-    print(f"\n2. The same network at batch 64 (SGD lr 0.32 = 0.005 x 64): {epochs} epoch(s) on {n_train} images")
+    print(f"\n2. The same network at batch 64, SGD lr 0.05 momentum 0.9: {epochs} epoch(s) on {n_train} images")
     model = build_model(rng)
     train_loader = DataLoader((x_tr[:n_train], y_tr[:n_train]), batch_size=64, shuffle=True, generator=args.seed)
     test_loader = DataLoader((x_te, y_te), batch_size=1000)
-    history = fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.005 * 64), train_loader,
+    history = fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.05, momentum=0.9), train_loader,
                   test_loader, epochs=epochs)
     _common.print_history(history)
     final = history[-1]

@@ -60,7 +60,7 @@ def test_zhou_mnist(tmp_path):
     r = result(proc, "zhou_mnist")
     assert proc.stdout.count("  ok: ") == 2  # the max-pool tie and softmax checks ran and passed
     assert r["batch1_accuracy"] > 0.6, r          # post's loop: 1,000 images, batch 1 (chance: 0.1)
-    assert r["accuracy"] > 0.8, r                 # batch 64, one epoch on 10,000 images
+    assert r["accuracy"] > 0.75, r                # batch 64, one epoch on 10,000 (or 6,000) images
     assert 0 < r["loss"] < 1.0 and r["seconds_per_epoch"] > 0
 
 
