@@ -60,6 +60,9 @@ def parser(description, batches):
                    help="seconds of samples for a slow implementation (the numpy reference) before it takes "
                         "fewer rounds, at least 3")
     p.add_argument("--no-torch", action="store_true", help="do not import PyTorch even if it is installed")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: cnnx.keep_freed_memory() as the cnnx command does (glibc keeps freed memory for "
+                        "reuse; process-wide, so PyTorch gets it too); default: glibc's own thresholds")
     return p
 
 
@@ -86,6 +89,13 @@ def start(p, argv, script, ref_budget):
         return None
     if torch is not None:
         torch.manual_seed(0)
+    keep = getattr(cnnx, "keep_freed_memory", None)
+    if args.malloc == "keep" and keep is not None:
+        args.malloc_note = ("glibc keeps freed memory (cnnx.keep_freed_memory(), as the cnnx command does; "
+                            "process-wide: torch gets it too)" if keep() else "default (keep_freed_memory "
+                            "has no effect here)")
+    else:
+        args.malloc_note = "glibc defaults" + ("" if keep is not None else " (this cnnx has no keep_freed_memory)")
     return args, torch
 
 
@@ -365,6 +375,7 @@ def print_header(title, args, torch, ceiling_threads):
     else:
         print("torch: not installed (or --no-torch): its columns are skipped")
     print("OpenMP runtimes loaded:", ", ".join(_openmp_runtimes()) or "none yet")
+    print(f"allocator: {getattr(args, 'malloc_note', 'not set')}")
     print(f"timing: {args.repeat} interleaved rounds per measurement, ~{args.target * 1e3:g} ms per sample, "
           f"median ± interquartile spread{' (--quick: rough figures)' if args.quick else ''}")
     ceilings = {}
