@@ -164,7 +164,8 @@ def plot_filters(conv_weight, path=None, max_filters=64, max_in_channels=8, titl
         if cin == 1:  # one tile per filter, laid out in a square-ish grid
             tiles = [(k, 0) for k in range(n)]
             rows, cols = _tile_grid(n, 8)
-        else:
+        else:  # one row per filter; at most 64 tiles, so a wide layer stays quick to draw
+            n = min(n, max(1, 64 // cin))
             tiles = [(k, c) for k in range(n) for c in range(cin)]
             rows, cols = n, cin
         limit = float(np.abs(w[:, :cin]).max()) or 1.0
