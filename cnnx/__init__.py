@@ -10,4 +10,4 @@ from . import reference
 from ._random import manual_seed
 from . import nn, init, optim, models
 from .serialization import save, load
-from . import datasets, data
+from . import datasets, data, train

@@ -828,8 +828,8 @@ class Dropout(Module):
     """Inverted dropout, as ``torch.nn.Dropout``: in training each element is zeroed with probability p and
     the survivors are scaled by 1 / (1 - p); in eval mode it is the identity.
 
-    The mask is drawn from `generator` (default: cnnx's default generator, see cnnx.manual_seed) at each
-    forward. inplace=True overwrites x.
+    The mask is drawn from `generator` (a numpy Generator or an int seed; default: cnnx's default generator,
+    see cnnx.manual_seed) at each forward. inplace=True overwrites x.
     """
 
     def __init__(self, p=0.5, inplace=False, generator=None):
@@ -839,6 +839,8 @@ class Dropout(Module):
             raise ValueError(f"Dropout: dropout probability has to be between 0 and 1, but got {p}")
         self.p = p
         self.inplace = bool(inplace)
+        if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+            generator = np.random.default_rng(int(generator))  # a seed, as DataLoader accepts
         self.generator = generator
         self._cache_mask = None
         self._cache_shape = None
