@@ -20,13 +20,15 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _as_float(a, name, fn, ndim, dtype=None):
     """A C-contiguous float32/float64 ndarray view or copy of `a`, checked for ndim and dtype."""
-    if not (type(a) is np.ndarray and a.dtype in _FLOATS and a.flags.c_contiguous):
+    if not (type(a) is np.ndarray and a.dtype in _FLOATS and a.flags.c_contiguous and a.flags.aligned):
         if a is None:
             raise TypeError(f"{fn}: {name} must be an array, got None")
         a = np.asarray(a)
         if a.dtype not in _FLOATS:
             raise TypeError(f"{fn}: {name} must be float32 or float64, got dtype {a.dtype}")
         a = np.ascontiguousarray(a)
+        if not a.flags.aligned:     # e.g. a view into a byte buffer at an odd offset: C loads need alignment
+            a = a.copy()
     if a.ndim != ndim:
         dims = {4: "(N, C, H, W)", 1: "(out_channels,)"}.get(ndim, "")
         if name == "weight":
@@ -168,6 +170,8 @@ def max_pool2d_backward(dy, x, kernel_size, stride=None, padding=0, dilation=1, 
         dtype = x.dtype
     else:
         indices = np.ascontiguousarray(indices)
+        if not indices.flags.aligned:
+            indices = indices.copy()
         if indices.dtype != np.int64:
             raise TypeError(f"{fn}: indices must be int64 (from max_pool2d(..., return_indices=True)), "
                             f"got {indices.dtype}")
