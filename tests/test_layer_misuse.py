@@ -3,8 +3,7 @@ parameters replaced by arrays of the wrong shape or dtype, load_state_dict with 
 
 Every refusal is a RuntimeError (backward without forward, as PyTorch), TypeError or ValueError whose message
 names the layer or the offending argument -- never a numpy broadcasting/matmul message, a silent broadcast
-or a crash. Cases marked xfail(strict=True) are known gaps reported to the nn owner: they turn into failures
-(XPASS) the moment the layer is fixed, so the mark gets removed.
+or a crash.
 """
 import re
 
@@ -53,27 +52,8 @@ def _layers():
 LAYERS = _layers()
 IDS = [name for name, _, _ in LAYERS]
 
-# Known gaps, reported to the nn owner; strict xfail, so the fix shows up as XPASS and the entry gets removed.
-_GAPS = {
-    ("backward_before_forward", "Identity"): "Identity.backward before forward raises AttributeError",
-    ("dy_shape", "Flatten", "transposed"): "Flatten.backward accepts any dy with the right element count",
-    ("dy_shape", "Flatten", "extra_dim"): "Flatten.backward accepts any dy with the right element count",
-    ("dy_dtype", "MaxPool2d", "float64"): "a float64 dy into a float32 MaxPool2d returns a float64 dx",
-    ("dy_dtype", "AvgPool2d", "float64"): "a float64 dy into a float32 AvgPool2d returns a float64 dx",
-    ("dy_dtype", "Sequential", "float16"): "Linear.backward does not check dy's dtype",
-    ("dy_dtype", "Sequential", "complex64"): "Linear.backward does not check dy's dtype",
-}
-
-
-def known_gap(request, *key):
-    reason = _GAPS.get(key)
-    if reason:
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="reported: " + reason))
-
-
 @pytest.mark.parametrize("name,make,x", LAYERS, ids=IDS)
-def test_backward_before_forward_is_a_runtime_error(request, backend, name, make, x):
-    known_gap(request, "backward_before_forward", name)
+def test_backward_before_forward_is_a_runtime_error(backend, name, make, x):
     layer = make()
     with pytest.raises(RuntimeError, match=r"backward called before forward"):
         layer.backward(np.ones((2, 2), np.float32))
@@ -90,8 +70,7 @@ def test_backward_twice_after_one_forward_is_a_runtime_error(backend, name, make
 
 @pytest.mark.parametrize("name,make,x", LAYERS, ids=IDS)
 @pytest.mark.parametrize("change", ["bigger", "smaller", "transposed", "scalar", "extra_dim"])
-def test_dy_of_the_wrong_shape_is_a_value_error_naming_the_shapes(request, backend, name, make, x, change):
-    known_gap(request, "dy_shape", name, change)
+def test_dy_of_the_wrong_shape_is_a_value_error_naming_the_shapes(backend, name, make, x, change):
     layer = make()
     y = layer(x)
     shape = {"bigger": y.shape[:-1] + (y.shape[-1] + 1,), "smaller": y.shape[:-1] + (max(y.shape[-1] - 1, 0),),
@@ -109,8 +88,7 @@ def test_dy_of_the_wrong_shape_is_a_value_error_naming_the_shapes(request, backe
                                                                              "Sequential")],
                          ids=["Conv2d", "MaxPool2d", "AvgPool2d", "Sequential"])
 @pytest.mark.parametrize("bad", [np.int64, np.float16, np.complex64, np.float64])
-def test_dy_of_the_wrong_dtype_is_a_type_error_in_kernel_layers(request, backend, name, make, x, bad):
-    known_gap(request, "dy_dtype", name, np.dtype(bad).name)
+def test_dy_of_the_wrong_dtype_is_a_type_error_in_kernel_layers(backend, name, make, x, bad):
     layer = make()
     y = layer(x)
     with pytest.raises(TypeError, match=r"dy"):
@@ -173,38 +151,10 @@ def _replace(param, how):
     raise AssertionError(how)
 
 
-# (layer, parameter, how) combinations that are refused today only by accident of numpy or not at all:
-# reported to the nn owner (see the module docstring).
-_KNOWN_GAPS = {
-    ("Conv2d", "weight", "wrong_shape"),          # a different kernel size is used silently
-    ("Linear", "weight", "wrong_shape"),          # numpy matmul message, names neither layer nor weight
-    ("Linear", "weight", "fewer_dims"),
-    ("Linear", "weight", "other_float"),          # output silently changes dtype
-    ("Linear", "weight", "int"),
-    ("Linear", "bias", "wrong_shape"),            # bias (5,) vs (4,): numpy broadcast message
-    ("Linear", "bias", "fewer_dims"),             # bias (1, 1, 4): silently broadcast to a 3-d output
-    ("Linear", "bias", "other_float"),
-    ("Linear", "bias", "int"),
-    ("BatchNorm2d", "weight", "wrong_shape"),     # "cannot reshape array of size 4 into shape (1,3,1,1)"
-    ("BatchNorm2d", "weight", "fewer_dims"),
-    ("BatchNorm2d", "weight", "other_float"),
-    ("BatchNorm2d", "weight", "int"),
-    ("BatchNorm2d", "bias", "wrong_shape"),
-    ("BatchNorm2d", "bias", "fewer_dims"),
-    ("BatchNorm2d", "bias", "other_float"),
-    ("BatchNorm2d", "bias", "int"),
-}
-
-
 def _param_cases():
-    cases = []
-    for layer_name in ("Conv2d", "Linear", "BatchNorm2d"):
-        for pname in ("weight", "bias"):
-            for how in ("wrong_shape", "fewer_dims", "other_float", "int"):
-                marks = [pytest.mark.xfail(strict=True, reason="reported: layer does not check its parameters")] \
-                    if (layer_name, pname, how) in _KNOWN_GAPS else []
-                cases.append(pytest.param(layer_name, pname, how, marks=marks, id=f"{layer_name}-{pname}-{how}"))
-    return cases
+    return [pytest.param(layer_name, pname, how, id=f"{layer_name}-{pname}-{how}")
+            for layer_name in ("Conv2d", "Linear", "BatchNorm2d") for pname in ("weight", "bias")
+            for how in ("wrong_shape", "fewer_dims", "other_float", "int")]
 
 
 @pytest.mark.parametrize("layer_name,pname,how", _param_cases())
