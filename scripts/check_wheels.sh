@@ -187,15 +187,30 @@ def pytest_runtest_logreport(report):
         _seen["passed"] += 1
 
 
+def _config():
+    # cnnx's runtime configuration (SIMD path, threads, ...), taken after collection, before any test
+    # has had a chance to change the thread count.
+    cfg = getattr(sys.modules.get("cnnx"), "_config", None)
+    if cfg is not None and hasattr(cfg, "config"):
+        _seen["config"] = {k: str(v) for k, v in cfg.config().items()}
+
+
+def pytest_collection_finish(session):
+    try:
+        _config()
+    except Exception as exc:
+        _seen["config_error"] = repr(exc)
+
+
 def pytest_sessionfinish(session, exitstatus):
     info = dict(_seen, exitstatus=int(exitstatus), sys_path=sys.path[:6])
     try:
         cnnx = importlib.import_module("cnnx")
         info["cnnx"] = cnnx.__file__
         info["kernels"] = importlib.import_module("cnnx._kernels").__file__
-        cfg = getattr(cnnx, "_config", None)
-        if cfg is not None and hasattr(cfg, "config"):
-            info["config"] = {k: str(v) for k, v in cfg.config().items()}
+        if "config" not in _seen:
+            _config()
+            info["config"] = _seen.get("config", {})
     except Exception as exc:  # reported, and the check below fails
         info["import_error"] = repr(exc)
     with open(os.environ["CNNX_PROBE_OUT"], "w") as f:
@@ -203,7 +218,7 @@ def pytest_sessionfinish(session, exitstatus):
 EOF
 
 # The README's test command, verbatim (docs/INSTALL.md "Running the tests"); run from outside the source tree.
-readme_test_command() { python -m pytest -ra -p no:cacheprovider "$SRC/tests" "$@"; }
+readme_test_command() { python -m pytest -ra -p no:cacheprovider "$SRC/tests"; }
 
 # run_tests NAME VENV RUNDIR [PREFIX...] -- [pytest args]: run the test command under PREFIX (e.g. qemu)
 # with the probe, then check the probe's record.
@@ -253,16 +268,33 @@ run_suite() {  # run_suite LABEL VENV EXPECT_SIMD [ENV=VAL...] -- [PREFIX...] --
         export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" PYTEST_PLUGINS=cnnx_ci_probe CNNX_PROBE_OUT="$rundir/probe.json"
         [ ${#envs[@]} -eq 0 ] || export "${envs[@]}"
         python -c 'import sys, cnnx; print("check_wheels: python", sys.version.split()[0], "imports cnnx from", cnnx.__file__)'
-        echo "check_wheels: ${prefix[*]:+${prefix[*]} }(cd $rundir && python -m pytest -ra -p no:cacheprovider $SRC/tests $*)"
-        if [ ${#prefix[@]} -eq 0 ]; then
-            readme_test_command "$@"
-        else
-            "${prefix[@]}" "$venv/bin/python" -m pytest -ra -p no:cacheprovider "$SRC/tests" "$@"
+        echo "check_wheels: (cd $rundir && ${envs[*]:+${envs[*]} }${prefix[*]:+${prefix[*]} }python -m pytest -ra -p no:cacheprovider ${*:-$SRC/tests})"
+        if [ ${#prefix[@]} -eq 0 ] && [ $# -eq 0 ]; then
+            readme_test_command            # the whole suite: the README's command, verbatim
+        else                               # selected test files, possibly under qemu
+            ${prefix[@]+"${prefix[@]}"} "$venv/bin/python" -m pytest -ra -p no:cacheprovider "$@"
         fi
     ) || rc=$?
-    [ -f "$rundir/probe.json" ] || die "$label: pytest exited $rc without a probe record"
-    check_probe "$rundir/probe.json" "$venv" "$simd" || die "$label: probe check failed"
-    [ "$rc" -eq 0 ] || die "$label: pytest exit status $rc (5 means no tests were collected)"
+    SUMMARY+=("$(printf '%-14s' "$label:") $(summarize "$rundir/probe.json")")
+    # A failing suite is recorded and the next one still runs; the script fails at the end.
+    if [ ! -f "$rundir/probe.json" ]; then
+        FAILURES+=("$label: pytest exited $rc without a probe record"); return 0
+    fi
+    check_probe "$rundir/probe.json" "$venv" "$simd" || FAILURES+=("$label: probe check failed")
+    [ "$rc" -eq 0 ] || FAILURES+=("$label: pytest exit status $rc (5 means no tests were collected)")
+}
+FAILURES=()
+
+summarize() {  # one line from a probe record
+    [ -f "$1" ] || { echo "no probe record"; return 0; }
+    "$TOOLS/python" - "$1" <<'EOF' || echo "unreadable probe record"
+import json, sys
+r = json.load(open(sys.argv[1]))
+c = r.get("config", {})
+print("%d passed, %d skipped, %d failed; numpy %s, simd %s, openmp %s, threads %s" % (
+    r["passed"], r["skipped"], r["failed"] + r["errors"], c.get("numpy", "?"), c.get("simd", "?"),
+    c.get("openmp", "?"), c.get("threads", "?")))
+EOF
 }
 
 make_venv() {  # make_venv PY VENV WHEEL [torch]
@@ -286,7 +318,7 @@ for py in "${INTERPS[@]}"; do
     stage_start "Python $v: README test command from $WORK/run-$v"
     run_suite "$v" "$WORK/venv-$v" any -- --
     stage_end
-    SUMMARY+=("Python $v: $(basename "$WHEEL") $(du -k "$WHEEL" | cut -f1) KB; $("$TOOLS/python" -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r[\"passed\"]} passed, {r[\"skipped\"]} skipped; simd={r.get(\"config\",{}).get(\"simd\",\"?\")}")' "$WORK/run-$v/probe.json")")
+    SUMMARY+=("  wheel $(basename "$WHEEL"): $(du -k "$WHEEL" | cut -f1) KB")
     [ -z "$torch" ] && [ -z "$QEMU_VENV" ] && QEMU_VENV="$WORK/venv-$v"
 done
 
@@ -343,4 +375,9 @@ echo "=== check_wheels summary (total $((SECONDS - T0))s) ==="
 for s in "${SUMMARY[@]}"; do echo "$s"; done
 echo "--- stage timings"
 for t in "${TIMINGS[@]}"; do echo "$t"; done
+if [ ${#FAILURES[@]} -gt 0 ]; then
+    echo "--- failures"
+    for f in "${FAILURES[@]}"; do echo "check_wheels: FAIL: $f"; done
+    exit 1
+fi
 echo "check_wheels: OK"
