@@ -11,8 +11,8 @@
  * The backward to the input at stride 1 is the same operation on dy with the flipped, transposed kernel;
  * the backward to the weight is dot products of dy's rows with those same slices.
  *
- * Any stride ("im2col" path): B is unfolded (im2col) for a chunk of output pixels at a time, so scratch
- * stays bounded whatever the image size; dx goes back through col2im.
+ * Any stride ("im2col" path): B is unfolded (im2col) for a chunk of whole output rows at a time, so
+ * scratch stays bounded whatever the image size (one row at least); dx goes back through col2im.
  *
  * The weights are packed for the GEMM once per call. Scratch is allocated once per call and thread.
  */
@@ -43,40 +43,37 @@ static void GLUE(valid_range, SUF)(int64_t *lo, int64_t *hi, int64_t OW, int64_t
 }
 
 /*
- * im2col for output pixels [p0, p0 + pc) of one image-group: col (K, pc), row r = (c*KH + kh)*KW + kw.
- *   col[r, q] = x[c, ih, iw] with p = p0 + q, oh = p / OW, ow = p % OW, ih = oh*SH - PT + kh*DH,
- *               iw = ow*SW - PL + kw*DW, and 0 where (ih, iw) falls in the padding.
+ * im2col for output rows [oh0, oh0 + rows) of one image-group: col (K, rows*OW), row r = (c*KH + kh)*KW + kw.
+ *   col[r, (oh - oh0)*OW + ow] = x[c, ih, iw] with ih = oh*SH - PT + kh*DH, iw = ow*SW - PL + kw*DW,
+ *   and 0 where (ih, iw) falls in the padding.
  * x points at channel 0 of the group, (Cg, H, W).
  */
 static void GLUE(im2col, SUF)(REAL *restrict col, const REAL *restrict x, int64_t Cg, int64_t H,
                               int64_t W, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,
-                              int64_t PL, int64_t DH, int64_t DW, int64_t OW, int64_t p0, int64_t pc)
+                              int64_t PL, int64_t DH, int64_t DW, int64_t OW, int64_t oh0, int64_t rows)
 {
     for (int64_t c = 0; c < Cg; c++)
         for (int64_t kh = 0; kh < KH; kh++)
             for (int64_t kw = 0; kw < KW; kw++) {
-                REAL *restrict dst = col + ((c * KH + kh) * KW + kw) * pc;
+                REAL *restrict dst = col + ((c * KH + kh) * KW + kw) * rows * OW;
                 const int64_t off = kw * DW - PL;
                 int64_t lo, hi;
                 GLUE(valid_range, SUF)(&lo, &hi, OW, W, SW, off);
-                int64_t q = 0, p = p0;
-                while (q < pc) {
-                    const int64_t oh = p / OW, ow = p - oh * OW;
-                    const int64_t seg = (OW - ow < pc - q) ? OW - ow : pc - q;
-                    const int64_t ih = oh * SH - PT + kh * DH;
-                    REAL *restrict d = dst + q - ow; /* d[o] is output column o of this row */
+                for (int64_t r = 0; r < rows; r++) {
+                    REAL *restrict d = dst + r * OW;
+                    const int64_t ih = (oh0 + r) * SH - PT + kh * DH;
                     if (ih < 0 || ih >= H) {
-                        for (int64_t o = ow; o < ow + seg; o++) d[o] = 0;
-                    } else {
-                        const REAL *restrict src = x + (c * H + ih) * W + off;
-                        const int64_t a = lo > ow ? lo : ow, e = hi < ow + seg ? hi : ow + seg;
-                        int64_t o = ow;
-                        for (; o < a && o < ow + seg; o++) d[o] = 0;
-                        for (; o < e; o++) d[o] = src[o * SW];
-                        for (; o < ow + seg; o++) d[o] = 0;
+                        for (int64_t o = 0; o < OW; o++) d[o] = 0;
+                        continue;
                     }
-                    q += seg;
-                    p += seg;
+                    const REAL *restrict src = x + (c * H + ih) * W + off;
+                    int64_t o = 0;
+                    for (; o < lo; o++) d[o] = 0;
+                    if (SW == 1)
+                        for (; o < hi; o++) d[o] = src[o];
+                    else
+                        for (; o < hi; o++) d[o] = src[o * SW];
+                    for (; o < OW; o++) d[o] = 0;
                 }
             }
 }
@@ -84,28 +81,24 @@ static void GLUE(im2col, SUF)(REAL *restrict col, const REAL *restrict x, int64_
 /* col2im, the adjoint of im2col: dx[c, ih, iw] += dcol[r, q] for every in-bounds (r, q). Accumulates. */
 static void GLUE(col2im, SUF)(REAL *restrict dx, const REAL *restrict dcol, int64_t Cg, int64_t H,
                               int64_t W, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,
-                              int64_t PL, int64_t DH, int64_t DW, int64_t OW, int64_t p0, int64_t pc)
+                              int64_t PL, int64_t DH, int64_t DW, int64_t OW, int64_t oh0, int64_t rows)
 {
     for (int64_t c = 0; c < Cg; c++)
         for (int64_t kh = 0; kh < KH; kh++)
             for (int64_t kw = 0; kw < KW; kw++) {
-                const REAL *restrict src = dcol + ((c * KH + kh) * KW + kw) * pc;
+                const REAL *restrict src = dcol + ((c * KH + kh) * KW + kw) * rows * OW;
                 const int64_t off = kw * DW - PL;
                 int64_t lo, hi;
                 GLUE(valid_range, SUF)(&lo, &hi, OW, W, SW, off);
-                int64_t q = 0, p = p0;
-                while (q < pc) {
-                    const int64_t oh = p / OW, ow = p - oh * OW;
-                    const int64_t seg = (OW - ow < pc - q) ? OW - ow : pc - q;
-                    const int64_t ih = oh * SH - PT + kh * DH;
-                    if (ih >= 0 && ih < H) {
-                        REAL *restrict d = dx + (c * H + ih) * W + off;
-                        const REAL *restrict s = src + q - ow;
-                        const int64_t a = lo > ow ? lo : ow, e = hi < ow + seg ? hi : ow + seg;
-                        for (int64_t o = a; o < e; o++) d[o * SW] += s[o];
-                    }
-                    q += seg;
-                    p += seg;
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t ih = (oh0 + r) * SH - PT + kh * DH;
+                    if (ih < 0 || ih >= H) continue;
+                    REAL *restrict d = dx + (c * H + ih) * W + off;
+                    const REAL *restrict s = src + r * OW;
+                    if (SW == 1)
+                        for (int64_t o = lo; o < hi; o++) d[o] += s[o];
+                    else
+                        for (int64_t o = lo; o < hi; o++) d[o * SW] += s[o];
                 }
             }
 }
@@ -124,13 +117,13 @@ static int GLUE(all_finite, SUF)(const REAL *restrict x, int64_t n)
     return sum == 0;
 }
 
-/* Output pixels per im2col chunk: the whole image when its column matrix fits the budget, else a
- * multiple of 16 pixels so the GEMM tiles stay full. */
-static int64_t GLUE(chunk_pixels, SUF)(int64_t K, int64_t P)
+/* Output rows per im2col chunk: the whole image when its column matrix fits the budget, else as many
+ * whole rows as fit (at least one). */
+static int64_t GLUE(chunk_rows_im2col, SUF)(int64_t K, int64_t OH, int64_t OW)
 {
-    int64_t pc = SCRATCH_BUDGET / (K > 0 ? K : 1);
-    pc = pc < 16 ? 16 : pc - pc % 16;
-    return pc < P ? pc : P;
+    int64_t rows = SCRATCH_BUDGET / ((K > 0 ? K : 1) * (OW > 0 ? OW : 1));
+    if (rows < 1) rows = 1;
+    return rows < OH ? rows : OH;
 }
 
 /* Output rows per direct-path chunk, so that the padded input rows and the output rows of one chunk each
@@ -234,9 +227,9 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
     const int direct = SH == 1 && SW == 1;
     const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
-    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_pixels, SUF)(K, P);
-    const int64_t total = direct ? OH : P;
-    const int64_t nchunks = (total + unit - 1) / unit;
+    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH)
+                                : GLUE(chunk_rows_im2col, SUF)(K, OH, OW); /* output rows per task */
+    const int64_t nchunks = (OH + unit - 1) / unit;
     const int64_t ntasks = N * G * nchunks;
     const int64_t apg = cnnx_gemm_apack_size(OCg, K);
     REAL *apack = ALLOC(G * apg);
@@ -245,7 +238,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
-        const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit;
+        const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit * OW;
         REAL *img = ALLOC(img_n), *tmp = direct ? ALLOC(OCg * unit * Wp) : NULL;
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(K));
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
@@ -258,7 +251,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int64_t chunk = t % nchunks, ng = t / nchunks, g = ng % G, n = ng / G;
-            const int64_t u0 = chunk * unit, u1 = u0 + unit < total ? u0 + unit : total;
+            const int64_t u0 = chunk * unit, u1 = u0 + unit < OH ? u0 + unit : OH;
             const REAL *xg = x + (n * C + g * Cg) * H * W;
             REAL *yg = y + (n * OC + g * OCg) * P;
             const REAL *bg = b ? b + g * OCg : NULL;
@@ -267,12 +260,12 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
                                        PL, OH, OW, u0, u1, img, off, tmp, bpad);
                 continue;
             }
-            const int64_t pc = u1 - u0;
-            GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, pc);
-            GEMM(path, yg + u0, P, apack + g * apg, img, NULL, pc, OCg, pc, K, 0, bpad);
+            const int64_t pc = (u1 - u0) * OW, p0 = u0 * OW;
+            GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, u1 - u0);
+            GEMM(path, yg + p0, P, apack + g * apg, img, NULL, pc, OCg, pc, K, 0, bpad);
             if (bg)
                 for (int64_t o = 0; o < OCg; o++)
-                    for (int64_t q = 0; q < pc; q++) yg[o * P + u0 + q] += bg[o];
+                    for (int64_t q = 0; q < pc; q++) yg[o * P + p0 + q] += bg[o];
         }
         free(img);
         free(tmp);
@@ -302,12 +295,15 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, KK = KH * KW;
     const int64_t T2 = (KH - 1) * DH - PT, L2 = (KW - 1) * DW - PL;
-    /* Stride 1 and enough input channels per group to fill the GEMM's rows (with 1-3 the direct path would
-     * waste most of each 6-row tile; im2col + col2im is then ~2x faster, measured on LeNet's first layer).
+    /* The direct path (stride 1) computes over dy padded by the kernel's reach on every side, so it pays off
+     * only when that padding adds little (<= 30% more pixels) and a group has enough input channels to fill
+     * the GEMM's 6-row tiles; otherwise im2col + col2im does fewer operations. Measured on LeNet-5: conv2
+     * (14x14 from 10x10, 5x5 kernel) 32 vs 43 GFLOP/s, conv1 (1 channel) 14 vs 36, in favour of im2col.
      * Negative T2, L2 (padding past the kernel's reach) crop dy. */
-    const int direct = SH == 1 && SW == 1 && Cg >= 4;
+    const int64_t span_w = (KW - 1) * DW, padded_px = (H + (KH - 1) * DH) * (W + span_w);
+    const int direct = SH == 1 && SW == 1 && Cg >= 4 && 10 * padded_px <= 13 * H * W;
     const int64_t Wp = W + (KW - 1) * DW, span_h = (KH - 1) * DH;
-    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wp, H) : GLUE(chunk_pixels, SUF)(K, P);
+    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wp, H) : GLUE(chunk_rows_im2col, SUF)(K, OH, OW);
     const int64_t nchunks = direct ? (H + unit - 1) / unit : 1;
     const int64_t ntasks = N * G * nchunks;
     /* direct: A = flipped w^T (Cg, OCg*KH*KW); im2col: A = w^T (K, OCg) */
@@ -335,7 +331,7 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         const int64_t kd = direct ? OCg * KK : OCg;
-        REAL *img = ALLOC(direct ? OCg * (unit + span_h) * Wp : K * unit);
+        REAL *img = ALLOC(direct ? OCg * (unit + span_h) * Wp : K * unit * OW);
         REAL *tmp = direct ? ALLOC(Cg * unit * Wp) : NULL;
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(kd));
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(kd > 0 ? kd : 1));
@@ -357,10 +353,10 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
                 continue;
             }
             for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
-            for (int64_t p0 = 0; p0 < P; p0 += unit) {
-                const int64_t pc = (P - p0 < unit) ? P - p0 : unit;
-                GEMM(path, img, pc, apack + g * apg, dyg + p0, NULL, P, K, pc, OCg, 0, bpad);
-                GLUE(col2im, SUF)(dxg, img, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, p0, pc);
+            for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+                const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, pc = rows * OW;
+                GEMM(path, img, pc, apack + g * apg, dyg + oh0 * OW, NULL, P, K, pc, OCg, 0, bpad);
+                GLUE(col2im, SUF)(dxg, img, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, oh0, rows);
             }
         }
         free(img);
@@ -398,7 +394,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
      * An input that is not all finite takes the im2col path, which pairs only what the convolution pairs. */
     const int direct = SH == 1 && SW == 1 && GLUE(all_finite, SUF)(x, N * C * H * W);
     const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
-    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_pixels, SUF)(K, P);
+    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_rows_im2col, SUF)(K, OH, OW);
     int64_t S = N < 16 ? N : 16;
     while (S > 1 && S * wsize > ((int64_t)1 << 22)) S--;
     if (S < 1) S = 1;
@@ -408,7 +404,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
-        REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit);
+        REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit * OW);
         REAL *dyx = direct ? ALLOC(GROUP * OCg * unit * Wp) : NULL;
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
         const int ok = img && off && (dyx || !direct);
@@ -425,12 +421,13 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
             for (int64_t i = 0; i < OCg * K; i++) dwg[i] = 0;
             if (!direct) {
                 for (int64_t n = n0; n < n1; n++)
-                    for (int64_t p0 = 0; p0 < P; p0 += unit) {
-                        const int64_t pc = (P - p0 < unit) ? P - p0 : unit;
+                    for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+                        const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, pc = rows * OW;
                         GLUE(im2col, SUF)(img, x + (n * C + g * Cg) * H * W, Cg, H, W, KH, KW, SH, SW, PT, PL,
-                                          DH, DW, OW, p0, pc);
+                                          DH, DW, OW, oh0, rows);
                         for (int64_t k = 0; k < K; k++) off[k] = k * pc;
-                        GEMM_NT(path, dwg, K, dy + (n * OC + g * OCg) * P + p0, P, img, off, OCg, K, pc, 1, 1, 0, 0);
+                        GEMM_NT(path, dwg, K, dy + (n * OC + g * OCg) * P + oh0 * OW, P, img, off, OCg, K, pc, 1,
+                                1, 0, 0);
                     }
                 continue;
             }
