@@ -15,6 +15,9 @@
 #                   the others run without torch and those tests skip with a reason.
 #   --qemu          on: the Nehalem run is required; auto (default): run it when qemu-x86_64 exists; off.
 #   --modes         also run the kernel tests with CNNX_FORCE_PORTABLE=1 and with OMP_NUM_THREADS=1.
+#   --oldest-numpy  also run the kernel tests against numpy 1.23.5, the oldest numpy the package declares
+#                   (dependencies: numpy>=1.23), on the first tested Python <= 3.11 (the wheels are built
+#                   against numpy 2 headers).
 #   --source-install  also install with the README's source install command (pip install "<checkout>[test]")
 #                   into a fresh venv and run the README's test command against that.
 #   --workdir       where sdist, wheels and venvs go (default: a new directory under /tmp).
@@ -28,6 +31,8 @@ TORCH_PY=""
 QEMU=auto
 MODES=0
 SOURCE_INSTALL=0
+OLDEST_NUMPY=0
+NUMPY_FLOOR="numpy==1.23.5"
 WORK=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -36,8 +41,9 @@ while [ $# -gt 0 ]; do
         --qemu) QEMU="$2"; shift 2 ;;
         --modes) MODES=1; shift ;;
         --source-install) SOURCE_INSTALL=1; shift ;;
+        --oldest-numpy) OLDEST_NUMPY=1; shift ;;
         --workdir) WORK="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "check_wheels: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -325,6 +331,26 @@ done
 QEMU_FILES=()
 for f in $QEMU_TESTS; do [ -f "$SRC/tests/$f" ] && QEMU_FILES+=("$SRC/tests/$f"); done
 [ ${#QEMU_FILES[@]} -gt 0 ] || die "none of the kernel test files ($QEMU_TESTS) exists in $SRC/tests"
+
+if [ "$OLDEST_NUMPY" = 1 ]; then
+    np_py=""
+    for py in "${INTERPS[@]}"; do
+        "$py" -c 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 11))' && { np_py="$py"; break; }
+    done
+    if [ -z "$np_py" ]; then
+        FAILURES+=("--oldest-numpy: no tested Python between 3.9 and 3.11 ($NUMPY_FLOOR has no wheels for newer ones)")
+    else
+        v="$(pyver "$np_py")"; tag="cp${v/./}"
+        stage_start "Python $v: fresh venv with the wheel and $NUMPY_FLOOR (the declared floor)"
+        "$np_py" -m venv "$WORK/venv-$v-numpy-floor"
+        "$WORK/venv-$v-numpy-floor/bin/python" -m pip install -q --upgrade pip
+        "$WORK/venv-$v-numpy-floor/bin/python" -m pip install -q "$(ls "$WORK"/wheelhouse/cnnx-*-"$tag"-"$tag"-*.whl)[test]" "$NUMPY_FLOOR"
+        stage_end
+        stage_start "Python $v: kernel tests against $NUMPY_FLOOR"
+        run_suite "$v-numpy-floor" "$WORK/venv-$v-numpy-floor" any -- -- "${QEMU_FILES[@]}"
+        stage_end
+    fi
+fi
 
 if [ "$SOURCE_INSTALL" = 1 ]; then
     v="$(pyver "$HOST_PY")"
