@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
         --source-install) SOURCE_INSTALL=1; shift ;;
         --oldest-numpy) OLDEST_NUMPY=1; shift ;;
         --workdir) WORK="$2"; shift 2 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "check_wheels: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
