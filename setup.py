@@ -131,7 +131,8 @@ class BuildExt(build_ext):
 
         is_msvc = self.compiler.compiler_type == "msvc"
         if is_msvc:
-            cflags, lflags = ["/O2"], []
+            # /std:c11: MSVC's C mode knows the C99 `restrict` keyword only in C11/C17 mode (VS 2019 16.8+).
+            cflags, lflags = ["/O2", "/std:c11"], []
         else:
             cflags = ["-O3", "-std=c99", "-fno-strict-aliasing", "-fvisibility=hidden"]
             lflags = ["-s"] if sys.platform.startswith("linux") else []
