@@ -60,6 +60,9 @@ def parser(description, batches):
                    help="seconds of samples for a slow implementation (the numpy reference) before it takes "
                         "fewer rounds, at least 3")
     p.add_argument("--no-torch", action="store_true", help="do not import PyTorch even if it is installed")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="numpy BLAS threads while cnnx and the reference run (default: the same as --threads; "
+                        "the matmul ceiling always uses --threads)")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
                    help="keep: cnnx.keep_freed_memory() as the cnnx command does (glibc keeps freed memory for "
                         "reuse; process-wide, so PyTorch gets it too); default: glibc's own thresholds")
@@ -82,6 +85,7 @@ def finish_args(args, ref_budget):
 def start(p, argv, script, ref_budget):
     """Parse the options and import torch; (args, torch), or None when the C extension is not built."""
     args = finish_args(p.parse_args(argv), ref_budget)
+    BLAS_THREADS["override"] = args.blas_threads
     torch = import_torch(args.no_torch)
     if not have_c_backend():
         print(f"{script}: the C extension cnnx._kernels is not built (python setup.py build_ext --inplace); "
@@ -160,13 +164,18 @@ def have_c_backend():
         return False
 
 
-def set_threads(n, torch=None):
-    """The same thread count for the cnnx kernels, PyTorch's intra-op pool and numpy's BLAS."""
+BLAS_THREADS = {"override": None}     # --blas-threads
+
+
+def set_threads(n, torch=None, ceiling=False):
+    """The same thread count for the cnnx kernels, PyTorch's intra-op pool and numpy's BLAS (unless
+    --blas-threads says otherwise; never for the matmul ceiling, which always runs on n threads)."""
     if have_c_backend():
         cnnx.set_num_threads(n)
     if torch is not None:
         torch.set_num_threads(n)
-    BLAS.set(n)
+    override = BLAS_THREADS["override"]
+    BLAS.set(n if ceiling or override is None else override)
 
 
 def thread_report(torch=None):
@@ -381,7 +390,7 @@ def print_header(title, args, torch, ceiling_threads):
     ceilings = {}
     rows = []
     for n in ceiling_threads:
-        set_threads(n, torch)
+        set_threads(n, torch, ceiling=True)
         gflops, stat = matmul_gflops(args.repeat, args.target)
         ceilings[n] = gflops
         rows.append([n, thread_report(torch), fmt_stat(stat), f"{gflops:.1f}"])
@@ -537,7 +546,7 @@ def conv2_vs_matmul(args, torch, threads, n=64):
     matmul, matmul_flops = _matmul_fn()
     out = {}
     for t in threads:
-        set_threads(t, torch)
+        set_threads(t, torch, ceiling=True)
         ops_c = case.cnnx_ops("c")
         ops_t = case.torch_ops(torch) if torch is not None else {}
         fns = {"matmul": matmul}
