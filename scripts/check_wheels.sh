@@ -354,10 +354,10 @@ fi
 
 if [ "$SOURCE_INSTALL" = 1 ]; then
     v="$(pyver "$HOST_PY")"
-    stage_start "Python $v: README source install (pip install \"$SRC[test]\") into a fresh venv"
+    stage_start "Python $v: README source install (pip install \"${SRC}[test]\") into a fresh venv"
     "$HOST_PY" -m venv "$WORK/venv-$v-src"
     "$WORK/venv-$v-src/bin/python" -m pip install -q --upgrade pip
-    (cd "$WORK" && "$WORK/venv-$v-src/bin/python" -m pip install -q "$SRC[test]") > "$WORK/source-install.log" 2>&1 \
+    (cd "$WORK" && "$WORK/venv-$v-src/bin/python" -m pip install -q "${SRC}[test]") > "$WORK/source-install.log" 2>&1 \
         || { tail -40 "$WORK/source-install.log"; die "README source install failed"; }
     stage_end
     stage_start "Python $v: README test command against the source install"
