@@ -8,9 +8,16 @@ _state = {"name": "c"}
 _lock = threading.Lock()
 
 
+_loaded = {}
+
+
 def _module(name):
+    module = _loaded.get(name)
+    if module is not None:
+        return module
     try:
-        return importlib.import_module(_BACKENDS[name])
+        module = _loaded[name] = importlib.import_module(_BACKENDS[name])
+        return module
     except ImportError as exc:
         if name == "c":
             raise ImportError(

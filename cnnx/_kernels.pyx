@@ -41,6 +41,17 @@ cdef extern from "cnnx.h" nogil:
                                    int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
                                    int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
                                    int64_t G, int64_t OH, int64_t OW)
+    int linear_forward_f32(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t IN,
+                           int64_t OUT)
+    int linear_forward_f64(double *y, const double *x, const double *w, const double *b, int64_t N, int64_t IN,
+                           int64_t OUT)
+    int linear_backward_input_f32(float *dx, const float *dy, const float *w, int64_t N, int64_t IN, int64_t OUT)
+    int linear_backward_input_f64(double *dx, const double *dy, const double *w, int64_t N, int64_t IN,
+                                  int64_t OUT)
+    int linear_backward_weight_f32(float *dw, float *db, const float *dy, const float *x, int64_t N, int64_t IN,
+                                   int64_t OUT, int accumulate)
+    int linear_backward_weight_f64(double *dw, double *db, const double *dy, const double *x, int64_t N,
+                                   int64_t IN, int64_t OUT, int accumulate)
     int maxpool2d_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H, int64_t W,
                               int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
                               int64_t DH, int64_t DW, int64_t OH, int64_t OW)
@@ -481,3 +492,138 @@ def avgpool2d_backward(dy, x_shape, kernel_size, stride, padding, ceil_mode, cou
         code = _avg_bwd[double](dx, dy, KH, KW, SH, SW, PH, PW, cip, div)
     _status(code, fn)
     return dx
+
+
+# ---------------------------------------------------------------- fully connected
+
+cdef int _lin_fwd(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1] w,
+                  const floating *b):
+    cdef int code
+    with nogil:
+        if floating is float:
+            code = linear_forward_f32(&y[0, 0], &x[0, 0], &w[0, 0], b, x.shape[0], x.shape[1], w.shape[0])
+        else:
+            code = linear_forward_f64(&y[0, 0], &x[0, 0], &w[0, 0], b, x.shape[0], x.shape[1], w.shape[0])
+    return code
+
+
+def linear_forward(x, weight, bias):
+    """y (N, OUT) = x (N, IN) @ weight (OUT, IN)^T + bias (OUT,)."""
+    fn = "linear_forward"
+    _check(x, "x", fn, 2)
+    _check(weight, "weight", fn, 2, x.dtype)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{fn}: x has {x.shape[1]} features, weight {weight.shape} expects {weight.shape[1]}")
+    if bias is not None:
+        _check(bias, "bias", fn, 1, x.dtype)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+    if y.size == 0:
+        return y
+    if x.shape[1] == 0:
+        y[...] = 0 if bias is None else bias
+        return y
+    cdef int code
+    cdef const float[::1] b32
+    cdef const double[::1] b64
+    if x.dtype == np.float32:
+        b32 = bias
+        code = _lin_fwd[float](y, x, weight, &b32[0] if b32 is not None else NULL)
+    else:
+        b64 = bias
+        code = _lin_fwd[double](y, x, weight, &b64[0] if b64 is not None else NULL)
+    _status(code, fn)
+    return y
+
+
+cdef int _lin_bwd_in(floating[:, ::1] dx, const floating[:, ::1] dy, const floating[:, ::1] w):
+    cdef int code
+    with nogil:
+        if floating is float:
+            code = linear_backward_input_f32(&dx[0, 0], &dy[0, 0], &w[0, 0], dx.shape[0], dx.shape[1], w.shape[0])
+        else:
+            code = linear_backward_input_f64(&dx[0, 0], &dy[0, 0], &w[0, 0], dx.shape[0], dx.shape[1], w.shape[0])
+    return code
+
+
+def linear_backward_input(dy, weight):
+    """dx (N, IN) = dy (N, OUT) @ weight (OUT, IN)."""
+    fn = "linear_backward_input"
+    _check(dy, "dy", fn, 2)
+    _check(weight, "weight", fn, 2, dy.dtype)
+    if weight.shape[0] != dy.shape[1]:
+        raise ValueError(f"{fn}: dy has {dy.shape[1]} features, weight {weight.shape} has {weight.shape[0]} outputs")
+    dx = np.empty((dy.shape[0], weight.shape[1]), dtype=dy.dtype)
+    if dx.size == 0:
+        return dx
+    if dy.shape[1] == 0:
+        dx.fill(0)
+        return dx
+    cdef int code
+    if dy.dtype == np.float32:
+        code = _lin_bwd_in[float](dx, dy, weight)
+    else:
+        code = _lin_bwd_in[double](dx, dy, weight)
+    _status(code, fn)
+    return dx
+
+
+cdef int _lin_bwd_w(floating[:, ::1] dw, floating *db, const floating[:, ::1] dy, const floating[:, ::1] x,
+                    int accumulate):
+    cdef int code
+    with nogil:
+        if floating is float:
+            code = linear_backward_weight_f32(&dw[0, 0], db, &dy[0, 0], &x[0, 0], x.shape[0], x.shape[1],
+                                              dy.shape[1], accumulate)
+        else:
+            code = linear_backward_weight_f64(&dw[0, 0], db, &dy[0, 0], &x[0, 0], x.shape[0], x.shape[1],
+                                              dy.shape[1], accumulate)
+    return code
+
+
+def linear_backward_weight(dy, x, with_bias, dweight=None, dbias=None):
+    """(dweight (OUT, IN), dbias (OUT,) or None) = (dy^T @ x, dy summed over the batch). Given dweight (and
+    dbias), the gradients are added into them in place (a parameter's .grad) and they are returned."""
+    fn = "linear_backward_weight"
+    _check(dy, "dy", fn, 2)
+    _check(x, "x", fn, 2, dy.dtype)
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(f"{fn}: dy has {dy.shape[0]} rows, x has {x.shape[0]} (the batch sizes must agree)")
+    wshape = (dy.shape[1], x.shape[1])
+    accumulate = dweight is not None
+    if accumulate:
+        _check(dweight, "dweight", fn, 2, dy.dtype)
+        if dweight.shape != wshape:
+            raise ValueError(f"{fn}: dweight must have shape {wshape}, got {dweight.shape}")
+        if with_bias:
+            if dbias is None:
+                raise ValueError(f"{fn}: dbias is needed with dweight when with_bias is true")
+            _check(dbias, "dbias", fn, 1, dy.dtype)
+            if dbias.shape != (wshape[0],):
+                raise ValueError(f"{fn}: dbias must have shape ({wshape[0]},), got {dbias.shape}")
+        for name, a in (("dweight", dweight), ("dbias", dbias if with_bias else None)):
+            if a is not None and (not a.flags.writeable or np.may_share_memory(a, dy) or np.may_share_memory(a, x)):
+                raise ValueError(f"{fn}: {name} must be writable and must not overlap dy or x")
+    else:
+        dweight = np.empty(wshape, dtype=dy.dtype)
+        dbias = np.empty((wshape[0],), dtype=dy.dtype) if with_bias else None
+    if not with_bias:
+        dbias = None
+    if dweight.size == 0:
+        if dbias is not None and not accumulate:
+            dbias[...] = dy.sum(axis=0)
+        elif dbias is not None:
+            dbias += dy.sum(axis=0)
+        return dweight, dbias
+    cdef int code
+    cdef float[::1] db32
+    cdef double[::1] db64
+    if dy.dtype == np.float32:
+        db32 = dbias
+        code = _lin_bwd_w[float](dweight, &db32[0] if db32 is not None else NULL, dy, x, accumulate)
+    else:
+        db64 = dbias
+        code = _lin_bwd_w[double](dweight, &db64[0] if db64 is not None else NULL, dy, x, accumulate)
+    _status(code, fn)
+    return dweight, dbias

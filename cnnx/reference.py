@@ -25,7 +25,8 @@ import numpy as np
 from ._geometry import conv2d_out_size, pool2d_out_size
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
-           "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward", "avgpool2d_backward"]
+           "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward", "avgpool2d_backward",
+           "linear_forward", "linear_backward_input", "linear_backward_weight"]
 
 
 def _offset_view(xp, i, j, oh, ow, stride, dilation):
@@ -269,3 +270,35 @@ def avgpool2d_backward(dy, x_shape, kernel_size, stride, padding, ceil_mode, cou
         for j in range(kw):
             _offset_view(dxp, i, j, oh, ow, stride, (1, 1))[...] += share
     return np.ascontiguousarray(dxp[:, :, pt:pt + h, pl:pl + w])
+
+
+def linear_forward(x, weight, bias):
+    """Fully connected layer.
+
+    x (N, IN), weight (OUT, IN), bias (OUT,) or None -> y (N, OUT):
+        y[n, o] = bias[o] + sum_i x[n, i] * weight[o, i]        i.e. y = x @ weight.T + bias
+    """
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def linear_backward_input(dy, weight):
+    """Gradient of linear_forward with respect to x: dy (N, OUT), weight (OUT, IN) -> dx (N, IN).
+    Differentiating y[n, o] += x[n, i] * weight[o, i]:   dx[n, i] = sum_o dy[n, o] * weight[o, i]."""
+    return dy @ weight
+
+
+def linear_backward_weight(dy, x, with_bias, dweight=None, dbias=None):
+    """Gradients of linear_forward with respect to weight and bias: dy (N, OUT), x (N, IN) ->
+        dweight[o, i] = sum_n dy[n, o] * x[n, i]       dbias[o] = sum_n dy[n, o]   (None unless with_bias)
+    Given dweight (and dbias), the gradients are added into them in place and they are returned."""
+    dw = dy.T @ x
+    db = dy.sum(axis=0) if with_bias else None
+    if dweight is None:
+        return dw, db
+    dweight += dw
+    if db is not None:
+        dbias += db
+    return dweight, dbias if with_bias else None

@@ -61,6 +61,17 @@ int conv2d_backward_weight_##SUF(REAL *dw, REAL *db, const REAL *dy, const REAL 
 CNNX_CONV2D_DECLARE(float, f32)
 CNNX_CONV2D_DECLARE(double, f64)
 
+/* ---- fully connected (linear.c): x (N, IN), w (OUT, IN), b (OUT,), y (N, OUT) ---- */
+#define CNNX_LINEAR_DECLARE(REAL, SUF)                                                              \
+int linear_forward_##SUF(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N, int64_t IN,  \
+                         int64_t OUT);                                                              \
+int linear_backward_input_##SUF(REAL *dx, const REAL *dy, const REAL *w, int64_t N, int64_t IN,      \
+                                int64_t OUT);                                                       \
+int linear_backward_weight_##SUF(REAL *dw, REAL *db, const REAL *dy, const REAL *x, int64_t N,       \
+                                 int64_t IN, int64_t OUT, int accumulate);
+CNNX_LINEAR_DECLARE(float, f32)
+CNNX_LINEAR_DECLARE(double, f64)
+
 /* ---- pooling (pool2d.c) ---- planes are (N*C) independent (H, W) images. */
 #define CNNX_POOL2D_DECLARE(REAL, SUF)                                                              \
 int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,                               \

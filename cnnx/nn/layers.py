@@ -79,7 +79,17 @@ def _typed_input(x, dtype, fn, ndims=None, what=""):
 
 def _check_parameters(self):
     """Each registered parameter still holds an array of the layer's dtype and the shape it was built with
-    (a user may have replaced param.data); TypeError/ValueError naming the parameter otherwise."""
+    (a user may have replaced param.data); TypeError/ValueError naming the parameter otherwise.
+    The arrays last found good are remembered, so the check costs one comparison per call until one changes."""
+    current = tuple(p.data if p is not None else None for p in self._parameters.values())
+    checked = self.__dict__.get("_checked_params")
+    if checked is not None and len(checked) == len(current) and all(a is b for a, b in zip(checked, current)):
+        return
+    _check_parameters_now(self)
+    self.__dict__["_checked_params"] = current
+
+
+def _check_parameters_now(self):
     fn = type(self).__name__
     for name, shape in self._param_shapes.items():
         param = self._parameters.get(name)
@@ -92,6 +102,14 @@ def _check_parameters(self):
                             f"use module.to(dtype) to change a layer's dtype")
         if data.shape != shape:
             raise ValueError(f"{fn}: parameter {name} must have shape {shape}, got {data.shape}")
+
+
+def _writable_grad(param):
+    """param.grad can take an in-place accumulation from a kernel: a C-contiguous, writable array of the
+    parameter's shape and dtype."""
+    g = param.grad
+    return (type(g) is np.ndarray and g.shape == param.data.shape and g.dtype == param.data.dtype
+            and g.flags.c_contiguous and g.flags.writeable)
 
 
 def _shapes_of(module):
@@ -185,46 +203,59 @@ class Conv2d(Module):
             bound = 1 / math.sqrt(fan_in)
             init.uniform_(self.bias, -bound, bound, generator=generator)
 
+    def _padding4(self, hw):
+        """(top, bottom, left, right) for an input of spatial size hw ('same' depends on it; cached)."""
+        cache = self.__dict__.setdefault("_padding_cache", {})
+        pad = cache.get(hw)
+        if pad is None:
+            if len(cache) > 64:
+                cache.clear()
+            pad = cache[hw] = conv_padding(self.padding, hw, self.kernel_size, self.stride, self.dilation,
+                                           "Conv2d")
+        return pad
+
+    # The layer validates its input and parameters itself and calls the backend's kernels directly with the
+    # normalised geometry: the same computation as cnnx.functional.conv2d, without re-normalising the
+    # arguments on every call (that is most of a batch-1 step's time).
     def forward(self, x):
         x = _typed_input(x, self.dtype, "Conv2d", (4,), "(N, C, H, W)")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d: input has {x.shape[1]} channels (shape {x.shape}), "
                              f"expected in_channels={self.in_channels}")
         self._check_parameters()
-        y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
-                     self.stride, self.padding, self.dilation, self.groups)
+        x = np.ascontiguousarray(x)
+        pad = self._padding4(x.shape[2:])
+        y = _backend.ops().conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
+                                          self.stride, pad, self.dilation, self.groups)
         self._cache_x = x
         self._cache_y_shape = y.shape
         return y
 
     def backward(self, dy):
-        x = self._cache_x
-        if x is None:
-            raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_y_shape, x.dtype)
-        self._check_parameters()
-        bias = self.bias
-        dx, dw, db = F.conv2d_backward(dy, x, self.weight.data, None if bias is None else bias.data,
-                                       self.stride, self.padding, self.dilation, self.groups)
-        self.weight.accumulate_grad(dw)
-        if bias is not None:
-            bias.accumulate_grad(db)
-        self._cache_x = None
+        dy, x = self._backward_begin(dy)
+        dx = _backend.ops().conv2d_backward_input(dy, self.weight.data, x.shape, self.stride,
+                                                  self._padding4(x.shape[2:]), self.dilation, self.groups)
+        self._backward_weight(dy, x)
         return dx
 
     def _backward_params_only(self, dy):
-        """backward without dx: only the weight/bias gradients (the first layer of a network needs no dx).
-        Calls the backend's weight-gradient kernel directly with the geometry normalised as functional does."""
+        """backward without dx: only the weight/bias gradients (the first layer of a network needs no dx)."""
+        dy, x = self._backward_begin(dy)
+        self._backward_weight(dy, x)
+
+    def _backward_begin(self, dy):
         x = self._cache_x
         if x is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_y_shape, x.dtype)
+        dy = np.ascontiguousarray(self._check_dy(dy, self._cache_y_shape, x.dtype))
         self._check_parameters()
-        padding = conv_padding(self.padding, x.shape[2:], self.kernel_size, self.stride, self.dilation, "Conv2d")
+        return dy, x
+
+    def _backward_weight(self, dy, x):
         bias = self.bias
-        dw, db = _backend.ops().conv2d_backward_weight(
-            np.ascontiguousarray(dy), np.ascontiguousarray(x), self.weight.shape, self.stride, padding,
-            self.dilation, self.groups, bias is not None)
+        dw, db = _backend.ops().conv2d_backward_weight(dy, x, self.weight.shape, self.stride,
+                                                       self._padding4(x.shape[2:]), self.dilation, self.groups,
+                                                       bias is not None)
         self.weight.accumulate_grad(dw)
         if bias is not None:
             bias.accumulate_grad(db)
@@ -278,10 +309,22 @@ class MaxPool2d(Module):
         self.ceil_mode = bool(ceil_mode)
         self._cache_x_shape = None
 
+    def _geometry(self):
+        """(kernel, stride, padding, dilation) as pairs, normalised once (re-done if an attribute changes)."""
+        key = (self.kernel_size, self.stride, self.padding, self.dilation)
+        cached = self.__dict__.get("_geometry_cache")
+        if cached is None or cached[0] != key:
+            fn = "MaxPool2d"
+            cached = (key, (pair(self.kernel_size, "kernel_size", fn, 1), pair(self.stride, "stride", fn, 1),
+                            pair(self.padding, "padding", fn, 0), pair(self.dilation, "dilation", fn, 1)))
+            self.__dict__["_geometry_cache"] = cached
+        return cached[1]
+
     def forward(self, x):
         x = _float_input(x, "MaxPool2d")
-        y, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                                  self.ceil_mode, return_indices=True)
+        if x.ndim != 4:
+            raise ValueError(f"MaxPool2d: input must have 4 dims (N, C, H, W), got shape {x.shape}")
+        y, indices = _backend.ops().maxpool2d_forward(np.ascontiguousarray(x), *self._geometry(), self.ceil_mode)
         self._cache_x_shape = x.shape
         self._cache_indices = indices
         self._cache_y_shape = y.shape
@@ -292,9 +335,8 @@ class MaxPool2d(Module):
         x_shape = self._cache_x_shape
         if x_shape is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, self._cache_y_shape, self._cache_dtype)
-        dx = F.max_pool2d_backward(dy, x_shape, self.kernel_size, self.stride, self.padding, self.dilation,
-                                   self.ceil_mode, indices=self._cache_indices)
+        dy = np.ascontiguousarray(self._check_dy(dy, self._cache_y_shape, self._cache_dtype))
+        dx = _backend.ops().maxpool2d_backward(dy, self._cache_indices, x_shape)
         self._cache_x_shape = self._cache_indices = None
         return dx
 
@@ -529,29 +571,41 @@ class Linear(Module):
             raise ValueError(f"Linear: input's last dimension must be in_features={self.in_features}, "
                              f"got shape {x.shape}")
         self._check_parameters()
-        y = x @ self.weight.data.T
-        if self.bias is not None:
-            y += self.bias.data
-        self._cache_x = x
-        return y
+        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features))
+        y = _backend.ops().linear_forward(x2, np.ascontiguousarray(self.weight.data),
+                                          None if self.bias is None else np.ascontiguousarray(self.bias.data))
+        self._cache_x = x2
+        self._cache_x_shape = x.shape
+        return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, dy):
-        return self._backward_params_only(dy) @ self.weight.data
+        x_shape = self.__dict__.get("_cache_x_shape")
+        dy2 = self._backward_params_only(dy)
+        dx = _backend.ops().linear_backward_input(dy2, np.ascontiguousarray(self.weight.data))
+        return dx.reshape(x_shape)
 
     def _backward_params_only(self, dy):
-        """Accumulate dweight = dy^T x and dbias = sum(dy); returns dy (checked) for the dx product."""
+        """Accumulate dweight += dy^T x and dbias += sum(dy) (straight into the .grad arrays when they are
+        plain arrays of the right shape); returns dy as a contiguous (N, out_features) matrix."""
         x = self._cache_x
         if x is None:
             raise self._no_forward()
-        dy = self._check_dy(dy, x.shape[:-1] + (self.out_features,), x.dtype)
+        x_shape = self._cache_x_shape
+        dy = self._check_dy(dy, x_shape[:-1] + (self.out_features,), x.dtype)
         self._check_parameters()
-        dy2 = dy.reshape(-1, self.out_features)
-        if self.weight.requires_grad:
-            self.weight.accumulate_grad(dy2.T @ x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            self.bias.accumulate_grad(dy2.sum(axis=0))
+        dy2 = np.ascontiguousarray(dy.reshape(-1, self.out_features))
+        weight, bias = self.weight, self.bias
+        ops = _backend.ops()
+        with_bias = bias is not None and bias.requires_grad
+        if weight.requires_grad and _writable_grad(weight) and (not with_bias or _writable_grad(bias)):
+            ops.linear_backward_weight(dy2, x, with_bias, weight.grad, bias.grad if with_bias else None)
+        else:
+            dw, db = ops.linear_backward_weight(dy2, x, with_bias)
+            weight.accumulate_grad(dw)
+            if with_bias:
+                bias.accumulate_grad(db)
         self._cache_x = None
-        return dy
+        return dy2
 
     def flops(self, input_shape, output_shape):
         return 2 * math.prod(input_shape) * self.out_features

@@ -112,6 +112,9 @@ class Module:
     # -- registration --------------------------------------------------------------------------
     def __setattr__(self, name, value):
         d = self.__dict__
+        if name.startswith("_cache"):  # forward's saved values: never parameters, buffers or modules
+            d[name] = value
+            return
         if "_parameters" not in d:
             raise AttributeError(f"cannot assign {name!r} before {type(self).__name__}.__init__ called "
                                  f"Module.__init__() (call super().__init__() first)")

@@ -1,0 +1,111 @@
+/*
+ * Fully connected layer template, included by linear.c once per dtype with REAL and SUF defined.
+ * Threads split the output columns (or rows), which every thread computes in full: results do not depend
+ * on the thread count. Calls below PARALLEL_MIN_MACS multiply-adds stay on one thread.
+ */
+#define GLUE_(a, b) a##_##b
+#define GLUE(a, b) GLUE_(a, b)
+#define ALLOC(n) ((REAL *)malloc(sizeof(REAL) * (size_t)((n) > 0 ? (n) : 1)))
+
+/*
+ * linear_forward: x (N, IN), w (OUT, IN), b (OUT,) or NULL  ->  y (N, OUT), overwritten.
+ *   y[n, o] = b[o] + sum_i x[n, i] * w[o, i]
+ * computed as dot products of x's rows with w's rows (both contiguous along IN).
+ */
+int GLUE(linear_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N, int64_t IN,
+                              int64_t OUT)
+{
+    const int path = cnnx_gemm_path();
+    int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(OUT > 0 ? OUT : 1));
+    if (!off) return CNNX_ENOMEM;
+    for (int64_t o = 0; o < OUT; o++) off[o] = o * IN;
+    const int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n0 = blk * 4, rows = N - n0 < 4 ? N - n0 : 4;
+        GLUE(cnnx_gemm_nt, SUF)(path, y + n0 * OUT, OUT, x + n0 * IN, IN, w, off, rows, OUT, IN, 0, 1, 0, 0);
+        if (b)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t o = 0; o < OUT; o++) y[(n0 + r) * OUT + o] += b[o];
+    }
+    free(off);
+    return CNNX_OK;
+}
+
+/*
+ * linear_backward_input: dy (N, OUT), w (OUT, IN)  ->  dx (N, IN), overwritten.
+ * Differentiates  y[n, o] += x[n, i] * w[o, i]:   dx[n, i] = sum_o dy[n, o] * w[o, i]
+ */
+int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, int64_t N, int64_t IN,
+                                     int64_t OUT)
+{
+    const int path = cnnx_gemm_path();
+    REAL *apack = ALLOC(cnnx_gemm_apack_size(N, OUT));
+    if (!apack) return CNNX_ENOMEM;
+    GLUE(cnnx_gemm_pack_a, SUF)(path, apack, dy, OUT, 1, N, OUT);
+    const int64_t panels = (IN + 63) / 64;
+    int status = CNNX_OK;
+#pragma omp parallel num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
+    {
+        REAL *bpad = ALLOC(cnnx_gemm_bpad_size(OUT));
+        if (!bpad) {
+#pragma omp atomic write
+            status = CNNX_ENOMEM;
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            if (!bpad) continue;
+            const int64_t j0 = p * 64, cols = IN - j0 < 64 ? IN - j0 : 64;
+            GLUE(cnnx_gemm, SUF)(path, dx + j0, IN, apack, w + j0, NULL, IN, N, cols, OUT, 0, bpad);
+        }
+        free(bpad);
+    }
+    free(apack);
+    return status;
+}
+
+/*
+ * linear_backward_weight: dy (N, OUT), x (N, IN)  ->  dw (OUT, IN) and, when db is not NULL, db (OUT,);
+ * added to what they hold when accumulate != 0 (a parameter's .grad), overwritten otherwise.
+ * Differentiates  y[n, o] = b[o] + x[n, i] * w[o, i]:
+ *   dw[o, i] = sum_n dy[n, o] * x[n, i]        db[o] = sum_n dy[n, o]
+ */
+int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const REAL *x, int64_t N,
+                                      int64_t IN, int64_t OUT, int accumulate)
+{
+    const int path = cnnx_gemm_path();
+    REAL *apack = ALLOC(cnnx_gemm_apack_size(OUT, N));
+    if (!apack) return CNNX_ENOMEM;
+    GLUE(cnnx_gemm_pack_a, SUF)(path, apack, dy, 1, OUT, OUT, N); /* dy^T: element (o, n) at dy[n*OUT + o] */
+    const int64_t panels = (IN + 63) / 64;
+    int status = CNNX_OK;
+#pragma omp parallel num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
+    {
+        REAL *bpad = ALLOC(cnnx_gemm_bpad_size(N));
+        if (!bpad) {
+#pragma omp atomic write
+            status = CNNX_ENOMEM;
+        }
+#pragma omp for schedule(static) nowait
+        for (int64_t p = 0; p < panels; p++) {
+            if (!bpad) continue;
+            const int64_t j0 = p * 64, cols = IN - j0 < 64 ? IN - j0 : 64;
+            GLUE(cnnx_gemm, SUF)(path, dw + j0, IN, apack, x + j0, NULL, IN, OUT, cols, N, accumulate, bpad);
+        }
+        if (db) {
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < OUT; o++) {
+                REAL sum = 0;
+                for (int64_t n = 0; n < N; n++) sum += dy[n * OUT + o];
+                db[o] = accumulate ? db[o] + sum : sum;
+            }
+        }
+        free(bpad);
+    }
+    free(apack);
+    return status;
+}
+
+#undef ALLOC
+#undef GLUE
+#undef GLUE_
