@@ -43,8 +43,14 @@ def int_list(text):
     return values
 
 
-def parser(description, batches):
+QUICK = {"repeat": 3, "target": 0.002}
+
+
+def parser(description, batches, repeat, target, ref_budget):
+    """The options both scripts share; repeat, target and ref_budget are the full run's defaults (--quick
+    uses 3 rounds, 2 ms samples and a tenth of the budget)."""
     p = argparse.ArgumentParser(description=description)
+    p.set_defaults(full_defaults={"repeat": repeat, "target": target, "ref_budget": ref_budget})
     p.add_argument("--quick", action="store_true",
                    help="few, short samples (a smoke test; the figures are rough)")
     p.add_argument("--threads", type=int_list, default=[1, 2],
@@ -53,12 +59,12 @@ def parser(description, batches):
     p.add_argument("--batches", type=int_list, default=batches,
                    help=f"comma-separated batch sizes (default {','.join(map(str, batches))})")
     p.add_argument("--repeat", type=int, default=None,
-                   help="timed rounds per measurement; the median is reported (default 9, 3 with --quick)")
+                   help=f"timed rounds per measurement; the median is reported (default {repeat}, 3 with --quick)")
     p.add_argument("--target", type=float, default=None,
-                   help="seconds per timed sample (default 0.02, 0.002 with --quick)")
+                   help=f"seconds per timed sample (default {target:g}, 0.002 with --quick)")
     p.add_argument("--ref-budget", type=float, default=None,
                    help="seconds of samples for a slow implementation (the numpy reference) before it takes "
-                        "fewer rounds, at least 3")
+                        f"fewer rounds, at least 3 (default {ref_budget:g}, a tenth with --quick)")
     p.add_argument("--no-torch", action="store_true", help="do not import PyTorch even if it is installed")
     p.add_argument("--blas-threads", type=int, default=None,
                    help="numpy BLAS threads while cnnx and the reference run (default: the same as --threads; "
@@ -69,22 +75,23 @@ def parser(description, batches):
     return p
 
 
-def finish_args(args, ref_budget):
-    """Fill the defaults that depend on --quick; ref_budget is (quick, full) seconds for --ref-budget."""
+def finish_args(args):
+    """Fill the defaults that depend on --quick."""
+    full = args.full_defaults
     if args.repeat is None:
-        args.repeat = 3 if args.quick else 9
+        args.repeat = QUICK["repeat"] if args.quick else full["repeat"]
     if args.repeat < 1:
         raise SystemExit("--repeat must be >= 1")
     if args.target is None:
-        args.target = 0.002 if args.quick else 0.02
+        args.target = QUICK["target"] if args.quick else full["target"]
     if args.ref_budget is None:
-        args.ref_budget = ref_budget[0] if args.quick else ref_budget[1]
+        args.ref_budget = full["ref_budget"] / 10 if args.quick else full["ref_budget"]
     return args
 
 
-def start(p, argv, script, ref_budget):
+def start(p, argv, script):
     """Parse the options and import torch; (args, torch), or None when the C extension is not built."""
-    args = finish_args(p.parse_args(argv), ref_budget)
+    args = finish_args(p.parse_args(argv))
     BLAS_THREADS["override"] = args.blas_threads
     torch = import_torch(args.no_torch)
     if not have_c_backend():

@@ -250,9 +250,9 @@ def run_layers(args, torch, n):
 # -- main ---------------------------------------------------------------------------------------------
 def main(argv=None):
     p = C.parser("Per-layer speed of cnnx (C kernels) vs the numpy reference vs PyTorch on LeNet-5's shapes.",
-                 batches=[1, 64, 256])
+                 batches=[1, 64, 256], repeat=7, target=0.01, ref_budget=0.5)
     p.add_argument("--no-layers", action="store_true", help="skip the module-level table")
-    started = C.start(p, argv, "bench_layers", ref_budget=(0.1, 1.0))
+    started = C.start(p, argv, "bench_layers")
     if started is None:
         return 2
     args, torch = started

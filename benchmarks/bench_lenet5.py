@@ -354,7 +354,7 @@ def cli_epoch(threads, root):
 # -- main ---------------------------------------------------------------------------------------------
 def main(argv=None):
     p = C.parser("LeNet-5 training/inference speed: cnnx vs PyTorch vs the numpy reference backend.",
-                 batches=[1, 16, 64, 256])
+                 batches=[1, 16, 64, 256], repeat=9, target=0.02, ref_budget=2.0)
     p.add_argument("--ref-batches", type=C.int_list, default=None,
                    help="batch sizes at which the (slow) numpy reference is timed (default: all of --batches)")
     p.add_argument("--breakdown", type=C.int_list, default=[1, 64],
@@ -368,7 +368,7 @@ def main(argv=None):
     p.add_argument("--epoch-max", type=float, default=60.0,
                    help="with --epoch auto, skip the real epoch when the step rate predicts more seconds than "
                         "this (a busy machine; default 60)")
-    started = C.start(p, argv, "bench_lenet5", ref_budget=(0.2, 2.0))
+    started = C.start(p, argv, "bench_lenet5")
     if started is None:
         return 2
     args, torch = started
