@@ -52,6 +52,15 @@ cdef extern from "cnnx.h" nogil:
                                    int64_t OUT, int accumulate)
     int linear_backward_weight_f64(double *dw, double *db, const double *dy, const double *x, int64_t N,
                                    int64_t IN, int64_t OUT, int accumulate)
+    int sgd_update_f32(float *p, float *buf, const float *grad, int64_t n, double lr, double momentum,
+                       double dampening, double weight_decay, int nesterov, int first)
+    int sgd_update_f64(double *p, double *buf, const double *grad, int64_t n, double lr, double momentum,
+                       double dampening, double weight_decay, int nesterov, int first)
+    int adam_update_f32(float *p, float *m, float *v, float *vmax, const float *grad, int64_t n, double lr,
+                        double beta1, double beta2, double eps, double weight_decay, int decoupled, int64_t t)
+    int adam_update_f64(double *p, double *m, double *v, double *vmax, const double *grad, int64_t n,
+                        double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled,
+                        int64_t t)
     int maxpool2d_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H, int64_t W,
                               int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
                               int64_t DH, int64_t DW, int64_t OH, int64_t OW)
@@ -627,3 +636,86 @@ def linear_backward_weight(dy, x, with_bias, dweight=None, dbias=None):
         code = _lin_bwd_w[double](dweight, &db64[0] if db64 is not None else NULL, dy, x, accumulate)
     _status(code, fn)
     return dweight, dbias
+
+
+# ---------------------------------------------------------------- optimizer updates
+
+cdef _check_state(a, str name, str fn, p):
+    """a must be a writable C-contiguous array of p's dtype and size (an optimizer's per-parameter state)."""
+    if not isinstance(a, np.ndarray) or a.dtype != p.dtype:
+        raise TypeError(f"{fn}: {name} must be a {p.dtype} numpy.ndarray, got "
+                        f"{getattr(a, 'dtype', type(a).__name__)}")
+    if a.shape != p.shape:
+        raise ValueError(f"{fn}: {name} must have the parameter's shape {p.shape}, got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{fn}: {name} must be C-contiguous")
+
+
+def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """One SGD step on parameter array p, in place (and on the momentum buffer buf when momentum != 0)."""
+    fn = "sgd_update"
+    if not isinstance(p, np.ndarray) or p.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: p must be a float32 or float64 numpy.ndarray, got {getattr(p, 'dtype', type(p))}")
+    if not p.flags.c_contiguous or not p.flags.writeable:
+        raise ValueError(f"{fn}: p must be a writable C-contiguous array")
+    _check_state(grad, "grad", fn, p)
+    if momentum != 0:
+        _check_state(buf, "buf", fn, p)
+        if not buf.flags.writeable:
+            raise ValueError(f"{fn}: buf must be writable")
+    cdef int64_t n = p.size
+    cdef double lr_ = lr, mom = momentum, damp = dampening, wd = weight_decay
+    cdef int nest = bool(nesterov), fst = bool(first)
+    if n == 0:
+        return p
+    cdef float[::1] p32, b32
+    cdef const float[::1] g32
+    cdef double[::1] p64, b64
+    cdef const double[::1] g64
+    if p.dtype == np.float32:
+        p32, g32 = p.reshape(-1), grad.reshape(-1)
+        b32 = buf.reshape(-1) if momentum != 0 else p32
+        with nogil:
+            sgd_update_f32(&p32[0], &b32[0], &g32[0], n, lr_, mom, damp, wd, nest, fst)
+    else:
+        p64, g64 = p.reshape(-1), grad.reshape(-1)
+        b64 = buf.reshape(-1) if momentum != 0 else p64
+        with nogil:
+            sgd_update_f64(&p64[0], &b64[0], &g64[0], n, lr_, mom, damp, wd, nest, fst)
+    return p
+
+
+def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    """One Adam (decoupled=False) or AdamW (decoupled=True) step at step number `step` (>= 1), in place on
+    p, m, v and, for amsgrad, vmax (None otherwise)."""
+    fn = "adam_update"
+    if not isinstance(p, np.ndarray) or p.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: p must be a float32 or float64 numpy.ndarray, got {getattr(p, 'dtype', type(p))}")
+    if not p.flags.c_contiguous or not p.flags.writeable:
+        raise ValueError(f"{fn}: p must be a writable C-contiguous array")
+    for name, a in (("grad", grad), ("m", m), ("v", v)) + ((("vmax", vmax),) if vmax is not None else ()):
+        _check_state(a, name, fn, p)
+    if int(step) < 1:
+        raise ValueError(f"{fn}: step must be >= 1, got {step}")
+    cdef int64_t n = p.size, t = int(step)
+    cdef double lr_ = lr, b1 = beta1, b2 = beta2, eps_ = eps, wd = weight_decay
+    cdef int dec = bool(decoupled)
+    if n == 0:
+        return p
+    cdef float[::1] p32, m32, v32, x32
+    cdef const float[::1] g32
+    cdef double[::1] p64, m64, v64, x64
+    cdef const double[::1] g64
+    if p.dtype == np.float32:
+        p32, g32, m32, v32 = p.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1)
+        x32 = vmax.reshape(-1) if vmax is not None else None
+        with nogil:
+            adam_update_f32(&p32[0], &m32[0], &v32[0], &x32[0] if x32 is not None else NULL, &g32[0], n, lr_,
+                            b1, b2, eps_, wd, dec, t)
+    else:
+        p64, g64, m64, v64 = p.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1)
+        x64 = vmax.reshape(-1) if vmax is not None else None
+        with nogil:
+            adam_update_f64(&p64[0], &m64[0], &v64[0], &x64[0] if x64 is not None else NULL, &g64[0], n, lr_,
+                            b1, b2, eps_, wd, dec, t)
+    return p

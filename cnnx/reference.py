@@ -20,13 +20,15 @@ one per output position, form the strided slice
 of the padded input xp. Forward passes gather through it; backward passes scatter-add through it, which is
 where overlapping windows accumulate.
 """
+import math
+
 import numpy as np
 
 from ._geometry import conv2d_out_size, pool2d_out_size
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward", "avgpool2d_backward",
-           "linear_forward", "linear_backward_input", "linear_backward_weight"]
+           "linear_forward", "linear_backward_input", "linear_backward_weight", "sgd_update", "adam_update"]
 
 
 def _offset_view(xp, i, j, oh, ow, stride, dilation):
@@ -302,3 +304,47 @@ def linear_backward_weight(dy, x, with_bias, dweight=None, dbias=None):
     if db is not None:
         dbias += db
     return dweight, dbias if with_bias else None
+
+
+def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """One SGD step, in place on p (and on the momentum buffer buf when momentum != 0), as torch.optim.SGD:
+        g = grad + weight_decay * p
+        buf = g (first step), else momentum * buf + (1 - dampening) * g        (when momentum != 0)
+        g = g + momentum * buf if nesterov else buf                            (when momentum != 0)
+        p = p - lr * g
+    """
+    g = p * p.dtype.type(weight_decay) + grad if weight_decay else grad
+    if momentum:
+        if first:
+            buf[...] = g
+        else:
+            buf *= p.dtype.type(momentum)
+            buf += g * p.dtype.type(1 - dampening) if dampening else g
+        g = g + buf * p.dtype.type(momentum) if nesterov else buf
+    p -= g * p.dtype.type(lr)
+    return p
+
+
+def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    """One Adam (or, decoupled=True, AdamW) step number `step`, in place on p, m, v (and vmax for amsgrad):
+        decoupled: p = p * (1 - lr * weight_decay), g = grad;   else g = grad + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g * g;   vmax = max(vmax, v)
+        p = p - (m / (sqrt(v or vmax) / sqrt(1 - beta2**step) + eps)) * lr / (1 - beta1**step)
+    """
+    t = p.dtype.type
+    if decoupled:
+        if weight_decay:
+            p *= t(1 - lr * weight_decay)
+        g = grad
+    else:
+        g = p * t(weight_decay) + grad if weight_decay else grad
+    m *= t(beta1)
+    m += g * t(1 - beta1)
+    v *= t(beta2)
+    v += (g * g) * t(1 - beta2)
+    if vmax is not None:
+        np.maximum(vmax, v, out=vmax)
+        v = vmax
+    denom = np.sqrt(v) / t(math.sqrt(1 - beta2 ** step)) + t(eps)
+    p -= (m / denom) * t(lr / (1 - beta1 ** step))
+    return p

@@ -72,6 +72,16 @@ int linear_backward_weight_##SUF(REAL *dw, REAL *db, const REAL *dy, const REAL 
 CNNX_LINEAR_DECLARE(float, f32)
 CNNX_LINEAR_DECLARE(double, f64)
 
+/* ---- optimizer updates (optim.c): every array holds n elements, updated in place ---- */
+#define CNNX_OPTIM_DECLARE(REAL, SUF)                                                               \
+int sgd_update_##SUF(REAL *p, REAL *buf, const REAL *grad, int64_t n, double lr, double momentum,     \
+                     double dampening, double weight_decay, int nesterov, int first);               \
+int adam_update_##SUF(REAL *p, REAL *m, REAL *v, REAL *vmax, const REAL *grad, int64_t n, double lr, \
+                      double beta1, double beta2, double eps, double weight_decay, int decoupled,    \
+                      int64_t t);
+CNNX_OPTIM_DECLARE(float, f32)
+CNNX_OPTIM_DECLARE(double, f64)
+
 /* ---- pooling (pool2d.c) ---- planes are (N*C) independent (H, W) images. */
 #define CNNX_POOL2D_DECLARE(REAL, SUF)                                                              \
 int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,                               \

@@ -11,6 +11,7 @@ import numbers
 
 import numpy as np
 
+from .. import _backend, reference
 from ..nn.module import Parameter
 from . import lr_scheduler
 
@@ -202,6 +203,16 @@ class Optimizer:
         return "\n".join(lines)
 
 
+def _update_ops(p, *state):
+    """The kernels for one parameter's update: the active backend's (one fused pass in C), or the numpy
+    reference when an array is not a C-contiguous ndarray of the parameter's dtype (the C kernel's terms)."""
+    for a in (p.data, p.grad) + state:
+        if a is not None and (type(a) is not np.ndarray or a.dtype != p.data.dtype or not a.flags.c_contiguous
+                              or not a.flags.writeable and a is not p.grad):
+            return reference
+    return _backend.ops()
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD):
 
@@ -231,30 +242,15 @@ class SGD(Optimizer):
             lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
             wd, nesterov = group["weight_decay"], group["nesterov"]
             for p in self._params_to_update(group):
-                tmp, _ = self._buffers(p)
-                d = self._decayed_grad(p, wd, tmp)
+                buf, first = None, False
                 if momentum != 0:
                     st = self._state(p)
                     buf = st.get("momentum_buffer")
                     if buf is None:
-                        buf = st["momentum_buffer"] = np.array(d, copy=True)
-                    else:
-                        buf *= momentum
-                        if dampening:
-                            buf += (1 - dampening) * d
-                        else:
-                            buf += d
-                    if nesterov:
-                        if d is tmp:
-                            tmp += momentum * buf
-                        else:
-                            np.multiply(buf, momentum, out=tmp)
-                            tmp += d
-                            d = tmp
-                    else:
-                        d = buf
-                np.multiply(d, lr, out=tmp)
-                p.data -= tmp
+                        buf = st["momentum_buffer"] = np.empty_like(p.data)
+                        first = True
+                _update_ops(p, buf).sgd_update(p.data, p.grad, buf, lr, momentum, dampening, wd, nesterov,
+                                               first)
 
 
 class Adam(Optimizer):
@@ -289,7 +285,6 @@ class Adam(Optimizer):
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
             wd, amsgrad = group["weight_decay"], group["amsgrad"]
             for p in self._params_to_update(group):
-                tmp, tmp2 = self._buffers(p)
                 st = self._state(p)
                 if "step" not in st:
                     st["step"] = 0
@@ -298,33 +293,14 @@ class Adam(Optimizer):
                     if amsgrad:
                         st["max_exp_avg_sq"] = np.zeros_like(p.data)
                 st["step"] += 1
-                t = st["step"]
-                if self._decoupled:
-                    p.data *= 1 - lr * wd
-                    g = p.grad
-                else:
-                    g = self._decayed_grad(p, wd, tmp)
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                np.multiply(g, 1 - beta1, out=tmp2)
-                m *= beta1
-                m += tmp2
-                v *= beta2
-                np.multiply(g, g, out=tmp2)
-                tmp2 *= 1 - beta2
-                v += tmp2
+                vmax = None
                 if amsgrad:
                     vmax = st.get("max_exp_avg_sq")
                     if vmax is None:
                         vmax = st["max_exp_avg_sq"] = np.zeros_like(p.data)
-                    np.maximum(vmax, v, out=vmax)
-                    v = vmax
-                step_size = lr / (1 - beta1 ** t)
-                np.sqrt(v, out=tmp)
-                tmp /= math.sqrt(1 - beta2 ** t)
-                tmp += eps
-                np.divide(m, tmp, out=tmp)
-                tmp *= step_size
-                p.data -= tmp
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                _update_ops(p, m, v, vmax).adam_update(p.data, p.grad, m, v, vmax, lr, beta1, beta2, eps, wd,
+                                                       self._decoupled, st["step"])
 
 
 class AdamW(Adam):
