@@ -62,25 +62,29 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
                     /* the common 2x2 window over the interior columns, in row-major order, written as
                      * selects so the compiler vectorises it (random data would mispredict branches) */
                     const REAL *restrict r0 = xp + h0 * W, *restrict r1 = r0 + W;
-                    for (; ow < ow_in1; ow++) {
-                        const int64_t c0 = ow * SW - PW;
-                        const REAL v[4] = {r0[c0], r0[c0 + 1], r1[c0], r1[c0 + 1]};
-                        const int64_t offs[4] = {0, 1, W, W + 1};
-                        UREAL best;
-                        memcpy(&best, &v[0], sizeof best);
-                        REAL bestv = v[0];
-                        int64_t off = 0;
-                        for (int t = 1; t < 4; t++) {
-                            /* take = v[t] > best or v[t] is NaN, applied through all-ones/zero masks */
-                            const UREAL take = (UREAL)0 - (UREAL)((v[t] > bestv) | (v[t] != v[t]));
-                            UREAL bits;
-                            memcpy(&bits, &v[t], sizeof bits);
-                            best = (bits & take) | (best & ~take);
-                            memcpy(&bestv, &best, sizeof bestv);
-                            off = (int64_t)(((uint64_t)offs[t] & (uint64_t)take) | ((uint64_t)off & ~(uint64_t)take));
+                    while (ow < ow_in1) {
+                        /* blocks of up to 64 outputs: the selects run over whole vectors, the winner's
+                         * position (0..3 in row-major window order) goes through a small int32 buffer */
+                        int32_t k[64];
+                        const int64_t nb = ow_in1 - ow < 64 ? ow_in1 - ow : 64, c00 = ow * SW - PW;
+                        for (int64_t q = 0; q < nb; q++) {
+                            const int64_t c0 = c00 + q * SW;
+                            const REAL a = r0[c0], b = r0[c0 + 1], c = r1[c0], d = r1[c0 + 1];
+                            const int tb = (b > a) | (b != b); /* a later tap wins only when greater, or NaN */
+                            REAL m = tb ? b : a;
+                            int32_t kk = tb;
+                            const int tc = (c > m) | (c != c);
+                            m = tc ? c : m;
+                            kk = tc ? 2 : kk;
+                            const int td = (d > m) | (d != d);
+                            m = td ? d : m;
+                            kk = td ? 3 : kk;
+                            yr[ow + q] = m;
+                            k[q] = kk;
                         }
-                        yr[ow] = bestv;
-                        ir[ow] = h0 * W + c0 + off;
+                        for (int64_t q = 0; q < nb; q++)
+                            ir[ow + q] = h0 * W + c00 + q * SW + (k[q] & 1) + (k[q] >> 1) * W;
+                        ow += nb;
                     }
                     ow--;
                     continue;
