@@ -472,13 +472,17 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         if (db) {
 #pragma omp for schedule(static)
             for (int64_t oc = 0; oc < OC; oc++) {
-                REAL sum = 0;
+                /* eight running sums, so the loop vectorises (a single running sum cannot be reordered);
+                 * fixed order, so the result does not depend on the thread count */
+                REAL part[8] = {0}, sum = 0;
                 for (int64_t n = 0; n < N; n++) {
                     const REAL *restrict d = dy + (n * OC + oc) * P;
-                    REAL part = 0;
-                    for (int64_t q = 0; q < P; q++) part += d[q];
-                    sum += part;
+                    int64_t q = 0;
+                    for (; q + 8 <= P; q += 8)
+                        for (int l = 0; l < 8; l++) part[l] += d[q + l];
+                    for (; q < P; q++) sum += d[q];
                 }
+                for (int l = 0; l < 8; l++) sum += part[l];
                 db[oc] = sum;
             }
         }

@@ -158,6 +158,56 @@ TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restr
             c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[j][i] + tail[i][j];            \
 }
 
+/* The same for 6 x 2 tiles (ALT_DR x ALT_DC): for row counts that are multiples of 6, not of 4 (a layer with
+ * 6 output channels wastes a quarter of every 4 x 3 tile). */
+#define ALT_DR 6
+#define ALT_DC 2
+#define DOT_TILE_ALT(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES)                                  \
+TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda, \
+                                    const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr, \
+                                    int64_t nc, int accumulate, int64_t nseg, int64_t sa, int64_t sb) \
+{                                                                                                    \
+    VEC s00 = ZERO(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00;                          \
+    VEC s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;                             \
+    REAL tail[ALT_DR][ALT_DC] = {{0}};                                                               \
+    for (int64_t seg = 0; seg < nseg; seg++) {                                                       \
+    const REAL *as = a + seg * sa, *bs = b + seg * sb;                                               \
+    const REAL *x[ALT_DR];                                                                           \
+    for (int i = 0; i < ALT_DR; i++) x[i] = as + (i < mr ? i : mr - 1) * lda;                        \
+    const REAL *y0 = bs + boff[0], *y1 = bs + boff[1 < nc ? 1 : nc - 1];                             \
+    const REAL *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3], *x4 = x[4], *x5 = x[5];                 \
+    int64_t k = 0;                                                                                   \
+    for (; k + LANES <= K; k += LANES) {                                                             \
+        const VEC v0 = LOADU(y0 + k), v1 = LOADU(y1 + k);                                            \
+        VEC u = LOADU(x0 + k);                                                                       \
+        s00 = FMADD(u, v0, s00); s01 = FMADD(u, v1, s01);                                            \
+        u = LOADU(x1 + k);                                                                           \
+        s10 = FMADD(u, v0, s10); s11 = FMADD(u, v1, s11);                                            \
+        u = LOADU(x2 + k);                                                                           \
+        s20 = FMADD(u, v0, s20); s21 = FMADD(u, v1, s21);                                            \
+        u = LOADU(x3 + k);                                                                           \
+        s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31);                                            \
+        u = LOADU(x4 + k);                                                                           \
+        s40 = FMADD(u, v0, s40); s41 = FMADD(u, v1, s41);                                            \
+        u = LOADU(x5 + k);                                                                           \
+        s50 = FMADD(u, v0, s50); s51 = FMADD(u, v1, s51);                                            \
+    }                                                                                                \
+    const REAL *y[ALT_DC] = {y0, y1};                                                                \
+    for (int64_t i = 0; i < mr; i++)                                                                 \
+        for (int64_t j = 0; j < nc; j++)                                                             \
+            for (int64_t t = k; t < K; t++) tail[i][j] += x[i][t] * y[j][t];                         \
+    }                                                                                                \
+    REAL c0[4], c1[4], r45[4]; /* rows 0..3 of columns 0 and 1; rows 4, 5 of column 0, then of column 1 */ \
+    HSUM(c0, s00, s10, s20, s30);                                                                    \
+    HSUM(c1, s01, s11, s21, s31);                                                                    \
+    HSUM(r45, s40, s50, s41, s51);                                                                   \
+    const REAL sums[ALT_DR][ALT_DC] = {{c0[0], c1[0]}, {c0[1], c1[1]}, {c0[2], c1[2]}, {c0[3], c1[3]},  \
+                                       {r45[0], r45[2]}, {r45[1], r45[3]}};                          \
+    for (int64_t i = 0; i < mr; i++)                                                                 \
+        for (int64_t j = 0; j < nc; j++)                                                             \
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[i][j] + tail[i][j];            \
+}
+
 #define NR 16
 /* float: 6 rows x 16 columns = 12 ymm accumulators; per k, 2 loads of b, 6 broadcasts of a, 12 FMAs. */
 TARGET static void tile_f32_avx2(float *restrict c, int64_t ldc, const float *restrict ap,
@@ -194,6 +244,7 @@ TARGET static void tile_f32_avx2(float *restrict c, int64_t ldc, const float *re
     STORE_TILE(float, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, 8)
 }
 DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
+DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
 #define REAL float
 #define SUF f32_avx2
 #include "gemm_impl.h"
@@ -237,6 +288,7 @@ TARGET static void tile_f64_avx2(double *restrict c, int64_t ldc, const double *
     STORE_TILE(double, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, 4)
 }
 DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
+DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
 #define REAL double
 #define SUF f64_avx2
 #include "gemm_impl.h"
@@ -246,6 +298,8 @@ DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_set
 #undef MR
 #undef DR
 #undef DC
+#undef ALT_DR
+#undef ALT_DC
 #undef TARGET
 #else
 #define pack_a_f32_avx2 pack_a_f32_portable

@@ -65,6 +65,22 @@ TARGET static void GLUE(gemm_nt, SUF)(REAL *c, int64_t ldc, const REAL *a, int64
                                       const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,
                                       int64_t nseg, int64_t sa, int64_t sb)
 {
+#ifdef ALT_DR
+    /* the alternative tile when it wastes fewer of its dot products on rows/columns past M, N */
+    const int64_t main_tiles = ((M + DR - 1) / DR) * ((N + DC - 1) / DC) * (DR * DC);
+    const int64_t alt_tiles = ((M + ALT_DR - 1) / ALT_DR) * ((N + ALT_DC - 1) / ALT_DC) * (ALT_DR * ALT_DC);
+    if (alt_tiles < main_tiles) {
+        for (int64_t i0 = 0; i0 < M; i0 += ALT_DR) {
+            const int64_t mr = M - i0 < ALT_DR ? M - i0 : ALT_DR;
+            for (int64_t j0 = 0; j0 < N; j0 += ALT_DC) {
+                const int64_t nc = N - j0 < ALT_DC ? N - j0 : ALT_DC;
+                GLUE(dot_tile_alt, SUF)(c + i0 * ldc + j0, ldc, a + i0 * lda, lda, b, boff + j0, K, mr, nc,
+                                        accumulate, nseg, sa, sb);
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t i0 = 0; i0 < M; i0 += DR) {
         const int64_t mr = M - i0 < DR ? M - i0 : DR;
         for (int64_t j0 = 0; j0 < N; j0 += DC) {

@@ -93,11 +93,12 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
             GLUE(cnnx_gemm, SUF)(path, dw + j0, IN, apack, x + j0, NULL, IN, OUT, cols, N, accumulate, bpad);
         }
         if (db) {
-#pragma omp for schedule(static)
-            for (int64_t o = 0; o < OUT; o++) {
-                REAL sum = 0;
-                for (int64_t n = 0; n < N; n++) sum += dy[n * OUT + o];
-                db[o] = accumulate ? db[o] + sum : sum;
+#pragma omp single
+            { /* row by row, so the adds run along contiguous memory and vectorise */
+                if (!accumulate)
+                    for (int64_t o = 0; o < OUT; o++) db[o] = 0;
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t o = 0; o < OUT; o++) db[o] += dy[n * OUT + o];
             }
         }
         free(bpad);
