@@ -208,14 +208,14 @@ cdef int _conv_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, con
                    int64_t DH, int64_t DW):
     cdef int code
     with nogil:
-      if floating is float:
-        code = conv2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
-                                  x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
-                                  DH, DW, G, y.shape[2], y.shape[3])
-      else:
-        code = conv2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
-                                  x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
-                                  DH, DW, G, y.shape[2], y.shape[3])
+        if floating is float:
+            code = conv2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
+                                      x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
+                                      DH, DW, G, y.shape[2], y.shape[3])
+        else:
+            code = conv2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
+                                      x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
+                                      DH, DW, G, y.shape[2], y.shape[3])
     return code
 
 
@@ -255,14 +255,14 @@ cdef int _conv_bwd_input(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1]
                          int64_t PL, int64_t DH, int64_t DW):
     cdef int code
     with nogil:
-      if floating is float:
-        code = conv2d_backward_input_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
-                                         dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
-                                         w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
-      else:
-        code = conv2d_backward_input_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
-                                         dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
-                                         w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+        if floating is float:
+            code = conv2d_backward_input_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
+                                             dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
+                                             w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+        else:
+            code = conv2d_backward_input_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
+                                             dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
+                                             w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
     return code
 
 
@@ -298,14 +298,14 @@ cdef int _conv_bwd_weight(floating[:, :, :, ::1] dw, floating *db, const floatin
                           int64_t PL, int64_t DH, int64_t DW):
     cdef int code
     with nogil:
-      if floating is float:
-        code = conv2d_backward_weight_f32(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
-                                          x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
-                                          dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
-      else:
-        code = conv2d_backward_weight_f64(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
-                                          x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
-                                          dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+        if floating is float:
+            code = conv2d_backward_weight_f32(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
+                                              x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
+                                              dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+        else:
+            code = conv2d_backward_weight_f64(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
+                                              x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
+                                              dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
     return code
 
 
@@ -350,12 +350,12 @@ cdef int _max_fwd(floating[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx, const flo
                   int64_t DW):
     cdef int code
     with nogil:
-      if floating is float:
-        code = maxpool2d_forward_f32(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
-                                     x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
-      else:
-        code = maxpool2d_forward_f64(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
-                                     x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
+        if floating is float:
+            code = maxpool2d_forward_f32(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
+                                         x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
+        else:
+            code = maxpool2d_forward_f64(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
+                                         x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
     return code
 
 
@@ -384,12 +384,12 @@ cdef int _max_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy,
                   const int64_t[:, :, :, ::1] idx):
     cdef int code
     with nogil:
-      if floating is float:
-        code = maxpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
-                                      dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
-      else:
-        code = maxpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
-                                      dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
+        if floating is float:
+            code = maxpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
+                                          dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
+        else:
+            code = maxpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
+                                          dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
     return code
 
 
@@ -428,12 +428,12 @@ cdef int _avg_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, int6
                   int64_t SW, int64_t PH, int64_t PW, int cip, int64_t div):
     cdef int code
     with nogil:
-      if floating is float:
-        code = avgpool2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
-                                     x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
-      else:
-        code = avgpool2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
-                                     x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
+        if floating is float:
+            code = avgpool2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
+                                         x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
+        else:
+            code = avgpool2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
+                                         x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
     return code
 
 
@@ -470,12 +470,12 @@ cdef int _avg_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy, in
                   int64_t SH, int64_t SW, int64_t PH, int64_t PW, int cip, int64_t div):
     cdef int code
     with nogil:
-      if floating is float:
-        code = avgpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
-                                      dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
-      else:
-        code = avgpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
-                                      dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
+        if floating is float:
+            code = avgpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
+                                          dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
+        else:
+            code = avgpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
+                                          dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
     return code
 
 
@@ -584,10 +584,10 @@ cdef int _lin_bwd_w(floating[:, ::1] dw, floating *db, const floating[:, ::1] dy
     with nogil:
         if floating is float:
             code = linear_backward_weight_f32(&dw[0, 0], db, &dy[0, 0], &x[0, 0], x.shape[0], x.shape[1],
-                                              dy.shape[1], accumulate)
+                                                  dy.shape[1], accumulate)
         else:
             code = linear_backward_weight_f64(&dw[0, 0], db, &dy[0, 0], &x[0, 0], x.shape[0], x.shape[1],
-                                              dy.shape[1], accumulate)
+                                                  dy.shape[1], accumulate)
     return code
 
 
