@@ -10,9 +10,11 @@ the number of inputs run and the count of each allowed exception.
 """
 import argparse
 import collections
+import faulthandler
 import os
 import random
 import sys
+import tempfile
 import time
 
 
@@ -54,6 +56,9 @@ def run(one_input, allowed, description, default_max_len=4096):
     parser.add_argument("--seed", type=int, default=0, help="seed for --no-atheris (default 0)")
     parser.add_argument("--max-len", type=int, default=default_max_len, help="largest input in bytes")
     parser.add_argument("--no-atheris", action="store_true", help="random inputs without atheris")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="--no-atheris: an input running longer than this many seconds is a finding "
+                             "(hang); the Python stack is dumped and the run exits (default 60)")
     args, rest = parser.parse_known_args()
     counts = collections.Counter()
 
@@ -83,9 +88,21 @@ def run(one_input, allowed, description, default_max_len=4096):
         atheris.Fuzz()
     else:
         rng = random.Random(args.seed)
-        for _ in range(args.runs):
+        last = os.path.join(tempfile.gettempdir(), f"cnnx-fuzz-last-input-{os.getpid()}.bin")
+        for i in range(args.runs):
             n = rng.choice([0, 1, 8, 32, 64, 128, 512, args.max_len])
-            guarded(rng.randbytes(rng.randint(0, n)))
+            data = rng.randbytes(rng.randint(0, n))
+            with open(last, "wb") as f:            # kept if the process dies or hangs on this input
+                f.write(data)
+            faulthandler.dump_traceback_later(args.timeout, exit=True)   # a hang is a finding: stack, exit 1
+            try:
+                guarded(data)
+            except BaseException:
+                print(f"finding at input {i} (seed {args.seed}): {data.hex()}", file=sys.stderr, flush=True)
+                raise
+            finally:
+                faulthandler.cancel_dump_traceback_later()
+        os.unlink(last)
         _report(counts, t0, "random")
 
 

@@ -9,7 +9,7 @@ another exception, a crash, a sanitizer report, a hang -- is a bug.
 Kernel-level calls get geometry that fits int64 (the functional API normalises anything else first);
 functional calls get anything, including ints past 64 bits, floats, strings and None.
 Sizes are either tiny (0..7) or "huge" (>= 2**36 elements: more memory than any test machine), never in
-between, so every input finishes in milliseconds. Geometry values are capped at 2**20 at the kernel level:
+between, so every input finishes in milliseconds. Geometry values are capped at 2**12 at the kernel level:
 pooling windows that large make the C max-pool clip loops run for minutes (reported; see fuzz/README.md).
 """
 import os
@@ -27,7 +27,7 @@ from cnnx import _kernels as K  # noqa: E402
 ALLOWED = (ValueError, TypeError, MemoryError)
 HUGE = [2**36, 2**40, 2**60, 2**62, 2**63 - 1]
 DTYPES = [np.float32, np.float64, np.float32, np.float64, np.float16, np.int64, np.complex64, np.bool_]
-KERNEL_GEOMETRY_CAP = 2**20
+KERNEL_GEOMETRY_CAP = 2**12
 # Kernel-level calls get unaligned arrays too (the boundary must refuse them); FUZZ_KERNEL_ALIGNED=1 keeps them
 # aligned there, to look past that finding for others.
 KERNEL_ALIGNED = os.environ.get("FUZZ_KERNEL_ALIGNED") == "1"
