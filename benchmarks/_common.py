@@ -13,10 +13,12 @@ Timing method (llm.c dev/cpu habit: validate first, then time):
 import argparse
 import ctypes
 import gc
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -66,9 +68,11 @@ def parser(description, batches, repeat, target, ref_budget):
                    help="seconds of samples for a slow implementation (the numpy reference) before it takes "
                         f"fewer rounds, at least 3 (default {ref_budget:g}, a tenth with --quick)")
     p.add_argument("--no-torch", action="store_true", help="do not import PyTorch even if it is installed")
-    p.add_argument("--blas-threads", type=int, default=None,
-                   help="numpy BLAS threads while cnnx and the reference run (default: the same as --threads; "
-                        "the matmul ceiling always uses --threads)")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="numpy BLAS (OpenBLAS) threads while the libraries run: cnnx's Linear layers and the "
+                        "numpy reference (default 1; 0: the same as --threads). OpenBLAS's worker threads "
+                        "busy-wait after each call and stall the OpenMP kernels that follow on a 2-core machine. "
+                        "The matmul ceiling always runs on --threads BLAS threads, in a child process")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
                    help="keep: cnnx.keep_freed_memory() as the cnnx command does (glibc keeps freed memory for "
                         "reuse; process-wide, so PyTorch gets it too); default: glibc's own thresholds")
@@ -92,7 +96,8 @@ def finish_args(args):
 def start(p, argv, script):
     """Parse the options and import torch; (args, torch), or None when the C extension is not built."""
     args = finish_args(p.parse_args(argv))
-    BLAS_THREADS["override"] = args.blas_threads
+    BLAS_THREADS["override"] = args.blas_threads if args.blas_threads > 0 else None
+    BLAS.set(BLAS_THREADS["override"] or 1)       # before any matmul wakes OpenBLAS's workers
     torch = import_torch(args.no_torch)
     if not have_c_backend():
         print(f"{script}: the C extension cnnx._kernels is not built (python setup.py build_ext --inplace); "
@@ -174,15 +179,15 @@ def have_c_backend():
 BLAS_THREADS = {"override": None}     # --blas-threads
 
 
-def set_threads(n, torch=None, ceiling=False):
-    """The same thread count for the cnnx kernels, PyTorch's intra-op pool and numpy's BLAS (unless
-    --blas-threads says otherwise; never for the matmul ceiling, which always runs on n threads)."""
+def set_threads(n, torch=None):
+    """n threads for the cnnx kernels and PyTorch's intra-op pool; numpy's BLAS gets --blas-threads
+    (default 1; 0 means n as well)."""
     if have_c_backend():
-        cnnx.set_num_threads(n)
+        cnnx.set_num_threads(n)      # (recent cnnx also sets numpy's BLAS to n here: overridden below)
     if torch is not None:
         torch.set_num_threads(n)
     override = BLAS_THREADS["override"]
-    BLAS.set(n if ceiling or override is None else override)
+    BLAS.set(n if override is None else override)
 
 
 def thread_report(torch=None):
@@ -276,11 +281,25 @@ def measure(fns, repeat, target, budget=None):
     return {name: Stat(samples[name]) for name in names}
 
 
-def matmul_gflops(repeat, target, n=1024):
-    """GFLOP/s of an n x n float32 numpy matmul at numpy's current BLAS thread count (the ceiling)."""
-    fn, flops = _matmul_fn(n)
-    stat = measure({"matmul": fn}, max(repeat, 3), max(target, 0.05))["matmul"]
-    return flops / stat.median / 1e9, stat
+def matmul_gflops(threads, repeat, target, n=1024):
+    """GFLOP/s of an n x n float32 numpy matmul on `threads` BLAS threads (the practical ceiling), measured
+    in a child process: OpenBLAS's worker threads, once woken, busy-wait after every call and on a 2-core
+    machine would stall the OpenMP kernels timed afterwards in this process. Returns (GFLOP/s, Stat)."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--matmul-ceiling", str(threads), str(max(repeat, 3)),
+           str(max(target, 0.05)), str(n)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"matmul ceiling subprocess failed: {proc.stderr.strip()[-500:]}")
+    samples = json.loads(proc.stdout.strip().splitlines()[-1])
+    stat = Stat(samples)
+    return 2.0 * n ** 3 / stat.median / 1e9, stat
+
+
+def _matmul_child(threads, repeat, target, n):
+    BLAS.set(threads)
+    fn, _ = _matmul_fn(n)
+    print(json.dumps(measure({"matmul": fn}, repeat, target)["matmul"].samples))
 
 
 # -- formatting ---------------------------------------------------------------------------------------
@@ -394,15 +413,18 @@ def print_header(title, args, torch, ceiling_threads):
     print(f"allocator: {getattr(args, 'malloc_note', 'not set')}")
     print(f"timing: {args.repeat} interleaved rounds per measurement, ~{args.target * 1e3:g} ms per sample, "
           f"median ± interquartile spread{' (--quick: rough figures)' if args.quick else ''}")
+    blas = BLAS_THREADS["override"]
+    print(f"numpy BLAS threads while the libraries run: {'as --threads' if blas is None else blas}"
+          + (" (--blas-threads: OpenBLAS's workers busy-wait after each call and, on a 2-core machine, stall "
+             "every 2-thread OpenMP kernel that follows, cnnx's and torch's alike)" if blas == 1 else ""))
     ceilings = {}
     rows = []
     for n in ceiling_threads:
-        set_threads(n, torch, ceiling=True)
-        gflops, stat = matmul_gflops(args.repeat, args.target)
+        gflops, stat = matmul_gflops(n, args.repeat, args.target)
         ceilings[n] = gflops
-        rows.append([n, thread_report(torch), fmt_stat(stat), f"{gflops:.1f}"])
-    print("\nnumpy float32 matmul 1024x1024 (the practical ceiling):")
-    print_table(["threads", "set to", "time", "GFLOP/s"], rows)
+        rows.append([n, fmt_stat(stat), f"{gflops:.1f}"])
+    print("\nnumpy float32 matmul 1024x1024 on that many BLAS threads, in a child process (the practical ceiling):")
+    print_table(["threads", "time", "GFLOP/s"], rows)
     return ceilings
 
 
@@ -544,26 +566,28 @@ def _matmul_fn(n=1024):
 
 
 def conv2_vs_matmul(args, torch, threads, n=64):
-    """GFLOP/s of conv2's C kernels at batch n and of the 1024x1024 numpy matmul, measured interleaved (the
-    same noise for both), with torch's kernels alongside for reference, at each thread count.
+    """GFLOP/s of conv2's C kernels at batch n (interleaved with torch's, for reference) and of the
+    1024x1024 numpy matmul measured just before and just after them (the higher of the two medians is the
+    ceiling), at each thread count.
 
-    Returns {threads: {"matmul": GFLOP/s, op: (GFLOP/s, ratio to matmul, torch GFLOP/s or None)}}."""
+    Returns {threads: {"matmul": GFLOP/s, "matmul_runs": (before, after), op: (GFLOP/s, ratio, torch)}}."""
     case = ConvCase("conv2", n)
     validate_conv(case, torch)
-    matmul, matmul_flops = _matmul_fn()
     out = {}
     for t in threads:
-        set_threads(t, torch, ceiling=True)
+        before = matmul_gflops(t, args.repeat, args.target)[0]
+        set_threads(t, torch)
         ops_c = case.cnnx_ops("c")
         ops_t = case.torch_ops(torch) if torch is not None else {}
-        fns = {"matmul": matmul}
+        fns = {}
         for op in CONV_OPS:
             fns["c " + op] = ops_c[op]
             if op in ops_t:
                 fns["torch " + op] = ops_t[op]
         stats = measure(fns, args.repeat, args.target)
-        mm = matmul_flops / stats["matmul"].median / 1e9
-        out[t] = {"matmul": mm}
+        after = matmul_gflops(t, args.repeat, args.target)[0]
+        mm = max(before, after)
+        out[t] = {"matmul": mm, "matmul_runs": (before, after)}
         for op in CONV_OPS:
             gf = case.flops / stats["c " + op].median / 1e9
             tg = case.flops / stats["torch " + op].median / 1e9 if "torch " + op in stats else None
@@ -582,6 +606,11 @@ def conv2_lines(result, n=64):
             f"{res[op][2]:.1f}" for op in CONV_OPS) + " GFLOP/s]"
         ok = all(res[op][1] >= CONV2_MATMUL_TARGET for op in CONV_OPS)
         lines.append((ok, f"conv2 at batch {n}, {threads_label(t)}: fwd / bwd-input / bwd-weight "
-                          f"{gf} GFLOP/s vs matmul {res['matmul']:.1f} GFLOP/s = {ratio}x "
+                          f"{gf} GFLOP/s vs matmul {res['matmul']:.1f} GFLOP/s "
+                          f"({res['matmul_runs'][0]:.1f} before, {res['matmul_runs'][1]:.1f} after) = {ratio}x "
                           f"(target >= {CONV2_MATMUL_TARGET:g}x){torch_gf}"))
     return lines
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--matmul-ceiling":
+    _matmul_child(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
