@@ -7,7 +7,7 @@ Timing method (llm.c dev/cpu habit: validate first, then time):
     (``inner`` calls per sample, the time per call is the sample's mean);
   * samples are interleaved: each round runs every implementation once, in an order that rotates from
     round to round, so machine noise (other processes on a shared machine) hits all of them alike;
-  * the garbage collector is off while a round runs; the result is the median over rounds, and the
+  * the garbage collector is off during each sample; the result is the median over rounds, and the
     spread printed next to it is the interquartile range relative to the median.
 """
 import argparse
@@ -56,8 +56,8 @@ def parser(description, batches, repeat, target, ref_budget):
     p.add_argument("--quick", action="store_true",
                    help="few, short samples (a smoke test; the figures are rough)")
     p.add_argument("--threads", type=int_list, default=[1, 2],
-                   help="comma-separated thread counts, applied alike to cnnx, PyTorch and numpy's BLAS "
-                        "(default 1,2)")
+                   help="comma-separated thread counts, applied alike to cnnx and PyTorch (numpy's BLAS: "
+                        "--blas-threads) (default 1,2)")
     p.add_argument("--batches", type=int_list, default=batches,
                    help=f"comma-separated batch sizes (default {','.join(map(str, batches))})")
     p.add_argument("--repeat", type=int, default=None,

@@ -285,7 +285,7 @@ def main(argv=None):
 
     C.section("summary")
     print("ratios > 1 mean cnnx (C backend) is faster; times are medians ± interquartile spread")
-    print("conv2's C kernels and the numpy matmul re-measured side by side (interleaved) for the ratio:")
+    print("conv2's C kernels re-measured (interleaved with torch's), the numpy matmul just before and after them:")
     for ok, line in C.conv2_lines(C.conv2_vs_matmul(args, torch, args.threads)):
         print(f"{line}  {C.verdict(ok)}")
     return 0

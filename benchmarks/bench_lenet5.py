@@ -374,8 +374,7 @@ def main(argv=None):
     args, torch = started
     if args.ref_batches is None:
         args.ref_batches = list(args.batches)
-    C.print_header("cnnx LeNet-5 benchmark: training step and inference, float32", args, torch,
-                              args.threads)
+    C.print_header("cnnx LeNet-5 benchmark: training step and inference, float32", args, torch, args.threads)
 
     print("cnnx training step: model.backward(dlogits" + (", input_grad=False) (no gradient for the images, as "
           "in PyTorch)" if SKIPS_INPUT_GRAD else ") (this cnnx has no input_grad=False: conv1's dx is computed)"))
@@ -404,7 +403,8 @@ def main(argv=None):
         print(f"({C.load_average()})")
 
     C.section("conv2 kernels at batch 64 vs the numpy matmul ceiling")
-    print("conv2's C kernels and the 1024x1024 numpy matmul measured side by side (interleaved):")
+    print("conv2's C kernels (interleaved with torch's) and the 1024x1024 numpy matmul measured just before and "
+          "just after them:")
     conv2_lines = C.conv2_lines(C.conv2_vs_matmul(args, torch, args.threads))
     for _, line in conv2_lines:
         print(line)
@@ -444,8 +444,8 @@ def main(argv=None):
         print("real epoch not timed (--quick or --epoch no)")
 
     C.section("summary: the issue's \"done when\" lines, measured in this run")
-    print("ratio = cnnx C images/s / torch images/s at the same thread count (medians); "
-          f"{C.load_average()}")
+    print("ratio = cnnx C images/s / torch images/s at the same thread count (medians, ± interquartile spread "
+          f"of the step time); {C.load_average()}")
     summary = []
 
     def ratio_line(mode, n, t, label, target):
@@ -454,8 +454,9 @@ def main(argv=None):
         if r is None or "torch" not in r[0]:
             return f"{what}: not measured (needs torch and batch {n})  N/A"
         c, tt = r[0]["c"], r[0]["torch"]
-        return (f"{what}: cnnx {c:,.0f} img/s vs torch {tt:,.0f} img/s = {c / tt:.2f}x "
-                f"(target >= {target:g}x)  {C.verdict(c / tt >= target)}")
+        sc, st = r[1]["c"].spread, r[1]["torch"].spread
+        return (f"{what}: cnnx {c:,.0f} img/s (±{100 * sc:.0f}%) vs torch {tt:,.0f} img/s (±{100 * st:.0f}%) = "
+                f"{c / tt:.2f}x (target >= {target:g}x)  {C.verdict(c / tt >= target)}")
 
     summary += [ratio_line("train", 64, t, "LeNet-5 training, batch 64", TARGET_TRAIN_64) for t in args.threads]
     summary += [ratio_line("train", 1, t, "batch-1 training", TARGET_BATCH1) for t in args.threads]
