@@ -383,6 +383,42 @@ def _openmp_runtimes():
         return []
 
 
+def other_busy_cores(interval=0.5):
+    """Cores' worth of CPU that other processes used during `interval` seconds while this one's main
+    thread slept (/proc/stat minus this process's own CPU time, e.g. spinning worker threads), or None
+    where that is not available."""
+    def busy():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...
+        own = os.times()
+        return (sum(fields[:3]) + sum(fields[5:8])) / tick, own.user + own.system
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        all0, own0 = busy()
+        time.sleep(interval)
+        all1, own1 = busy()
+        return max(0.0, (all1 - all0) - (own1 - own0)) / interval
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_note(threads):
+    """'other processes: 0.9 of 2 cores busy' plus a warning when threads cannot all run at once."""
+    other = other_busy_cores()
+    if other is None:
+        return "", False
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    crowded = threads > 1 and other > cores - threads + 0.25
+    note = f"other processes kept {other:.1f} of {cores} cores busy"
+    if crowded:
+        note += f": {threads}-thread figures are unreliable (each parallel region waits for a descheduled thread)"
+    return note, crowded
+
+
 def load_average():
     try:
         return "load average %.2f %.2f %.2f" % os.getloadavg()
@@ -575,6 +611,7 @@ def conv2_vs_matmul(args, torch, threads, n=64):
     validate_conv(case, torch)
     out = {}
     for t in threads:
+        crowded = busy_note(t)[1]
         before = matmul_gflops(t, args.repeat, args.target)[0]
         set_threads(t, torch)
         ops_c = case.cnnx_ops("c")
@@ -587,7 +624,8 @@ def conv2_vs_matmul(args, torch, threads, n=64):
         stats = measure(fns, args.repeat, args.target)
         after = matmul_gflops(t, args.repeat, args.target)[0]
         mm = max(before, after)
-        out[t] = {"matmul": mm, "matmul_runs": (before, after)}
+        crowded = crowded or busy_note(t)[1]
+        out[t] = {"matmul": mm, "matmul_runs": (before, after), "crowded": crowded}
         for op in CONV_OPS:
             gf = case.flops / stats["c " + op].median / 1e9
             tg = case.flops / stats["torch " + op].median / 1e9 if "torch " + op in stats else None
@@ -608,7 +646,8 @@ def conv2_lines(result, n=64):
         lines.append((ok, f"conv2 at batch {n}, {threads_label(t)}: fwd / bwd-input / bwd-weight "
                           f"{gf} GFLOP/s vs matmul {res['matmul']:.1f} GFLOP/s "
                           f"({res['matmul_runs'][0]:.1f} before, {res['matmul_runs'][1]:.1f} after) = {ratio}x "
-                          f"(target >= {CONV2_MATMUL_TARGET:g}x){torch_gf}"))
+                          f"(target >= {CONV2_MATMUL_TARGET:g}x){torch_gf}"
+                          + (" [other processes were busy: unreliable]" if res.get("crowded") else "")))
     return lines
 
 

@@ -274,6 +274,9 @@ def main(argv=None):
         C.set_threads(t, torch)
         for n in args.batches:
             C.section(f"kernels, batch {n}, {C.threads_label(t)} ({C.thread_report(torch)})")
+            note = C.busy_note(t)[0]
+            if note:
+                print(note)
             rows = run_kernels(args, torch, n)
             C.print_table(["op", "cnnx C", "numpy ref", "torch", "ref/C", "torch/C", "GFLOP/s C",
                            "GFLOP/s torch"], rows)

@@ -388,10 +388,13 @@ def main(argv=None):
     print(f"cnnx C, cnnx numpy{' and torch' if torch is not None else ''} agree: losses, logits, all parameters "
           f"after 2 steps and inference, worst error {worst:.2e} of the largest value (tolerance 2e-4)")
 
-    results = {}
+    results, crowded = {}, {}
     for t in args.threads:
         C.set_threads(t, torch)
         C.section(f"{C.threads_label(t)} ({C.thread_report(torch)})")
+        note, crowded[t] = C.busy_note(t)
+        if note:
+            print(f"before: {note}")
         nets = {"c": CnnxNet("c")}
         if torch is not None:
             nets["torch"] = TorchNet(torch, nets["c"].model)
@@ -400,7 +403,9 @@ def main(argv=None):
         finite = all(np.all(np.isfinite(p)) for net in nets.values() for p in net.params())
         if not finite:
             print("warning: a model's parameters became non-finite while timing (random data, lr 0.01)")
-        print(f"({C.load_average()})")
+        note, after = C.busy_note(t)
+        crowded[t] = crowded[t] or after
+        print(f"after: {note}; {C.load_average()}" if note else f"({C.load_average()})")
 
     C.section("conv2 kernels at batch 64 vs the numpy matmul ceiling")
     print("conv2's C kernels (interleaved with torch's) and the 1024x1024 numpy matmul measured just before and "
@@ -455,8 +460,9 @@ def main(argv=None):
             return f"{what}: not measured (needs torch and batch {n})  N/A"
         c, tt = r[0]["c"], r[0]["torch"]
         sc, st = r[1]["c"].spread, r[1]["torch"].spread
+        warn = " [other processes were busy: unreliable]" if crowded.get(t) else ""
         return (f"{what}: cnnx {c:,.0f} img/s (±{100 * sc:.0f}%) vs torch {tt:,.0f} img/s (±{100 * st:.0f}%) = "
-                f"{c / tt:.2f}x (target >= {target:g}x)  {C.verdict(c / tt >= target)}")
+                f"{c / tt:.2f}x (target >= {target:g}x){warn}  {C.verdict(c / tt >= target)}")
 
     summary += [ratio_line("train", 64, t, "LeNet-5 training, batch 64", TARGET_TRAIN_64) for t in args.threads]
     summary += [ratio_line("train", 1, t, "batch-1 training", TARGET_BATCH1) for t in args.threads]
@@ -475,7 +481,8 @@ def main(argv=None):
     if judged is None:
         summary.append(f"{what}: not measured (needs batch 64)  N/A")
     else:
-        summary.append(f"{what}: {', '.join(parts)} (target < {TARGET_EPOCH:g} s)  "
+        warn = " [other processes were busy: unreliable]" if crowded.get(epoch_threads) else ""
+        summary.append(f"{what}: {', '.join(parts)} (target < {TARGET_EPOCH:g} s){warn}  "
                        f"{C.verdict(judged < TARGET_EPOCH)}")
     for line in summary:
         print(line)
