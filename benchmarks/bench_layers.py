@@ -7,7 +7,8 @@
 Two tables per thread count and batch size, after every result has been checked against the numpy
 reference and PyTorch:
   * kernels: conv2d forward, backward-input (dx) and backward-weight (dw, db), max-pool forward/backward
-    with indices (cnnx's kernel contract, called directly), and the Linear layers' matmuls; PyTorch runs its
+    with indices and the Linear layers' three products (cnnx's kernel contract, called directly: linear_forward,
+    linear_backward_input, linear_backward_weight accumulating into the gradients); PyTorch runs its
     own ops (torch.conv2d, aten.convolution_backward computing only the gradients being timed,
     aten.max_pool2d_with_indices[_backward], F.linear / mm);
   * layers: each LeNet-5 module's forward and backward as a network runs them (cnnx Module.forward /
@@ -50,9 +51,15 @@ class PoolCase:
                 "bwd_input": lambda: bwd(dy, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)}
 
 
+def have_linear_kernels():
+    """Whether this cnnx has Linear kernels in its kernel contract (linear_forward, ...)."""
+    return hasattr(C._backend._module("c"), "linear_forward")
+
+
 class LinearCase:
-    """A Linear layer's three products. cnnx has no kernel for them: nn.Linear runs these numpy
-    expressions on either backend, so there is no separate numpy-reference column."""
+    """A Linear layer's three products, through the backends' linear_* kernels (the backward-weight one
+    accumulating into preallocated gradients, as nn.Linear does). A cnnx without those kernels runs
+    nn.Linear's numpy expressions on either backend, and then has no separate numpy-reference column."""
 
     def __init__(self, name, n, seed=2):
         fin, fout = C.LINEARS[name]
@@ -62,17 +69,25 @@ class LinearCase:
         self.w = rng.standard_normal((fout, fin), dtype=np.float32) / np.float32(np.sqrt(fin))
         self.b = rng.standard_normal(fout, dtype=np.float32)
         self.dy = rng.standard_normal((n, fout), dtype=np.float32)
+        self.dw = np.zeros((fout, fin), np.float32)
+        self.db = np.zeros(fout, np.float32)
         self.flops = 2 * n * fin * fout
+        self.has_ref = have_linear_kernels()
 
-    def cnnx_ops(self, backend_name=None):
+    def cnnx_ops(self, backend_name, accumulate=True):
         x, w, b, dy = self.x, self.w, self.b, self.dy
-
-        def fwd():                      # as nn.Linear.forward
-            y = x @ w.T
-            y += b
-            return y
-
-        return {"fwd": fwd, "bwd_input": lambda: dy @ w, "bwd_weight": lambda: (dy.T @ x, dy.sum(axis=0))}
+        if not self.has_ref:
+            def fwd():                      # as nn.Linear.forward did
+                y = x @ w.T
+                y += b
+                return y
+            return {"fwd": fwd, "bwd_input": lambda: dy @ w, "bwd_weight": lambda: (dy.T @ x, dy.sum(axis=0))}
+        ops = C._backend._module(backend_name)
+        dw, db = self.dw, self.db
+        bwd_weight = ((lambda: ops.linear_backward_weight(dy, x, True, dw, db)) if accumulate
+                      else (lambda: ops.linear_backward_weight(dy, x, True)))
+        return {"fwd": lambda: ops.linear_forward(x, w, b), "bwd_input": lambda: ops.linear_backward_input(dy, w),
+                "bwd_weight": bwd_weight}
 
     def torch_ops(self, torch):
         x, w, b, dy = (torch.from_numpy(a) for a in (self.x, self.w, self.b, self.dy))
@@ -92,10 +107,11 @@ def validate_kernels(n, torch):
         if isinstance(case, C.ConvCase):
             worst = max(worst, C.validate_conv(case, torch))
             continue
-        has_ref = isinstance(case, PoolCase)
-        res = {"c": {op: C.to_numpy(fn()) for op, fn in case.cnnx_ops("c").items()}}
+        has_ref = isinstance(case, PoolCase) or case.has_ref
+        kw = {} if isinstance(case, PoolCase) else {"accumulate": False}
+        res = {"c": {op: C.to_numpy(fn()) for op, fn in case.cnnx_ops("c", **kw).items()}}
         if has_ref:
-            res["numpy"] = {op: C.to_numpy(fn()) for op, fn in case.cnnx_ops("numpy").items()}
+            res["numpy"] = {op: C.to_numpy(fn()) for op, fn in case.cnnx_ops("numpy", **kw).items()}
         if torch is not None:
             res["torch"] = {op: C.to_numpy(fn()) for op, fn in case.torch_ops(torch).items()}
         want = res.get("torch", res.get("numpy"))
@@ -107,7 +123,7 @@ def validate_kernels(n, torch):
             for op in r:
                 for i, (got, exp) in enumerate(zip(r[op], want[op]) if isinstance(r[op], tuple)
                                                else [(r[op], want[op])]):
-                    if has_ref and op == "fwd" and i == 1:   # max-pool indices: exact
+                    if isinstance(case, PoolCase) and op == "fwd" and i == 1:   # max-pool indices: exact
                         if not np.array_equal(got, exp):
                             raise C.ValidationError(f"{case.name} N={n} indices {name} differ from reference")
                         continue
@@ -120,7 +136,7 @@ def run_kernels(args, torch, n):
     rows = []
     for case in kernel_cases(n):
         impl_ops = {"c": case.cnnx_ops("c")}
-        if isinstance(case, (C.ConvCase, PoolCase)):
+        if isinstance(case, (C.ConvCase, PoolCase)) or case.has_ref:
             impl_ops["numpy"] = case.cnnx_ops("numpy")
         if torch is not None:
             impl_ops["torch"] = case.torch_ops(torch)
@@ -161,7 +177,7 @@ def layer_cases(n, torch, seed=3):
         y = layer.forward(x)
         if name != "flatten":
             dy = rng.standard_normal(y.shape, dtype=np.float32)
-            kernel = name.startswith(("conv", "pool"))
+            kernel = name.startswith(("conv", "pool")) or (name.startswith("fc") and have_linear_kernels())
             cases.append((name, layer, None if tmodel is None else tmodel[i], x, dy, kernel, i > 0))
         x = np.ascontiguousarray(y)
     return cases

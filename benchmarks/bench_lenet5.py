@@ -9,9 +9,9 @@ The network is LeNet-5 in its modern form, identical in both libraries: conv 6@5
 A training step is forward, loss, backward and the SGD step (cnnx: zero_grad, model(x), loss,
 model.backward(dlogits, input_grad=False), opt.step; torch: zero_grad, model(x), F.cross_entropy,
 loss.backward, opt.step); inference is the forward in eval mode (torch under torch.inference_mode, entered
-once around the measurement). All three start from
-the same weights and are checked to agree before anything is timed. The thread count is applied alike to
-cnnx, PyTorch's intra-op pool and numpy's BLAS (the Linear layers of cnnx are numpy matmuls).
+once around the measurement). All three start from the same weights and are checked to agree before
+anything is timed. The thread count is applied alike to cnnx and PyTorch's intra-op pool; numpy's BLAS (the
+numpy reference's matmuls) runs on --blas-threads (1).
 
 Ends with the issue's four "done when" lines, measured in this run, with PASS/FAIL.
 """
