@@ -55,7 +55,7 @@ echo "sanitize.sh: building in $WORK with gcc $SAN"
 )
 grep -E "^cnnx: OpenMP" "$WORK/build.log" || true
 SO="$(ls "$WORK"/cnnx/_kernels*.so)"
-nm -D "$SO" | grep -q __asan_init || { echo "sanitize.sh: $SO is not instrumented" >&2; exit 1; }
+nm -D "$SO" | grep -c __asan_init > /dev/null || { echo "sanitize.sh: $SO is not instrumented" >&2; exit 1; }
 echo "sanitize.sh: built $(basename "$SO") in $((SECONDS - T0))s"
 
 # ---- run the kernel tests under the sanitizers ----------------------------------------------------------------------
