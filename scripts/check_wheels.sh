@@ -74,7 +74,7 @@ resolve_python() {  # VER|PATH -> path of an interpreter
 }
 pyver() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 if [ ${#PYTHONS[@]} -eq 0 ]; then
-    for p in "$HOME"/.pyenv/versions/*/bin/python; do
+    for p in $(printf '%s\n' "$HOME"/.pyenv/versions/*/bin/python | sort -V); do
         [ -x "$p" ] || continue
         "$p" -c 'import sys, platform; sys.exit(not (platform.python_implementation() == "CPython" and sys.version_info >= (3, 9)))' 2>/dev/null && PYTHONS+=("$p")
     done
