@@ -13,6 +13,7 @@ Timing method (llm.c dev/cpu habit: validate first, then time):
 import argparse
 import ctypes
 import gc
+import glob
 import json
 import math
 import os
@@ -25,8 +26,10 @@ import time
 import numpy as np
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "cnnx")) and _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)   # `python benchmarks/x.py` in a checkout measures that checkout's cnnx
+if any(glob.glob(os.path.join(_ROOT, "cnnx", "_kernels*" + ext)) for ext in (".so", ".pyd")) and _ROOT not in sys.path:
+    # `python benchmarks/x.py` in a checkout with the extension built in place measures that checkout's cnnx;
+    # otherwise (a checkout without a build, or copies of benchmarks/) the installed cnnx
+    sys.path.insert(0, _ROOT)
 
 import cnnx  # noqa: E402  (after the path fix)
 from cnnx import _backend  # noqa: E402

@@ -44,10 +44,13 @@ def setup(args):
     """Apply --seed, --threads and --backend; print the configuration line."""
     cnnx.manual_seed(args.seed)
     if args.threads is not None:
-        cnnx.set_num_threads(args.threads)
-        from cnnx.cli import _set_blas_threads  # numpy's BLAS too (the Linear layers), as `cnnx train --threads`
-
-        _set_blas_threads(args.threads)
+        cnnx.set_num_threads(args.threads)  # the C kernels and numpy's BLAS, as `cnnx train --threads`
+    if args.plots is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"--plots {args.plots}: matplotlib is not installed (pip install \"cnnx[viz]\"); no pictures")
+            args.plots = None
     if args.backend is not None:
         cnnx.set_backend(args.backend)
     print(f"cnnx {cnnx.__version__}, backend {cnnx.get_backend()}, {cnnx.get_num_threads()} thread(s), "

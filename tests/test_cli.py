@@ -11,6 +11,9 @@ import cnnx
 from cnnx.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where the cnnx under test was imported from (site-packages, or the checkout when built in place): a
+# subprocess must import the same one, never the checkout's sources without their compiled extension
+CNNX_PATH = os.path.dirname(os.path.dirname(os.path.abspath(cnnx.__file__)))
 QUICK = ["--epochs", "2", "--train-samples", "600", "--test-samples", "200", "--no-progress", "--threads", "1"]
 
 
@@ -90,7 +93,7 @@ def test_info_prints_the_configuration(capsys):
 
 
 def test_python_dash_m_cnnx_subprocess(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=CNNX_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "cnnx", "train", "--epochs", "1", "--train-samples", "200",
                            "--test-samples", "100", "--threads", "1", "--metrics", str(tmp_path / "m.json")],
                           capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))

@@ -12,7 +12,11 @@ import sys
 import numpy as np
 import pytest
 
+import cnnx
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the cnnx under test (site-packages, or the checkout when built in place), for the examples' subprocesses
+CNNX_PATH = os.path.dirname(os.path.dirname(os.path.abspath(cnnx.__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
@@ -28,7 +32,7 @@ def data_dir(folder):
 
 def run_example(name, *args, expect_rc=0):
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = CNNX_PATH + os.pathsep + env.get("PYTHONPATH", "")
     env["MPLBACKEND"] = "Agg"
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, name + ".py"), "--quick", "--threads", "1", *args],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -131,5 +135,5 @@ def test_desai_cifar10_skips_without_data(tmp_path):
     proc = run_example("desai_cifar10", "--data-dir", str(tmp_path))
     assert proc.stdout.strip().splitlines()[-1].startswith("SKIP desai_cifar10: CIFAR-10 binary files")
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "desai_cifar10.py"), "--data-dir", str(tmp_path)],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=CNNX_PATH))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -209,8 +209,8 @@ def test_cli_train_plots(tmp_path):
     """cnnx train --plots DIR writes the five pictures as PNG (embedded MNIST subset, a tiny run)."""
     import os
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), MPLBACKEND="Agg")
+    cnnx_path = os.path.dirname(os.path.dirname(os.path.abspath(cnnx.__file__)))  # the cnnx under test
+    env = dict(os.environ, PYTHONPATH=cnnx_path + os.pathsep + os.environ.get("PYTHONPATH", ""), MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, "-m", "cnnx", "train", "--epochs", "1", "--train-samples", "256",
                            "--test-samples", "100", "--threads", "1", "--no-progress", "--plots",
                            str(tmp_path / "plots")], capture_output=True, text=True, env=env, cwd=str(tmp_path))
