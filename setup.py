@@ -29,9 +29,9 @@ from setuptools import setup, Extension
 from setuptools.command.build_ext import build_ext
 from Cython.Build import cythonize
 
-# The C core uses OpenMP 3.1 (`#pragma omp atomic write`), so the probe asks for 3.1: MSVC's /openmp is
-# OpenMP 2.0 (_OPENMP == 200203) and would compile the probe but not csrc/.
-OPENMP_MIN = 201107
+# The C core keeps to OpenMP 2.0 (parallel, for, single, critical, barrier; no atomic write, collapse,
+# tasks or simd), the level of MSVC's /openmp (_OPENMP == 200203), so Windows wheels get threads too.
+OPENMP_MIN = 200203
 OMP_TEST = r"""
 #include <omp.h>
 #include <stdio.h>
@@ -43,7 +43,7 @@ int main(void) {
 #pragma omp parallel reduction(+:n)
     {
         n += 1;
-#pragma omp atomic write
+#pragma omp critical
         last = 1;
     }
     printf("%%d %%d %%d\n", omp_get_max_threads(), n, last);
@@ -57,10 +57,9 @@ HOMEBREW_LIBOMP = ("/opt/homebrew/opt/libomp", "/usr/local/opt/libomp")
 def _openmp_candidates(compiler):
     """(label, compile_args, link_args) to try, best first."""
     if compiler.compiler_type == "msvc":
-        # /openmp links vcomp140.dll, part of the Visual C++ redistributable, but is OpenMP 2.0 (no
-        # atomic write, collapse or simd): it passes the probe only once OPENMP_MIN is lowered to
-        # 200203 for C code that keeps to 2.0. /openmp:llvm needs libomp140.x86_64.dll, which
-        # Microsoft does not license for redistribution, so a wheel cannot carry it.
+        # /openmp links vcomp140.dll, part of the Visual C++ redistributable, and is OpenMP 2.0, which
+        # the C core keeps to. /openmp:llvm needs libomp140.x86_64.dll, which Microsoft does not
+        # license for redistribution, so a wheel cannot carry it.
         return [("msvc /openmp", ["/openmp"], [])]
     candidates = []
     if sys.platform == "darwin":

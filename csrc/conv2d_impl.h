@@ -244,7 +244,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
         const int ok = img && bpad && off && (tmp || !direct);
         if (!ok) {
-#pragma omp atomic write
+#pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
         }
 #pragma omp for schedule(static)
@@ -337,7 +337,7 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(kd > 0 ? kd : 1));
         const int ok = img && bpad && off && (tmp || !direct);
         if (!ok) {
-#pragma omp atomic write
+#pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
         }
 #pragma omp for schedule(static)
@@ -409,7 +409,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
         const int ok = img && off && (dyx || !direct);
         if (!ok) {
-#pragma omp atomic write
+#pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
         }
 #pragma omp for schedule(static)

@@ -49,7 +49,7 @@ int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     {
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(OUT));
         if (!bpad) {
-#pragma omp atomic write
+#pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
         }
 #pragma omp for schedule(static)
@@ -83,7 +83,7 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     {
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(N));
         if (!bpad) {
-#pragma omp atomic write
+#pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
         }
 #pragma omp for schedule(static) nowait

@@ -126,7 +126,7 @@ int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indic
             const int64_t i = ip[o];
             if (i >= plane) continue; /* a window wholly in the padding: its -inf output has no input */
             if (i < 0) {
-#pragma omp atomic write
+#pragma omp critical(cnnx_status)
                 status = CNNX_EINDEX;
                 break;
             }
