@@ -226,7 +226,7 @@ def pytest_sessionfinish(session, exitstatus):
         json.dump(info, f, indent=1)
 EOF
 
-# The README's test command, verbatim (docs/INSTALL.md "Running the tests"); run from outside the source tree.
+# The README's test command, verbatim (README.md, "Running the tests"); run from outside the source tree.
 readme_test_command() { python -m pytest -ra -p no:cacheprovider "$SRC/tests"; }
 
 # run_tests NAME VENV RUNDIR [PREFIX...] -- [pytest args]: run the test command under PREFIX (e.g. qemu)
