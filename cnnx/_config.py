@@ -109,6 +109,16 @@ def config():
             "simd": k.simd_path(),
             "portable_forced": k.force_portable(),
         })
+        try:
+            from ._build_info import BUILD_INFO
+        except ImportError:  # built by something other than setup.py
+            BUILD_INFO = {}
+        if BUILD_INFO:
+            info["build_flags"] = BUILD_INFO.get("cflags", "?")
+            info["built_with"] = (f"numpy {BUILD_INFO.get('numpy_headers', '?')} headers, "
+                                  f"Cython {BUILD_INFO.get('cython', '?')}, OpenMP via "
+                                  f"{BUILD_INFO.get('openmp_via') or 'none'} (CNNX_OPENMP="
+                                  f"{BUILD_INFO.get('openmp_request', '?')})")
     info["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "(unset)")
     info["CNNX_FORCE_PORTABLE"] = os.environ.get("CNNX_FORCE_PORTABLE", "(unset)")
     return info
