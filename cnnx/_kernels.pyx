@@ -134,8 +134,9 @@ cdef _check(a, str name, str fn, int ndim, dtype=None):
             raise TypeError(f"{fn}: {name} must be float32 or float64, got {a.dtype}")
     elif a.dtype != dtype:
         raise TypeError(f"{fn}: {name} must have the dtype of x ({dtype}), got {a.dtype}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{fn}: {name} must be C-contiguous (use numpy.ascontiguousarray)")
+    if not a.flags.c_contiguous or not a.flags.aligned:
+        raise ValueError(f"{fn}: {name} must be C-contiguous and aligned (use numpy.ascontiguousarray, or "
+                         f"copy an unaligned view with numpy.array)")
     if a.size >= _MAX_ELEMENTS:
         raise ValueError(f"{fn}: {name} is too large ({a.size} elements)")
 
@@ -403,8 +404,8 @@ def maxpool2d_backward(dy, indices, x_shape):
                         f"{getattr(indices, 'dtype', type(indices).__name__)}")
     if indices.shape != dy.shape:
         raise ValueError(f"{fn}: indices must have the shape of dy {dy.shape}, got {indices.shape}")
-    if not indices.flags.c_contiguous:
-        raise ValueError(f"{fn}: indices must be C-contiguous")
+    if not indices.flags.c_contiguous or not indices.flags.aligned:
+        raise ValueError(f"{fn}: indices must be C-contiguous and aligned")
     if dy.shape[:2] != xs[:2]:
         raise ValueError(f"{fn}: dy (N, C) = {dy.shape[:2]} does not match x_shape (N, C) = {xs[:2]}")
     dx = np.empty(xs, dtype=dy.dtype)
@@ -647,8 +648,8 @@ cdef _check_state(a, str name, str fn, p):
                         f"{getattr(a, 'dtype', type(a).__name__)}")
     if a.shape != p.shape:
         raise ValueError(f"{fn}: {name} must have the parameter's shape {p.shape}, got {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{fn}: {name} must be C-contiguous")
+    if not a.flags.c_contiguous or not a.flags.aligned:
+        raise ValueError(f"{fn}: {name} must be C-contiguous and aligned")
 
 
 def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, first):
@@ -656,8 +657,8 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, fi
     fn = "sgd_update"
     if not isinstance(p, np.ndarray) or p.dtype not in _FLOATS:
         raise TypeError(f"{fn}: p must be a float32 or float64 numpy.ndarray, got {getattr(p, 'dtype', type(p))}")
-    if not p.flags.c_contiguous or not p.flags.writeable:
-        raise ValueError(f"{fn}: p must be a writable C-contiguous array")
+    if not p.flags.c_contiguous or not p.flags.writeable or not p.flags.aligned:
+        raise ValueError(f"{fn}: p must be a writable, aligned, C-contiguous array")
     _check_state(grad, "grad", fn, p)
     if momentum != 0:
         _check_state(buf, "buf", fn, p)
@@ -691,8 +692,8 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
     fn = "adam_update"
     if not isinstance(p, np.ndarray) or p.dtype not in _FLOATS:
         raise TypeError(f"{fn}: p must be a float32 or float64 numpy.ndarray, got {getattr(p, 'dtype', type(p))}")
-    if not p.flags.c_contiguous or not p.flags.writeable:
-        raise ValueError(f"{fn}: p must be a writable C-contiguous array")
+    if not p.flags.c_contiguous or not p.flags.writeable or not p.flags.aligned:
+        raise ValueError(f"{fn}: p must be a writable, aligned, C-contiguous array")
     for name, a in (("grad", grad), ("m", m), ("v", v)) + ((("vmax", vmax),) if vmax is not None else ()):
         _check_state(a, name, fn, p)
     if int(step) < 1:

@@ -6,6 +6,18 @@
 #define GLUE_(a, b) a##_##b
 #define GLUE(a, b) GLUE_(a, b)
 
+/* The taps k in [k0, k1) of a window starting at s0 (stride DIL between taps, K taps) that land in
+ * [0, n): computed, not stepped, so a huge kernel or padding costs nothing. */
+static inline void GLUE(tap_range, SUF)(int64_t *k0, int64_t *k1, int64_t s0, int64_t K, int64_t DIL, int64_t n)
+{
+    int64_t lo = s0 >= 0 ? 0 : (-s0 + DIL - 1) / DIL;
+    int64_t hi = n - 1 - s0 < 0 ? 0 : (n - 1 - s0) / DIL + 1;
+    if (hi > K) hi = K;
+    if (lo > hi) lo = hi;
+    *k0 = lo;
+    *k1 = hi;
+}
+
 /* One max-pool window: taps kh in [kh0, kh1), kw in [kw0, kw1) of rows h0 + kh*DH, columns w0 + kw*DW. */
 static inline void GLUE(max_window, SUF)(REAL *out, int64_t *arg_out, const REAL *restrict xp, int64_t W,
                                          int64_t h0, int64_t w0, int64_t kh0, int64_t kh1, int64_t kw0,
@@ -50,15 +62,14 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
         int64_t *restrict ip = indices + p * OH * OW;
         for (int64_t oh = 0; oh < OH; oh++) {
             const int64_t h0 = oh * SH - PH;
-            int64_t kh0 = 0, kh1 = KH;
-            while (h0 + kh0 * DH < 0) kh0++;
-            while (kh1 > kh0 && h0 + (kh1 - 1) * DH >= H) kh1--;
+            int64_t kh0, kh1;
+            GLUE(tap_range, SUF)(&kh0, &kh1, h0, KH, DH, H);
             REAL *restrict yr = yp + oh * OW;
             int64_t *restrict ir = ip + oh * OW;
             const int fast2x2 = KH == 2 && KW == 2 && DH == 1 && DW == 1 && kh0 == 0 && kh1 == 2;
             for (int64_t ow = 0; ow < OW; ow++) {
                 const int64_t w0 = ow * SW - PW;
-                if (ow == ow_in0 && fast2x2) {
+                if (ow == ow_in0 && ow < ow_in1 && fast2x2) {
                     /* the common 2x2 window over the interior columns, in row-major order, written as
                      * selects so the compiler vectorises it (random data would mispredict branches) */
                     const REAL *restrict r0 = xp + h0 * W, *restrict r1 = r0 + W;
@@ -93,9 +104,8 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
                     GLUE(max_window, SUF)(yr + ow, ir + ow, xp, W, h0, w0, kh0, kh1, 0, KW, DH, DW);
                     continue;
                 }
-                int64_t kw0 = 0, kw1 = KW;
-                while (w0 + kw0 * DW < 0) kw0++;
-                while (kw1 > kw0 && w0 + (kw1 - 1) * DW >= W) kw1--;
+                int64_t kw0, kw1;
+                GLUE(tap_range, SUF)(&kw0, &kw1, w0, KW, DW, W);
                 GLUE(max_window, SUF)(yr + ow, ir + ow, xp, W, h0, w0, kh0, kh1, kw0, kw1, DH, DW);
             }
         }

@@ -104,6 +104,14 @@ def _check_parameters_now(self):
             raise ValueError(f"{fn}: parameter {name} must have shape {shape}, got {data.shape}")
 
 
+def _c_array(a):
+    """`a` as the C kernels take it: C-contiguous and aligned (a copy only when it is not already)."""
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
+    a = np.ascontiguousarray(a)
+    return a if a.flags.aligned else a.copy()
+
+
 def _writable_grad(param):
     """param.grad can take an in-place accumulation from a kernel: a C-contiguous, writable array of the
     parameter's shape and dtype."""
@@ -223,7 +231,7 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d: input has {x.shape[1]} channels (shape {x.shape}), "
                              f"expected in_channels={self.in_channels}")
         self._check_parameters()
-        x = np.ascontiguousarray(x)
+        x = _c_array(x)
         pad = self._padding4(x.shape[2:])
         y = _backend.ops().conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
                                           self.stride, pad, self.dilation, self.groups)
@@ -247,7 +255,7 @@ class Conv2d(Module):
         x = self._cache_x
         if x is None:
             raise self._no_forward()
-        dy = np.ascontiguousarray(self._check_dy(dy, self._cache_y_shape, x.dtype))
+        dy = _c_array(self._check_dy(dy, self._cache_y_shape, x.dtype))
         self._check_parameters()
         return dy, x
 
@@ -324,7 +332,7 @@ class MaxPool2d(Module):
         x = _float_input(x, "MaxPool2d")
         if x.ndim != 4:
             raise ValueError(f"MaxPool2d: input must have 4 dims (N, C, H, W), got shape {x.shape}")
-        y, indices = _backend.ops().maxpool2d_forward(np.ascontiguousarray(x), *self._geometry(), self.ceil_mode)
+        y, indices = _backend.ops().maxpool2d_forward(_c_array(x), *self._geometry(), self.ceil_mode)
         self._cache_x_shape = x.shape
         self._cache_indices = indices
         self._cache_y_shape = y.shape
@@ -335,7 +343,7 @@ class MaxPool2d(Module):
         x_shape = self._cache_x_shape
         if x_shape is None:
             raise self._no_forward()
-        dy = np.ascontiguousarray(self._check_dy(dy, self._cache_y_shape, self._cache_dtype))
+        dy = _c_array(self._check_dy(dy, self._cache_y_shape, self._cache_dtype))
         dx = _backend.ops().maxpool2d_backward(dy, self._cache_indices, x_shape)
         self._cache_x_shape = self._cache_indices = None
         return dx
@@ -571,9 +579,9 @@ class Linear(Module):
             raise ValueError(f"Linear: input's last dimension must be in_features={self.in_features}, "
                              f"got shape {x.shape}")
         self._check_parameters()
-        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features))
-        y = _backend.ops().linear_forward(x2, np.ascontiguousarray(self.weight.data),
-                                          None if self.bias is None else np.ascontiguousarray(self.bias.data))
+        x2 = _c_array(x.reshape(-1, self.in_features))
+        y = _backend.ops().linear_forward(x2, _c_array(self.weight.data),
+                                          None if self.bias is None else _c_array(self.bias.data))
         self._cache_x = x2
         self._cache_x_shape = x.shape
         return y.reshape(x.shape[:-1] + (self.out_features,))
@@ -581,7 +589,7 @@ class Linear(Module):
     def backward(self, dy):
         x_shape = self.__dict__.get("_cache_x_shape")
         dy2 = self._backward_params_only(dy)
-        dx = _backend.ops().linear_backward_input(dy2, np.ascontiguousarray(self.weight.data))
+        dx = _backend.ops().linear_backward_input(dy2, _c_array(self.weight.data))
         return dx.reshape(x_shape)
 
     def _backward_params_only(self, dy):
@@ -593,7 +601,7 @@ class Linear(Module):
         x_shape = self._cache_x_shape
         dy = self._check_dy(dy, x_shape[:-1] + (self.out_features,), x.dtype)
         self._check_parameters()
-        dy2 = np.ascontiguousarray(dy.reshape(-1, self.out_features))
+        dy2 = _c_array(dy.reshape(-1, self.out_features))
         weight, bias = self.weight, self.bias
         ops = _backend.ops()
         with_bias = bias is not None and bias.requires_grad

@@ -208,7 +208,7 @@ def _update_ops(p, *state):
     reference when an array is not a C-contiguous ndarray of the parameter's dtype (the C kernel's terms)."""
     for a in (p.data, p.grad) + state:
         if a is not None and (type(a) is not np.ndarray or a.dtype != p.data.dtype or not a.flags.c_contiguous
-                              or not a.flags.writeable and a is not p.grad):
+                              or not a.flags.aligned or not a.flags.writeable and a is not p.grad):
             return reference
     return _backend.ops()
 
