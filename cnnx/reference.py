@@ -72,6 +72,9 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
     oc, cg, kh, kw = weight.shape
     n = x.shape[0]
     oh, ow = _conv_out_hw(x.shape, (kh, kw), stride, padding, dilation)
+    if n * oc * oh * ow == 0 or cg == 0:  # nothing to multiply (numpy would still loop over an empty batch)
+        y = np.zeros((n, oc, oh, ow), dtype=x.dtype)
+        return y + bias.reshape(1, oc, 1, 1) if bias is not None and y.size else y
     cols = _im2col(x, (kh, kw), stride, padding, dilation, groups, oh, ow)       # (N, G, CG*KH*KW, OH*OW)
     w = weight.reshape(groups, oc // groups, cg * kh * kw)                       # (G, OCG, CG*KH*KW)
     y = np.matmul(w, cols).reshape(n, oc, oh, ow)                                # (N, G, OCG, OH*OW)
@@ -95,6 +98,8 @@ def conv2d_backward_input(dy, weight, x_shape, stride, padding, dilation, groups
     if dy.shape != (n, oc, oh, ow):
         raise ValueError(f"conv2d_backward_input: dy must have shape {(n, oc, oh, ow)}, got {dy.shape}")
     pt, pb, pl, pr = padding
+    if dy.size == 0 or n * c * h * w_in == 0:
+        return np.zeros(x_shape, dtype=dy.dtype)
     w = weight.reshape(groups, oc // groups, cg * kh * kw)
     dyg = dy.reshape(n, groups, oc // groups, oh * ow)
     dcols = np.matmul(w.transpose(0, 2, 1), dyg)                                 # (N, G, CG*KH*KW, OH*OW)
@@ -120,6 +125,9 @@ def conv2d_backward_weight(dy, x, weight_shape, stride, padding, dilation, group
     oh, ow = _conv_out_hw(x.shape, (kh, kw), stride, padding, dilation)
     if dy.shape != (n, oc, oh, ow):
         raise ValueError(f"conv2d_backward_weight: dy must have shape {(n, oc, oh, ow)}, got {dy.shape}")
+    if dy.size == 0 or oc * cg * kh * kw == 0:
+        dbias = np.ascontiguousarray(dy.sum(axis=(0, 2, 3)), dtype=dy.dtype) if with_bias else None
+        return np.zeros(tuple(weight_shape), dtype=dy.dtype), dbias
     cols = _im2col(x, (kh, kw), stride, padding, dilation, groups, oh, ow)       # (N, G, CG*KH*KW, OH*OW)
     dyg = dy.reshape(n, groups, oc // groups, oh * ow)
     dweight = np.matmul(dyg, cols.transpose(0, 1, 3, 2)).sum(axis=0)             # (G, OCG, CG*KH*KW)
