@@ -173,6 +173,24 @@ def _json_default(value):
 
 
 # -- reading --------------------------------------------------------------------------------------------
+def _check_members(path, fn):
+    """Refuse, before reading any array, an archive whose members could expand beyond the file: cnnx writes
+    its checkpoints uncompressed (np.savez), so a compressed member, or one declaring more bytes than the
+    file holds, is not ours and may be a zip bomb. Archives that are not zip files are left to np.load."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return
+    size = os.path.getsize(path)
+    for info in members:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
+            raise ValueError(f"{fn}: {path}: entry {info.filename!r} is compressed or declares "
+                             f"{info.file_size} bytes in a {size}-byte file; cnnx checkpoints are stored "
+                             f"uncompressed (refused before reading, as a possible zip bomb)")
+
+
 def _read_npz(path, fn):
     """(header dict, {name: array}) from a cnnx .npz, with clear errors for anything else."""
     path = os.fspath(path)
@@ -181,6 +199,7 @@ def _read_npz(path, fn):
     if os.path.isdir(path):
         raise IsADirectoryError(f"{fn}: {path} is a directory, not a checkpoint file")
     arrays = {}
+    _check_members(path, fn)
     try:
         with open(path, "rb") as f:
             loaded = np.load(f, allow_pickle=False)

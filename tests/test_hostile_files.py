@@ -387,3 +387,13 @@ def test_verified_download_lands_atomically(tmp_path):
                          hashlib.sha256(payload).hexdigest())
     assert open(path, "rb").read() == payload
     assert os.listdir(tmp_path / "cache") == ["ok.bin"]
+
+
+def test_checkpoint_zip_bomb_is_refused_before_reading(tmp_path):
+    """A compressed member (cnnx writes none) that would expand to 800 MB is refused from the zip directory
+    alone, before any array is read."""
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, w=np.zeros(200_000_000, np.float32))
+    assert path.stat().st_size < 2_000_000
+    with pytest.raises(ValueError, match="compressed .*refused before reading"):
+        cnnx.load(path)
