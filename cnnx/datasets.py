@@ -244,7 +244,9 @@ class _IDXDataset(_Dataset):
                 f"{os.path.join(root, self.folder)}; put the {type(self).__name__} IDX files "
                 f"(train-/t10k-images-idx3-ubyte and -labels-idx1-ubyte, gzipped or not) there, "
                 f"or pass download=True (cnnx train --download) to fetch them from {self.mirrors[0]}")
-        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        # the 60,000-image training file is 47 MB: a header claiming much more is refused before any
+        # decompression (a gzip bomb behind a plausible MNIST header gets at most this far)
+        images, labels = read_idx(paths[0], max_bytes=1 << 27), read_idx(paths[1], max_bytes=1 << 20)
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
             raise ValueError(f"{type(self).__name__}: {paths[0]} should hold uint8 images (N, 28, 28), "
                              f"got {images.dtype} {images.shape}")
