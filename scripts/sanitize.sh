@@ -71,7 +71,8 @@ cd "$WORK"
 "$PY" -c "import cnnx, cnnx._kernels as k; assert k.__file__.startswith('$WORK'), k.__file__; print('sanitize.sh: testing', k.__file__)"
 TESTS=()
 for f in test_kernel_parity.py test_validation.py test_gradcheck.py test_threads.py test_properties.py \
-         test_concurrency_stress.py test_layer_misuse.py test_nn_layers.py; do
+         test_concurrency_stress.py test_layer_misuse.py test_nn_layers.py test_linear_kernels.py \
+         test_optim_kernels.py test_optim.py; do
     [ -f "tests/$f" ] && TESTS+=("tests/$f")
 done
 T1=$SECONDS
