@@ -208,41 +208,47 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
             c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[i][j] + tail[i][j];            \
 }
 
-#define NR 16
-/* float: 6 rows x 16 columns = 12 ymm accumulators; per k, 2 loads of b, 6 broadcasts of a, 12 FMAs. */
-TARGET static void tile_f32_avx2(float *restrict c, int64_t ldc, const float *restrict ap,
-                                 const float *restrict b, const int64_t *boff, int64_t rsb, int64_t K,
-                                 int64_t mr, int64_t nr, int accumulate)
-{
-    /* twelve named accumulators, so the compiler keeps them in registers through the k loop */
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t k = 0; k < K; k++) {
-        const float *bk = BROW(k);
-        const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
-        const float *av = ap + k * MR;
-        __m256 ai = _mm256_broadcast_ss(av + 0);
-        c00 = _mm256_fmadd_ps(ai, b0, c00);
-        c01 = _mm256_fmadd_ps(ai, b1, c01);
-        ai = _mm256_broadcast_ss(av + 1);
-        c10 = _mm256_fmadd_ps(ai, b0, c10);
-        c11 = _mm256_fmadd_ps(ai, b1, c11);
-        ai = _mm256_broadcast_ss(av + 2);
-        c20 = _mm256_fmadd_ps(ai, b0, c20);
-        c21 = _mm256_fmadd_ps(ai, b1, c21);
-        ai = _mm256_broadcast_ss(av + 3);
-        c30 = _mm256_fmadd_ps(ai, b0, c30);
-        c31 = _mm256_fmadd_ps(ai, b1, c31);
-        ai = _mm256_broadcast_ss(av + 4);
-        c40 = _mm256_fmadd_ps(ai, b0, c40);
-        c41 = _mm256_fmadd_ps(ai, b1, c41);
-        ai = _mm256_broadcast_ss(av + 5);
-        c50 = _mm256_fmadd_ps(ai, b0, c50);
-        c51 = _mm256_fmadd_ps(ai, b1, c51);
-    }
-    const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    STORE_TILE(float, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, 8)
+/* The 6 x NR register tile (NR = 2 vectors): twelve named accumulators, so the compiler keeps them in
+ * registers through the k loop; per k, 2 loads of b, 6 broadcasts of a, 12 FMAs. */
+#define GEMM_TILE(REAL, S, VEC, LOADU, STOREU, ADD, FMADD, ZERO, BROADCAST, LANES)                   \
+TARGET static void tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict ap,                  \
+                      const REAL *restrict b, const int64_t *boff, int64_t rsb, int64_t K,            \
+                      int64_t mr, int64_t nr, int accumulate)                                        \
+{                                                                                                    \
+    /* twelve named accumulators, so the compiler keeps them in registers through the k loop */      \
+    VEC c00 = ZERO(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;                         \
+    VEC c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;                            \
+    for (int64_t k = 0; k < K; k++) {                                                                \
+        const REAL *bk = BROW(k);                                                                    \
+        const VEC b0 = LOADU(bk), b1 = LOADU(bk + LANES);                                            \
+        const REAL *av = ap + k * MR;                                                                \
+        VEC ai = BROADCAST(av + 0);                                                                  \
+        c00 = FMADD(ai, b0, c00);                                                                    \
+        c01 = FMADD(ai, b1, c01);                                                                    \
+        ai = BROADCAST(av + 1);                                                                      \
+        c10 = FMADD(ai, b0, c10);                                                                    \
+        c11 = FMADD(ai, b1, c11);                                                                    \
+        ai = BROADCAST(av + 2);                                                                      \
+        c20 = FMADD(ai, b0, c20);                                                                    \
+        c21 = FMADD(ai, b1, c21);                                                                    \
+        ai = BROADCAST(av + 3);                                                                      \
+        c30 = FMADD(ai, b0, c30);                                                                    \
+        c31 = FMADD(ai, b1, c31);                                                                    \
+        ai = BROADCAST(av + 4);                                                                      \
+        c40 = FMADD(ai, b0, c40);                                                                    \
+        c41 = FMADD(ai, b1, c41);                                                                    \
+        ai = BROADCAST(av + 5);                                                                      \
+        c50 = FMADD(ai, b0, c50);                                                                    \
+        c51 = FMADD(ai, b1, c51);                                                                    \
+    }                                                                                                \
+    const VEC acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}}; \
+    STORE_TILE(REAL, LOADU, STOREU, ADD, LANES)                                                      \
 }
+
+#define NR 16
+/* float: 6 rows x 16 columns */
+GEMM_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps,
+          _mm256_broadcast_ss, 8)
 DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
 DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
 #define REAL float
@@ -253,40 +259,9 @@ DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_s
 #undef NR
 
 #define NR 8
-/* double: 6 rows x 8 columns = 12 ymm accumulators. */
-TARGET static void tile_f64_avx2(double *restrict c, int64_t ldc, const double *restrict ap,
-                                 const double *restrict b, const int64_t *boff, int64_t rsb, int64_t K,
-                                 int64_t mr, int64_t nr, int accumulate)
-{
-    /* twelve named accumulators, so the compiler keeps them in registers through the k loop */
-    __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m256d c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t k = 0; k < K; k++) {
-        const double *bk = BROW(k);
-        const __m256d b0 = _mm256_loadu_pd(bk), b1 = _mm256_loadu_pd(bk + 4);
-        const double *av = ap + k * MR;
-        __m256d ai = _mm256_broadcast_sd(av + 0);
-        c00 = _mm256_fmadd_pd(ai, b0, c00);
-        c01 = _mm256_fmadd_pd(ai, b1, c01);
-        ai = _mm256_broadcast_sd(av + 1);
-        c10 = _mm256_fmadd_pd(ai, b0, c10);
-        c11 = _mm256_fmadd_pd(ai, b1, c11);
-        ai = _mm256_broadcast_sd(av + 2);
-        c20 = _mm256_fmadd_pd(ai, b0, c20);
-        c21 = _mm256_fmadd_pd(ai, b1, c21);
-        ai = _mm256_broadcast_sd(av + 3);
-        c30 = _mm256_fmadd_pd(ai, b0, c30);
-        c31 = _mm256_fmadd_pd(ai, b1, c31);
-        ai = _mm256_broadcast_sd(av + 4);
-        c40 = _mm256_fmadd_pd(ai, b0, c40);
-        c41 = _mm256_fmadd_pd(ai, b1, c41);
-        ai = _mm256_broadcast_sd(av + 5);
-        c50 = _mm256_fmadd_pd(ai, b0, c50);
-        c51 = _mm256_fmadd_pd(ai, b1, c51);
-    }
-    const __m256d acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    STORE_TILE(double, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, 4)
-}
+/* double: 6 rows x 8 columns */
+GEMM_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, _mm256_fmadd_pd,
+          _mm256_setzero_pd, _mm256_broadcast_sd, 4)
 DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
 DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
 #define REAL double
