@@ -210,6 +210,15 @@ static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const RE
     }
 }
 
+/* A kernel that covers the whole (unpadded) input and yields one output pixel is a fully connected layer
+ * on the flattened image: x (N, C*H*W), w (OC, C*H*W), y (N, OC). Such layers (LeNet-5's C5) go to the
+ * linear kernels, whose GEMM takes the batch as one dimension instead of one 1-pixel image at a time. */
+static int GLUE(is_fully_connected, SUF)(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t PT, int64_t PL,
+                                         int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+{
+    return G == 1 && KH == H && KW == W && PT == 0 && PL == 0 && DH == 1 && DW == 1 && OH == 1 && OW == 1;
+}
+
 /* ---------------------------------------------------------------- forward */
 
 /*
@@ -223,6 +232,8 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
                               int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
                               int64_t G, int64_t OH, int64_t OW)
 {
+    if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
+        return GLUE(linear_forward, SUF)(y, x, w, b, N, C * H * W, OC);
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
     const int direct = SH == 1 && SW == 1;
@@ -292,6 +303,8 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
                                      int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,
                                      int64_t DW, int64_t G, int64_t OH, int64_t OW)
 {
+    if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
+        return GLUE(linear_backward_input, SUF)(dx, dy, w, N, C * H * W, OC);
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, KK = KH * KW;
     const int64_t T2 = (KH - 1) * DH - PT, L2 = (KW - 1) * DW - PL;
@@ -386,6 +399,8 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
                                       int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
                                       int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
 {
+    if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
+        return GLUE(linear_backward_weight, SUF)(dw, db, dy, x, N, C * H * W, OC, 0);
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
     const int64_t wsize = OC * K;

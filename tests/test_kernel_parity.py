@@ -44,6 +44,9 @@ CONV_CASES = {
     "lenet_conv1": (4, 1, 28, 28, 6, (5, 5), 1, 2, 1, 1),
     "lenet_conv2": (4, 6, 14, 14, 16, (5, 5), 1, 0, 1, 1),
     "gemm_tail_sizes": (2, 19, 23, 29, 37, (3, 3), 1, 1, 1, 1),
+    # a kernel covering the whole unpadded input (LeNet-5's C5): the fully connected path
+    "fully_connected_kernel": (3, 4, 5, 6, 7, (5, 6), 1, 0, 1, 1),
+    "fully_connected_stride2_pad_after": (2, 3, 4, 4, 5, (4, 4), 2, (0, 1, 0, 1), 1, 1),
     # the stride-1 direct backward-input path (>= 4 channels per group, padding adds <= 30% pixels)
     "direct_bwd_input_groups_dilated": (2, 10, 26, 24, 6, (3, 2), 1, (2, 1, 0, 3), (1, 2), 2),
     "wide_channels_7x7_s2": (2, 8, 21, 19, 13, (7, 7), 2, 3, 1, 1),
