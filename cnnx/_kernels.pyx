@@ -6,6 +6,8 @@ cannot (dtype, contiguity, ndim, shape agreement), allocates the outputs, dispat
 calls the C kernel with the GIL released. Geometry arrives normalised (see cnnx/_geometry.py):
 stride (sh, sw), conv padding (top, bottom, left, right), pool padding (ph, pw), dilation (dh, dw).
 """
+import math
+
 import numpy as np
 from libc.stdint cimport int64_t
 from cython cimport floating
@@ -720,3 +722,8 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
             adam_update_f64(&p64[0], &m64[0], &v64[0], &x64[0] if x64 is not None else NULL, &g64[0], n, lr_,
                             b1, b2, eps_, wd, dec, t)
     return p
+
+
+# ---------------------------------------------------------------- Sequential plans
+
+include "_plan.pxi"

@@ -213,7 +213,11 @@ class Conv2d(Module):
 
     def _padding4(self, hw):
         """(top, bottom, left, right) for an input of spatial size hw ('same' depends on it; cached)."""
-        cache = self.__dict__.setdefault("_padding_cache", {})
+        key = (self.padding, self.kernel_size, self.stride, self.dilation)
+        cached = self.__dict__.get("_padding_cache")
+        if cached is None or cached[0] != key:      # (re)built when the geometry is reassigned
+            cached = self.__dict__["_padding_cache"] = (key, {})
+        cache = cached[1]
         pad = cache.get(hw)
         if pad is None:
             if len(cache) > 64:

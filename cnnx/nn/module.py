@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from .. import _backend
+
 __all__ = ["Parameter", "Module", "Sequential", "StateDictError"]
 
 
@@ -93,6 +95,18 @@ def _addindent(text, spaces):
     return lines[0] + "\n" + "\n".join(" " * spaces + line for line in lines[1:])
 
 
+_changes = [0]      # configuration changes of all modules so far
+
+
+def _touch(module):
+    """Count a change of `module`'s configuration (a public attribute, a parameter, buffer or submodule set or
+    deleted): a Sequential's compiled plan checks its modules' counts before each call, and the cached
+    parameter lists check the global count."""
+    d = module.__dict__
+    d["_version"] = d.get("_version", 0) + 1
+    _changes[0] += 1
+
+
 class Module:
     """Base class of every layer, loss and model.
 
@@ -143,11 +157,21 @@ class Module:
                                 f"{type(self).__name__} (expected a numpy array or None)")
             buffers[name] = value
         d[name] = value
+        if name[:1] != "_":
+            _touch(self)
+
+    def __getstate__(self):
+        # copies and pickles leave out what is derived: compiled plans and the cached parameter list
+        state = dict(self.__dict__)
+        for key in ("_plans", "_plan_state", "_parameter_cache"):
+            state.pop(key, None)
+        return state
 
     def __delattr__(self, name):
         for registry in ("_parameters", "_buffers", "_modules"):
             self.__dict__[registry].pop(name, None)
         object.__delattr__(self, name)
+        _touch(self)
 
     def register_buffer(self, name, array):
         """Register a state array that is not trained (e.g. BatchNorm's running_mean); None is allowed."""
@@ -159,12 +183,14 @@ class Module:
         self.__dict__["_modules"].pop(name, None)
         self.__dict__["_buffers"][name] = array
         self.__dict__[name] = array
+        _touch(self)
 
     def register_parameter(self, name, param):
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(f"register_parameter: {name!r} must be a Parameter or None, got {type(param).__name__}")
         self.__dict__["_parameters"][name] = param
         self.__dict__[name] = param
+        _touch(self)
 
     def add_module(self, name, module):
         if not isinstance(name, str) or not name or "." in name:
@@ -173,6 +199,7 @@ class Module:
             raise TypeError(f"add_module: {name!r} must be a Module or None, got {type(module).__name__}")
         self.__dict__["_modules"][name] = module
         self.__dict__[name] = module
+        _touch(self)
 
     # -- computation -----------------------------------------------------------------------------
     def forward(self, *args):
@@ -235,8 +262,33 @@ class Module:
                 yield (f"{mod_prefix}.{name}" if mod_prefix else name), param
 
     def parameters(self, recurse=True):
-        for _, param in self.named_parameters(recurse=recurse):
-            yield param
+        if not recurse:
+            return (p for p in self._parameters.values() if p is not None)
+        return iter(self._parameter_list())
+
+    def _parameter_list(self):
+        """Every Parameter once, in named_parameters() order, without building the names (zero_grad and the
+        optimizers' setup call this per step)."""
+        cached = self.__dict__.get("_parameter_cache")
+        if cached is not None and cached[0] == _changes[0]:
+            return cached[1]
+        params, seen, visited = [], set(), set()
+
+        def walk(module):
+            if id(module) in visited:
+                return
+            visited.add(id(module))
+            for param in module._parameters.values():
+                if param is not None and id(param) not in seen:
+                    seen.add(id(param))
+                    params.append(param)
+            for child in module._modules.values():
+                if child is not None:
+                    walk(child)
+
+        walk(self)
+        self.__dict__["_parameter_cache"] = (_changes[0], params)
+        return params
 
     def named_buffers(self, prefix="", recurse=True):
         modules = self.named_modules(prefix) if recurse else [(prefix, self)]
@@ -259,7 +311,7 @@ class Module:
 
     def zero_grad(self, set_to_none=False):
         """Zero every parameter's grad in place (or set it to None with set_to_none=True)."""
-        for param in self.parameters():
+        for param in self._parameter_list():
             if set_to_none:
                 param.grad = None
             elif param.grad is not None:
@@ -270,7 +322,9 @@ class Module:
         if not isinstance(mode, bool):
             raise TypeError(f"train: mode must be a bool, got {type(mode).__name__}")
         for module in self.modules():
-            module.__dict__["training"] = mode
+            if module.__dict__.get("training") is not mode:
+                module.__dict__["training"] = mode
+                _touch(module)
         return self
 
     def eval(self):
@@ -518,7 +572,36 @@ class Sequential(Module):
         except TypeError:
             raise TypeError(f"Sequential indices must be int or slice, got {type(index).__name__}") from None
 
+    # A chain of Conv2d, ReLU, MaxPool2d, Flatten, Linear, Identity and eval-mode Dropout runs as one compiled
+    # plan per input shape (cnnx/_plan.pxi): the same kernels on the same values, without the per-layer
+    # Python work that dominates small batches. The layers inside then keep no forward state of their own:
+    # backward goes through the Sequential. Anything else runs layer by layer.
+    def _plan(self, x):
+        if type(x) is not np.ndarray:
+            return None
+        build = getattr(_backend.ops(), "sequential_plan", None)
+        if build is None:
+            return None
+        d = self.__dict__
+        plans = d.get("_plans")
+        if plans is None:
+            plans = d["_plans"] = {}
+        key = (x.shape, x.dtype)
+        plan = plans.get(key)
+        if plan is None or not plan.valid():
+            if len(plans) >= 8:
+                plans.clear()
+            plan = plans[key] = build(self, x)
+        return plan
+
     def forward(self, x):
+        plan = self._plan(x)
+        if plan is not None:
+            y = plan.forward(x)
+            if y is not None:
+                self.__dict__["_plan_state"] = plan
+                return y
+        self.__dict__["_plan_state"] = None
         for module in self._modules.values():
             x = module(x)
         return x
@@ -530,6 +613,13 @@ class Sequential(Module):
         layer (Conv2d, Linear, or a Sequential starting with one) then computes only its parameter gradients,
         which saves a whole convolution-backward per training step. Parameter gradients are identical.
         """
+        state = self.__dict__.get("_plan_state")
+        if state is not None:
+            if state is False:
+                raise self._no_forward()
+            dx = state.backward(dy, input_grad)
+            self.__dict__["_plan_state"] = False
+            return dx
         modules = list(self._modules.values())
         for i in range(len(modules) - 1, -1, -1):
             module = modules[i]

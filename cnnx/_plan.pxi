@@ -1,0 +1,534 @@
+# Included by _kernels.pyx: Sequential's compiled plan.
+#
+# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity (and Dropout in eval mode) run
+# layer by layer costs a Python call, argument checks, an output allocation and a cache update per layer:
+# about 6 us each, 80 us for a batch-1 LeNet-5 forward whose arithmetic takes 20 us. A plan does the checks
+# once per (input shape, dtype), keeps every activation and gradient buffer, and runs the whole chain of C
+# kernels in one call without the GIL. ReLU after a Conv2d or Linear is applied in place to its output
+# buffer (the layer's backward does not need its output, so nothing is lost).
+#
+# The results are the layers' own: the same kernels in the same order on the same values. Sequential
+# decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input
+# that is not a C-contiguous array of the parameters' dtype, a parameter array replaced by something
+# unusual) falls back to the layer-by-layer path, which raises the usual errors.
+
+cimport numpy as cnp
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+
+cnp.import_array()
+
+cdef enum:
+    _OP_CONV = 1
+    _OP_RELU = 2
+    _OP_MAXPOOL = 3
+    _OP_LINEAR = 4
+
+cdef struct _Op:
+    int kind
+    int relu            # conv/linear: ReLU applied in place to y
+    int wslot, bslot    # parameter slots (-1: none)
+    int64_t g[16]       # geometry (see _plan_op)
+    int64_t n_out       # elements of y
+    char *x             # input activation (NULL for the first op: the caller's array)
+    char *y             # output activation
+    char *dx            # gradient to the input (NULL for the first op: a fresh array, when wanted)
+    char *dy            # gradient to the output
+    char *aux           # maxpool: int64 indices
+
+
+cdef inline char *_ptr(a):
+    return <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef bint _plain(a, dtype, shape, bint writable):
+    """a is an ndarray the kernels can use directly: exact dtype and shape, C-contiguous, aligned."""
+    if type(a) is not np.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if arr.dtype is not dtype and arr.dtype != dtype:
+        return False
+    if a.shape != shape:
+        return False
+    cdef int flags = cnp.PyArray_FLAGS(arr)
+    if not (flags & cnp.NPY_ARRAY_C_CONTIGUOUS) or not (flags & cnp.NPY_ARRAY_ALIGNED):
+        return False
+    return not writable or (flags & cnp.NPY_ARRAY_WRITEABLE) != 0
+
+
+cdef int _relu_fwd(char *y, char *x, int64_t n, int f64) noexcept nogil:
+    # y = max(x, 0) as numpy's maximum: NaN and -0.0 pass through
+    cdef int64_t i
+    cdef float *yf
+    cdef float *xf
+    cdef double *yd
+    cdef double *xd
+    if f64:
+        yd = <double *>y
+        xd = <double *>x
+        for i in range(n):
+            yd[i] = 0.0 if xd[i] < 0 else xd[i]
+    else:
+        yf = <float *>y
+        xf = <float *>x
+        for i in range(n):
+            yf[i] = 0.0 if xf[i] < 0 else xf[i]
+    return 0
+
+
+cdef void _relu_bwd(char *dx, char *dy, char *y, int64_t n, int f64) noexcept nogil:
+    # dx = dy * (y > 0), as ReLU.backward (a multiply, so inf * 0 gives NaN there too)
+    cdef int64_t i
+    cdef float *dxf
+    cdef float *dyf
+    cdef float *yf
+    cdef double *dxd
+    cdef double *dyd
+    cdef double *yd
+    if f64:
+        dxd = <double *>dx
+        dyd = <double *>dy
+        yd = <double *>y
+        for i in range(n):
+            dxd[i] = dyd[i] * (1.0 if yd[i] > 0 else 0.0)
+    else:
+        dxf = <float *>dx
+        dyf = <float *>dy
+        yf = <float *>y
+        for i in range(n):
+            dxf[i] = dyf[i] * (<float>1.0 if yf[i] > 0 else <float>0.0)
+
+
+cdef void _add_into(char *dst, char *src, int64_t n, int f64) noexcept nogil:
+    cdef int64_t i
+    if f64:
+        for i in range(n):
+            (<double *>dst)[i] += (<double *>src)[i]
+    else:
+        for i in range(n):
+            (<float *>dst)[i] += (<float *>src)[i]
+
+
+cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogil:
+    cdef int64_t *g = op.g
+    cdef int code = 0
+    if op.kind == _OP_CONV:
+        if f64:
+            code = conv2d_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, g[0], g[1], g[2],
+                                      g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
+                                      g[14], g[15])
+        else:
+            code = conv2d_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, g[0], g[1], g[2], g[3],
+                                      g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14],
+                                      g[15])
+    elif op.kind == _OP_LINEAR:
+        if f64:
+            code = linear_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, g[0], g[1], g[2])
+        else:
+            code = linear_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, g[0], g[1], g[2])
+    elif op.kind == _OP_MAXPOOL:
+        if f64:
+            code = maxpool2d_forward_f64(<double *>op.y, <int64_t *>op.aux, <double *>x, g[0], g[1], g[2], g[3],
+                                         g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12])
+        else:
+            code = maxpool2d_forward_f32(<float *>op.y, <int64_t *>op.aux, <float *>x, g[0], g[1], g[2], g[3],
+                                         g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12])
+    if code == 0 and (op.relu or op.kind == _OP_RELU):
+        _relu_fwd(op.y, op.y if op.kind != _OP_RELU else x, op.n_out, f64)
+    return code
+
+
+cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, char **gptr, char **sptr,
+                       int64_t *ssize, int f64) noexcept nogil:
+    """One op's backward from op.dy: its parameters' gradients (mode 1: added into .grad here; mode 2: left
+    in the slot's scratch for the caller), and dx when dx is not NULL (the first op's only when wanted)."""
+    cdef int64_t *g = op.g
+    cdef int code = 0, ws = op.wslot, bs = op.bslot
+    cdef bint need_w, need_b, direct
+    if op.kind == _OP_RELU:
+        if dx != NULL:
+            _relu_bwd(dx, op.dy, op.y, op.n_out, f64)
+        return 0
+    if op.relu:
+        _relu_bwd(op.dy, op.dy, op.y, op.n_out, f64)
+    if op.kind == _OP_MAXPOOL:
+        if dx != NULL:
+            if f64:
+                code = maxpool2d_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
+                                              g[11], g[12])
+            else:
+                code = maxpool2d_backward_f32(<float *>dx, <float *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
+                                              g[11], g[12])
+        return code
+    need_w = gmode[ws] != 0
+    need_b = bs >= 0 and gmode[bs] != 0
+    if op.kind == _OP_CONV:
+        if need_w or need_b:
+            if f64:
+                code = conv2d_backward_weight_f64(<double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL,
+                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], g[3], g[4],
+                                                  g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
+                                                  g[14], g[15])
+            else:
+                code = conv2d_backward_weight_f32(<float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL,
+                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], g[3], g[4],
+                                                  g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
+                                                  g[14], g[15])
+            if code:
+                return code
+            if gmode[ws] == 1:
+                _add_into(gptr[ws], sptr[ws], ssize[ws], f64)
+            if bs >= 0 and gmode[bs] == 1:
+                _add_into(gptr[bs], sptr[bs], ssize[bs], f64)
+        if dx != NULL:
+            if f64:
+                code = conv2d_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], g[0], g[1],
+                                                 g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
+                                                 g[12], g[13], g[14], g[15])
+            else:
+                code = conv2d_backward_input_f32(<float *>dx, <float *>op.dy, <float *>wptr[ws], g[0], g[1],
+                                                 g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
+                                                 g[12], g[13], g[14], g[15])
+        return code
+    # _OP_LINEAR: straight into the .grad arrays when they take it (as Linear.backward does)
+    if need_w or need_b:
+        direct = gmode[ws] == 1 and (bs < 0 or gmode[bs] != 2)
+        if direct:
+            if f64:
+                code = linear_backward_weight_f64(<double *>gptr[ws], <double *>gptr[bs] if need_b else NULL,
+                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], 1)
+            else:
+                code = linear_backward_weight_f32(<float *>gptr[ws], <float *>gptr[bs] if need_b else NULL,
+                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], 1)
+        else:
+            if f64:
+                code = linear_backward_weight_f64(<double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL,
+                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], 0)
+            else:
+                code = linear_backward_weight_f32(<float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL,
+                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], 0)
+            if code == 0 and gmode[ws] == 1:
+                _add_into(gptr[ws], sptr[ws], ssize[ws], f64)
+            if code == 0 and bs >= 0 and gmode[bs] == 1:
+                _add_into(gptr[bs], sptr[bs], ssize[bs], f64)
+        if code:
+            return code
+    if dx != NULL:
+        if f64:
+            code = linear_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], g[0], g[1], g[2])
+        else:
+            code = linear_backward_input_f32(<float *>dx, <float *>op.dy, <float *>wptr[ws], g[0], g[1], g[2])
+    return code
+
+
+cdef class _SequentialPlan:
+    """The compiled form of one Sequential for one input shape and dtype (built by _plan_build)."""
+    cdef _Op *ops
+    cdef int nops
+    cdef int f64
+    cdef readonly tuple in_shape
+    cdef readonly object dtype
+    cdef tuple out_shape
+    cdef list keep              # every buffer the ops point into
+    cdef object out_buf         # the last op's output
+    cdef object grad_buf        # the gradient to the last op's output
+    cdef list params            # Parameter per slot
+    cdef list pdata             # the array last validated per slot
+    cdef list pshape
+    cdef char **wptr
+    cdef list scratch           # per slot: the scratch array its gradient goes through (or None)
+    cdef list hold              # parameter copies alive during one backward
+    cdef list modules
+    cdef list versions
+    cdef object last            # the last module (its _check_dy names it in errors)
+    cdef object x_ref           # the input of the pending forward
+    cdef public bint pending    # a forward ran and its backward has not
+    cdef bint busy
+
+    def __cinit__(self):
+        self.ops = NULL
+        self.wptr = NULL
+
+    def __dealloc__(self):
+        PyMem_Free(self.ops)
+        PyMem_Free(self.wptr)
+
+    cdef bint _params_ready(self, bint strict) except -1:
+        """Point wptr at each parameter's current data. An array the kernels cannot take as it stands gives
+        False when strict (forward then runs layer by layer, which converts or raises) and otherwise, in a
+        backward whose forward already ran here, a contiguous copy, or an error when it no longer fits."""
+        cdef int i
+        for i in range(len(self.params)):
+            data = self.params[i].data
+            if data is self.pdata[i]:
+                continue
+            if _plain(data, self.dtype, self.pshape[i], False):
+                self.pdata[i] = data
+                self.wptr[i] = _ptr(data)
+                continue
+            if strict:
+                return False
+            copy = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else None
+            if copy is None or copy.dtype != self.dtype or copy.shape != self.pshape[i]:
+                raise ValueError(f"Sequential.backward: a parameter was replaced between forward and backward "
+                                 f"by {type(data).__name__} {getattr(data, 'dtype', '')} "
+                                 f"{getattr(data, 'shape', '')}; expected a {self.dtype} array of shape "
+                                 f"{self.pshape[i]}")
+            if not copy.flags.aligned:
+                copy = copy.copy()
+            self.pdata[i] = None
+            self.hold.append(copy)
+            self.wptr[i] = _ptr(copy)
+        return True
+
+    def valid(self):
+        """False once a module of the chain was reconfigured (a public attribute set: see Module.__setattr__)."""
+        cdef int i
+        for i in range(len(self.modules)):
+            if self.modules[i].__dict__.get("_version", 0) != self.versions[i]:
+                return False
+        return True
+
+    def forward(self, x):
+        """The chain's output (a new array), or None when x or a parameter needs the layer-by-layer path."""
+        if self.nops == 0 or self.busy or not _plain(x, self.dtype, self.in_shape, False) \
+                or not self._params_ready(True):
+            return None
+        self.busy = True
+        cdef char *xp = _ptr(x)
+        cdef char *inp
+        cdef int i, code = 0, f64 = self.f64
+        cdef _Op *op
+        try:
+            with nogil:
+                for i in range(self.nops):
+                    op = &self.ops[i]
+                    inp = xp if op.x == NULL else op.x
+                    code = _run_forward(op, inp, self.wptr[op.wslot] if op.wslot >= 0 else NULL,
+                                        self.wptr[op.bslot] if op.bslot >= 0 else NULL, f64)
+                    if code:
+                        break
+            _status(code, "Sequential.forward")
+            self.x_ref = x
+            self.pending = True
+            return self.out_buf.copy()
+        finally:
+            self.busy = False
+
+    def backward(self, dy, bint input_grad):
+        """Backward of the pending forward: parameter gradients accumulated; returns dx (or None)."""
+        if not self.pending:
+            raise RuntimeError("Sequential.backward: no pending forward")
+        dy = self.last._check_dy(dy, self.out_shape, self.dtype)
+        if self.busy:
+            raise RuntimeError("Sequential.backward: this model is running in another thread; one model "
+                               "cannot train in two threads at once")
+        self.hold = []
+        self._params_ready(False)
+        self.busy = True
+        cdef int nslots = len(self.params), i, slot, code = 0, f64 = self.f64
+        cdef int64_t *gmode = <int64_t *>PyMem_Malloc((nslots + 1) * sizeof(int64_t))
+        cdef char **gptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
+        cdef char **sptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
+        cdef int64_t *ssize = <int64_t *>PyMem_Malloc((nslots + 1) * sizeof(int64_t))
+        cdef char *xp = _ptr(self.x_ref)
+        cdef char *dxp = NULL
+        cdef _Op *op
+        dx = None
+        try:
+            if gmode == NULL or gptr == NULL or sptr == NULL or ssize == NULL:
+                raise MemoryError("Sequential.backward: out of memory")
+            np.copyto(self.grad_buf, dy)
+            # per slot: 0 frozen (no gradient), 1 accumulate into grad in C, 2 through scratch + accumulate_grad
+            for i in range(nslots):
+                p = self.params[i]
+                gptr[i] = sptr[i] = NULL
+                ssize[i] = 0
+                if not p.requires_grad:
+                    gmode[i] = 0
+                elif _plain(p.grad, self.dtype, self.pshape[i], True):
+                    gmode[i] = 1
+                    gptr[i] = _ptr(p.grad)
+                else:
+                    gmode[i] = 2
+                s = self.scratch[i]
+                if s is not None:
+                    sptr[i] = _ptr(s)
+                    ssize[i] = s.size
+            if input_grad and self.nops:
+                dx = np.empty(self.in_shape, dtype=self.dtype)
+                dxp = _ptr(dx)
+            with nogil:
+                for i in range(self.nops - 1, -1, -1):
+                    op = &self.ops[i]
+                    code = _run_backward(op, op.x if op.x != NULL else xp, op.dx if op.dx != NULL else dxp,
+                                         self.wptr, gmode, gptr, sptr, ssize, f64)
+                    if code:
+                        break
+            _status(code, "Sequential.backward")
+            for i in range(nslots):
+                if gmode[i] == 2 and self.scratch[i] is not None:
+                    self.params[i].accumulate_grad(self.scratch[i].copy())
+            self.pending = False
+            self.x_ref = None
+            return dx
+        finally:
+            PyMem_Free(gmode)
+            PyMem_Free(gptr)
+            PyMem_Free(sptr)
+            PyMem_Free(ssize)
+            self.hold = []
+            self.busy = False
+
+
+def sequential_plan(seq, x):
+    """A plan running the modules of Sequential `seq` on arrays shaped like x: one that runs (the chain is
+    made of layers a plan knows, in their stock form, and x fits them) or one whose forward always returns
+    None (the layer-by-layer path then runs, and raises the usual errors). Either stays valid until a module
+    of the chain is reconfigured."""
+    from cnnx.nn import layers as L
+    cdef _SequentialPlan plan = _SequentialPlan()
+    modules = list(seq._modules.values())
+    plan.modules = [seq] + modules
+    plan.versions = [m.__dict__.get("_version", 0) if m is not None else 0 for m in plan.modules]
+    plan.nops = 0
+    if type(x) is not np.ndarray or x.dtype not in _FLOATS or x.ndim < 1 or x.size == 0 or not modules:
+        return plan
+    try:
+        specs = _plan_specs(plan, modules, x, L)
+    except (ValueError, TypeError, OverflowError):
+        specs = None        # a shape or setting the layers reject: they raise it themselves
+    if not specs:
+        return plan
+    plan.ops = <_Op *>PyMem_Malloc(len(specs) * sizeof(_Op))
+    plan.wptr = <char **>PyMem_Malloc((len(plan.params) + 1) * sizeof(char *))
+    if plan.ops == NULL or plan.wptr == NULL:
+        raise MemoryError("Sequential: out of memory for a plan")
+    cdef int i, k
+    cdef _Op *op
+    for i, spec in enumerate(specs):
+        op = &plan.ops[i]
+        op.kind, op.relu, op.wslot, op.bslot = spec["kind"], spec["relu"], spec["wslot"], spec["bslot"]
+        geometry = spec["g"]
+        for k in range(16):
+            op.g[k] = geometry[k] if k < len(geometry) else 0
+        op.n_out = spec["y"].size
+        op.x = _ptr(spec["x"]) if spec["x"] is not None else NULL
+        op.dx = _ptr(spec["dx"]) if spec["dx"] is not None else NULL
+        op.y, op.dy = _ptr(spec["y"]), _ptr(spec["dy"])
+        op.aux = _ptr(spec["aux"]) if spec.get("aux") is not None else NULL
+    for i in range(len(plan.params)):
+        plan.pdata[i] = None
+        plan.wptr[i] = NULL
+    plan.nops = len(specs)
+    return plan
+
+
+cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
+    """The ops of the plan as dicts, or None when a module needs the layer-by-layer path."""
+    dtype = x.dtype
+    shape = tuple(x.shape)
+    plan.dtype, plan.in_shape, plan.f64 = dtype, shape, dtype == np.float64
+    plan.params, plan.pdata, plan.pshape, plan.scratch, plan.keep = [], [], [], [], []
+    cur = grad = None               # the current activation and its gradient (None: the caller's x / dx)
+    specs = []
+    fusable = None                  # the op a ReLU straight after it can run inside
+
+    def slot(param, shape_):
+        plan.params.append(param)
+        plan.pdata.append(None)
+        plan.pshape.append(tuple(shape_))
+        s = np.empty(shape_, dtype)
+        plan.scratch.append(s)
+        plan.keep.append(s)
+        return len(plan.params) - 1
+
+    def new_op(kind, g, out_shape, **extra):
+        y = np.empty(out_shape, dtype)
+        dy = np.empty(out_shape, dtype)
+        plan.keep.extend((y, dy))
+        spec = dict(kind=kind, relu=0, wslot=-1, bslot=-1, g=g, x=cur, dx=grad, y=y, dy=dy, **extra)
+        specs.append(spec)
+        return spec
+
+    for m in modules:
+        t = type(m)
+        if m is None or "forward" in m.__dict__ or "backward" in m.__dict__:
+            return None
+        if t is L.Conv2d:
+            ws = m._param_shapes["weight"]
+            if m.dtype != dtype or len(shape) != 4 or shape[1] != m.in_channels or m.weight is None:
+                return None
+            if ("bias" in m._param_shapes) != (m.bias is not None):
+                return None
+            pad = m._padding4(shape[2:])
+            oh, ow = _conv_geometry(shape, ws, m.stride, pad, m.dilation, m.groups, "Conv2d")
+            out = (shape[0], ws[0], oh, ow)
+            _shape4(out, "output shape", "Conv2d")
+            if 0 in out:
+                return None
+            g = (shape[0], shape[1], shape[2], shape[3], ws[0], ws[2], ws[3], m.stride[0], m.stride[1], pad[0],
+                 pad[2], m.dilation[0], m.dilation[1], m.groups, oh, ow)
+            spec = new_op(_OP_CONV, g, out)
+            spec["wslot"] = slot(m.weight, ws)
+            if m.bias is not None:
+                spec["bslot"] = slot(m.bias, (ws[0],))
+            fusable = spec
+        elif t is L.Linear:
+            if m.dtype != dtype or shape[len(shape) - 1] != m.in_features or m.weight is None:
+                return None
+            if ("bias" in m._param_shapes) != (m.bias is not None):
+                return None
+            rows = math.prod(shape[:len(shape) - 1])
+            out = shape[:len(shape) - 1] + (m.out_features,)
+            if rows == 0:
+                return None
+            spec = new_op(_OP_LINEAR, (rows, m.in_features, m.out_features), out)
+            spec["wslot"] = slot(m.weight, (m.out_features, m.in_features))
+            if m.bias is not None:
+                spec["bslot"] = slot(m.bias, (m.out_features,))
+            fusable = spec
+        elif t is L.MaxPool2d:
+            if m.return_indices or len(shape) != 4:
+                return None
+            k, s, p, d = m._geometry()
+            oh, ow = _pool_geometry(shape, k, s, p, d, m.ceil_mode, "MaxPool2d")
+            out = (shape[0], shape[1], oh, ow)
+            if 0 in out:
+                return None
+            idx = np.empty(out, np.int64)
+            plan.keep.append(idx)
+            spec = new_op(_OP_MAXPOOL, (shape[0] * shape[1], shape[2], shape[3], k[0], k[1], s[0], s[1], p[0], p[1],
+                                 d[0], d[1], oh, ow), out, aux=idx)
+            fusable = None
+        elif t is L.ReLU:
+            if fusable is not None and not fusable["relu"]:
+                fusable["relu"] = 1         # in place on the conv/linear output
+                continue
+            if m.inplace and cur is None:
+                return None                 # would overwrite the caller's array
+            spec = new_op(_OP_RELU, (), shape)
+            fusable = None
+        elif t is L.Flatten:
+            nd = len(shape)
+            start = m.start_dim + nd if m.start_dim < 0 else m.start_dim
+            end = m.end_dim + nd if m.end_dim < 0 else m.end_dim
+            if not (0 <= start <= end < nd):
+                return None
+            out = shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]
+            if cur is not None:
+                cur, grad = cur.reshape(out), grad.reshape(out)
+            shape = out
+            fusable = None
+            continue
+        elif t is L.Identity or (t is L.Dropout and not m.training):
+            continue
+        else:
+            return None
+        cur, grad = spec["y"], spec["dy"]
+        shape = tuple(cur.shape)
+    if not specs:
+        return None
+    plan.out_shape = shape
+    plan.out_buf, plan.grad_buf = cur.reshape(shape), grad.reshape(shape)
+    plan.last = modules[len(modules) - 1]
+    return specs

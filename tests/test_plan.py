@@ -1,0 +1,312 @@
+"""Sequential's compiled plan (cnnx/_plan.pxi) against the same modules run one by one.
+
+The plan runs the same C kernels on the same values, so forward outputs, dx and every parameter gradient
+must agree bit for bit with the layer-by-layer path, on every chain shape the plan accepts; anything it
+does not accept must fall back and behave exactly as before (results and error messages).
+"""
+import copy
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+import cnnx
+from cnnx import models, nn
+
+pytestmark = pytest.mark.skipif(cnnx.get_backend() != "c", reason="the plan is part of the C backend")
+
+
+def eager_forward(model, x):
+    for module in model:
+        x = module(x)
+    return x
+
+
+def eager_backward(model, dy, input_grad=True):
+    modules = list(model)
+    for i in range(len(modules) - 1, -1, -1):
+        if not input_grad and i == 0 and hasattr(modules[i], "_backward_params_only"):
+            modules[i]._backward_params_only(dy)
+            return None
+        dy = modules[i].backward(dy)
+    return dy if input_grad else None
+
+
+def used_plan(model):
+    state = model.__dict__.get("_plan_state")
+    return state is not None and state is not False
+
+
+def assert_same_step(model, x, input_grad=True, seed=0):
+    """One forward + backward through the Sequential (plan) and through its deep copy layer by layer."""
+    twin = copy.deepcopy(model)
+    y = model(x)
+    assert used_plan(model), "the plan did not run"
+    y_ref = eager_forward(twin, x)
+    np.testing.assert_array_equal(y, y_ref)
+    dy = np.random.default_rng(seed).standard_normal(y.shape).astype(y.dtype)
+    dx = model.backward(dy, input_grad=input_grad)
+    dx_ref = eager_backward(twin, dy, input_grad=input_grad)
+    if input_grad:
+        np.testing.assert_array_equal(dx, dx_ref)
+    else:
+        assert dx is None and dx_ref is None
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad, err_msg=name)
+    return y
+
+
+def rand(shape, dtype=np.float32, seed=1):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+CHAINS = {
+    "lenet5": lambda dt: models.LeNet5(dtype=dt),
+    "relu-first, pool-relu": lambda dt: nn.Sequential(
+        nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2, padding=(1, 2), dtype=dt), nn.MaxPool2d(3, stride=2, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5, dtype=dt)),
+    "groups, dilation, no bias": lambda dt: nn.Sequential(
+        nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1, 0, 3), dilation=(2, 1), groups=2, bias=False,
+                  dtype=dt), nn.ReLU(), nn.MaxPool2d((2, 3), stride=(1, 2), ceil_mode=True), nn.Identity(),
+        nn.Conv2d(6, 2, 1, dtype=dt), nn.Flatten(), nn.ReLU(), nn.Linear(2 * 6 * 3, 3, dtype=dt)),
+    "same padding, stride 1": lambda dt: nn.Sequential(
+        nn.Conv2d(3, 5, 4, padding="same", dtype=dt), nn.ReLU(), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(0, -1)),
+    "mlp on 3-d input": lambda dt: nn.Sequential(
+        nn.Linear(7, 9, dtype=dt), nn.ReLU(), nn.Dropout(0.5), nn.Linear(9, 4, bias=False, dtype=dt)),
+}
+SHAPES = {
+    "lenet5": [(1, 1, 28, 28), (5, 1, 28, 28), (64, 1, 28, 28)],
+    "relu-first, pool-relu": [(1, 3, 9, 7), (4, 3, 9, 7)],
+    "groups, dilation, no bias": [(1, 4, 8, 9), (3, 4, 8, 9)],
+    "same padding, stride 1": [(1, 3, 6, 6), (2, 3, 7, 5)],
+    "mlp on 3-d input": [(2, 3, 7), (1, 1, 7)],
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(CHAINS))
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_plan_matches_layer_by_layer(name, dtype, input_grad):
+    for i, shape in enumerate(SHAPES[name]):
+        model = CHAINS[name](dtype)
+        if name == "mlp on 3-d input":
+            model.eval()                # Dropout: identity in eval mode only
+        for step in range(2):           # the second step accumulates into the grads of the first
+            assert_same_step(model, rand(shape, dtype, seed=i + step), input_grad, seed=step)
+
+
+def test_lenet5_training_loop_matches():
+    """SGD steps through the plan and layer by layer stay identical (the parameters are updated in place)."""
+    model = models.LeNet5()
+    twin = copy.deepcopy(model)
+    opt = cnnx.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt2 = cnnx.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    for step in range(4):
+        x = rng.random((8, 1, 28, 28), dtype=np.float32)
+        t = rng.integers(0, 10, 8)
+        for m, o, path in ((model, opt, "plan"), (twin, opt2, "layers")):
+            o.zero_grad()
+            out = m(x) if path == "plan" else eager_forward(m, x)
+            loss_fn(out, t)
+            d = loss_fn.backward()
+            if path == "plan":
+                m.backward(d, input_grad=False)
+            else:
+                eager_backward(m, d, input_grad=False)
+            o.step()
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+
+
+def test_output_is_a_new_array_each_call():
+    model = models.LeNet5().eval()
+    a = model(rand((2, 1, 28, 28), seed=1))
+    a_copy = a.copy()
+    b = model(rand((2, 1, 28, 28), seed=2))
+    assert used_plan(model) and a is not b
+    np.testing.assert_array_equal(a, a_copy)
+    dx1 = model.backward(np.ones_like(b))
+    model(rand((2, 1, 28, 28), seed=3))
+    dx2 = model.backward(np.ones_like(b))
+    assert not np.shares_memory(dx1, dx2)
+
+
+def test_unusual_inputs_fall_back_with_the_layers_errors():
+    model = models.LeNet5()
+    x = rand((4, 1, 28, 28))
+    ref = eager_forward(copy.deepcopy(model), x)
+    xf = np.asfortranarray(x)                           # not C-contiguous: layer by layer, same values
+    np.testing.assert_array_equal(model(xf), ref)
+    assert not used_plan(model)
+    with pytest.raises(TypeError, match="Conv2d: input dtype float64 does not match"):
+        model(x.astype(np.float64))
+    with pytest.raises(ValueError, match="Conv2d: input has 3 channels"):
+        model(rand((4, 3, 28, 28)))
+    with pytest.raises(ValueError, match="Linear: input's last dimension must be in_features=400"):
+        model(rand((4, 1, 32, 32)))
+    np.testing.assert_array_equal(model(x), ref)        # and the plan again
+    assert used_plan(model)
+
+
+def test_unsupported_layers_run_layer_by_layer():
+    for model in (models.LeNet5(variant="1998"),
+                  nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()),
+                  nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)),           # training-mode dropout
+                  nn.Sequential(nn.Sequential(nn.Linear(3, 3)), nn.ReLU()),   # nested: the inner one plans
+                  nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 2)),     # would overwrite the input
+                  nn.Sequential(nn.MaxPool2d(2, return_indices=True))):
+        shape = (2, 1, 32, 32) if isinstance(model, models.LeNet5) else \
+            ((2, 1, 6, 6) if isinstance(model[0], (nn.Conv2d, nn.MaxPool2d)) else (2, 3))
+        model(rand(shape))
+        assert not used_plan(model), model
+
+
+def test_nested_sequential_plans_inside():
+    inner = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    outer = nn.Sequential(inner, nn.Linear(4, 2))
+    twin = copy.deepcopy(outer)
+    x = rand((5, 3))
+    np.testing.assert_array_equal(outer(x), eager_forward(twin, x))
+    assert used_plan(inner) and not used_plan(outer)
+    dy = rand((5, 2), seed=3)
+    np.testing.assert_array_equal(outer.backward(dy), eager_backward(twin, dy))
+    for p, q in zip(outer.parameters(), twin.parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad)
+
+
+def test_reconfiguring_a_layer_rebuilds_the_plan():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    x = rand((2, 2, 10, 10))
+    assert_same_step(model, x)
+    model[0].padding = (1, 1)          # 10x10 conv out -> pool 5x5: Linear now mismatches, as layer by layer
+    with pytest.raises(ValueError, match="in_features=48"):
+        model(x)
+    model[0].padding = (0, 0)
+    assert_same_step(model, x)
+    model[0].stride = (2, 2)           # 4x4 conv out -> 2x2 pool: mismatch again
+    with pytest.raises(ValueError, match="Linear"):
+        model(x)
+
+
+def test_parameters_replaced_or_frozen():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x = rand((3, 1, 6, 6))
+    assert_same_step(model, x)
+    conv, lin = model[0], model[3]
+    conv.weight.data = rand(conv.weight.shape, seed=7)            # a new array: picked up
+    lin.weight.data = np.asfortranarray(rand(lin.weight.shape, seed=8))   # unusual: layer by layer
+    twin = copy.deepcopy(model)
+    np.testing.assert_array_equal(model(x), eager_forward(twin, x))
+    lin.weight.data = np.ascontiguousarray(lin.weight.data)
+    conv.bias.requires_grad = False
+    lin.weight.grad = None
+    before = conv.bias.grad.copy()
+    assert_same_step(model, x)
+    np.testing.assert_array_equal(conv.bias.grad, before)         # frozen: untouched
+    assert lin.weight.grad is not None and lin.weight.grad.shape == lin.weight.shape
+    twin = copy.deepcopy(model)
+    for m in (model, twin):                     # a view: accumulated through Parameter.accumulate_grad
+        m[3].bias.grad = np.zeros(6, np.float32)[::2]
+    y = model(x)
+    dy = rand(y.shape, seed=4)
+    np.testing.assert_array_equal(model.backward(dy), eager_backward(twin, (eager_forward(twin, x), dy)[1]))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad)
+
+
+def test_parameter_replaced_between_forward_and_backward():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    twin = copy.deepcopy(model)
+    x = rand((2, 4))
+    model(x)
+    eager_forward(twin, x)
+    w = np.asfortranarray(rand((2, 3), seed=5))
+    model[2].weight.data = w
+    twin[2].weight.data = w.copy(order="F")
+    dy = rand((2, 2), seed=6)
+    np.testing.assert_array_equal(model.backward(dy), eager_backward(twin, dy))
+    model[2].weight.data = np.ascontiguousarray(w)
+    model(x)
+    assert used_plan(model)
+    model[2].weight.data = rand((3, 3))
+    with pytest.raises(ValueError, match="replaced between forward and backward"):
+        model.backward(dy)
+
+
+def test_backward_misuse_raises():
+    model = models.LeNet5()
+    with pytest.raises(RuntimeError, match="before forward"):
+        model.backward(np.zeros((1, 10), np.float32))
+    y = model(rand((2, 1, 28, 28)))
+    with pytest.raises(ValueError, match=r"dy must have the forward output's shape \(2, 10\)"):
+        model.backward(np.zeros((3, 10), np.float32))
+    with pytest.raises(TypeError, match="dy must have the forward output's dtype float32"):
+        model.backward(np.zeros((2, 10), np.float64))
+    model.backward(np.ones_like(y))                  # still pending after the bad calls
+    with pytest.raises(RuntimeError, match="twice"):
+        model.backward(np.ones_like(y))
+    model(rand((2, 1, 28, 28)))
+    with pytest.raises(RuntimeError, match="before forward"):
+        model.fc3.backward(np.ones_like(y))          # the layers inside keep no state of their own
+
+
+def test_copies_and_pickles_after_a_forward():
+    model = models.LeNet5()
+    x = rand((2, 1, 28, 28))
+    y = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        np.testing.assert_array_equal(clone(x), y)
+        clone.backward(np.ones_like(y))
+        assert not np.shares_memory(clone.conv1.weight.data, model.conv1.weight.data)
+    model.backward(np.ones_like(y))
+
+
+def test_train_eval_switch_and_shape_changes():
+    model = nn.Sequential(nn.Linear(5, 5), nn.Dropout(0.5), nn.ReLU(), nn.Linear(5, 2))
+    x = rand((4, 5))
+    model.eval()
+    assert_same_step(model, x)
+    model.train()
+    model(x)
+    assert not used_plan(model)                      # active dropout: layer by layer
+    model.backward(np.ones((4, 2), np.float32))
+    model.eval()
+    for n in (1, 7, 4, 300):
+        assert_same_step(model, rand((n, 5), seed=n))
+
+
+def test_threads_share_a_model_for_inference():
+    model = models.LeNet5().eval()
+    xs = [rand((3, 1, 28, 28), seed=s) for s in range(8)]
+    expected = [eager_forward(copy.deepcopy(model), x) for x in xs]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(30):
+                i = (k * 3 + _) % len(xs)
+                np.testing.assert_array_equal(model(xs[i]), expected[i])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_numpy_backend_runs_layer_by_layer():
+    model = models.LeNet5()
+    x = rand((2, 1, 28, 28))
+    with cnnx.backend("numpy"):
+        y = model(x)
+        assert not used_plan(model)
+        model.backward(np.ones_like(y))
+    np.testing.assert_allclose(model(x), y, rtol=1e-4, atol=1e-5)
+    assert used_plan(model)
