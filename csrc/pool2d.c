@@ -1,17 +1,78 @@
 /* Max and average pooling, forward and backward; float32 and float64 (pool2d_impl.h per dtype). */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "cnnx.h"
 #include "cnnx_internal.h"
 
+#if CNNX_HAVE_X86_DISPATCH
+#include <immintrin.h>
+/*
+ * 2x2 stride-2 max pooling of one float output row, 8 outputs per step: the row pair r0/r1 is split into
+ * its even and odd columns (the four taps of 8 windows), and the winner is chosen by the same selects, in
+ * the same order, as the scalar code (a later tap wins when greater, or when it is NaN), so values and
+ * indices are bit-identical. Outputs [0, n rounded down to 8) are written (the scalar code does the rest:
+ * masked stores are microcoded on AMD's cores, slower than the scalar tail); returns their count.
+ * ir gets base + the winner's offset in the row pair (W < 2^30, checked by the caller).
+ */
+__attribute__((target("avx2,fma")))
+static int64_t max2x2_row_avx2(float *yr, int64_t *ir, const float *r0, const float *r1, int64_t n,
+                               int64_t base, int64_t W)
+{
+    const __m256i lane = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), three = _mm256_set1_epi32(3);
+    const __m256i wv = _mm256_set1_epi32((int)W);
+    int64_t q = 0;
+    for (; q + 8 <= n; q += 8) {
+        const __m256 u0 = _mm256_loadu_ps(r0 + 2 * q), u1 = _mm256_loadu_ps(r0 + 2 * q + 8);
+        const __m256 v0 = _mm256_loadu_ps(r1 + 2 * q), v1 = _mm256_loadu_ps(r1 + 2 * q + 8);
+#define EVEN(x, y) _mm256_castpd_ps(_mm256_permute4x64_pd(                                            \
+        _mm256_castps_pd(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)))
+#define ODD(x, y) _mm256_castpd_ps(_mm256_permute4x64_pd(                                             \
+        _mm256_castps_pd(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)))
+        const __m256 a = EVEN(u0, u1), b = ODD(u0, u1), c = EVEN(v0, v1), d = ODD(v0, v1);
+#undef EVEN
+#undef ODD
+        const __m256 tb = _mm256_or_ps(_mm256_cmp_ps(b, a, _CMP_GT_OQ), _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+        __m256 m = _mm256_blendv_ps(a, b, tb);
+        __m256i k = _mm256_and_si256(_mm256_castps_si256(tb), one);
+        const __m256 tc = _mm256_or_ps(_mm256_cmp_ps(c, m, _CMP_GT_OQ), _mm256_cmp_ps(c, c, _CMP_UNORD_Q));
+        m = _mm256_blendv_ps(m, c, tc);
+        k = _mm256_blendv_epi8(k, two, _mm256_castps_si256(tc));
+        const __m256 td = _mm256_or_ps(_mm256_cmp_ps(d, m, _CMP_GT_OQ), _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
+        m = _mm256_blendv_ps(m, d, td);
+        k = _mm256_blendv_epi8(k, three, _mm256_castps_si256(td));
+        _mm256_storeu_ps(yr + q, m);
+        /* offset in the row pair: column 2q + 2j + (k & 1), plus W for the second row (k >= 2) */
+        __m256i off = _mm256_add_epi32(lane, _mm256_and_si256(k, one));
+        off = _mm256_add_epi32(off, _mm256_and_si256(_mm256_cmpgt_epi32(k, one), wv));
+        const __m256i b64 = _mm256_set1_epi64x(base + 2 * q);
+        _mm256_storeu_si256((__m256i *)(ir + q),
+                            _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(off)), b64));
+        _mm256_storeu_si256((__m256i *)(ir + q + 4),
+                            _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(off, 1)), b64));
+    }
+    return q;
+}
+#define MAX2X2_ROW_FAST_f32(yr, ir, r0, r1, n, base, W) \
+    (CNNX_USE_AVX2 && (n) >= 8 && (W) < ((int64_t)1 << 30) ? max2x2_row_avx2(yr, ir, r0, r1, n, base, W) : 0)
+#else
+#define MAX2X2_ROW_FAST_f32(yr, ir, r0, r1, n, base, W) 0
+#endif
+#define MAX2X2_ROW_FAST_f64(yr, ir, r0, r1, n, base, W) 0
+
 #define REAL float
+#define UREAL uint32_t
 #define SUF f32
 #include "pool2d_impl.h"
+#undef UREAL
 #undef REAL
 #undef SUF
 
 #define REAL double
+#define UREAL uint64_t
 #define SUF f64
 #include "pool2d_impl.h"
+#undef UREAL
 #undef REAL
 #undef SUF

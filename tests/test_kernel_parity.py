@@ -266,6 +266,34 @@ def test_maxpool2d_kernels(kernels, ref, check, rng, case, kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("shape", [(3, 2, 9, 37), (2, 3, 10, 10), (1, 1, 2, 16), (2, 1, 5, 17), (1, 2, 28, 28)])
+def test_maxpool2d_2x2_plane_path(kernels, ref, rng, shape, portable, dtype):
+    """The whole-plane 2x2 stride-2 path (8 outputs per AVX2 step, a scalar tail): exact values and indices
+    on ties, -inf and NaN in every lane position, odd sizes that drop the last row/column."""
+    previous = kernels.force_portable()
+    kernels.force_portable(portable)
+    try:
+        for kind in ("normal", "constant", "ints", "infs", "nans"):
+            x = pool_input(rng, shape, "ints" if kind == "nans" else kind, dtype)
+            if kind == "nans":
+                x[rng.random(shape) < 0.15] = np.nan
+            y_c, idx_c = kernels.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
+            y_r, idx_r = ref.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
+            np.testing.assert_array_equal(y_c, y_r, err_msg=kind)
+            if kind == "nans":      # the reference picks the first NaN of a window, the kernels the last
+                nan_out = np.isnan(y_r)
+                np.testing.assert_array_equal(idx_c[~nan_out], idx_r[~nan_out], err_msg=kind)
+                flat = x.reshape(shape[0], shape[1], -1)
+                picked = np.take_along_axis(flat, idx_c.reshape(shape[0], shape[1], -1), axis=2)
+                assert np.isnan(picked.reshape(idx_c.shape)[nan_out]).all()
+            else:
+                np.testing.assert_array_equal(idx_c, idx_r, err_msg=kind)
+    finally:
+        kernels.force_portable(previous)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 def test_maxpool2d_nan_propagates(kernels, ref, rng, dtype):
     x = rng.standard_normal((2, 2, 9, 8)).astype(dtype)
     x[0, 0, 1, 1] = np.nan                 # one NaN: value and index are fixed by it
