@@ -13,6 +13,8 @@
  *
  * Any stride ("im2col" path): B is unfolded (im2col) for a chunk of whole output rows at a time, so
  * scratch stays bounded whatever the image size (one row at least); dx goes back through col2im.
+ * The backward to the input at stride 1 mostly takes a third way ("rows", see rows_scatter): the GEMM's
+ * store does col2im along the height through a table of output-row offsets.
  *
  * The weights are packed for the GEMM once per call. Scratch is allocated once per call and thread.
  */
@@ -193,13 +195,13 @@ static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const RE
     GLUE(tap_offsets, SUF)(off, Cin, KH, KW, DH, DW, plane, Wp);
     REAL *outr = out + oh0 * OW;
     if (Wp == OW) { /* no dropped columns: write the output rows in place */
-        GEMM(path, outr, OH * OW, apack, src, off, 0, Cout, Nc, K, 0, bpad);
+        GEMM(path, outr, OH * OW, NULL, apack, src, off, 0, Cout, Nc, K, 0, bpad);
         if (bias)
             for (int64_t o = 0; o < Cout; o++)
                 for (int64_t q = 0; q < Nc; q++) outr[o * OH * OW + q] += bias[o];
         return;
     }
-    GEMM(path, tmp, Nc, apack, src, off, 0, Cout, Nc, K, 0, bpad);
+    GEMM(path, tmp, Nc, NULL, apack, src, off, 0, Cout, Nc, K, 0, bpad);
     for (int64_t o = 0; o < Cout; o++) {
         const REAL b = bias ? bias[o] : 0;
         for (int64_t r = 0; r < rows; r++) {
@@ -208,6 +210,48 @@ static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const RE
             for (int64_t q = 0; q < OW; q++) d[q] = s[q] + b;
         }
     }
+}
+
+/*
+ * Backward to the input at stride 1 ("rows" path), output rows [oh0, oh0 + rows) of one image-group, added into
+ * Z (Cg, Hz, Wz), the input gradient zero-padded by PT on top and PL on the left (Hz = OH + (KH-1)*DH,
+ * Wz = OW + (KW-1)*DW, so that dx[c, ih, iw] = Z[c, ih + PT, iw + PL]):
+ *   Z[c, oh + kh*DH, s] += sum_{o, kw} w[o, c, kh, kw] * dy[o, oh, s - kw*DW]   (terms with s - kw*DW outside
+ *                                                                               [0, OW) are 0)
+ * as one GEMM. A (KH*Cg, OCg*KW): row (kh, c), column (o, kw), packed. B (OCg*KW, rows*Wz): column
+ * (oh - oh0)*Wz + s, row (o, kw) read in place from e, dy's rows spread to width Wz with zeros in columns
+ * OW..Wz-1, at offset -kw*DW (a shift that reaches back into the previous row's zeros; e's first lead =
+ * (KW-1)*DW elements are zeros for plane 0's first row). Row (kh, c) of the product is then one contiguous
+ * slice of Z, starting at zoff[kh*Cg + c]: the GEMM's store does col2im along the height, and along the
+ * width there is none to do. The price is the multiply-adds with e's zeros (Wz/OW of the useful ones),
+ * against im2col's GEMM with an inner dimension of only OCg followed by a separate col2im pass.
+ * Rows are ordered (kh, c) so that a tile's rows are different channels: slices that do not overlap.
+ * dy: (OCg, OH, OW) of this image-group. e: lead + OCg*rows*Wz, off: OCg*KW, bpad: scratch. When Wz == OW
+ * (KW == 1) B is dy itself.
+ */
+static void GLUE(rows_scatter, SUF)(int path, REAL *z, const int64_t *zoff, const REAL *dy, const REAL *apack,
+                                    int64_t Cg, int64_t OCg, int64_t KH, int64_t KW, int64_t DW, int64_t OH,
+                                    int64_t OW, int64_t Wz, int64_t oh0, int64_t rows, REAL *e, int64_t *off,
+                                    REAL *bpad)
+{
+    const int64_t lead = (KW - 1) * DW, plane = rows * Wz;
+    if (Wz == OW) { /* KW == 1: no shifts, dy's rows are B's in place */
+        for (int64_t o = 0; o < OCg; o++) off[o] = (o * OH + oh0) * OW;
+        GEMM(path, z, 0, zoff, apack, dy, off, 0, KH * Cg, plane, OCg, 1, bpad);
+        return;
+    }
+    for (int64_t q = 0; q < lead; q++) e[q] = 0;
+    for (int64_t o = 0; o < OCg; o++) {
+        for (int64_t r = 0; r < rows; r++) {
+            REAL *restrict d = e + lead + o * plane + r * Wz;
+            const REAL *restrict src = dy + (o * OH + oh0 + r) * OW;
+            int64_t q = 0;
+            for (; q < OW; q++) d[q] = src[q];
+            for (; q < Wz; q++) d[q] = 0;
+        }
+        for (int64_t kw = 0; kw < KW; kw++) off[o * KW + kw] = lead + o * plane - kw * DW;
+    }
+    GEMM(path, z, 0, zoff, apack, e, off, 0, KH * Cg, plane, OCg * KW, 1, bpad);
 }
 
 /* A kernel that covers the whole (unpadded) input and yields one output pixel is a fully connected layer
@@ -273,7 +317,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
             }
             const int64_t pc = (u1 - u0) * OW, p0 = u0 * OW;
             GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, u1 - u0);
-            GEMM(path, yg + p0, P, apack + g * apg, img, NULL, pc, OCg, pc, K, 0, bpad);
+            GEMM(path, yg + p0, P, NULL, apack + g * apg, img, NULL, pc, OCg, pc, K, 0, bpad);
             if (bg)
                 for (int64_t o = 0; o < OCg; o++)
                     for (int64_t q = 0; q < pc; q++) yg[o * P + p0 + q] += bg[o];
@@ -293,8 +337,10 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
  * conv2d_backward_input: dy (N, OC, OH, OW), w (OC, C/G, KH, KW)  ->  dx (N, C, H, W), overwritten.
  * Differentiates  y[n, oc, oh, ow] += w[oc, c, kh, kw] * x[n, g*C/G + c, ih, iw]:
  *   dx[n, g*C/G + c, ih, iw] = sum_{oc in g, kh, kw, (oh, ow) reading (ih, iw)} w[oc, c, kh, kw] * dy[n, oc, oh, ow]
- * Stride 1: a direct convolution of dy, padded by (KH-1)*DH - PT on top and (KW-1)*DW - PL on the left
- * (cropped where that is negative), with w transposed to (C/G, OC/G) and flipped.
+ * Stride 1, mostly: the rows path (rows_scatter), a GEMM over (kernel row, channel) x (output channel, kernel
+ * column) whose store adds each row into the padded dx at its kernel row's offset.
+ * Stride 1, wide layers: a direct convolution of dy, padded by (KH-1)*DH - PT on top and (KW-1)*DW - PL on the
+ * left (cropped where that is negative), with w transposed to (C/G, OC/G) and flipped.
  * Otherwise dcol (K, chunk) = w[g]^T @ dy[n, g] followed by col2im.
  * Threads: (n, g) tasks (direct path: (n, g, row chunk)), which own disjoint slices of dx.
  */
@@ -308,22 +354,42 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, KK = KH * KW;
     const int64_t T2 = (KH - 1) * DH - PT, L2 = (KW - 1) * DW - PL;
-    /* The direct path (stride 1) computes over dy padded by the kernel's reach on every side, so it pays off
-     * only when that padding adds little (<= 30% more pixels) and a group has enough input channels to fill
-     * the GEMM's 6-row tiles; otherwise im2col + col2im does fewer operations. Measured on LeNet-5: conv2
-     * (14x14 from 10x10, 5x5 kernel) 32 vs 43 GFLOP/s, conv1 (1 channel) 14 vs 36, in favour of im2col.
-     * Negative T2, L2 (padding past the kernel's reach) crop dy. */
-    const int64_t span_w = (KW - 1) * DW, padded_px = (H + (KH - 1) * DH) * (W + span_w);
-    const int direct = SH == 1 && SW == 1 && Cg >= 4 && 10 * padded_px <= 13 * H * W;
-    const int64_t Wp = W + (KW - 1) * DW, span_h = (KH - 1) * DH;
-    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wp, H) : GLUE(chunk_rows_im2col, SUF)(K, OH, OW);
+    const int64_t span_w = (KW - 1) * DW, span_h = (KH - 1) * DH, Wz = OW + span_w, Hz = OH + span_h;
+    /* Three ways, by the work they waste (the first two at stride 1 only):
+     * rows: Wz/OW of the useful multiply-adds (dy padded along the width only), col2im done by the GEMM's store.
+     * im2col: no extra multiply-adds, but a GEMM whose inner dimension is only OCg (each tile's store costs as
+     * much as ~18 steps of it, measured) and a separate col2im pass. So rows when Wz/OW <= 1 + 18/OCg.
+     * Measured on one thread, float32, rows vs im2col: LeNet-5 conv2 (6 <- 16 channels, 14x14 from 10x10, 5x5)
+     * 60 vs 40 GFLOP/s; 64 <- 64 channels 32x32 3x3 pad 1, 93 vs 60; 128 <- 128 channels 8x8 3x3 pad 1
+     * (Wz/OW = 1.25 > 1 + 18/128), 77 vs 84.
+     * direct: a convolution of dy padded by the kernel's reach on every side, (H + span_h)(W + span_w)/(H*W) of
+     * the useful work, and a group needs enough input channels to fill the GEMM's 6-row tiles; for wide layers
+     * where that padding adds <= 30% (it was measured against im2col before the rows path existed).
+     * Both stride-1 paths multiply zeros with w, so they need w finite (0 * Inf would put NaNs where dx has
+     * none); otherwise im2col, which multiplies only the pairs the convolution does.
+     * Negative T2, L2 (padding past the kernel's reach) crop dy in the direct path. */
+    const int64_t padded_px = (H + span_h) * (W + span_w);
+    const int stride1 = SH == 1 && SW == 1;
+    const int w_finite = stride1 && GLUE(all_finite, SUF)(w, OC * K);
+    int mode = 0; /* 0 im2col, 1 direct, 2 rows */
+    if (w_finite && Wz * OCg <= OW * (OCg + 18))
+        mode = 2;
+    else if (w_finite && Cg >= 4 && 10 * padded_px <= 13 * H * W)
+        mode = 1;
+    const int direct = mode == 1, rows_mode = mode == 2;
+    const int z_in_place = PT == 0 && PL == 0 && Wz == W && Hz == H; /* rows: dx itself is Z */
+    const int64_t Wp = W + span_w;
+    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wp, H)
+                       : rows_mode ? GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wz, OH)
+                                   : GLUE(chunk_rows_im2col, SUF)(K, OH, OW);
     const int64_t nchunks = direct ? (H + unit - 1) / unit : 1;
     const int64_t ntasks = N * G * nchunks;
-    /* direct: A = flipped w^T (Cg, OCg*KH*KW); im2col: A = w^T (K, OCg) */
-    const int64_t apg = direct ? cnnx_gemm_apack_size(Cg, OCg * KK) : cnnx_gemm_apack_size(K, OCg);
+    /* direct: A = flipped w^T (Cg, OCg*KH*KW); rows: A (KH*Cg, OCg*KW), row (kh, c); im2col: A = w^T (K, OCg) */
+    const int64_t apg = direct ? cnnx_gemm_apack_size(Cg, OCg * KK)
+                      : rows_mode ? cnnx_gemm_apack_size(KH * Cg, OCg * KW) : cnnx_gemm_apack_size(K, OCg);
     REAL *apack = ALLOC(G * apg);
-    REAL *wt = direct ? ALLOC(Cg * OCg * KK) : NULL;
-    if (!apack || (direct && !wt)) {
+    REAL *wt = direct || rows_mode ? ALLOC(Cg * OCg * KK) : NULL;
+    if (!apack || ((direct || rows_mode) && !wt)) {
         free(apack);
         free(wt);
         return CNNX_ENOMEM;
@@ -335,6 +401,13 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
                 for (int64_t o = 0; o < OCg; o++)
                     for (int64_t k = 0; k < KK; k++) wt[(c * OCg + o) * KK + k] = wg[(o * Cg + c) * KK + KK - 1 - k];
             PACK_A(path, apack + g * apg, wt, OCg * KK, 1, Cg, OCg * KK);
+        } else if (rows_mode) {
+            for (int64_t kh = 0; kh < KH; kh++)
+                for (int64_t c = 0; c < Cg; c++)
+                    for (int64_t o = 0; o < OCg; o++)
+                        for (int64_t kw = 0; kw < KW; kw++)
+                            wt[((kh * Cg + c) * OCg + o) * KW + kw] = wg[((o * Cg + c) * KH + kh) * KW + kw];
+            PACK_A(path, apack + g * apg, wt, OCg * KW, 1, KH * Cg, OCg * KW);
         } else {
             PACK_A(path, apack + g * apg, wg, 1, K, K, OCg);
         }
@@ -343,12 +416,15 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
-        const int64_t kd = direct ? OCg * KK : OCg;
-        REAL *img = ALLOC(direct ? OCg * (unit + span_h) * Wp : K * unit * OW);
-        REAL *tmp = direct ? ALLOC(Cg * unit * Wp) : NULL;
+        const int64_t kd = direct ? OCg * KK : rows_mode ? OCg * KW : OCg;
+        const int64_t noff = rows_mode ? kd + KH * Cg : kd; /* rows: B's and Z's row offsets */
+        const int64_t img_n = direct ? OCg * (unit + span_h) * Wp
+                            : rows_mode ? span_w + OCg * unit * Wz : K * unit * OW;
+        REAL *img = ALLOC(img_n);
+        REAL *tmp = direct ? ALLOC(Cg * unit * Wp) : rows_mode && !z_in_place ? ALLOC(Cg * (unit + span_h) * Wz) : NULL;
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(kd));
-        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(kd > 0 ? kd : 1));
-        const int ok = img && bpad && off && (tmp || !direct);
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(noff > 0 ? noff : 1));
+        const int ok = img && bpad && off && (tmp || !(direct || (rows_mode && !z_in_place)));
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -368,8 +444,35 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
             for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
             for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
                 const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, pc = rows * OW;
-                GEMM(path, img, pc, apack + g * apg, dyg + oh0 * OW, NULL, P, K, pc, OCg, 0, bpad);
-                GLUE(col2im, SUF)(dxg, img, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, oh0, rows);
+                if (!rows_mode) {
+                    GEMM(path, img, pc, NULL, apack + g * apg, dyg + oh0 * OW, NULL, P, K, pc, OCg, 0, bpad);
+                    GLUE(col2im, SUF)(dxg, img, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, oh0, rows);
+                    continue;
+                }
+                int64_t *zoff = off + kd;
+                if (z_in_place) {
+                    for (int64_t kh = 0; kh < KH; kh++)
+                        for (int64_t c = 0; c < Cg; c++) zoff[kh * Cg + c] = c * H * W + (oh0 + kh * DH) * W;
+                    GLUE(rows_scatter, SUF)(path, dxg, zoff, dyg, apack + g * apg, Cg, OCg, KH, KW, DW, OH, OW,
+                                            Wz, oh0, rows, img, off, bpad);
+                    continue;
+                }
+                /* Z rows [oh0, oh0 + R) in tmp, then added to the dx rows they pad */
+                const int64_t R = rows + span_h;
+                for (int64_t i = 0; i < Cg * R * Wz; i++) tmp[i] = 0;
+                for (int64_t kh = 0; kh < KH; kh++)
+                    for (int64_t c = 0; c < Cg; c++) zoff[kh * Cg + c] = (c * R + kh * DH) * Wz;
+                GLUE(rows_scatter, SUF)(path, tmp, zoff, dyg, apack + g * apg, Cg, OCg, KH, KW, DW, OH, OW, Wz,
+                                        oh0, rows, img, off, bpad);
+                const int64_t iw1 = Wz - PL < W ? Wz - PL : W;
+                for (int64_t c = 0; c < Cg; c++)
+                    for (int64_t r = 0; r < R; r++) {
+                        const int64_t ih = oh0 + r - PT;
+                        if (ih < 0 || ih >= H) continue;
+                        REAL *restrict d = dxg + (c * H + ih) * W;
+                        const REAL *restrict src = tmp + (c * R + r) * Wz + PL;
+                        for (int64_t iw = 0; iw < iw1; iw++) d[iw] += src[iw];
+                    }
             }
         }
         free(img);

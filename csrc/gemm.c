@@ -7,7 +7,9 @@
  * reads the path once (cnnx_gemm_path) and passes it to every call, so a packed A always matches its GEMM.
  *
  * tile:     an MR x NR block of c = A @ B over the whole K range in registers, then written (accumulate == 0)
- *           or added (accumulate == 1) to c, storing only the mr x nr part that exists.
+ *           or added (accumulate == 1) to c, storing only the mr x nr part that exists. The rows of c may lie
+ *           anywhere (a table of row offsets), even overlap: the backward to the input scatters its product
+ *           into the padded input gradient this way (conv2d_impl.h, rows_scatter).
  * dot_tile: a DR x DC block of c = A @ B^T as dot products along contiguous rows (vector partial sums,
  *           reduced at the end): the weight gradient, where the sum runs over output pixels.
  */
@@ -17,6 +19,9 @@
 #include "cnnx_internal.h"
 
 #define BROW(k) (boff ? b + boff[k] : b + (k) * rsb)
+/* Row i of a tile of c. The rows may overlap (coff: a col2im done by the store), so c is not restrict and
+ * each row is loaded, added and stored before the next. */
+#define CROW(i) (coff ? c + coff[i] : c + (i) * ldc)
 
 /* ---------------------------------------------------------------- portable path */
 #define TARGET
@@ -25,9 +30,9 @@
 #define DR 2
 #define DC 2
 #define PORTABLE_TILES(REAL, S)                                                                      \
-static void tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict ap, const REAL *restrict b, \
-                     const int64_t *boff, int64_t rsb, int64_t K, int64_t mr, int64_t nr,             \
-                     int accumulate)                                                                  \
+static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REAL *restrict ap,             \
+                     const REAL *restrict b, const int64_t *boff, int64_t rsb, int64_t K, int64_t mr, \
+                     int64_t nr, int accumulate)                                                      \
 {                                                                                                    \
     REAL acc[MR][NR] = {{0}};                                                                        \
     for (int64_t k = 0; k < K; k++) {                                                                \
@@ -37,9 +42,10 @@ static void tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict ap, con
             for (int j = 0; j < NR; j++) acc[i][j] += av * bk[j];                                    \
         }                                                                                            \
     }                                                                                                \
-    for (int64_t i = 0; i < mr; i++)                                                                 \
-        for (int64_t j = 0; j < nr; j++)                                                             \
-            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + acc[i][j];                          \
+    for (int64_t i = 0; i < mr; i++) {                                                               \
+        REAL *ci = CROW(i);                                                                          \
+        for (int64_t j = 0; j < nr; j++) ci[j] = (accumulate ? ci[j] : 0) + acc[i][j];               \
+    }                                                                                                \
 }                                                                                                    \
 static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda,         \
                          const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr,          \
@@ -88,18 +94,21 @@ PORTABLE_TILES(double, f64_portable)
 /* Store (or add) the register tile into c; a partial tile goes through a stack buffer. */
 #define STORE_TILE(REAL, LOADU, STOREU, ADD, LANES)                                                  \
     if (mr == MR && nr == NR) {                                                                      \
-        for (int i = 0; i < MR; i++)                                                                 \
+        for (int i = 0; i < MR; i++) {                                                               \
+            REAL *ci = CROW(i);                                                                      \
             for (int v = 0; v < NR / LANES; v++) {                                                   \
-                REAL *p = c + i * ldc + v * LANES;                                                   \
+                REAL *p = ci + v * LANES;                                                            \
                 STOREU(p, accumulate ? ADD(LOADU(p), acc[i][v]) : acc[i][v]);                        \
             }                                                                                        \
+        }                                                                                            \
     } else {                                                                                         \
         REAL tmp[MR][NR];                                                                            \
         for (int i = 0; i < MR; i++)                                                                 \
             for (int v = 0; v < NR / LANES; v++) STOREU(&tmp[i][v * LANES], acc[i][v]);              \
-        for (int64_t i = 0; i < mr; i++)                                                             \
-            for (int64_t j = 0; j < nr; j++)                                                         \
-                c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + tmp[i][j];                      \
+        for (int64_t i = 0; i < mr; i++) {                                                           \
+            REAL *ci = CROW(i);                                                                      \
+            for (int64_t j = 0; j < nr; j++) ci[j] = (accumulate ? ci[j] : 0) + tmp[i][j];           \
+        }                                                                                            \
     }
 
 /* out[0..3] = the horizontal sums of a, b, c, d (a handful of hadds instead of four full reductions). */
@@ -211,7 +220,7 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
 /* The 6 x NR register tile (NR = 2 vectors): twelve named accumulators, so the compiler keeps them in
  * registers through the k loop; per k, 2 loads of b, 6 broadcasts of a, 12 FMAs. */
 #define GEMM_TILE(REAL, S, VEC, LOADU, STOREU, ADD, FMADD, ZERO, BROADCAST, LANES)                   \
-TARGET static void tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict ap,                  \
+TARGET static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REAL *restrict ap,      \
                       const REAL *restrict b, const int64_t *boff, int64_t rsb, int64_t K,            \
                       int64_t mr, int64_t nr, int accumulate)                                        \
 {                                                                                                    \
@@ -298,12 +307,12 @@ void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int
     if (path) pack_a_##S##_avx2(apack, a, rsa, csa, M, K);                                          \
     else pack_a_##S##_portable(apack, a, rsa, csa, M, K);                                           \
 }                                                                                                   \
-void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const REAL *apack, const REAL *b,                \
-                   const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K,               \
+void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const int64_t *coff, const REAL *apack,          \
+                   const REAL *b, const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K, \
                    int accumulate, REAL *bpad)                                                      \
 {                                                                                                   \
-    if (path) gemm_##S##_avx2(c, ldc, apack, b, boff, rsb, M, N, K, accumulate, bpad);              \
-    else gemm_##S##_portable(c, ldc, apack, b, boff, rsb, M, N, K, accumulate, bpad);               \
+    if (path) gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, M, N, K, accumulate, bpad);        \
+    else gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, M, N, K, accumulate, bpad);         \
 }                                                                                                   \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
                       const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \

@@ -22,17 +22,19 @@ TARGET static void GLUE(pack_a, SUF)(REAL *restrict apack, const REAL *restrict 
 }
 
 /*
- * c (M, N) (+)= A (M, K) @ B (K, N), A packed by pack_a, row k of B at b + boff[k] (or b + k*rsb when boff
- * is NULL) with its N columns contiguous. Full NR-column panels are read in place; the last, narrower one is
- * copied into bpad, a zero-padded [K][NR] buffer, so every tile runs the full-width kernel.
+ * c (M, N) (+)= A (M, K) @ B (K, N), row i of c at c + coff[i] (or c + i*ldc when coff is NULL), A packed by
+ * pack_a, row k of B at b + boff[k] (or b + k*rsb when boff is NULL) with its N columns contiguous. Full
+ * NR-column panels are read in place; the last, narrower one is copied into bpad, a zero-padded [K][NR]
+ * buffer, so every tile runs the full-width kernel.
  */
-TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const REAL *apack, const REAL *b, const int64_t *boff,
-                                   int64_t rsb, int64_t M, int64_t N, int64_t K, int accumulate, REAL *bpad)
+TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const int64_t *coff, const REAL *apack, const REAL *b,
+                                   const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K,
+                                   int accumulate, REAL *bpad)
 {
     if (K == 0) {
         if (!accumulate)
             for (int64_t i = 0; i < M; i++)
-                for (int64_t j = 0; j < N; j++) c[i * ldc + j] = 0;
+                for (int64_t j = 0; j < N; j++) c[(coff ? coff[i] : i * ldc) + j] = 0;
         return;
     }
     for (int64_t j0 = 0; j0 < N; j0 += NR) {
@@ -53,7 +55,11 @@ TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const REAL *apack, cons
         }
         for (int64_t i0 = 0; i0 < M; i0 += MR) {
             const int64_t mr = M - i0 < MR ? M - i0 : MR;
-            GLUE(tile, SUF)(c + i0 * ldc + j0, ldc, apack + i0 * K, bp, off, stride, K, mr, nr, accumulate);
+            if (coff)
+                GLUE(tile, SUF)(c + j0, ldc, coff + i0, apack + i0 * K, bp, off, stride, K, mr, nr, accumulate);
+            else
+                GLUE(tile, SUF)(c + i0 * ldc + j0, ldc, NULL, apack + i0 * K, bp, off, stride, K, mr, nr,
+                                accumulate);
         }
     }
 }

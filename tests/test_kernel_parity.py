@@ -47,9 +47,21 @@ CONV_CASES = {
     # a kernel covering the whole unpadded input (LeNet-5's C5): the fully connected path
     "fully_connected_kernel": (3, 4, 5, 6, 7, (5, 6), 1, 0, 1, 1),
     "fully_connected_stride2_pad_after": (2, 3, 4, 4, 5, (4, 4), 2, (0, 1, 0, 1), 1, 1),
-    # the stride-1 direct backward-input path (>= 4 channels per group, padding adds <= 30% pixels)
+    # the stride-1 direct backward-input path (>= 4 channels per group, padding adds <= 30% pixels, and too
+    # many output channels per group for the rows path: Wz/OW = 10/8 > 1 + 18/80); a case it used to take
+    "direct_bwd_input_wide_layer": (1, 4, 64, 8, 80, (3, 3), 1, 1, 1, 1),
     "direct_bwd_input_groups_dilated": (2, 10, 26, 24, 6, (3, 2), 1, (2, 1, 0, 3), (1, 2), 2),
     "wide_channels_7x7_s2": (2, 8, 21, 19, 13, (7, 7), 2, 3, 1, 1),
+    # the stride-1 "rows" backward-input path (width padding Wz/OW <= 1 + 18/(OC/G)): dx padded in scratch
+    # (padding, dilation, groups); the kernel one column wide (dy read in place); dx itself as the padded
+    # gradient, in several row chunks (a 1100-wide image), and padded in scratch in several chunks; at the
+    # threshold (Wz = 2*OW with 18 output channels) and just past it (im2col)
+    "rows_bwd_input_padded_dilated_groups": (2, 4, 9, 11, 6, (3, 2), 1, (1, 2, 0, 3), (2, 1), 2),
+    "rows_bwd_input_kernel_1_wide": (2, 3, 8, 7, 4, (3, 1), 1, (1, 2, 0, 0), (2, 1), 1),
+    "rows_bwd_input_chunked_in_place": (1, 8, 30, 1098, 8, (3, 3), 1, 0, 1, 1),
+    "rows_bwd_input_chunked_padded": (1, 8, 30, 1096, 8, (3, 3), 1, 1, 1, 1),
+    "rows_bwd_input_at_threshold": (2, 3, 6, 8, 18, (2, 5), 1, 0, 1, 1),
+    "rows_bwd_input_past_threshold": (2, 3, 6, 7, 18, (2, 5), 1, 0, 1, 1),
 }
 
 # pool: (N, C, H, W, kernel, stride, padding, dilation, ceil_mode); stride None = kernel.
@@ -179,7 +191,8 @@ def test_conv2d_kernels_random_geometry(kernels, ref, check, seed, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("name", ["gemm_tail_sizes", "wide_channels_7x7_s2", "depthwise_multiplier2",
-                                  "same_stride2_tf", "lenet_conv2"])
+                                  "same_stride2_tf", "lenet_conv2", "rows_bwd_input_padded_dilated_groups",
+                                  "rows_bwd_input_kernel_1_wide"])
 def test_conv2d_portable_path(kernels, ref, check, rng, name, dtype):
     """The same parity with the AVX2+FMA GEMM switched off (the path of CPUs without AVX2)."""
     x_shape, w_shape, s, p, d, g = conv_geometry(CONV_CASES[name])
@@ -222,6 +235,22 @@ def test_conv2d_nonfinite_propagates(kernels, ref, check, rng, dtype):
     for got, want in zip(kernels.conv2d_backward_weight(dy, x, w.shape, *geometry, True),
                          ref.conv2d_backward_weight(dy, x, w.shape, *geometry, True)):
         check(got, want, dtype, "C vs numpy conv2d dweight", "non-finite")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("name", ["lenet_conv2", "direct_bwd_input_wide_layer"])
+def test_conv2d_backward_input_nonfinite_weight(kernels, ref, check, rng, name, dtype):
+    """inf and NaN in the weight reach exactly the dx the reference says: the stride-1 paths, which multiply the
+    weight with zeros outside dy, must not turn 0 * inf into NaNs at pixels that never meet that weight."""
+    x_shape, w_shape, s, p, d, g = conv_geometry(CONV_CASES[name])
+    w = rng.standard_normal(w_shape).astype(dtype)
+    w[0, 0, 0, 0], w[-1, -1, -1, -1] = np.inf, np.nan
+    y_shape = ref.conv2d_forward(np.zeros(x_shape, dtype), np.zeros(w_shape, dtype), None, s, p, d, g).shape
+    dy = rng.standard_normal(y_shape).astype(dtype)
+    want = ref.conv2d_backward_input(dy, w, x_shape, s, p, d, g)
+    assert np.isfinite(want).any() and not np.isfinite(want).all()
+    check(kernels.conv2d_backward_input(dy, w, x_shape, s, p, d, g), want, dtype, "C vs numpy conv2d dx",
+          "non-finite weight")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
