@@ -720,3 +720,79 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
             adam_update_f64(&p64[0], &m64[0], &v64[0], &x64[0] if x64 is not None else NULL, &g64[0], n, lr_,
                             b1, b2, eps_, wd, dec, t)
     return p
+
+
+# ---------------------------------------------------------------- cross entropy
+# The per-call work here is a few C-level checks on each array (numpy's C API), not memoryview acquisition:
+# this call sits on the per-step path of batch-1 training, where Python overhead is most of the cost.
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "cnnx.h" nogil:
+    int CNNX_ETARGET
+    int cross_entropy_forward_f32(float *losses, float *dx, double *total, int64_t *count, int64_t *bad,
+                                  const float *x, const int64_t *target, int64_t ignore_index, int mean,
+                                  int64_t N, int64_t C)
+    int cross_entropy_forward_f64(double *losses, double *dx, double *total, int64_t *count, int64_t *bad,
+                                  const double *x, const int64_t *target, int64_t ignore_index, int mean,
+                                  int64_t N, int64_t C)
+
+
+cdef inline bint _plain(object a, int typenum, bint writable):
+    """a is an exact ndarray of typenum, aligned and C-contiguous (and writable if asked)."""
+    if type(a) is not np.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_ISCARRAY_RO(arr):
+        return False
+    return not writable or cnp.PyArray_ISWRITEABLE(arr)
+
+
+def cross_entropy_forward(x, target, ignore_index, mean):
+    """Softmax cross entropy of (N, C) logits x against (N,) int64 class indices, and its gradient.
+
+    Returns (losses, dx, total, count, bad): losses (N,) per row (0 for rows whose target is ignore_index),
+    dx (N, C) = d(mean or sum of losses)/dx (mean=True: divided by count, NaN when count is 0), total the sum of
+    losses (a Python float, summed in float64), count the number of rows not ignored, bad -1. When a target
+    outside [0, C) is not ignore_index: (None, None, 0.0, 0, its row), the first such row.
+    """
+    fn = "cross_entropy_forward"
+    cdef int typenum
+    if type(x) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
+        typenum = cnp.NPY_FLOAT32
+    else:
+        typenum = cnp.NPY_FLOAT64
+    if not _plain(x, typenum, False) or cnp.PyArray_NDIM(<cnp.ndarray>x) != 2:
+        _check(x, "x", fn, 2)
+    if not _plain(target, cnp.NPY_INT64, False) or cnp.PyArray_NDIM(<cnp.ndarray>target) != 1:
+        if not isinstance(target, np.ndarray) or target.dtype != np.int64 or target.ndim != 1:
+            raise TypeError(f"{fn}: target must be a 1-d int64 numpy.ndarray, got "
+                            f"{getattr(target, 'dtype', type(target).__name__)} of shape {np.shape(target)}")
+        raise ValueError(f"{fn}: target must be C-contiguous and aligned")
+    cdef int64_t N = cnp.PyArray_DIM(<cnp.ndarray>x, 0), C = cnp.PyArray_DIM(<cnp.ndarray>x, 1)
+    if cnp.PyArray_DIM(<cnp.ndarray>target, 0) != N:
+        raise ValueError(f"{fn}: target has {target.shape[0]} entries, x has {N} rows")
+    if N == 0 or C == 0:
+        raise ValueError(f"{fn}: x must have at least one row and one class, got shape {x.shape}")
+    cdef int64_t ii = ignore_index, count = 0, bad = -1
+    cdef int mean_ = bool(mean), code
+    cdef double total = 0
+    cdef cnp.ndarray losses = cnp.PyArray_EMPTY(1, cnp.PyArray_DIMS(<cnp.ndarray>target), typenum, 0)
+    cdef cnp.ndarray dx = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(<cnp.ndarray>x), typenum, 0)
+    cdef const int64_t *t = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>target)
+    cdef void *xp = cnp.PyArray_DATA(<cnp.ndarray>x)
+    cdef void *lp = cnp.PyArray_DATA(losses)
+    cdef void *gp = cnp.PyArray_DATA(dx)
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            code = cross_entropy_forward_f32(<float *>lp, <float *>gp, &total, &count, &bad, <const float *>xp,
+                                             t, ii, mean_, N, C)
+        else:
+            code = cross_entropy_forward_f64(<double *>lp, <double *>gp, &total, &count, &bad,
+                                             <const double *>xp, t, ii, mean_, N, C)
+    if code == CNNX_ETARGET:
+        return None, None, 0.0, 0, bad
+    _status(code, fn)
+    return losses, dx, total, count, -1
