@@ -722,11 +722,13 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
     return p
 
 
-# ---------------------------------------------------------------- cross entropy
+# ---------------------------------------------------------------- cross entropy; whole-group optimizer steps
 # The per-call work here is a few C-level checks on each array (numpy's C API), not memoryview acquisition:
-# this call sits on the per-step path of batch-1 training, where Python overhead is most of the cost.
+# these calls sit on the per-step path of batch-1 training, where Python overhead is most of the cost.
 
 cimport numpy as cnp
+from libc.string cimport memset
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 cnp.import_array()
 
@@ -796,3 +798,176 @@ def cross_entropy_forward(x, target, ignore_index, mean):
         return None, None, 0.0, 0, bad
     _status(code, fn)
     return losses, dx, total, count, -1
+
+
+cdef inline int _float_type(object a):
+    """NPY_FLOAT32 / NPY_FLOAT64 for an exact float32 / float64 ndarray, else -1."""
+    if type(a) is not np.ndarray:
+        return -1
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    return typenum if typenum == cnp.NPY_FLOAT32 or typenum == cnp.NPY_FLOAT64 else -1
+
+
+cdef inline bint _same_shape(object a, object b):
+    return cnp.PyArray_SAMESHAPE(<cnp.ndarray>a, <cnp.ndarray>b)
+
+
+cdef list _group_arrays(list params, dict state, tuple keys, list states):
+    """For each parameter of `params` to update (grad not None, requires_grad): data, grad, then state[p][key]
+    for each key (its state dict appended to `states`), all plain (exact ndarray, aligned, C-contiguous; all but
+    grad writable) of one float dtype and shape. None when some parameter is not plain or lacks a state entry:
+    the caller then takes the optimizer's general path."""
+    cdef list arrays = []
+    cdef int typenum
+    cdef object p, data, grad, st, a
+    for p in params:
+        grad = p.grad
+        if grad is None or not p.requires_grad:
+            continue
+        data = p.data
+        typenum = _float_type(data)
+        if typenum < 0 or not _plain(data, typenum, True) or not _plain(grad, typenum, False) \
+                or not _same_shape(data, grad):
+            return None
+        arrays.append(data)
+        arrays.append(grad)
+        if keys:
+            st = state.get(p)
+            if type(st) is not dict:
+                return None
+            for key in keys:
+                a = (<dict>st).get(key)
+                if not _plain(a, typenum, True) or not _same_shape(data, a):
+                    return None
+                arrays.append(a)
+            states.append(st)
+    return arrays
+
+
+cdef class _Pointers:
+    """The data pointers of a list of ndarrays, in C memory (freed with the object)."""
+    cdef void **ptr
+    cdef int64_t *size
+    cdef int *f32
+
+    def __cinit__(self, list arrays):
+        cdef Py_ssize_t i, n = len(arrays)
+        self.ptr = <void **>PyMem_Malloc(max(n, 1) * sizeof(void *))
+        self.size = <int64_t *>PyMem_Malloc(max(n, 1) * sizeof(int64_t))
+        self.f32 = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
+        if not self.ptr or not self.size or not self.f32:
+            raise MemoryError()
+        for i in range(n):
+            self.ptr[i] = cnp.PyArray_DATA(<cnp.ndarray>arrays[i])
+            self.size[i] = cnp.PyArray_SIZE(<cnp.ndarray>arrays[i])
+            self.f32[i] = cnp.PyArray_TYPE(<cnp.ndarray>arrays[i]) == cnp.NPY_FLOAT32
+
+    def __dealloc__(self):
+        PyMem_Free(self.ptr)
+        PyMem_Free(self.size)
+        PyMem_Free(self.f32)
+
+
+def sgd_step(params, state, lr, momentum, dampening, weight_decay, nesterov):
+    """One SGD step, not the first (the momentum buffers exist), with sgd_update's kernel on every parameter of
+    `params` whose grad is not None and which requires grad; `state` maps a parameter to its state dict
+    ("momentum_buffer"). Returns True when done; False, with nothing changed, when some parameter needs the
+    optimizer's general path (an array that is not a plain aligned C-contiguous float32/float64 ndarray of the
+    parameter's shape and dtype, or no momentum buffer yet; params not a list or state not a dict)."""
+    if type(params) is not list or type(state) is not dict:
+        return False
+    cdef bint with_buf = momentum != 0
+    cdef double lr_, mom, damp, wd
+    try:
+        lr_, mom, damp, wd = lr, momentum, dampening, weight_decay
+    except Exception:                   # the general path raises it, from the same conversion
+        return False
+    arrays = _group_arrays(params, state, ("momentum_buffer",) if with_buf else (), [])
+    if arrays is None:
+        return False
+    cdef _Pointers a = _Pointers(arrays)
+    cdef int nest = bool(nesterov), stride = 3 if with_buf else 2
+    cdef Py_ssize_t i, n = len(arrays)
+    cdef void *b
+    with nogil:
+        i = 0
+        while i < n:
+            b = a.ptr[i + 2] if with_buf else a.ptr[i]
+            if a.f32[i]:
+                sgd_update_f32(<float *>a.ptr[i], <float *>b, <const float *>a.ptr[i + 1], a.size[i], lr_, mom,
+                               damp, wd, nest, 0)
+            else:
+                sgd_update_f64(<double *>a.ptr[i], <double *>b, <const double *>a.ptr[i + 1], a.size[i], lr_,
+                               mom, damp, wd, nest, 0)
+            i += stride
+    return True
+
+
+def adam_step(params, state, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad):
+    """One Adam (decoupled=False) or AdamW step with adam_update's kernel on every parameter of `params` whose
+    grad is not None and which requires grad, after the first (the state dicts hold "step", "exp_avg",
+    "exp_avg_sq" and, for amsgrad, "max_exp_avg_sq"); each "step" is incremented. True when done; False, with
+    nothing changed, when some parameter needs the optimizer's general path (as sgd_step, or a "step" that is
+    not an int >= 0)."""
+    if type(params) is not list or type(state) is not dict:
+        return False
+    cdef double lr_, b1, b2, eps_, wd
+    try:
+        lr_, b1, b2, eps_, wd = lr, beta1, beta2, eps, weight_decay
+    except Exception:                   # the general path raises it, from the same conversion
+        return False
+    cdef int dec = bool(decoupled)
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+    cdef list states = []
+    arrays = _group_arrays(params, state, keys, states)
+    if arrays is None:
+        return False
+    cdef object step
+    for st in states:
+        step = (<dict>st).get("step")
+        if not (type(step) is int or isinstance(step, np.integer)) or not 0 <= step < _MAX_ELEMENTS:
+            return False
+    cdef _Pointers a = _Pointers(arrays)
+    cdef int64_t *t = <int64_t *>PyMem_Malloc(max(len(states), 1) * sizeof(int64_t))
+    if not t:
+        raise MemoryError()
+    cdef Py_ssize_t i, k = 0, n = len(arrays)
+    cdef int stride = len(keys) + 2
+    cdef void *vmax
+    try:
+        for st in states:            # as the general path: st["step"] += 1, then the kernel gets int(step)
+            step = (<dict>st)["step"] + 1
+            (<dict>st)["step"] = step
+            t[k] = int(step)
+            k += 1
+        with nogil:
+            i = 0
+            while i < n:
+                vmax = a.ptr[i + 4] if stride == 5 else NULL
+                if a.f32[i]:
+                    adam_update_f32(<float *>a.ptr[i], <float *>a.ptr[i + 2], <float *>a.ptr[i + 3],
+                                    <float *>vmax, <const float *>a.ptr[i + 1], a.size[i], lr_, b1, b2, eps_, wd,
+                                    dec, t[i // stride])
+                else:
+                    adam_update_f64(<double *>a.ptr[i], <double *>a.ptr[i + 2], <double *>a.ptr[i + 3],
+                                    <double *>vmax, <const double *>a.ptr[i + 1], a.size[i], lr_, b1, b2, eps_, wd,
+                                    dec, t[i // stride])
+                i += stride
+    finally:
+        PyMem_Free(t)
+    return True
+
+
+def zero_grads(params):
+    """Zero the grad of every parameter of `params` in place (grads that are None are left alone): memset for
+    contiguous writable float ndarrays, grad.fill(0) for anything else."""
+    cdef object p, g
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if type(g) is np.ndarray and cnp.PyArray_ISFLOAT(<cnp.ndarray>g) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>g) \
+                and (cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>g) or cnp.PyArray_IS_F_CONTIGUOUS(<cnp.ndarray>g)):
+            memset(cnp.PyArray_DATA(<cnp.ndarray>g), 0, cnp.PyArray_NBYTES(<cnp.ndarray>g))
+        else:
+            g.fill(0)
