@@ -232,3 +232,34 @@ def test_zero_grad_zeroes_every_kind_of_grad_and_skips_none():
         cnnx.optim.SGD([frozen], lr=0.1).zero_grad()
     cnnx.optim.SGD(params, lr=0.1).zero_grad(set_to_none=True)
     assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_update_kernels_give_the_same_bits_on_both_cpu_paths(dtype):
+    """The AVX2 copy of the update kernels (no FMA) performs the portable path's operations: identical bits,
+    NaN gradients included."""
+    results = []
+    before = K.force_portable()
+    try:
+        for portable in (False, True):
+            K.force_portable(portable)
+            rng = np.random.default_rng(11)
+            out = []
+            for opts in ADAM_OPTIONS:
+                p = rng.standard_normal(1003).astype(dtype)
+                m, v, vmax = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+                for t in range(1, 5):
+                    g = rng.standard_normal(p.shape).astype(dtype)
+                    g[::97] = np.nan if t == 3 else g[::97]
+                    K.adam_update(p, g, m, v, vmax if opts["amsgrad"] else None, 1e-2, 0.9, 0.999, 1e-8,
+                                  opts["weight_decay"], opts["decoupled"], t)
+                out += [p, m, v, vmax]
+            for opts in SGD_OPTIONS:
+                p, buf = rng.standard_normal(1003).astype(dtype), np.empty(1003, dtype)
+                for step in range(3):
+                    K.sgd_update(p, rng.standard_normal(p.shape).astype(dtype), buf, 0.05, first=step == 0, **opts)
+                out += [p, buf if opts["momentum"] else p]
+            results.append([a.tobytes() for a in out])
+    finally:
+        K.force_portable(before)
+    assert results[0] == results[1]
