@@ -9,6 +9,8 @@ stride (sh, sw), conv padding (top, bottom, left, right), pool padding (ph, pw),
 import math
 
 import numpy as np
+cimport numpy as cnp
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport int64_t
 from cython cimport floating
 
@@ -87,6 +89,7 @@ cdef extern from "cnnx.h" nogil:
                                int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
 
 cnnx_init_cpu()
+cnp.import_array()
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # Every buffer size is checked against this before allocation: n*c*h*w must fit int64 with room for
@@ -722,6 +725,253 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
             adam_update_f64(&p64[0], &m64[0], &v64[0], &x64[0] if x64 is not None else NULL, &g64[0], n, lr_,
                             b1, b2, eps_, wd, dec, t)
     return p
+
+
+# ---------------------------------------------------------------- cross entropy; whole-group optimizer steps
+# The per-call work here is a few C-level checks on each array (numpy's C API), not memoryview acquisition:
+# these calls sit on the per-step path of batch-1 training, where Python overhead is most of the cost.
+
+from libc.string cimport memset
+
+cdef extern from "cnnx.h" nogil:
+    int CNNX_ETARGET
+    int cross_entropy_forward_f32(float *losses, float *dx, double *total, int64_t *count, int64_t *bad,
+                                  const float *x, const int64_t *target, int64_t ignore_index, int mean,
+                                  int64_t N, int64_t C)
+    int cross_entropy_forward_f64(double *losses, double *dx, double *total, int64_t *count, int64_t *bad,
+                                  const double *x, const int64_t *target, int64_t ignore_index, int mean,
+                                  int64_t N, int64_t C)
+
+
+cdef inline bint _plain(object a, int typenum, bint writable):
+    """a is an exact ndarray of typenum, aligned and C-contiguous (and writable if asked)."""
+    if type(a) is not np.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_ISCARRAY_RO(arr):
+        return False
+    return not writable or cnp.PyArray_ISWRITEABLE(arr)
+
+
+def cross_entropy_forward(x, target, ignore_index, mean):
+    """Softmax cross entropy of (N, C) logits x against (N,) int64 class indices, and its gradient.
+
+    Returns (losses, dx, total, count, bad): losses (N,) per row (0 for rows whose target is ignore_index),
+    dx (N, C) = d(mean or sum of losses)/dx (mean=True: divided by count, NaN when count is 0), total the sum of
+    losses (a Python float, summed in float64), count the number of rows not ignored, bad -1. When a target
+    outside [0, C) is not ignore_index: (None, None, 0.0, 0, its row), the first such row.
+    """
+    fn = "cross_entropy_forward"
+    cdef int typenum
+    if type(x) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
+        typenum = cnp.NPY_FLOAT32
+    else:
+        typenum = cnp.NPY_FLOAT64
+    if not _plain(x, typenum, False) or cnp.PyArray_NDIM(<cnp.ndarray>x) != 2:
+        _check(x, "x", fn, 2)
+    if not _plain(target, cnp.NPY_INT64, False) or cnp.PyArray_NDIM(<cnp.ndarray>target) != 1:
+        if not isinstance(target, np.ndarray) or target.dtype != np.int64 or target.ndim != 1:
+            raise TypeError(f"{fn}: target must be a 1-d int64 numpy.ndarray, got "
+                            f"{getattr(target, 'dtype', type(target).__name__)} of shape {np.shape(target)}")
+        raise ValueError(f"{fn}: target must be C-contiguous and aligned")
+    cdef int64_t N = cnp.PyArray_DIM(<cnp.ndarray>x, 0), C = cnp.PyArray_DIM(<cnp.ndarray>x, 1)
+    if cnp.PyArray_DIM(<cnp.ndarray>target, 0) != N:
+        raise ValueError(f"{fn}: target has {target.shape[0]} entries, x has {N} rows")
+    if N == 0 or C == 0:
+        raise ValueError(f"{fn}: x must have at least one row and one class, got shape {x.shape}")
+    cdef int64_t ii = ignore_index, count = 0, bad = -1
+    cdef int mean_ = bool(mean), code
+    cdef double total = 0
+    cdef cnp.ndarray losses = cnp.PyArray_EMPTY(1, cnp.PyArray_DIMS(<cnp.ndarray>target), typenum, 0)
+    cdef cnp.ndarray dx = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(<cnp.ndarray>x), typenum, 0)
+    cdef const int64_t *t = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>target)
+    cdef void *xp = cnp.PyArray_DATA(<cnp.ndarray>x)
+    cdef void *lp = cnp.PyArray_DATA(losses)
+    cdef void *gp = cnp.PyArray_DATA(dx)
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            code = cross_entropy_forward_f32(<float *>lp, <float *>gp, &total, &count, &bad, <const float *>xp,
+                                             t, ii, mean_, N, C)
+        else:
+            code = cross_entropy_forward_f64(<double *>lp, <double *>gp, &total, &count, &bad,
+                                             <const double *>xp, t, ii, mean_, N, C)
+    if code == CNNX_ETARGET:
+        return None, None, 0.0, 0, bad
+    _status(code, fn)
+    return losses, dx, total, count, -1
+
+
+cdef inline int _float_type(object a):
+    """NPY_FLOAT32 / NPY_FLOAT64 for an exact float32 / float64 ndarray, else -1."""
+    if type(a) is not np.ndarray:
+        return -1
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    return typenum if typenum == cnp.NPY_FLOAT32 or typenum == cnp.NPY_FLOAT64 else -1
+
+
+cdef inline bint _same_shape(object a, object b):
+    return cnp.PyArray_SAMESHAPE(<cnp.ndarray>a, <cnp.ndarray>b)
+
+
+cdef list _group_arrays(list params, dict state, tuple keys, list states):
+    """For each parameter of `params` to update (grad not None, requires_grad): data, grad, then state[p][key]
+    for each key (its state dict appended to `states`), all plain (exact ndarray, aligned, C-contiguous; all but
+    grad writable) of one float dtype and shape. None when some parameter is not plain or lacks a state entry:
+    the caller then takes the optimizer's general path."""
+    cdef list arrays = []
+    cdef int typenum
+    cdef object p, data, grad, st, a
+    for p in params:
+        grad = p.grad
+        if grad is None or not p.requires_grad:
+            continue
+        data = p.data
+        typenum = _float_type(data)
+        if typenum < 0 or not _plain(data, typenum, True) or not _plain(grad, typenum, False) \
+                or not _same_shape(data, grad):
+            return None
+        arrays.append(data)
+        arrays.append(grad)
+        if keys:
+            st = state.get(p)
+            if type(st) is not dict:
+                return None
+            for key in keys:
+                a = (<dict>st).get(key)
+                if not _plain(a, typenum, True) or not _same_shape(data, a):
+                    return None
+                arrays.append(a)
+            states.append(st)
+    return arrays
+
+
+cdef class _Pointers:
+    """The data pointers of a list of ndarrays, in C memory (freed with the object)."""
+    cdef void **ptr
+    cdef int64_t *size
+    cdef int *f32
+
+    def __cinit__(self, list arrays):
+        cdef Py_ssize_t i, n = len(arrays)
+        self.ptr = <void **>PyMem_Malloc(max(n, 1) * sizeof(void *))
+        self.size = <int64_t *>PyMem_Malloc(max(n, 1) * sizeof(int64_t))
+        self.f32 = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
+        if not self.ptr or not self.size or not self.f32:
+            raise MemoryError()
+        for i in range(n):
+            self.ptr[i] = cnp.PyArray_DATA(<cnp.ndarray>arrays[i])
+            self.size[i] = cnp.PyArray_SIZE(<cnp.ndarray>arrays[i])
+            self.f32[i] = cnp.PyArray_TYPE(<cnp.ndarray>arrays[i]) == cnp.NPY_FLOAT32
+
+    def __dealloc__(self):
+        PyMem_Free(self.ptr)
+        PyMem_Free(self.size)
+        PyMem_Free(self.f32)
+
+
+def sgd_step(params, state, lr, momentum, dampening, weight_decay, nesterov):
+    """One SGD step, not the first (the momentum buffers exist), with sgd_update's kernel on every parameter of
+    `params` whose grad is not None and which requires grad; `state` maps a parameter to its state dict
+    ("momentum_buffer"). Returns True when done; False, with nothing changed, when some parameter needs the
+    optimizer's general path (an array that is not a plain aligned C-contiguous float32/float64 ndarray of the
+    parameter's shape and dtype, or no momentum buffer yet; params not a list or state not a dict)."""
+    if type(params) is not list or type(state) is not dict:
+        return False
+    cdef bint with_buf = momentum != 0
+    cdef double lr_, mom, damp, wd
+    try:
+        lr_, mom, damp, wd = lr, momentum, dampening, weight_decay
+    except Exception:                   # the general path raises it, from the same conversion
+        return False
+    arrays = _group_arrays(params, state, ("momentum_buffer",) if with_buf else (), [])
+    if arrays is None:
+        return False
+    cdef _Pointers a = _Pointers(arrays)
+    cdef int nest = bool(nesterov), stride = 3 if with_buf else 2
+    cdef Py_ssize_t i, n = len(arrays)
+    cdef void *b
+    with nogil:
+        i = 0
+        while i < n:
+            b = a.ptr[i + 2] if with_buf else a.ptr[i]
+            if a.f32[i]:
+                sgd_update_f32(<float *>a.ptr[i], <float *>b, <const float *>a.ptr[i + 1], a.size[i], lr_, mom,
+                               damp, wd, nest, 0)
+            else:
+                sgd_update_f64(<double *>a.ptr[i], <double *>b, <const double *>a.ptr[i + 1], a.size[i], lr_,
+                               mom, damp, wd, nest, 0)
+            i += stride
+    return True
+
+
+def adam_step(params, state, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad):
+    """One Adam (decoupled=False) or AdamW step with adam_update's kernel on every parameter of `params` whose
+    grad is not None and which requires grad, after the first (the state dicts hold "step", "exp_avg",
+    "exp_avg_sq" and, for amsgrad, "max_exp_avg_sq"); each "step" is incremented. True when done; False, with
+    nothing changed, when some parameter needs the optimizer's general path (as sgd_step, or a "step" that is
+    not an int >= 0)."""
+    if type(params) is not list or type(state) is not dict:
+        return False
+    cdef double lr_, b1, b2, eps_, wd
+    try:
+        lr_, b1, b2, eps_, wd = lr, beta1, beta2, eps, weight_decay
+    except Exception:                   # the general path raises it, from the same conversion
+        return False
+    cdef int dec = bool(decoupled)
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+    cdef list states = []
+    arrays = _group_arrays(params, state, keys, states)
+    if arrays is None:
+        return False
+    cdef object step
+    for st in states:
+        step = (<dict>st).get("step")
+        if not (type(step) is int or isinstance(step, np.integer)) or not 0 <= step < _MAX_ELEMENTS:
+            return False
+    cdef _Pointers a = _Pointers(arrays)
+    cdef int64_t *t = <int64_t *>PyMem_Malloc(max(len(states), 1) * sizeof(int64_t))
+    if not t:
+        raise MemoryError()
+    cdef Py_ssize_t i, k = 0, n = len(arrays)
+    cdef int stride = len(keys) + 2
+    cdef void *vmax
+    try:
+        for st in states:            # as the general path: st["step"] += 1, then the kernel gets int(step)
+            step = (<dict>st)["step"] + 1
+            (<dict>st)["step"] = step
+            t[k] = int(step)
+            k += 1
+        with nogil:
+            i = 0
+            while i < n:
+                vmax = a.ptr[i + 4] if stride == 5 else NULL
+                if a.f32[i]:
+                    adam_update_f32(<float *>a.ptr[i], <float *>a.ptr[i + 2], <float *>a.ptr[i + 3],
+                                    <float *>vmax, <const float *>a.ptr[i + 1], a.size[i], lr_, b1, b2, eps_, wd,
+                                    dec, t[i // stride])
+                else:
+                    adam_update_f64(<double *>a.ptr[i], <double *>a.ptr[i + 2], <double *>a.ptr[i + 3],
+                                    <double *>vmax, <const double *>a.ptr[i + 1], a.size[i], lr_, b1, b2, eps_, wd,
+                                    dec, t[i // stride])
+                i += stride
+    finally:
+        PyMem_Free(t)
+    return True
+
+
+def zero_grads(params):
+    """Zero the grad of every parameter of `params` in place (grads that are None are left alone): memset for
+    contiguous writable float ndarrays, grad.fill(0) for anything else."""
+    cdef object p, g
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if type(g) is np.ndarray and cnp.PyArray_ISFLOAT(<cnp.ndarray>g) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>g) \
+                and (cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>g) or cnp.PyArray_IS_F_CONTIGUOUS(<cnp.ndarray>g)):
+            memset(cnp.PyArray_DATA(<cnp.ndarray>g), 0, cnp.PyArray_NBYTES(<cnp.ndarray>g))
+        else:
+            g.fill(0)
 
 
 # ---------------------------------------------------------------- Sequential plans

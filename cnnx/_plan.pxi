@@ -12,11 +12,6 @@
 # that is not a C-contiguous array of the parameters' dtype, a parameter array replaced by something
 # unusual) falls back to the layer-by-layer path, which raises the usual errors.
 
-cimport numpy as cnp
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
-
-cnp.import_array()
-
 cdef enum:
     _OP_CONV = 1
     _OP_RELU = 2
@@ -36,11 +31,11 @@ cdef struct _Op:
     char *aux           # maxpool: int64 indices
 
 
-cdef inline char *_ptr(a):
+cdef inline char *_data_ptr(a):
     return <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef bint _plain(a, dtype, shape, bint writable):
+cdef bint _usable(a, dtype, shape, bint writable):
     """a is an ndarray the kernels can use directly: exact dtype and shape, C-contiguous, aligned."""
     if type(a) is not np.ndarray:
         return False
@@ -261,9 +256,9 @@ cdef class _SequentialPlan:
             data = self.params[i].data
             if data is self.pdata[i]:
                 continue
-            if _plain(data, self.dtype, self.pshape[i], False):
+            if _usable(data, self.dtype, self.pshape[i], False):
                 self.pdata[i] = data
-                self.wptr[i] = _ptr(data)
+                self.wptr[i] = _data_ptr(data)
                 continue
             if strict:
                 return False
@@ -277,7 +272,7 @@ cdef class _SequentialPlan:
                 copy = copy.copy()
             self.pdata[i] = None
             self.hold.append(copy)
-            self.wptr[i] = _ptr(copy)
+            self.wptr[i] = _data_ptr(copy)
         return True
 
     def valid(self):
@@ -290,11 +285,11 @@ cdef class _SequentialPlan:
 
     def forward(self, x):
         """The chain's output (a new array), or None when x or a parameter needs the layer-by-layer path."""
-        if self.nops == 0 or self.busy or not _plain(x, self.dtype, self.in_shape, False) \
+        if self.nops == 0 or self.busy or not _usable(x, self.dtype, self.in_shape, False) \
                 or not self._params_ready(True):
             return None
         self.busy = True
-        cdef char *xp = _ptr(x)
+        cdef char *xp = _data_ptr(x)
         cdef char *inp
         cdef int i, code = 0, f64 = self.f64
         cdef _Op *op
@@ -330,7 +325,7 @@ cdef class _SequentialPlan:
         cdef char **gptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
         cdef char **sptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
         cdef int64_t *ssize = <int64_t *>PyMem_Malloc((nslots + 1) * sizeof(int64_t))
-        cdef char *xp = _ptr(self.x_ref)
+        cdef char *xp = _data_ptr(self.x_ref)
         cdef char *dxp = NULL
         cdef _Op *op
         dx = None
@@ -345,18 +340,18 @@ cdef class _SequentialPlan:
                 ssize[i] = 0
                 if not p.requires_grad:
                     gmode[i] = 0
-                elif _plain(p.grad, self.dtype, self.pshape[i], True):
+                elif _usable(p.grad, self.dtype, self.pshape[i], True):
                     gmode[i] = 1
-                    gptr[i] = _ptr(p.grad)
+                    gptr[i] = _data_ptr(p.grad)
                 else:
                     gmode[i] = 2
                 s = self.scratch[i]
                 if s is not None:
-                    sptr[i] = _ptr(s)
+                    sptr[i] = _data_ptr(s)
                     ssize[i] = s.size
             if input_grad and self.nops:
                 dx = np.empty(self.in_shape, dtype=self.dtype)
-                dxp = _ptr(dx)
+                dxp = _data_ptr(dx)
             with nogil:
                 for i in range(self.nops - 1, -1, -1):
                     op = &self.ops[i]
@@ -412,10 +407,10 @@ def sequential_plan(seq, x):
         for k in range(16):
             op.g[k] = geometry[k] if k < len(geometry) else 0
         op.n_out = spec["y"].size
-        op.x = _ptr(spec["x"]) if spec["x"] is not None else NULL
-        op.dx = _ptr(spec["dx"]) if spec["dx"] is not None else NULL
-        op.y, op.dy = _ptr(spec["y"]), _ptr(spec["dy"])
-        op.aux = _ptr(spec["aux"]) if spec.get("aux") is not None else NULL
+        op.x = _data_ptr(spec["x"]) if spec["x"] is not None else NULL
+        op.dx = _data_ptr(spec["dx"]) if spec["dx"] is not None else NULL
+        op.y, op.dy = _data_ptr(spec["y"]), _data_ptr(spec["dy"])
+        op.aux = _data_ptr(spec["aux"]) if spec.get("aux") is not None else NULL
     for i in range(len(plan.params)):
         plan.pdata[i] = None
         plan.wptr[i] = NULL

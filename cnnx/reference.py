@@ -1,4 +1,4 @@
-"""The numpy twin of the C kernels: the same seven functions, the same names and arguments, in readable numpy.
+"""The numpy twin of the C kernels: the same functions, the same names and arguments, in readable numpy.
 
 Every function here computes exactly what its namesake in ``cnnx._kernels`` computes, so the C code can be
 checked against it (``tests/test_kernel_parity.py``), and ``cnnx.set_backend("numpy")`` runs the whole library
@@ -28,7 +28,8 @@ from ._geometry import conv2d_out_size, pool2d_out_size
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward", "avgpool2d_backward",
-           "linear_forward", "linear_backward_input", "linear_backward_weight", "sgd_update", "adam_update"]
+           "linear_forward", "linear_backward_input", "linear_backward_weight", "sgd_update", "adam_update",
+           "cross_entropy_forward"]
 
 
 def _offset_view(xp, i, j, oh, ow, stride, dilation):
@@ -356,3 +357,35 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
     denom = np.sqrt(v) / t(math.sqrt(1 - beta2 ** step)) + t(eps)
     p -= (m / denom) * t(lr / (1 - beta1 ** step))
     return p
+
+
+def cross_entropy_forward(x, target, ignore_index, mean):
+    """Softmax cross entropy of (N, C) logits x against (N,) int64 class indices, and its gradient.
+
+    Row i counts when target[i] != ignore_index (w_i = 1; otherwise w_i = 0 and class 0 stands in for t_i):
+        m_i = max_c x[i, c];  s_i = sum_c exp(x[i, c] - m_i) (summed in float64, rounded to x's dtype)
+        losses[i] = -((x[i, t_i] - m_i) - log(s_i)) * w_i;   p[i, c] = exp(x[i, c] - m_i) / s_i
+        dx[i, c] = (p[i, c] * w_i - [c == t_i] * w_i) * scale,  scale = 1 / count if mean (NaN if count is 0)
+    Returns (losses, dx, total, count, bad): total = sum(losses) in float64, count = number of counted rows,
+    bad = -1; or (None, None, 0.0, 0, row) for the first row whose target is outside [0, C) and not ignore_index.
+    """
+    n, c = x.shape
+    dtype = x.dtype.type
+    valid = target != ignore_index
+    bad = np.flatnonzero(valid & ((target < 0) | (target >= c)))
+    if bad.size:
+        return None, None, 0.0, 0, int(bad[0])
+    count = int(np.count_nonzero(valid))
+    rows = np.arange(n)
+    t = np.where(valid, target, 0)
+    w = valid.astype(x.dtype)
+    with np.errstate(all="ignore"):               # NaN and inf logits flow through silently, as in C
+        m = x.max(axis=1)
+        e = np.exp(x - m[:, None])
+        s = e.sum(axis=1, dtype=np.float64).astype(x.dtype)
+        losses = -((x[rows, t] - m) - np.log(s)) * w
+        dx = e / s[:, None] * w[:, None]
+        dx[rows, t] -= w
+        if mean:
+            dx *= dtype(1.0 / count) if count else dtype(np.nan)
+    return losses, dx, float(losses.sum(dtype=np.float64)), count, -1

@@ -16,7 +16,8 @@
  *   ih = oh*SH - PT + kh*DH,   iw = ow*SW - PL + kw*DW   (outside [0,H) x [0,W) reads as 0 / -inf)
  *
  * Return codes: CNNX_OK (0) on success, CNNX_ENOMEM when scratch space could not be allocated,
- * CNNX_EINDEX when a max-pool index lies outside its input plane.
+ * CNNX_EINDEX when a max-pool index lies outside its input plane, CNNX_ETARGET when a loss's class-index
+ * target lies outside [0, C).
  * Nothing is ever printed; the Cython layer turns codes into Python exceptions.
  */
 #ifndef CNNX_H
@@ -27,6 +28,7 @@
 #define CNNX_OK 0
 #define CNNX_ENOMEM 1
 #define CNNX_EINDEX 2     /* a max-pool index outside its input plane */
+#define CNNX_ETARGET 3    /* a class-index target outside [0, C) that is not ignore_index */
 
 #ifdef __cplusplus
 extern "C" {
@@ -81,6 +83,14 @@ int adam_update_##SUF(REAL *p, REAL *m, REAL *v, REAL *vmax, const REAL *grad, i
                       int64_t t);
 CNNX_OPTIM_DECLARE(float, f32)
 CNNX_OPTIM_DECLARE(double, f64)
+
+/* ---- losses (loss.c): x (N, C) logits, target (N,) class indices, losses (N,), dx (N, C) ---- */
+#define CNNX_LOSS_DECLARE(REAL, SUF)                                                                \
+int cross_entropy_forward_##SUF(REAL *losses, REAL *dx, double *total, int64_t *count, int64_t *bad,   \
+                                const REAL *x, const int64_t *target, int64_t ignore_index, int mean,  \
+                                int64_t N, int64_t C);
+CNNX_LOSS_DECLARE(float, f32)
+CNNX_LOSS_DECLARE(double, f64)
 
 /* ---- pooling (pool2d.c) ---- planes are (N*C) independent (H, W) images. */
 #define CNNX_POOL2D_DECLARE(REAL, SUF)                                                              \

@@ -1,5 +1,6 @@
 /*
- * Optimizer updates template, included by optim.c once per dtype with REAL, SUF and SQRT defined.
+ * Optimizer updates template, included by optim.c once per dtype and CPU path with REAL, SUF, SQRT and TARGET
+ * defined.
  * One pass over a parameter, in place, with every scalar rounded to REAL first and the operations in the
  * order the numpy twins (cnnx/reference.py) perform them, so both give the same numbers.
  */
@@ -13,9 +14,9 @@
  *   g = g + momentum * buf if nesterov else buf                                 (when momentum != 0)
  *   p = p - lr * g
  */
-int GLUE(sgd_update, SUF)(REAL *restrict p, REAL *restrict buf, const REAL *restrict grad, int64_t n,
-                          double lr, double momentum, double dampening, double weight_decay, int nesterov,
-                          int first)
+TARGET static int GLUE(sgd_update, SUF)(REAL *restrict p, REAL *restrict buf, const REAL *restrict grad,
+                                        int64_t n, double lr, double momentum, double dampening,
+                                        double weight_decay, int nesterov, int first)
 {
     const REAL lr_ = (REAL)lr, mom = (REAL)momentum, damp = (REAL)(1 - dampening), wd = (REAL)weight_decay;
     /* the flags are fixed for the whole loop: one simple loop per case, so each vectorises */
@@ -49,9 +50,10 @@ int GLUE(sgd_update, SUF)(REAL *restrict p, REAL *restrict buf, const REAL *rest
  *   m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g * g;   vmax = max(vmax, v) if amsgrad
  *   p = p - (m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps)) * lr / (1 - beta1^t)
  */
-int GLUE(adam_update, SUF)(REAL *restrict p, REAL *restrict m, REAL *restrict v, REAL *restrict vmax,
-                           const REAL *restrict grad, int64_t n, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, int decoupled, int64_t t)
+TARGET static int GLUE(adam_update, SUF)(REAL *restrict p, REAL *restrict m, REAL *restrict v,
+                                         REAL *restrict vmax, const REAL *restrict grad, int64_t n, double lr,
+                                         double beta1, double beta2, double eps, double weight_decay,
+                                         int decoupled, int64_t t)
 {
     const REAL b1 = (REAL)beta1, b2 = (REAL)beta2, one_b1 = (REAL)(1 - beta1), one_b2 = (REAL)(1 - beta2);
     const REAL wd = (REAL)weight_decay, decay = (REAL)(1 - lr * weight_decay), eps_ = (REAL)eps;

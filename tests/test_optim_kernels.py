@@ -87,3 +87,179 @@ def test_optimizer_same_on_both_backends_and_with_strided_parameters(name):
         results.append(np.array(param.data))
     assert np.allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
     assert results[2].shape == results[0].shape
+
+
+# -- whole-group steps (sgd_step, adam_step, zero_grads): one call per parameter group ------------------------
+import cnnx.optim as optim_module                 # noqa: E402
+
+GROUP_CASES = [("SGD", dict(lr=0.05)),
+               ("SGD", dict(lr=0.05, momentum=0.9)),
+               ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2)),
+               ("SGD", dict(lr=0.05, momentum=0.8, weight_decay=5e-3, nesterov=True)),
+               ("Adam", dict(lr=1e-2)),
+               ("Adam", dict(lr=1e-2, weight_decay=1e-2, amsgrad=True)),
+               ("AdamW", dict(lr=1e-2)),
+               ("AdamW", dict(lr=1e-2, weight_decay=0.1, amsgrad=True))]
+
+
+def _model_params(seed):
+    """float32 and float64 parameters of several shapes in one list, one frozen, one without a grad."""
+    rng = np.random.default_rng(seed)
+    shapes = [((6, 1, 5, 5), np.float32), ((6,), np.float32), ((120, 400), np.float32), ((10,), np.float64),
+              ((), np.float64), ((3, 4), np.float32), ((0, 3), np.float32)]
+    params = [cnnx.nn.Parameter(rng.standard_normal(s).astype(d)) for s, d in shapes]
+    params[5].requires_grad = False
+    return params
+
+
+def _set_grads(params, rng, step):
+    for i, p in enumerate(params):
+        p.grad = None if i == 4 and step % 2 else rng.standard_normal(p.data.shape).astype(p.data.dtype)
+
+
+def _run(name, kwargs, monkeypatch, group_kernels, steps=4):
+    params = _model_params(0)
+    opt = getattr(cnnx.optim, name)(params, **kwargs)
+    rng = np.random.default_rng(1)
+    with monkeypatch.context() as m:
+        if not group_kernels:
+            m.setattr(optim_module, "_group_kernels", lambda: None)
+        for step in range(steps):
+            _set_grads(params, rng, step)
+            opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: c[0] + "-" + "-".join(f"{k}{v}" for k, v in c[1].items()))
+def test_group_step_matches_per_parameter_path_bit_for_bit(case, monkeypatch):
+    name, kwargs = case
+    fast, fast_opt = _run(name, kwargs, monkeypatch, True)
+    slow, slow_opt = _run(name, kwargs, monkeypatch, False)
+    for a, b in zip(fast, slow):
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+    fs, ss = fast_opt.state_dict(), slow_opt.state_dict()
+    assert fs["state"].keys() == ss["state"].keys() and fs["param_groups"] == ss["param_groups"]
+    for i in fs["state"]:
+        assert fs["state"][i].keys() == ss["state"][i].keys()
+        for key, value in fs["state"][i].items():
+            assert np.array_equal(value, ss["state"][i][key]), (i, key)
+            assert type(value) is type(ss["state"][i][key])
+    assert _model_params(0)[5].data.tolist() == fast[5].data.tolist()           # frozen: unchanged
+
+
+def test_group_steps_refuse_what_they_cannot_take_without_changing_anything():
+    params = _model_params(2)
+    rng = np.random.default_rng(3)
+    _set_grads(params, rng, 0)
+    sgd = cnnx.optim.SGD(params, lr=0.1, momentum=0.9)
+    adam = cnnx.optim.Adam(params, lr=0.1)
+    before = [p.data.copy() for p in params]
+    assert not K.sgd_step(params, sgd.state, 0.1, 0.9, 0, 0, False)        # no momentum buffers yet
+    assert not K.adam_step(params, adam.state, 0.1, 0.9, 0.999, 1e-8, 0, False, False)   # no state yet
+    sgd.step()
+    adam.step()
+    assert K.sgd_step(params, sgd.state, 0.1, 0.9, 0, 0, False)
+    assert K.adam_step(params, adam.state, 0.1, 0.9, 0.999, 1e-8, 0, False, False)
+    assert not K.adam_step(params, adam.state, 0.1, 0.9, 0.999, 1e-8, 0, False, True)    # no max_exp_avg_sq
+    snapshot = [p.data.copy() for p in params]
+    steps = [adam.state[p]["step"] for p in params if p in adam.state]
+    def readonly(p):
+        p.data = p.data.copy()
+        p.data.flags.writeable = False
+
+    odd = [lambda: setattr(params[2], "grad", np.repeat(params[2].grad, 2, axis=1)[:, ::2]),   # strided
+           lambda: setattr(params[0], "grad", params[0].grad.astype(np.float64)),
+           lambda: setattr(params[0], "grad", params[0].grad.reshape(6, 25)),
+           lambda: setattr(params[2], "data", np.asfortranarray(params[2].data)),
+           lambda: setattr(params[1], "data", params[1].data.astype(np.float16)),
+           lambda: readonly(params[1])]
+    for i, change in enumerate(odd):
+        saved = [(p.data, p.grad) for p in params]
+        change()
+        assert not K.sgd_step(params, sgd.state, 0.1, 0.9, 0, 0, False), i
+        assert not K.adam_step(params, adam.state, 0.1, 0.9, 0.999, 1e-8, 0, False, False), i
+        for p, (data, grad) in zip(params, saved):
+            p.data, p.grad = data, grad
+    assert all(np.array_equal(a, b) for a, b in zip(snapshot, (p.data for p in params)))
+    assert steps == [adam.state[p]["step"] for p in params if p in adam.state]
+    assert not all(np.array_equal(a, b) for a, b in zip(before, snapshot))
+    assert not K.sgd_step(tuple(params), sgd.state, 0.1, 0.9, 0, 0, False)
+
+
+def test_optimizers_take_the_general_path_for_odd_arrays_and_numpy_steps():
+    """A strided grad sends its group through the per-parameter path (same numbers as numpy); a numpy integer
+    "step" (as a loaded state may hold) keeps its type, as the general path's `+= 1` does."""
+    params = _model_params(4)
+    rng = np.random.default_rng(5)
+    _set_grads(params, rng, 0)
+    opt = cnnx.optim.Adam(params, lr=0.1)
+    opt.step()
+    for p in params:
+        if p in opt.state:
+            opt.state[p]["step"] = np.int64(opt.state[p]["step"])
+    assert K.adam_step(params, opt.state, 0.1, 0.9, 0.999, 1e-8, 0, False, False)
+    assert all(type(st["step"]) is np.int64 and st["step"] == 2 for st in opt.state.values())
+    wide = rng.standard_normal((6, 20)).astype(np.float32)
+    params[1].grad = wide[:, ::2][:, 0]                      # (6,), not contiguous
+    expected = params[1].data.copy()
+    ref.adam_update(expected, params[1].grad, opt.state[params[1]]["exp_avg"].copy(),
+                    opt.state[params[1]]["exp_avg_sq"].copy(), None, 0.1, 0.9, 0.999, 1e-8, 0, False, 3)
+    opt.step()
+    assert opt.state[params[1]]["step"] == 3
+    np.testing.assert_allclose(params[1].data, expected, rtol=1e-6)
+
+
+def test_zero_grad_zeroes_every_kind_of_grad_and_skips_none():
+    params = _model_params(6)
+    rng = np.random.default_rng(7)
+    _set_grads(params, rng, 1)                               # params[4].grad is None
+    params[2].grad = np.asfortranarray(params[2].grad)
+    params[3].grad = np.repeat(params[3].grad, 2)[::2]      # strided: filled by numpy
+    kept = [p.grad for p in params]
+    for backend in ("c", "numpy"):
+        with cnnx.backend(backend):
+            cnnx.optim.SGD(params, lr=0.1).zero_grad()
+        assert params[4].grad is None
+        assert all(p.grad is g and not np.any(g) and not np.signbit(g).any() for p, g in zip(params, kept)
+                   if g is not None)
+        for g in kept:
+            if g is not None:
+                g[...] = -1.0
+    frozen = cnnx.nn.Parameter(np.ones(3))
+    frozen.grad = np.ones(3)
+    frozen.grad.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        cnnx.optim.SGD([frozen], lr=0.1).zero_grad()
+    cnnx.optim.SGD(params, lr=0.1).zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_update_kernels_give_the_same_bits_on_both_cpu_paths(dtype):
+    """The AVX2 copy of the update kernels (no FMA) performs the portable path's operations: identical bits,
+    NaN gradients included."""
+    results = []
+    before = K.force_portable()
+    try:
+        for portable in (False, True):
+            K.force_portable(portable)
+            rng = np.random.default_rng(11)
+            out = []
+            for opts in ADAM_OPTIONS:
+                p = rng.standard_normal(1003).astype(dtype)
+                m, v, vmax = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+                for t in range(1, 5):
+                    g = rng.standard_normal(p.shape).astype(dtype)
+                    g[::97] = np.nan if t == 3 else g[::97]
+                    K.adam_update(p, g, m, v, vmax if opts["amsgrad"] else None, 1e-2, 0.9, 0.999, 1e-8,
+                                  opts["weight_decay"], opts["decoupled"], t)
+                out += [p, m, v, vmax]
+            for opts in SGD_OPTIONS:
+                p, buf = rng.standard_normal(1003).astype(dtype), np.empty(1003, dtype)
+                for step in range(3):
+                    K.sgd_update(p, rng.standard_normal(p.shape).astype(dtype), buf, 0.05, first=step == 0, **opts)
+                out += [p, buf if opts["momentum"] else p]
+            results.append([a.tobytes() for a in out])
+    finally:
+        K.force_portable(before)
+    assert results[0] == results[1]

@@ -10,11 +10,22 @@ import operator
 
 import numpy as np
 
+from .. import _backend, reference
 from .module import Module
 
 __all__ = ["CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "BCELoss", "MSELoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _kernels():
+    """The active backend's kernels; the numpy reference when the C extension cannot be loaded (the losses
+    never needed it)."""
+    try:
+        return _backend.ops()
+    except ImportError:
+        return reference
 
 
 def _float_array(x, name, fn):
@@ -164,6 +175,14 @@ class CrossEntropyLoss(_Loss):
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, input, target):
+        # The common case -- (N, C) logits, class indices, no weight or smoothing -- in one kernel pass that
+        # also writes the gradient; everything else takes the general numpy path below.
+        if (type(input) is np.ndarray and type(target) is np.ndarray and input.ndim == 2 and target.ndim == 1
+                and self.weight is None and self.label_smoothing == 0 and input.dtype in _FLOATS
+                and target.dtype.kind in "iu" and target.shape[0] == input.shape[0] and input.size
+                and input.flags.c_contiguous and input.flags.aligned and self.reduction in _REDUCTIONS
+                and -2**63 <= self.ignore_index < 2**63):
+            return self._forward_indices_2d(input, target)
         fn = self._name
         x = _float_array(input, "input", fn)
         target = np.asarray(target)
@@ -206,6 +225,34 @@ class CrossEntropyLoss(_Loss):
                 g *= np.asarray(dloss, dtype=dtype).reshape(-1, 1)
             g = self._scale(g, denom, dloss)
             return _restore_class_axis(g.astype(dtype, copy=False), x)
+
+        self._cache_grad = grad_fn
+        return loss
+
+    def _forward_indices_2d(self, x, target):
+        """forward() for (N, C) C-contiguous logits (N, C >= 1), (N,) integer targets, no weight, no smoothing."""
+        t = np.ascontiguousarray(target, dtype=np.int64)
+        losses, grad, total, count, bad = _kernels().cross_entropy_forward(x, t, self.ignore_index,
+                                                                           self.reduction == "mean")
+        if bad >= 0:
+            raise ValueError(f"{self._name}: target contains class index {int(t[bad])} outside [0, {x.shape[1]}) "
+                             f"(ignore_index={self.ignore_index})")
+        dtype, reduction = x.dtype, self.reduction
+        if reduction == "none":
+            self._cache_out_shape = losses.shape
+            loss = losses
+        else:
+            self._cache_out_shape = None
+            loss = dtype.type(total if reduction == "sum" else total / count if count else np.nan)
+
+        def grad_fn(dloss):
+            g = grad
+            if dloss is not None:
+                if reduction == "none":
+                    g *= np.asarray(dloss, dtype=dtype).reshape(-1, 1)
+                else:
+                    g *= dtype.type(np.asarray(dloss).reshape(()))
+            return g
 
         self._cache_grad = grad_fn
         return loss

@@ -5,6 +5,11 @@
 ``step()`` updates ``param.data`` in place from ``param.grad``; parameters with ``grad is None`` or
 ``requires_grad=False`` are skipped. Each parameter gets one or two scratch buffers on its first step, so
 later steps do not allocate arrays of the parameter's size.
+
+On the C backend, SGD and Adam/AdamW steps after the first, and zero_grad, handle a whole parameter group in
+one call into cnnx._kernels (the per-parameter Python work is what a small model's step costs); a group with
+anything unusual (a strided or odd-dtype array, state not created yet) takes the per-parameter path, which
+gives the same numbers bit for bit.
 """
 import math
 import numbers
@@ -16,6 +21,17 @@ from ..nn.module import Parameter
 from . import lr_scheduler
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "lr_scheduler"]
+
+
+def _group_kernels():
+    """The compiled kernels when they are the active backend (whole-group steps in one call, which refuse what
+    they cannot take), else None: the per-parameter path."""
+    if _backend.get_backend() != "c":
+        return None
+    try:
+        return _backend.ops()
+    except ImportError:
+        return None
 
 
 def _check_real(value, name, fn, minimum=0.0, below=None):
@@ -86,7 +102,11 @@ class Optimizer:
     def zero_grad(self, set_to_none=False):
         """Zero every parameter's grad in place (set_to_none=True sets it to None instead; cnnx's default
         keeps the buffers so the next backward does not allocate)."""
+        kernels = None if set_to_none else _group_kernels()
         for group in self.param_groups:
+            if kernels is not None:
+                kernels.zero_grads(group["params"])
+                continue
             for p in group["params"]:
                 if set_to_none:
                     p.grad = None
@@ -238,9 +258,13 @@ class SGD(Optimizer):
                              f"momentum={group['momentum']}, dampening={group['dampening']}")
 
     def step(self):
+        kernels = _group_kernels()
         for group in self.param_groups:
             lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
             wd, nesterov = group["weight_decay"], group["nesterov"]
+            if kernels is not None and kernels.sgd_step(group["params"], self.state, lr, momentum, dampening, wd,
+                                                        nesterov):
+                continue
             for p in self._params_to_update(group):
                 buf, first = None, False
                 if momentum != 0:
@@ -281,9 +305,13 @@ class Adam(Optimizer):
         group["betas"] = betas
 
     def step(self):
+        kernels = _group_kernels()
         for group in self.param_groups:
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
             wd, amsgrad = group["weight_decay"], group["amsgrad"]
+            if kernels is not None and kernels.adam_step(group["params"], self.state, lr, beta1, beta2, eps, wd,
+                                                         self._decoupled, amsgrad):
+                continue
             for p in self._params_to_update(group):
                 st = self._state(p)
                 if "step" not in st:
