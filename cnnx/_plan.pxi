@@ -20,7 +20,8 @@ cdef enum:
 
 cdef struct _Op:
     int kind
-    int relu            # conv/linear: ReLU applied in place to y
+    int relu            # conv/linear: ReLU applied in place to y (2: its backward mask is applied by the next op)
+    int masked          # maxpool 2x2 stride 2 tiling its input, after a ReLU: backward writes dx masked, in one pass
     int wslot, bslot    # parameter slots (-1: none)
     int64_t g[16]       # geometry (see _plan_op)
     int64_t n_out       # elements of y
@@ -103,6 +104,33 @@ cdef void _add_into(char *dst, char *src, int64_t n, int f64) noexcept nogil:
             (<float *>dst)[i] += (<float *>src)[i]
 
 
+cdef void _max2x2_bwd_masked(char *dx, char *dy, int64_t *idx, char *x, int64_t NC, int64_t H, int64_t W,
+                             int64_t OH, int64_t OW, int f64) noexcept nogil:
+    # MaxPool2d(2) backward over an input it tiles exactly (H = 2*OH, W = 2*OW), fused with the backward of
+    # the ReLU before it: each window's four dx values are written once (no zero-fill pass, no mask pass)
+    # as dx[argmax] = (0 + dy) * (x[argmax] > 0), the same operations, so the same bits, as the two layers.
+    cdef int64_t p, oh, ow, o = 0, base, i
+    cdef float *dxf = <float *>dx
+    cdef float *dyf = <float *>dy
+    cdef float *xf = <float *>x
+    cdef double *dxd = <double *>dx
+    cdef double *dyd = <double *>dy
+    cdef double *xd = <double *>x
+    for p in range(NC):
+        for oh in range(OH):
+            base = p * H * W + 2 * oh * W
+            for ow in range(OW):
+                i = p * H * W + idx[o]
+                if f64:
+                    dxd[base] = dxd[base + 1] = dxd[base + W] = dxd[base + W + 1] = 0
+                    dxd[i] = (0.0 + dyd[o]) * (1.0 if xd[i] > 0 else 0.0)
+                else:
+                    dxf[base] = dxf[base + 1] = dxf[base + W] = dxf[base + W + 1] = 0
+                    dxf[i] = (<float>0.0 + dyf[o]) * (<float>1.0 if xf[i] > 0 else <float>0.0)
+                base += 2
+                o += 1
+
+
 cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogil:
     cdef int64_t *g = op.g
     cdef int code = 0
@@ -143,10 +171,12 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
         if dx != NULL:
             _relu_bwd(dx, op.dy, op.y, op.n_out, f64)
         return 0
-    if op.relu:
+    if op.relu == 1:
         _relu_bwd(op.dy, op.dy, op.y, op.n_out, f64)
     if op.kind == _OP_MAXPOOL:
-        if dx != NULL:
+        if dx != NULL and op.masked:
+            _max2x2_bwd_masked(dx, op.dy, <int64_t *>op.aux, x, g[0], g[1], g[2], g[11], g[12], f64)
+        elif dx != NULL:
             if f64:
                 code = maxpool2d_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
                                               g[11], g[12])
@@ -403,6 +433,7 @@ def sequential_plan(seq, x):
     for i, spec in enumerate(specs):
         op = &plan.ops[i]
         op.kind, op.relu, op.wslot, op.bslot = spec["kind"], spec["relu"], spec["wslot"], spec["bslot"]
+        op.masked = spec.get("masked", 0)
         geometry = spec["g"]
         for k in range(16):
             op.g[k] = geometry[k] if k < len(geometry) else 0
@@ -445,7 +476,9 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
         specs.append(spec)
         return spec
 
+    relu_spec = None                # the op whose output a ReLU just made non-negative
     for m in modules:
+        prev_relu, relu_spec = relu_spec, None
         t = type(m)
         if m is None or "forward" in m.__dict__ or "backward" in m.__dict__:
             return None
@@ -494,10 +527,15 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
             plan.keep.append(idx)
             spec = new_op(_OP_MAXPOOL, (shape[0] * shape[1], shape[2], shape[3], k[0], k[1], s[0], s[1], p[0], p[1],
                                  d[0], d[1], oh, ow), out, aux=idx)
+            if prev_relu is not None and k == (2, 2) and s == (2, 2) and p == (0, 0) and d == (1, 1) \
+                    and shape[2] == 2 * oh and shape[3] == 2 * ow:
+                spec["masked"] = 1
+                prev_relu["relu"] = 2
             fusable = None
         elif t is L.ReLU:
             if fusable is not None and not fusable["relu"]:
                 fusable["relu"] = 1         # in place on the conv/linear output
+                relu_spec = fusable
                 continue
             if m.inplace and cur is None:
                 return None                 # would overwrite the caller's array

@@ -296,10 +296,13 @@ def test_maxpool2d_kernels(kernels, ref, check, rng, case, kind, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
-@pytest.mark.parametrize("shape", [(3, 2, 9, 37), (2, 3, 10, 10), (1, 1, 2, 16), (2, 1, 5, 17), (1, 2, 28, 28)])
+@pytest.mark.parametrize("shape", [(3, 2, 9, 37), (2, 3, 10, 10), (1, 1, 2, 16), (2, 1, 5, 17), (1, 2, 28, 28),
+                                   (1, 2, 4, 8), (2, 1, 6, 13), (1, 1, 4, 18), (1, 1, 2, 33), (1, 1, 2, 40),
+                                   (1, 1, 3, 7)])
 def test_maxpool2d_2x2_plane_path(kernels, ref, rng, shape, portable, dtype):
-    """The whole-plane 2x2 stride-2 path (8 outputs per AVX2 step, a scalar tail): exact values and indices
-    on ties, -inf and NaN in every lane position, odd sizes that drop the last row/column."""
+    """The whole-plane 2x2 stride-2 path (AVX2 steps of 8 or 4 outputs, the last overlapping, scalar rows
+    under 4): exact values and indices on ties, -inf and NaN in every lane position, odd sizes that drop the
+    last row/column."""
     previous = kernels.force_portable()
     kernels.force_portable(portable)
     try:
