@@ -65,6 +65,10 @@ cdef extern from "cnnx.h" nogil:
     int adam_update_f64(double *p, double *m, double *v, double *vmax, const double *grad, int64_t n,
                         double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled,
                         int64_t t)
+    int maxpool2x2_relu_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H,
+                                    int64_t W, int64_t OH, int64_t OW)
+    int maxpool2x2_relu_forward_f64(double *y, int64_t *indices, const double *x, int64_t NC, int64_t H,
+                                    int64_t W, int64_t OH, int64_t OW)
     int maxpool2d_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H, int64_t W,
                               int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
                               int64_t DH, int64_t DW, int64_t OH, int64_t OW)

@@ -5,7 +5,8 @@
 # about 6 us each, 80 us for a batch-1 LeNet-5 forward whose arithmetic takes 20 us. A plan does the checks
 # once per (input shape, dtype), keeps every activation and gradient buffer, and runs the whole chain of C
 # kernels in one call without the GIL. ReLU after a Conv2d or Linear is applied in place to its output
-# buffer (the layer's backward does not need its output, so nothing is lost).
+# buffer (the layer's backward does not need its output, so nothing is lost), or, when a MaxPool2d(2) tiling
+# it follows, by that pool as it reads (maxpool2x2_relu_forward) and in its backward (one masked pass).
 #
 # The results are the layers' own: the same kernels in the same order on the same values. Sequential
 # decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input
@@ -20,8 +21,9 @@ cdef enum:
 
 cdef struct _Op:
     int kind
-    int relu            # conv/linear: ReLU applied in place to y (2: its backward mask is applied by the next op)
-    int masked          # maxpool 2x2 stride 2 tiling its input, after a ReLU: backward writes dx masked, in one pass
+    int relu            # conv/linear: ReLU applied in place to y (2: by the next op, a masked maxpool)
+    int masked          # maxpool 2x2 stride 2 tiling its input, after a ReLU that it applies itself: forward
+                        # pools relu(x) on the fly, backward writes dx masked by x > 0 in one pass
     int wslot, bslot    # parameter slots (-1: none)
     int64_t g[16]       # geometry (see _plan_op)
     int64_t n_out       # elements of y
@@ -52,7 +54,7 @@ cdef bint _usable(a, dtype, shape, bint writable):
 
 
 cdef int _relu_fwd(char *y, char *x, int64_t n, int f64) noexcept nogil:
-    # y = max(x, 0) as numpy's maximum: NaN and -0.0 pass through
+    # y = numpy's maximum(x, 0): x where x > 0 or NaN, else +0 (also for -0.0)
     cdef int64_t i
     cdef float *yf
     cdef float *xf
@@ -62,12 +64,12 @@ cdef int _relu_fwd(char *y, char *x, int64_t n, int f64) noexcept nogil:
         yd = <double *>y
         xd = <double *>x
         for i in range(n):
-            yd[i] = 0.0 if xd[i] < 0 else xd[i]
+            yd[i] = xd[i] if (xd[i] > 0 or xd[i] != xd[i]) else 0.0
     else:
         yf = <float *>y
         xf = <float *>x
         for i in range(n):
-            yf[i] = 0.0 if xf[i] < 0 else xf[i]
+            yf[i] = xf[i] if (xf[i] > 0 or xf[i] != xf[i]) else <float>0.0
     return 0
 
 
@@ -148,6 +150,13 @@ cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogi
             code = linear_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, g[0], g[1], g[2])
         else:
             code = linear_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, g[0], g[1], g[2])
+    elif op.kind == _OP_MAXPOOL and op.masked:     # relu(x) pooled without writing relu(x)
+        if f64:
+            code = maxpool2x2_relu_forward_f64(<double *>op.y, <int64_t *>op.aux, <double *>x, g[0], g[1], g[2],
+                                               g[11], g[12])
+        else:
+            code = maxpool2x2_relu_forward_f32(<float *>op.y, <int64_t *>op.aux, <float *>x, g[0], g[1], g[2],
+                                               g[11], g[12])
     elif op.kind == _OP_MAXPOOL:
         if f64:
             code = maxpool2d_forward_f64(<double *>op.y, <int64_t *>op.aux, <double *>x, g[0], g[1], g[2], g[3],
@@ -155,7 +164,7 @@ cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogi
         else:
             code = maxpool2d_forward_f32(<float *>op.y, <int64_t *>op.aux, <float *>x, g[0], g[1], g[2], g[3],
                                          g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12])
-    if code == 0 and (op.relu or op.kind == _OP_RELU):
+    if code == 0 and (op.relu == 1 or op.kind == _OP_RELU):
         _relu_fwd(op.y, op.y if op.kind != _OP_RELU else x, op.n_out, f64)
     return code
 

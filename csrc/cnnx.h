@@ -17,7 +17,7 @@
  *
  * Return codes: CNNX_OK (0) on success, CNNX_ENOMEM when scratch space could not be allocated,
  * CNNX_EINDEX when a max-pool index lies outside its input plane, CNNX_ETARGET when a loss's class-index
- * target lies outside [0, C).
+ * target lies outside [0, C), CNNX_EGEOMETRY when a specialised kernel is given a shape it does not take.
  * Nothing is ever printed; the Cython layer turns codes into Python exceptions.
  */
 #ifndef CNNX_H
@@ -29,6 +29,7 @@
 #define CNNX_ENOMEM 1
 #define CNNX_EINDEX 2     /* a max-pool index outside its input plane */
 #define CNNX_ETARGET 3    /* a class-index target outside [0, C) that is not ignore_index */
+#define CNNX_EGEOMETRY 4  /* a shape the (specialised) kernel does not take */
 
 #ifdef __cplusplus
 extern "C" {
@@ -98,6 +99,8 @@ int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,           
                          int64_t NC, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,      \
                          int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW,                \
                          int64_t OH, int64_t OW);                                                   \
+int maxpool2x2_relu_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,                        \
+                         int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
 int maxpool2d_backward_##SUF(REAL *dx, const REAL *dy, const int64_t *indices,                      \
                          int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
 int avgpool2d_forward_##SUF(REAL *y, const REAL *x,                                                 \

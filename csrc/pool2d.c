@@ -14,11 +14,12 @@
  * wins when greater, or when it is NaN), so values and indices are bit-identical. A row that is not a
  * multiple of the step ends with a step overlapping the previous one, which rewrites the same values
  * (masked stores, the alternative, are microcoded on AMD's cores). Returns n (0 when n < 4).
- * ir gets base + the winner's offset in the row pair (W < 2^30, checked by the caller).
+ * ir gets base + the winner's offset in the row pair (W < 2^30, checked by the caller). relu != 0 pools
+ * relu(x) instead (v where v > 0 or NaN, +0 elsewhere), without writing it.
  */
 __attribute__((target("avx2,fma")))
 static int64_t max2x2_row_avx2(float *yr, int64_t *ir, const float *r0, const float *r1, int64_t n,
-                               int64_t base, int64_t W)
+                               int64_t base, int64_t W, int relu)
 {
     const __m256i lane = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
     const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), three = _mm256_set1_epi32(3);
@@ -31,10 +32,19 @@ static int64_t max2x2_row_avx2(float *yr, int64_t *ir, const float *r0, const fl
         for (int64_t q = 0;; q = n - 4) {
             const __m128 u0 = _mm_loadu_ps(r0 + 2 * q), u1 = _mm_loadu_ps(r0 + 2 * q + 4);
             const __m128 v0 = _mm_loadu_ps(r1 + 2 * q), v1 = _mm_loadu_ps(r1 + 2 * q + 4);
-            const __m128 a = _mm_shuffle_ps(u0, u1, _MM_SHUFFLE(2, 0, 2, 0));
-            const __m128 b = _mm_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 1, 3, 1));
-            const __m128 c = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(2, 0, 2, 0));
-            const __m128 d = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 1, 3, 1));
+            __m128 a = _mm_shuffle_ps(u0, u1, _MM_SHUFFLE(2, 0, 2, 0));
+            __m128 b = _mm_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 1, 3, 1));
+            __m128 c = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(2, 0, 2, 0));
+            __m128 d = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 1, 3, 1));
+            if (relu) {     /* the taps of relu(x): v if v > 0 or NaN, else +0 */
+                const __m128 z = _mm_setzero_ps();
+#define RELU4(v) v = _mm_and_ps(v, _mm_or_ps(_mm_cmp_ps(v, z, _CMP_GT_OQ), _mm_cmp_ps(v, v, _CMP_UNORD_Q)))
+                RELU4(a);
+                RELU4(b);
+                RELU4(c);
+                RELU4(d);
+#undef RELU4
+            }
             const __m128 tb = _mm_or_ps(_mm_cmp_ps(b, a, _CMP_GT_OQ), _mm_cmp_ps(b, b, _CMP_UNORD_Q));
             __m128 m = _mm_blendv_ps(a, b, tb);
             __m128i k = _mm_and_si128(_mm_castps_si128(tb), one4);
@@ -60,9 +70,18 @@ static int64_t max2x2_row_avx2(float *yr, int64_t *ir, const float *r0, const fl
         _mm256_castps_pd(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)))
 #define ODD(x, y) _mm256_castpd_ps(_mm256_permute4x64_pd(                                             \
         _mm256_castps_pd(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)))
-        const __m256 a = EVEN(u0, u1), b = ODD(u0, u1), c = EVEN(v0, v1), d = ODD(v0, v1);
+        __m256 a = EVEN(u0, u1), b = ODD(u0, u1), c = EVEN(v0, v1), d = ODD(v0, v1);
 #undef EVEN
 #undef ODD
+        if (relu) {
+            const __m256 z = _mm256_setzero_ps();
+#define RELU8(v) v = _mm256_and_ps(v, _mm256_or_ps(_mm256_cmp_ps(v, z, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)))
+            RELU8(a);
+            RELU8(b);
+            RELU8(c);
+            RELU8(d);
+#undef RELU8
+        }
         const __m256 tb = _mm256_or_ps(_mm256_cmp_ps(b, a, _CMP_GT_OQ), _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
         __m256 m = _mm256_blendv_ps(a, b, tb);
         __m256i k = _mm256_and_si256(_mm256_castps_si256(tb), one);
@@ -85,12 +104,12 @@ static int64_t max2x2_row_avx2(float *yr, int64_t *ir, const float *r0, const fl
             return n;
     }
 }
-#define MAX2X2_ROW_FAST_f32(yr, ir, r0, r1, n, base, W) \
-    (CNNX_USE_AVX2 && (n) >= 4 && (W) < ((int64_t)1 << 30) ? max2x2_row_avx2(yr, ir, r0, r1, n, base, W) : 0)
+#define MAX2X2_ROW_FAST_f32(yr, ir, r0, r1, n, base, W, relu) \
+    (CNNX_USE_AVX2 && (n) >= 4 && (W) < ((int64_t)1 << 30) ? max2x2_row_avx2(yr, ir, r0, r1, n, base, W, relu) : 0)
 #else
-#define MAX2X2_ROW_FAST_f32(yr, ir, r0, r1, n, base, W) 0
+#define MAX2X2_ROW_FAST_f32(yr, ir, r0, r1, n, base, W, relu) 0
 #endif
-#define MAX2X2_ROW_FAST_f64(yr, ir, r0, r1, n, base, W) 0
+#define MAX2X2_ROW_FAST_f64(yr, ir, r0, r1, n, base, W, relu) 0
 
 #define REAL float
 #define UREAL uint32_t

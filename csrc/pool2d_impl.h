@@ -57,15 +57,21 @@ static inline REAL GLUE(select, SUF)(int t, REAL x, REAL y)
  * selects of the general fast path below without its per-row window arithmetic, which dominates small
  * planes such as LeNet-5's 10x10; 8 outputs at a time with AVX2 (float). */
 static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, const REAL *restrict xp,
-                                    int64_t W, int64_t OH, int64_t OW)
+                                    int64_t W, int64_t OH, int64_t OW, int relu)
 {
     for (int64_t oh = 0; oh < OH; oh++) {
         const REAL *restrict r0 = xp + 2 * oh * W, *restrict r1 = r0 + W;
         REAL *restrict yr = yp + oh * OW;
         int64_t *restrict ir = ip + oh * OW;
         const int64_t base = 2 * oh * W;
-        for (int64_t ow = GLUE(MAX2X2_ROW_FAST, SUF)(yr, ir, r0, r1, OW, base, W); ow < OW; ow++) {
-            const REAL a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+        for (int64_t ow = GLUE(MAX2X2_ROW_FAST, SUF)(yr, ir, r0, r1, OW, base, W, relu); ow < OW; ow++) {
+            REAL a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+            if (relu) {
+                a = GLUE(select, SUF)((a > 0) | (a != a), a, 0);
+                b = GLUE(select, SUF)((b > 0) | (b != b), b, 0);
+                c = GLUE(select, SUF)((c > 0) | (c != c), c, 0);
+                d = GLUE(select, SUF)((d > 0) | (d != d), d, 0);
+            }
             const int tb = (b > a) | (b != b);
             REAL m = GLUE(select, SUF)(tb, b, a);
             int64_t k = tb;
@@ -82,6 +88,22 @@ static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, con
 }
 
 /*
+ * maxpool2x2_relu_forward: maxpool2d_forward of relu(x) (v where v > 0 or NaN, +0 elsewhere: numpy's
+ * maximum(x, 0)) with 2x2 windows at stride 2, no padding (2*OH <= H, 2*OW <= W), without materialising
+ * relu(x): the same values and indices, bit for bit, as the ReLU layer followed by the pooling layer. A
+ * Sequential's plan runs Conv2d -> ReLU -> MaxPool2d(2) through it.
+ */
+int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64_t NC, int64_t H,
+                                       int64_t W, int64_t OH, int64_t OW)
+{
+    if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+    for (int64_t p = 0; p < NC; p++)
+        GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, x + p * H * W, W, OH, OW, 1);
+    return CNNX_OK;
+}
+
+/*
  * maxpool2d_forward: x (NC, H, W) -> y (NC, OH, OW) and indices (NC, OH, OW), both overwritten.
  *   y[p, oh, ow] = max over the window's in-image taps of x[p, ih, iw]  (padding never wins: it is -inf)
  *   indices[p, oh, ow] = ih*W + iw of that maximum: the first one in row-major window order on ties
@@ -95,7 +117,7 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
         2 * OH <= H && 2 * OW <= W) {
 #pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
         for (int64_t p = 0; p < NC; p++)
-            GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, x + p * H * W, W, OH, OW);
+            GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, x + p * H * W, W, OH, OW, 0);
         return CNNX_OK;
     }
     /* output columns whose window lies wholly inside the image need no bounds checks */

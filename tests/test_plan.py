@@ -310,3 +310,32 @@ def test_numpy_backend_runs_layer_by_layer():
         model.backward(np.ones_like(y))
     np.testing.assert_allclose(model(x), y, rtol=1e-4, atol=1e-5)
     assert used_plan(model)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_pool_fusion_is_bit_exact_on_special_values(dtype):
+    """Conv2d -> ReLU -> MaxPool2d(2) runs as conv + a pool of relu(x) read on the fly + a masked backward:
+    the same bits as the three layers, for NaN, +-inf, all-negative windows (ties of zeros, whose gradient
+    is -0.0 where dy < 0) and exact zeros."""
+    rng = np.random.default_rng(0)
+    uint = np.uint32 if dtype == np.float32 else np.uint64
+    for width, pad in ((8, 0), (11, 1), (20, 1)):
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=pad, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Linear(3 * ((width + 2 * pad - 2) // 2) ** 2, 2, dtype=dtype))
+        model[0].weight.data[...] = rng.integers(-1, 2, model[0].weight.shape)    # many exact ties
+        model[0].bias.data[...] = [0.0, -1.0, 0.5]
+        x = rng.integers(-2, 3, (3, 2, width, width)).astype(dtype)
+        x[0, 0, 1, 1] = np.nan
+        x[1, 1, 2:4, 2:4] = np.inf
+        x[2, 0, 3, 3] = -np.inf
+        twin = copy.deepcopy(model)
+        y = model(x)
+        assert used_plan(model)
+        y_ref = eager_forward(twin, x)
+        np.testing.assert_array_equal(y.view(uint), y_ref.view(uint))
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        dx = model.backward(dy)
+        dx_ref = eager_backward(twin, dy)
+        np.testing.assert_array_equal(dx.view(uint), dx_ref.view(uint))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            np.testing.assert_array_equal(p.grad.view(uint), q.grad.view(uint))
