@@ -255,7 +255,7 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
 
 
 cdef class _SequentialPlan:
-    """The compiled form of one Sequential for one input shape and dtype (built by _plan_build)."""
+    """The compiled form of one Sequential for one input shape and dtype (built by sequential_plan)."""
     cdef _Op *ops
     cdef int nops
     cdef int f64
@@ -324,15 +324,17 @@ cdef class _SequentialPlan:
 
     def forward(self, x):
         """The chain's output (a new array), or None when x or a parameter needs the layer-by-layer path."""
-        if self.nops == 0 or self.busy or not _usable(x, self.dtype, self.in_shape, False) \
-                or not self._params_ready(True):
+        if self.nops == 0 or self.busy:     # (another thread is in this plan: it runs layer by layer)
             return None
         self.busy = True
-        cdef char *xp = _data_ptr(x)
+        cdef char *xp
         cdef char *inp
         cdef int i, code = 0, f64 = self.f64
         cdef _Op *op
         try:
+            if not _usable(x, self.dtype, self.in_shape, False) or not self._params_ready(True):
+                return None
+            xp = _data_ptr(x)
             with nogil:
                 for i in range(self.nops):
                     op = &self.ops[i]
@@ -356,10 +358,14 @@ cdef class _SequentialPlan:
         if self.busy:
             raise RuntimeError("Sequential.backward: this model is running in another thread; one model "
                                "cannot train in two threads at once")
-        self.hold = []
-        self._params_ready(False)
         self.busy = True
-        cdef int nslots = len(self.params), i, slot, code = 0, f64 = self.f64
+        self.hold = []
+        try:
+            self._params_ready(False)
+        except BaseException:
+            self.busy = False
+            raise
+        cdef int nslots = len(self.params), i, code = 0, f64 = self.f64
         cdef int64_t *gmode = <int64_t *>PyMem_Malloc((nslots + 1) * sizeof(int64_t))
         cdef char **gptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
         cdef char **sptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
