@@ -69,6 +69,10 @@ cdef extern from "cnnx.h" nogil:
                                     int64_t W, int64_t OH, int64_t OW)
     int maxpool2x2_relu_forward_f64(double *y, int64_t *indices, const double *x, int64_t NC, int64_t H,
                                     int64_t W, int64_t OH, int64_t OW)
+    int maxpool2x2_relu_backward_f32(float *dx, const float *dy, const int64_t *indices, const float *x,
+                                     int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW)
+    int maxpool2x2_relu_backward_f64(double *dx, const double *dy, const int64_t *indices, const double *x,
+                                     int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW)
     int maxpool2d_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H, int64_t W,
                               int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
                               int64_t DH, int64_t DW, int64_t OH, int64_t OW)

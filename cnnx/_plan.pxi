@@ -5,8 +5,8 @@
 # about 6 us each, 80 us for a batch-1 LeNet-5 forward whose arithmetic takes 20 us. A plan does the checks
 # once per (input shape, dtype), keeps every activation and gradient buffer, and runs the whole chain of C
 # kernels in one call without the GIL. ReLU after a Conv2d or Linear is applied in place to its output
-# buffer (the layer's backward does not need its output, so nothing is lost), or, when a MaxPool2d(2) tiling
-# it follows, by that pool as it reads (maxpool2x2_relu_forward) and in its backward (one masked pass).
+# buffer (the layer's backward does not need its output, so nothing is lost), or, when a MaxPool2d(2)
+# follows, by that pool as it reads (maxpool2x2_relu_forward) and in its backward (maxpool2x2_relu_backward).
 #
 # The results are the layers' own: the same kernels in the same order on the same values. Sequential
 # decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input
@@ -22,7 +22,7 @@ cdef enum:
 cdef struct _Op:
     int kind
     int relu            # conv/linear: ReLU applied in place to y (2: by the next op, a masked maxpool)
-    int masked          # maxpool 2x2 stride 2 tiling its input, after a ReLU that it applies itself: forward
+    int masked          # maxpool 2x2 stride 2 (no ceil-mode windows), after a ReLU that it applies itself: forward
                         # pools relu(x) on the fly, backward writes dx masked by x > 0 in one pass
     int wslot, bslot    # parameter slots (-1: none)
     int64_t g[16]       # geometry (see _plan_op)
@@ -106,33 +106,6 @@ cdef void _add_into(char *dst, char *src, int64_t n, int f64) noexcept nogil:
             (<float *>dst)[i] += (<float *>src)[i]
 
 
-cdef void _max2x2_bwd_masked(char *dx, char *dy, int64_t *idx, char *x, int64_t NC, int64_t H, int64_t W,
-                             int64_t OH, int64_t OW, int f64) noexcept nogil:
-    # MaxPool2d(2) backward over an input it tiles exactly (H = 2*OH, W = 2*OW), fused with the backward of
-    # the ReLU before it: each window's four dx values are written once (no zero-fill pass, no mask pass)
-    # as dx[argmax] = (0 + dy) * (x[argmax] > 0), the same operations, so the same bits, as the two layers.
-    cdef int64_t p, oh, ow, o = 0, base, i
-    cdef float *dxf = <float *>dx
-    cdef float *dyf = <float *>dy
-    cdef float *xf = <float *>x
-    cdef double *dxd = <double *>dx
-    cdef double *dyd = <double *>dy
-    cdef double *xd = <double *>x
-    for p in range(NC):
-        for oh in range(OH):
-            base = p * H * W + 2 * oh * W
-            for ow in range(OW):
-                i = p * H * W + idx[o]
-                if f64:
-                    dxd[base] = dxd[base + 1] = dxd[base + W] = dxd[base + W + 1] = 0
-                    dxd[i] = (0.0 + dyd[o]) * (1.0 if xd[i] > 0 else 0.0)
-                else:
-                    dxf[base] = dxf[base + 1] = dxf[base + W] = dxf[base + W + 1] = 0
-                    dxf[i] = (<float>0.0 + dyf[o]) * (<float>1.0 if xf[i] > 0 else <float>0.0)
-                base += 2
-                o += 1
-
-
 cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogil:
     cdef int64_t *g = op.g
     cdef int code = 0
@@ -184,7 +157,12 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
         _relu_bwd(op.dy, op.dy, op.y, op.n_out, f64)
     if op.kind == _OP_MAXPOOL:
         if dx != NULL and op.masked:
-            _max2x2_bwd_masked(dx, op.dy, <int64_t *>op.aux, x, g[0], g[1], g[2], g[11], g[12], f64)
+            if f64:
+                code = maxpool2x2_relu_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux,
+                                                    <double *>x, g[0], g[1], g[2], g[11], g[12])
+            else:
+                code = maxpool2x2_relu_backward_f32(<float *>dx, <float *>op.dy, <int64_t *>op.aux,
+                                                    <float *>x, g[0], g[1], g[2], g[11], g[12])
         elif dx != NULL:
             if f64:
                 code = maxpool2d_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
@@ -543,7 +521,7 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
             spec = new_op(_OP_MAXPOOL, (shape[0] * shape[1], shape[2], shape[3], k[0], k[1], s[0], s[1], p[0], p[1],
                                  d[0], d[1], oh, ow), out, aux=idx)
             if prev_relu is not None and k == (2, 2) and s == (2, 2) and p == (0, 0) and d == (1, 1) \
-                    and shape[2] == 2 * oh and shape[3] == 2 * ow:
+                    and shape[2] >= 2 * oh and shape[3] >= 2 * ow:
                 spec["masked"] = 1
                 prev_relu["relu"] = 2
             fusable = None

@@ -101,6 +101,8 @@ int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,           
                          int64_t OH, int64_t OW);                                                   \
 int maxpool2x2_relu_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,                        \
                          int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
+int maxpool2x2_relu_backward_##SUF(REAL *dx, const REAL *dy, const int64_t *indices, const REAL *x,  \
+                         int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
 int maxpool2d_backward_##SUF(REAL *dx, const REAL *dy, const int64_t *indices,                      \
                          int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
 int avgpool2d_forward_##SUF(REAL *y, const REAL *x,                                                 \

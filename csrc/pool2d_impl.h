@@ -104,6 +104,38 @@ int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, int64_t *indices, const REAL *x,
 }
 
 /*
+ * maxpool2x2_relu_backward: the backward of maxpool2x2_relu_forward, i.e. of the ReLU and the pooling layers
+ * together: dy (NC, OH, OW), indices from that forward, x its input -> dx (NC, H, W), overwritten:
+ *   dx[p, i] = (0 + dy[p, o]) * (x[p, i] > 0 ? 1 : 0)  at i = indices[p, o], 0 elsewhere
+ * the operations of MaxPool2d.backward (zero, then add) followed by ReLU.backward (multiply by the mask),
+ * so the same bits, in one pass that writes each 2x2 window once. Rows/columns that no window covers (odd
+ * H or W) are zeroed.
+ */
+int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indices, const REAL *x,
+                                        int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW)
+{
+    if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+    for (int64_t p = 0; p < NC; p++) {
+        REAL *restrict dxp = dx + p * H * W;
+        const REAL *restrict xp = x + p * H * W;
+        const REAL *restrict dyp = dy + p * OH * OW;
+        const int64_t *restrict ip = indices + p * OH * OW;
+        if (2 * OH != H || 2 * OW != W)
+            for (int64_t i = 0; i < H * W; i++) dxp[i] = 0;
+        for (int64_t oh = 0; oh < OH; oh++) {
+            REAL *restrict r0 = dxp + 2 * oh * W;
+            for (int64_t ow = 0; ow < OW; ow++) {
+                r0[2 * ow] = r0[2 * ow + 1] = r0[W + 2 * ow] = r0[W + 2 * ow + 1] = 0;
+                const int64_t i = ip[oh * OW + ow];
+                dxp[i] = ((REAL)0 + dyp[oh * OW + ow]) * (xp[i] > 0 ? (REAL)1 : (REAL)0);
+            }
+        }
+    }
+    return CNNX_OK;
+}
+
+/*
  * maxpool2d_forward: x (NC, H, W) -> y (NC, OH, OW) and indices (NC, OH, OW), both overwritten.
  *   y[p, oh, ow] = max over the window's in-image taps of x[p, ih, iw]  (padding never wins: it is -inf)
  *   indices[p, oh, ow] = ih*W + iw of that maximum: the first one in row-major window order on ties
