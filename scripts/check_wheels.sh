@@ -22,7 +22,7 @@
 #                   into a fresh venv and run the README's test command against that.
 #   --workdir       where sdist, wheels and venvs go (default: a new directory under /tmp).
 # Environment: CNNX_QEMU_TESTS  test files (relative to tests/) for the qemu and --modes runs
-#                               (default: test_kernel_parity.py test_gradcheck.py).
+#                               (default: test_kernel_parity.py test_gradcheck.py test_plan.py).
 set -euo pipefail
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,7 +48,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$QEMU" in auto|on|off) ;; *) echo "check_wheels: --qemu must be auto, on or off, got $QEMU" >&2; exit 2 ;; esac
-QEMU_TESTS="${CNNX_QEMU_TESTS:-test_kernel_parity.py test_gradcheck.py}"
+QEMU_TESTS="${CNNX_QEMU_TESTS:-test_kernel_parity.py test_gradcheck.py test_plan.py}"
 TORCH_SPEC="torch==2.13.0"   # the local CPU wheel, found through pip's configured find-links; never bare torch
 
 WORK="${WORK:-$(mktemp -d /tmp/cnnx-wheels.XXXXXX)}"
