@@ -7,6 +7,7 @@ The cache is released by ``backward``, so a second ``backward`` without a new ``
 array in place between ``forward`` and ``backward``.
 """
 import collections
+import itertools
 import sys
 
 import numpy as np
@@ -95,16 +96,17 @@ def _addindent(text, spaces):
     return lines[0] + "\n" + "\n".join(" " * spaces + line for line in lines[1:])
 
 
-_changes = [0]      # configuration changes of all modules so far
+_stamps = itertools.count(1)    # next() is atomic under the GIL: every stamp is unique, even across threads
+_changes = [0]                  # the stamp of the latest configuration change of any module
 
 
 def _touch(module):
-    """Count a change of `module`'s configuration (a public attribute, a parameter, buffer or submodule set or
-    deleted): a Sequential's compiled plan checks its modules' counts before each call, and the cached
-    parameter lists check the global count."""
-    d = module.__dict__
-    d["_version"] = d.get("_version", 0) + 1
-    _changes[0] += 1
+    """Stamp a change of `module`'s configuration (a public attribute, a parameter, buffer or submodule set or
+    deleted): a Sequential's compiled plan compares its modules' stamps before each call, and the cached
+    parameter lists compare the global one."""
+    stamp = next(_stamps)
+    module.__dict__["_version"] = stamp
+    _changes[0] = stamp
 
 
 class Module:
