@@ -23,6 +23,8 @@
 #define GEMM GLUE(cnnx_gemm, SUF)
 #define GEMM_NT GLUE(cnnx_gemm_nt, SUF)
 #define PACK_A GLUE(cnnx_gemm_pack_a, SUF)
+#define PACK_B GLUE(cnnx_gemm_pack_b, SUF)
+#define GEMM_GATHER GLUE(cnnx_gemm_gather, SUF)
 #define ALLOC(n) ((REAL *)malloc(sizeof(REAL) * (size_t)((n) > 0 ? (n) : 1)))
 #define SCRATCH_BUDGET ((int64_t)1 << 17) /* elements per scratch buffer and thread (512 KiB f32) */
 #define GROUP 8 /* images per weight-gradient dot product */
@@ -175,12 +177,15 @@ static void GLUE(tap_offsets, SUF)(int64_t *off, int64_t Cin, int64_t KH, int64_
  * in (Cin, Hin, Win) with implicit zero padding T on top and L on the left (a negative T or L crops);
  * out (Cout, OH, OW), overwritten.
  * apack: A (Cout, Cin*KH*KW) packed. img (Cin, R, Wp), off (K), tmp (Cout, rows*Wp), bpad: scratch.
+ * With bpack (A packed as the B of the gather GEMM) the product runs transposed instead, output pixels as
+ * the GEMM's rows, each read at its offset in the padded grid (qoff (rows*OW): scratch): no columns to drop
+ * and no copy, the bias added in the tile; apack, tmp and bpad are then unused.
  */
 static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const REAL *apack, const REAL *bias,
                                    int64_t Cin, int64_t Hin, int64_t Win, int64_t Cout, int64_t KH,
                                    int64_t KW, int64_t DH, int64_t DW, int64_t T, int64_t L, int64_t OH,
                                    int64_t OW, int64_t oh0, int64_t oh1, REAL *img, int64_t *off, REAL *tmp,
-                                   REAL *bpad)
+                                   REAL *bpad, const REAL *bpack, int64_t *qoff)
 {
     const int64_t Wp = OW + (KW - 1) * DW, rows = oh1 - oh0, R = rows + (KH - 1) * DH;
     const int64_t K = Cin * KH * KW, Nc = (rows - 1) * Wp + OW;
@@ -194,6 +199,12 @@ static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const RE
     }
     GLUE(tap_offsets, SUF)(off, Cin, KH, KW, DH, DW, plane, Wp);
     REAL *outr = out + oh0 * OW;
+    if (bpack) { /* gather: output pixels as the rows, read in place at their padded-grid offsets */
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t q = 0; q < OW; q++) qoff[r * OW + q] = r * Wp + q;
+        GEMM_GATHER(path, outr, OH * OW, src, qoff, off, bpack, bias, rows * OW, Cout, K);
+        return;
+    }
     if (Wp == OW) { /* no dropped columns: write the output rows in place */
         GEMM(path, outr, OH * OW, NULL, apack, src, off, 0, Cout, Nc, K, 0, bpad);
         if (bias)
@@ -286,18 +297,41 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
                                 : GLUE(chunk_rows_im2col, SUF)(K, OH, OW); /* output rows per task */
     const int64_t nchunks = (OH + unit - 1) / unit;
     const int64_t ntasks = N * G * nchunks;
-    const int64_t apg = cnnx_gemm_apack_size(OCg, K);
+    /* Stride 1 runs one of two products. direct_rows: (output channel) x (padded-grid column) tiles, so
+     * Wp/OW of the useful columns, OCg rounded up to the tile's rows, then a copy that drops the extra columns
+     * (none when Wp == OW). gather: (output pixel) x (output channel) tiles, no extra pixels, OCg rounded up
+     * to the tile's columns, a transposed store (as much as ~10 steps of the tile's k loop). Chosen by the tile
+     * steps each runs per image; LeNet-5's conv2 (16 channels, 10x10 from 14x14) is 17 x 1 x (150 + 10)
+     * against 3 x 9 x 150 and a copy; its conv1 (6 channels, 28x28 padded to 32 wide) stays direct. */
+    int gather = 0;
+    if (direct) {
+        int64_t tm, tn;
+        cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
+        const int64_t Nc = (OH - 1) * Wp + OW;
+        const int64_t cost_direct = ((OCg + tm - 1) / tm) * ((Nc + tn - 1) / tn) * (K + 2)
+                                  + (Wp != OW ? (OCg * P) / (tm * tn) : 0);
+        const int64_t cost_gather = ((P + tm - 1) / tm) * ((OCg + tn - 1) / tn) * (K + 10);
+        /* the portable double tile's 4 x 8 accumulators do not fit SSE2's registers: half direct_rows' speed */
+        gather = cost_gather < cost_direct && (path || sizeof(REAL) == sizeof(float));
+    }
+    const int64_t apg = gather ? cnnx_gemm_bpack_size(OCg, K) : cnnx_gemm_apack_size(OCg, K);
     REAL *apack = ALLOC(G * apg);
     if (!apack) return CNNX_ENOMEM;
-    for (int64_t g = 0; g < G; g++) PACK_A(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
+    for (int64_t g = 0; g < G; g++) {
+        if (gather)
+            PACK_B(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
+        else
+            PACK_A(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
+    }
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit * OW;
-        REAL *img = ALLOC(img_n), *tmp = direct ? ALLOC(OCg * unit * Wp) : NULL;
+        REAL *img = ALLOC(img_n), *tmp = direct && !gather ? ALLOC(OCg * unit * Wp) : NULL;
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(K));
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
-        const int ok = img && bpad && off && (tmp || !direct);
+        int64_t *qoff = gather ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(unit * OW > 0 ? unit * OW : 1)) : NULL;
+        const int ok = img && bpad && off && (tmp || !direct || gather) && (qoff || !gather);
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -312,7 +346,8 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
             const REAL *bg = b ? b + g * OCg : NULL;
             if (direct) {
                 GLUE(direct_rows, SUF)(path, yg, xg, apack + g * apg, bg, Cg, H, W, OCg, KH, KW, DH, DW, PT,
-                                       PL, OH, OW, u0, u1, img, off, tmp, bpad);
+                                       PL, OH, OW, u0, u1, img, off, tmp, bpad, gather ? apack + g * apg : NULL,
+                                       qoff);
                 continue;
             }
             const int64_t pc = (u1 - u0) * OW, p0 = u0 * OW;
@@ -326,6 +361,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
         free(tmp);
         free(bpad);
         free(off);
+        free(qoff);
     }
     free(apack);
     return status;
@@ -438,7 +474,7 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
             if (direct) {
                 const int64_t r0 = chunk * unit, r1 = r0 + unit < H ? r0 + unit : H;
                 GLUE(direct_rows, SUF)(path, dxg, dyg, apack + g * apg, NULL, OCg, OH, OW, Cg, KH, KW, DH, DW,
-                                       T2, L2, H, W, r0, r1, img, off, tmp, bpad);
+                                       T2, L2, H, W, r0, r1, img, off, tmp, bpad, NULL, NULL);
                 continue;
             }
             for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
@@ -614,6 +650,8 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 #undef PARALLEL_MIN_MACS
 #undef SCRATCH_BUDGET
 #undef PACK_A
+#undef PACK_B
+#undef GEMM_GATHER
 #undef GEMM_NT
 #undef GEMM
 #undef GLUE

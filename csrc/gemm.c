@@ -64,6 +64,22 @@ static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, 
             for (int l = 0; l < 8; l++) sum += part[l];                                              \
             c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sum;                                \
         }                                                                                            \
+}                                                                                                    \
+static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows, const int64_t *koff,      \
+                            const REAL *restrict bp, const REAL *bv, int64_t K, int64_t mr, int64_t nr) \
+{                                                                                                    \
+    REAL acc[MR][NR];                                                                                \
+    for (int i = 0; i < MR; i++)                                                                     \
+        for (int j = 0; j < NR; j++) acc[i][j] = bv[j];                                              \
+    for (int64_t k = 0; k < K; k++) {                                                                \
+        const REAL *restrict bk = bp + k * NR;                                                       \
+        for (int i = 0; i < MR; i++) {                                                               \
+            const REAL av = rows[i][koff[k]];                                                        \
+            for (int j = 0; j < NR; j++) acc[i][j] += av * bk[j];                                    \
+        }                                                                                            \
+    }                                                                                                \
+    for (int64_t j = 0; j < nr; j++)                                                                 \
+        for (int64_t i = 0; i < mr; i++) c[j * ldc + i] = acc[i][j];                                 \
 }
 PORTABLE_TILES(float, f32_portable)
 PORTABLE_TILES(double, f64_portable)
@@ -258,10 +274,52 @@ TARGET static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REA
     STORE_TILE(REAL, LOADU, STOREU, ADD, LANES)                                                      \
 }
 
+/* The gather tile (gemm_gather): 6 rows whose elements are broadcast from six pointers plus a per-k offset,
+ * x NR columns of packed B, started from the bias; per k 1 offset, 2 vectors of b, 6 broadcasts, 12 FMAs.
+ * Stored transposed through a stack buffer. */
+#define GATHER_TILE(REAL, S, VEC, LOADU, STOREU, FMADD, BROADCAST, LANES)                            \
+TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows, const int64_t *koff, \
+                                   const REAL *restrict bp, const REAL *bv, int64_t K, int64_t mr,    \
+                                   int64_t nr)                                                       \
+{                                                                                                    \
+    const REAL *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3], *r4 = rows[4], *r5 = rows[5]; \
+    VEC c00 = LOADU(bv), c01 = LOADU(bv + LANES), c10 = c00, c11 = c01, c20 = c00, c21 = c01;          \
+    VEC c30 = c00, c31 = c01, c40 = c00, c41 = c01, c50 = c00, c51 = c01;                            \
+    for (int64_t k = 0; k < K; k++) {                                                                \
+        const int64_t o = koff[k];                                                                   \
+        const VEC b0 = LOADU(bp + k * NR), b1 = LOADU(bp + k * NR + LANES);                          \
+        VEC ai = BROADCAST(r0 + o);                                                                  \
+        c00 = FMADD(ai, b0, c00);                                                                    \
+        c01 = FMADD(ai, b1, c01);                                                                    \
+        ai = BROADCAST(r1 + o);                                                                      \
+        c10 = FMADD(ai, b0, c10);                                                                    \
+        c11 = FMADD(ai, b1, c11);                                                                    \
+        ai = BROADCAST(r2 + o);                                                                      \
+        c20 = FMADD(ai, b0, c20);                                                                    \
+        c21 = FMADD(ai, b1, c21);                                                                    \
+        ai = BROADCAST(r3 + o);                                                                      \
+        c30 = FMADD(ai, b0, c30);                                                                    \
+        c31 = FMADD(ai, b1, c31);                                                                    \
+        ai = BROADCAST(r4 + o);                                                                      \
+        c40 = FMADD(ai, b0, c40);                                                                    \
+        c41 = FMADD(ai, b1, c41);                                                                    \
+        ai = BROADCAST(r5 + o);                                                                      \
+        c50 = FMADD(ai, b0, c50);                                                                    \
+        c51 = FMADD(ai, b1, c51);                                                                    \
+    }                                                                                                \
+    const VEC acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}}; \
+    REAL tmp[MR][NR];                                                                                \
+    for (int i = 0; i < MR; i++)                                                                     \
+        for (int v = 0; v < 2; v++) STOREU(&tmp[i][v * LANES], acc[i][v]);                           \
+    for (int64_t j = 0; j < nr; j++)                                                                 \
+        for (int64_t i = 0; i < mr; i++) c[j * ldc + i] = tmp[i][j];                                 \
+}
+
 #define NR 16
 /* float: 6 rows x 16 columns */
 GEMM_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps,
           _mm256_broadcast_ss, 8)
+GATHER_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_broadcast_ss, 8)
 DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
 DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
 #define REAL float
@@ -275,6 +333,7 @@ DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_s
 /* double: 6 rows x 8 columns */
 GEMM_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, _mm256_fmadd_pd,
           _mm256_setzero_pd, _mm256_broadcast_sd, 4)
+GATHER_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_fmadd_pd, _mm256_broadcast_sd, 4)
 DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
 DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
 #define REAL double
@@ -296,6 +355,10 @@ DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256
 #define gemm_f64_avx2 gemm_f64_portable
 #define gemm_nt_f32_avx2 gemm_nt_f32_portable
 #define gemm_nt_f64_avx2 gemm_nt_f64_portable
+#define pack_b_f32_avx2 pack_b_f32_portable
+#define pack_b_f64_avx2 pack_b_f64_portable
+#define gemm_gather_f32_avx2 gemm_gather_f32_portable
+#define gemm_gather_f64_avx2 gemm_gather_f64_portable
 #endif
 
 int cnnx_gemm_path(void) { return CNNX_USE_AVX2 ? 1 : 0; }
@@ -303,6 +366,15 @@ int cnnx_gemm_path(void) { return CNNX_USE_AVX2 ? 1 : 0; }
 int64_t cnnx_gemm_apack_size(int64_t M, int64_t K) { return (M + CNNX_GEMM_MR_MAX) * (K > 0 ? K : 1); }
 
 int64_t cnnx_gemm_bpad_size(int64_t K) { return CNNX_GEMM_NR_MAX * (K > 0 ? K : 1); }
+
+int64_t cnnx_gemm_bpack_size(int64_t N, int64_t K) { return (N + CNNX_GEMM_NR_MAX) * (K > 0 ? K : 1); }
+
+void cnnx_gemm_tile_shape(int path, int dsize, int64_t *mr, int64_t *nr)
+{
+    /* portable: 4 x 8; AVX2: 6 x 2 vectors (16 floats, 8 doubles) */
+    *mr = path && CNNX_HAVE_X86_DISPATCH ? 6 : 4;
+    *nr = path && CNNX_HAVE_X86_DISPATCH ? (dsize == 4 ? 16 : 8) : 8;
+}
 
 #define CNNX_GEMM_DISPATCH(REAL, S)                                                                \
 void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int64_t csa, int64_t M, \
@@ -324,6 +396,19 @@ void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda
 {                                                                                                   \
     if (path) gemm_nt_##S##_avx2(c, ldc, a, lda, b, boff, M, N, K, accumulate, nseg, sa, sb);       \
     else gemm_nt_##S##_portable(c, ldc, a, lda, b, boff, M, N, K, accumulate, nseg, sa, sb);        \
+}                                                                                                   \
+void cnnx_gemm_pack_b_##S(int path, REAL *bpack, const REAL *w, int64_t rsa, int64_t csa, int64_t M, \
+                          int64_t K)                                                               \
+{                                                                                                   \
+    if (path) pack_b_##S##_avx2(bpack, w, rsa, csa, M, K);                                          \
+    else pack_b_##S##_portable(bpack, w, rsa, csa, M, K);                                           \
+}                                                                                                   \
+void cnnx_gemm_gather_##S(int path, REAL *c, int64_t ldc, const REAL *src, const int64_t *qoff,      \
+                          const int64_t *koff, const REAL *bpack, const REAL *bias, int64_t M,       \
+                          int64_t N, int64_t K)                                                    \
+{                                                                                                   \
+    if (path) gemm_gather_##S##_avx2(c, ldc, src, qoff, koff, bpack, bias, M, N, K);                \
+    else gemm_gather_##S##_portable(c, ldc, src, qoff, koff, bpack, bias, M, N, K);                 \
 }
 CNNX_GEMM_DISPATCH(float, f32)
 CNNX_GEMM_DISPATCH(double, f64)

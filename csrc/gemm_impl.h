@@ -64,6 +64,47 @@ TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const int64_t *coff, co
     }
 }
 
+/* Pack w (M, K), element (i, k) at w[i*rsa + k*csa], as the B of gemm_gather (B[k, j] = w[j, k]):
+ * ceil(M/NR) panels [K][NR]; columns past M are 0. */
+TARGET static void GLUE(pack_b, SUF)(REAL *restrict bpack, const REAL *restrict w, int64_t rsa, int64_t csa,
+                                     int64_t M, int64_t K)
+{
+    for (int64_t j0 = 0; j0 < M; j0 += NR) {
+        const int64_t nr = M - j0 < NR ? M - j0 : NR;
+        REAL *restrict dst = bpack + j0 * K;
+        for (int64_t k = 0; k < K; k++) {
+            const REAL *src = w + j0 * rsa + k * csa;
+            int64_t j = 0;
+            for (; j < nr; j++) dst[k * NR + j] = src[j * rsa];
+            for (; j < NR; j++) dst[k * NR + j] = 0;
+        }
+    }
+}
+
+/*
+ * The transposed product with A gathered: for every row q < M and column j < N,
+ *   c[j*ldc + q] = bias[j] + sum_k src[qoff[q] + koff[k]] * B[k, j]      (bias 0 when NULL)
+ * B (K, N) packed by pack_b. Row q of A is read in place, element k at src + qoff[q] + koff[k]: for a
+ * stride-1 convolution q is an output pixel and k a kernel tap, so no wasted columns and no im2col. Tiles
+ * of MR rows (broadcasts) x NR columns (vectors), stored transposed.
+ */
+TARGET static void GLUE(gemm_gather, SUF)(REAL *c, int64_t ldc, const REAL *src, const int64_t *qoff,
+                                          const int64_t *koff, const REAL *bpack, const REAL *bias, int64_t M,
+                                          int64_t N, int64_t K)
+{
+    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+        const int64_t nr = N - j0 < NR ? N - j0 : NR;
+        REAL bv[NR];
+        for (int64_t j = 0; j < NR; j++) bv[j] = bias && j < nr ? bias[j0 + j] : 0;
+        for (int64_t q0 = 0; q0 < M; q0 += MR) {
+            const int64_t mr = M - q0 < MR ? M - q0 : MR;
+            const REAL *rows[MR];
+            for (int64_t i = 0; i < MR; i++) rows[i] = src + qoff[q0 + (i < mr ? i : mr - 1)];
+            GLUE(gather_tile, SUF)(c + j0 * ldc + q0, ldc, rows, koff, bpack + j0 * K, bv, K, mr, nr);
+        }
+    }
+}
+
 /* c (M, N) (+)= sum over nseg segments s of A_s (M, K) @ B_s^T: row i of A_s at a + s*sa + i*lda, row j of
  * B_s at b + s*sb + boff[j], all rows contiguous along K. Tiles of DR x DC dot products, each summed over
  * every segment before it is stored (one long dot product: the weight gradient over several images). */

@@ -62,6 +62,13 @@ CONV_CASES = {
     "rows_bwd_input_chunked_padded": (1, 8, 30, 1096, 8, (3, 3), 1, 1, 1, 1),
     "rows_bwd_input_at_threshold": (2, 3, 6, 8, 18, (2, 5), 1, 0, 1, 1),
     "rows_bwd_input_past_threshold": (2, 3, 6, 7, 18, (2, 5), 1, 0, 1, 1),
+    # the stride-1 forward's gather product (output pixels x output channels, transposed store): a partial
+    # channel panel (19 = 16 + 3) and a partial pixel tile (63 pixels) with padding and dilation; groups;
+    # a 60x200 image in two row chunks (N = 1). lenet_conv1, n1_1x1 and gemm_tail_sizes (float32) stay on
+    # the padded-width product.
+    "gather_fwd_partial_tiles": (2, 5, 11, 9, 19, (3, 4), 1, (1, 2, 0, 1), (2, 1), 1),
+    "gather_fwd_groups": (2, 8, 10, 9, 32, (3, 3), 1, 1, 1, 2),
+    "gather_fwd_chunked": (1, 16, 60, 200, 16, (3, 3), 1, 1, 1, 1),
 }
 
 # pool: (N, C, H, W, kernel, stride, padding, dilation, ceil_mode); stride None = kernel.
@@ -192,7 +199,7 @@ def test_conv2d_kernels_random_geometry(kernels, ref, check, seed, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("name", ["gemm_tail_sizes", "wide_channels_7x7_s2", "depthwise_multiplier2",
                                   "same_stride2_tf", "lenet_conv2", "rows_bwd_input_padded_dilated_groups",
-                                  "rows_bwd_input_kernel_1_wide"])
+                                  "rows_bwd_input_kernel_1_wide", "gather_fwd_partial_tiles", "gather_fwd_groups"])
 def test_conv2d_portable_path(kernels, ref, check, rng, name, dtype):
     """The same parity with the AVX2+FMA GEMM switched off (the path of CPUs without AVX2)."""
     x_shape, w_shape, s, p, d, g = conv_geometry(CONV_CASES[name])
