@@ -549,6 +549,20 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     const int direct = SH == 1 && SW == 1 && GLUE(all_finite, SUF)(x, N * C * H * W);
     const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
     const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_rows_im2col, SUF)(K, OH, OW);
+    /* Stride 1 sums dy's rows against the padded input's rows in one of two ways. Spread: dy copied to the
+     * padded width Wp (zeros between its rows), so that each image is one dot product (rows-1)*Wp + OW long.
+     * Row dots (AVX2 only, whose dot tiles end a row with one masked step): one OW-long dot product per output
+     * row, dy read in place, no copy. Chosen by vector steps per image and dot tile, the copy counted as
+     * 2/3 of a step per vector and each row's end as half a step (float) or one (double) (measured).
+     * LeNet-5's conv1 (28 wide, padded to 32) takes row dots, its conv2 (10 wide, padded to 14) the spread. */
+    int row_dots = 0;
+    if (direct && path && Wp != OW) {
+        const int64_t L = 32 / (int64_t)sizeof(REAL), ntiles = ((OCg + 3) / 4) * ((K + 2) / 3);
+        const int64_t row_end = sizeof(REAL) == sizeof(float) ? 1 : 2; /* half steps */
+        const int64_t cost_rows = ntiles * OH * (2 * ((OW + L - 1) / L) + row_end) / 2;
+        const int64_t cost_spread = ntiles * (((OH - 1) * Wp + OW + L - 1) / L) + (2 * OCg * OH * Wp) / (3 * L);
+        row_dots = cost_rows < cost_spread;
+    }
     int64_t S = N < 16 ? N : 16;
     while (S > 1 && S * wsize > ((int64_t)1 << 22)) S--;
     if (S < 1) S = 1;
@@ -559,9 +573,9 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit * OW);
-        REAL *dyx = direct ? ALLOC(GROUP * OCg * unit * Wp) : NULL;
+        REAL *dyx = direct && !row_dots ? ALLOC(GROUP * OCg * unit * Wp) : NULL;
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
-        const int ok = img && off && (dyx || !direct);
+        const int ok = img && off && (dyx || !direct || row_dots);
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -590,6 +604,21 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
                 const int64_t Nc = (rows - 1) * Wp + OW;
                 const int x_in_place = PT == 0 && PL == 0 && Wp == W && oh0 + R <= H, dy_in_place = Wp == OW;
                 GLUE(tap_offsets, SUF)(off, Cg, KH, KW, DH, DW, x_in_place ? H * W : R * Wp, Wp);
+                if (row_dots) { /* per image, one segment per output row: dy's rows in place, OW long */
+                    for (int64_t nb = n0; nb < n1; nb += GROUP) {
+                        const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
+                        for (int64_t i = 0; i < ng && !x_in_place; i++)
+                            GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H,
+                                                W, PT, PL, oh0, R, Wp);
+                        for (int64_t i = 0; i < ng; i++) {
+                            const REAL *bsrc = x_in_place ? x + ((nb + i) * C + g * Cg) * H * W + oh0 * W
+                                                          : img + i * Cg * R * Wp;
+                            GEMM_NT(path, dwg, K, dy + ((nb + i) * OC + g * OCg) * P + oh0 * OW, P, bsrc, off, OCg,
+                                    K, OW, 1, rows, OW, Wp);
+                        }
+                    }
+                    continue;
+                }
                 /* GROUP images at a time: one long dot product per weight over all of their pixels */
                 for (int64_t nb = n0; nb < n1; nb += GROUP) {
                     const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
@@ -626,17 +655,19 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         if (db) {
 #pragma omp for schedule(static)
             for (int64_t oc = 0; oc < OC; oc++) {
-                /* eight running sums, so the loop vectorises (a single running sum cannot be reordered);
+                /* running sums by lane, so the loop vectorises (a single running sum cannot be reordered);
                  * fixed order, so the result does not depend on the thread count */
-                REAL part[8] = {0}, sum = 0;
+                REAL part[32] = {0}, sum = 0;
                 for (int64_t n = 0; n < N; n++) {
                     const REAL *restrict d = dy + (n * OC + oc) * P;
                     int64_t q = 0;
+                    for (; q + 32 <= P; q += 32) /* 32 sums: several vector chains, not one addition's latency */
+                        for (int l = 0; l < 32; l++) part[l] += d[q + l];
                     for (; q + 8 <= P; q += 8)
                         for (int l = 0; l < 8; l++) part[l] += d[q + l];
                     for (; q < P; q++) sum += d[q];
                 }
-                for (int l = 0; l < 8; l++) sum += part[l];
+                for (int l = 0; l < 32; l++) sum += part[l];
                 db[oc] = sum;
             }
         }

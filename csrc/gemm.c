@@ -145,16 +145,21 @@ TARGET static inline void hsum4_f64(double *out, __m256d a, __m256d b, __m256d c
     _mm_storeu_pd(out + 2, _mm_add_pd(_mm256_castpd256_pd128(cd), _mm256_extractf128_pd(cd, 1)));
 }
 
+/* Masks whose first n (1..LANES-1) lanes are set, for the dot tiles' last, partial step. */
+static const int32_t mask_i32[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+static const int64_t mask_i64[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+#define MASK_F32(n) _mm256_loadu_si256((const __m256i *)(mask_i32 + 8 - (n)))
+#define MASK_F64(n) _mm256_loadu_si256((const __m256i *)(mask_i64 + 4 - (n)))
+
 /* DR x DC (4 x 3) dot products of length K: twelve named vector accumulators (kept in registers), then a
- * 4-way horizontal sum and a scalar tail. Rows/columns past mr/nc repeat the last valid one (not stored). */
-#define DOT_TILE(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES)                                      \
+ * 4-way horizontal sum; a K that is not a multiple of the vector length ends with one masked step. Rows/columns past mr/nc repeat the last valid one (not stored). */
+#define DOT_TILE(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES, MASK, MASKLOAD)                    \
 TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda,  \
                                 const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr,   \
                                 int64_t nc, int accumulate, int64_t nseg, int64_t sa, int64_t sb)     \
 {                                                                                                    \
     VEC s00 = ZERO(), s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00;                          \
     VEC s20 = s00, s21 = s00, s22 = s00, s30 = s00, s31 = s00, s32 = s00;                             \
-    REAL tail[DR][DC] = {{0}};                                                                       \
     for (int64_t seg = 0; seg < nseg; seg++) {                                                       \
     const REAL *as = a + seg * sa, *bs = b + seg * sb;                                               \
     const REAL *x0 = as, *x1 = as + (1 < mr ? 1 : mr - 1) * lda;                                     \
@@ -173,10 +178,18 @@ TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restr
         u = LOADU(x3 + k); IN_REG(u);                                                                \
         s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31); s32 = FMADD(u, v2, s32);                   \
     }                                                                                                \
-    const REAL *x[DR] = {x0, x1, x2, x3}, *y[DC] = {y0, y1, y2};                                     \
-    for (int64_t i = 0; i < mr; i++)                                                                 \
-        for (int64_t j = 0; j < nc; j++)                                                             \
-            for (int64_t t = k; t < K; t++) tail[i][j] += x[i][t] * y[j][t];                         \
+    if (k < K) { /* the last K - k < LANES elements: one masked step (masked-out lanes read as 0) */ \
+        const __m256i m = MASK(K - k);                                                               \
+        const VEC v0 = MASKLOAD(y0 + k, m), v1 = MASKLOAD(y1 + k, m), v2 = MASKLOAD(y2 + k, m);      \
+        VEC u = MASKLOAD(x0 + k, m);                                                                 \
+        s00 = FMADD(u, v0, s00); s01 = FMADD(u, v1, s01); s02 = FMADD(u, v2, s02);                   \
+        u = MASKLOAD(x1 + k, m);                                                                     \
+        s10 = FMADD(u, v0, s10); s11 = FMADD(u, v1, s11); s12 = FMADD(u, v2, s12);                   \
+        u = MASKLOAD(x2 + k, m);                                                                     \
+        s20 = FMADD(u, v0, s20); s21 = FMADD(u, v1, s21); s22 = FMADD(u, v2, s22);                   \
+        u = MASKLOAD(x3 + k, m);                                                                     \
+        s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31); s32 = FMADD(u, v2, s32);                   \
+    }                                                                                                \
     }                                                                                                \
     REAL sums[DC][DR]; /* column j of the tile: rows 0..3 */                                          \
     HSUM(sums[0], s00, s10, s20, s30);                                                               \
@@ -184,21 +197,20 @@ TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restr
     HSUM(sums[2], s02, s12, s22, s32);                                                               \
     for (int64_t i = 0; i < mr; i++)                                                                 \
         for (int64_t j = 0; j < nc; j++)                                                             \
-            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[j][i] + tail[i][j];            \
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[j][i];                         \
 }
 
 /* The same for 6 x 2 tiles (ALT_DR x ALT_DC): for row counts that are multiples of 6, not of 4 (a layer with
  * 6 output channels wastes a quarter of every 4 x 3 tile). */
 #define ALT_DR 6
 #define ALT_DC 2
-#define DOT_TILE_ALT(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES)                                  \
+#define DOT_TILE_ALT(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES, MASK, MASKLOAD)                \
 TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda, \
                                     const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr, \
                                     int64_t nc, int accumulate, int64_t nseg, int64_t sa, int64_t sb) \
 {                                                                                                    \
     VEC s00 = ZERO(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00;                          \
     VEC s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;                             \
-    REAL tail[ALT_DR][ALT_DC] = {{0}};                                                               \
     for (int64_t seg = 0; seg < nseg; seg++) {                                                       \
     const REAL *as = a + seg * sa, *bs = b + seg * sb;                                               \
     const REAL *x[ALT_DR];                                                                           \
@@ -221,10 +233,22 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
         u = LOADU(x5 + k); IN_REG(u);                                                                \
         s50 = FMADD(u, v0, s50); s51 = FMADD(u, v1, s51);                                            \
     }                                                                                                \
-    const REAL *y[ALT_DC] = {y0, y1};                                                                \
-    for (int64_t i = 0; i < mr; i++)                                                                 \
-        for (int64_t j = 0; j < nc; j++)                                                             \
-            for (int64_t t = k; t < K; t++) tail[i][j] += x[i][t] * y[j][t];                         \
+    if (k < K) { /* the last K - k < LANES elements: one masked step (masked-out lanes read as 0) */ \
+        const __m256i m = MASK(K - k);                                                               \
+        const VEC v0 = MASKLOAD(y0 + k, m), v1 = MASKLOAD(y1 + k, m);                                \
+        VEC u = MASKLOAD(x0 + k, m);                                                                 \
+        s00 = FMADD(u, v0, s00); s01 = FMADD(u, v1, s01);                                            \
+        u = MASKLOAD(x1 + k, m);                                                                     \
+        s10 = FMADD(u, v0, s10); s11 = FMADD(u, v1, s11);                                            \
+        u = MASKLOAD(x2 + k, m);                                                                     \
+        s20 = FMADD(u, v0, s20); s21 = FMADD(u, v1, s21);                                            \
+        u = MASKLOAD(x3 + k, m);                                                                     \
+        s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31);                                            \
+        u = MASKLOAD(x4 + k, m);                                                                     \
+        s40 = FMADD(u, v0, s40); s41 = FMADD(u, v1, s41);                                            \
+        u = MASKLOAD(x5 + k, m);                                                                     \
+        s50 = FMADD(u, v0, s50); s51 = FMADD(u, v1, s51);                                            \
+    }                                                                                                \
     }                                                                                                \
     REAL c0[4], c1[4], r45[4]; /* rows 0..3 of columns 0 and 1; rows 4, 5 of column 0, then of column 1 */ \
     HSUM(c0, s00, s10, s20, s30);                                                                    \
@@ -234,7 +258,7 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
                                        {r45[0], r45[2]}, {r45[1], r45[3]}};                          \
     for (int64_t i = 0; i < mr; i++)                                                                 \
         for (int64_t j = 0; j < nc; j++)                                                             \
-            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[i][j] + tail[i][j];            \
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[i][j];                         \
 }
 
 /* The 6 x NR register tile (NR = 2 vectors): twelve named accumulators, so the compiler keeps them in
@@ -320,8 +344,10 @@ TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows
 GEMM_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps,
           _mm256_broadcast_ss, 8)
 GATHER_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_broadcast_ss, 8)
-DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
-DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
+DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8, MASK_F32,
+         _mm256_maskload_ps)
+DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8, MASK_F32,
+             _mm256_maskload_ps)
 #define REAL float
 #define SUF f32_avx2
 #include "gemm_impl.h"
@@ -334,8 +360,10 @@ DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_s
 GEMM_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, _mm256_fmadd_pd,
           _mm256_setzero_pd, _mm256_broadcast_sd, 4)
 GATHER_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_fmadd_pd, _mm256_broadcast_sd, 4)
-DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
-DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
+DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4, MASK_F64,
+         _mm256_maskload_pd)
+DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4, MASK_F64,
+             _mm256_maskload_pd)
 #define REAL double
 #define SUF f64_avx2
 #include "gemm_impl.h"

@@ -69,6 +69,12 @@ CONV_CASES = {
     "gather_fwd_partial_tiles": (2, 5, 11, 9, 19, (3, 4), 1, (1, 2, 0, 1), (2, 1), 1),
     "gather_fwd_groups": (2, 8, 10, 9, 32, (3, 3), 1, 1, 1, 2),
     "gather_fwd_chunked": (1, 16, 60, 200, 16, (3, 3), 1, 1, 1, 1),
+    # the stride-1 backward-weight's row dots (AVX2: one dot product per output row, dy in place, a masked last
+    # step): padding, dilation and groups; the input read in place (no padding, odd width); two row chunks.
+    # lenet_conv2 (float32) and gemm_tail_sizes keep dy spread to the padded width.
+    "row_dots_bwd_weight_dilated_groups": (2, 4, 12, 37, 6, (3, 3), 1, (1, 0, 2, 1), (1, 2), 2),
+    "row_dots_bwd_weight_in_place": (2, 3, 9, 45, 4, (2, 3), 1, 0, 1, 1),
+    "row_dots_bwd_weight_chunked": (1, 8, 40, 600, 4, (3, 3), 1, 1, 1, 1),
 }
 
 # pool: (N, C, H, W, kernel, stride, padding, dilation, ceil_mode); stride None = kernel.
