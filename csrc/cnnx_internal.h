@@ -59,11 +59,11 @@ void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda
 /* Pack w (N, K), element (j, k) at w[j*rsa + k*csa], as the B (K, N) of cnnx_gemm_gather_*. */     \
 void cnnx_gemm_pack_b_##S(int path, REAL *bpack, const REAL *w, int64_t rsa, int64_t csa, int64_t N, \
                           int64_t K);                                                              \
-/* c[j*ldc + q] = bias[j] (0 if bias is NULL) + sum_k src[qoff[q] + koff[k]] * B[k, j], q < M, j < N: \
+/* c[j*ldc + q] (+)= bias[j] (0 if NULL) + sum_k src[qoff[q] + koff[k]] * B[k, j], q < M, j < N:     \
  * a transposed product whose M rows of A are gathered in place (q: output pixel, k: kernel tap). */ \
 void cnnx_gemm_gather_##S(int path, REAL *c, int64_t ldc, const REAL *src, const int64_t *qoff,      \
                           const int64_t *koff, const REAL *bpack, const REAL *bias, int64_t M,       \
-                          int64_t N, int64_t K);
+                          int64_t N, int64_t K, int accumulate);
 CNNX_GEMM_DECLARE(float, f32)
 CNNX_GEMM_DECLARE(double, f64)
 

@@ -202,7 +202,7 @@ static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const RE
     if (bpack) { /* gather: output pixels as the rows, read in place at their padded-grid offsets */
         for (int64_t r = 0; r < rows; r++)
             for (int64_t q = 0; q < OW; q++) qoff[r * OW + q] = r * Wp + q;
-        GEMM_GATHER(path, outr, OH * OW, src, qoff, off, bpack, bias, rows * OW, Cout, K);
+        GEMM_GATHER(path, outr, OH * OW, src, qoff, off, bpack, bias, rows * OW, Cout, K, 0);
         return;
     }
     if (Wp == OW) { /* no dropped columns: write the output rows in place */
@@ -555,13 +555,24 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
      * row, dy read in place, no copy. Chosen by vector steps per image and dot tile, the copy counted as
      * 2/3 of a step per vector and each row's end as half a step (float) or one (double) (measured).
      * LeNet-5's conv1 (28 wide, padded to 32) takes row dots, its conv2 (10 wide, padded to 14) the spread. */
-    int row_dots = 0;
-    if (direct && path && Wp != OW) {
+    int row_dots = 0, wgather = 0;
+    if (direct) {
         const int64_t L = 32 / (int64_t)sizeof(REAL), ntiles = ((OCg + 3) / 4) * ((K + 2) / 3);
         const int64_t row_end = sizeof(REAL) == sizeof(float) ? 1 : 2; /* half steps */
         const int64_t cost_rows = ntiles * OH * (2 * ((OW + L - 1) / L) + row_end) / 2;
-        const int64_t cost_spread = ntiles * (((OH - 1) * Wp + OW + L - 1) / L) + (2 * OCg * OH * Wp) / (3 * L);
-        row_dots = cost_rows < cost_spread;
+        const int64_t cost_spread = ntiles * (((OH - 1) * Wp + OW + L - 1) / L)
+                                  + (Wp != OW ? (2 * OCg * OH * Wp) / (3 * L) : 0);
+        row_dots = path && Wp != OW && cost_rows < cost_spread;
+        /* Or the gather product transposed (gemm_gather): dw^T (taps x output channels), the taps broadcast from
+         * the padded input at (tap offset + pixel offset), summed over the real output pixels only, against dy
+         * transposed into B panels (a scalar copy, ~1/6 of a step per element). Waste: taps rounded up to the
+         * tile's rows, channels to its columns. LeNet-5's conv2: 25 x 1 x 100 steps + 267 against 3587. Not on
+         * the portable double path (its gather tile spills, see conv2d_forward). */
+        int64_t tm, tn;
+        cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
+        const int64_t cost_gather = ((K + tm - 1) / tm) * ((OCg + tn - 1) / tn) * P + OCg * P / 6;
+        wgather = cost_gather < (row_dots ? cost_rows : cost_spread) && (path || sizeof(REAL) == sizeof(float));
+        if (wgather) row_dots = 0;
     }
     int64_t S = N < 16 ? N : 16;
     while (S > 1 && S * wsize > ((int64_t)1 << 22)) S--;
@@ -573,9 +584,12 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit * OW);
-        REAL *dyx = direct && !row_dots ? ALLOC(GROUP * OCg * unit * Wp) : NULL;
+        /* spread: dy at the padded width; gather: dy transposed into B panels, and the pixel offsets */
+        REAL *dyx = !direct || row_dots ? NULL
+                  : wgather ? ALLOC(cnnx_gemm_bpack_size(OCg, GROUP * unit * OW)) : ALLOC(GROUP * OCg * unit * Wp);
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
-        const int ok = img && off && (dyx || !direct || row_dots);
+        int64_t *soff = wgather ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(GROUP * unit * OW)) : NULL;
+        const int ok = img && off && (dyx || !direct || row_dots) && (soff || !wgather);
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -604,6 +618,30 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
                 const int64_t Nc = (rows - 1) * Wp + OW;
                 const int x_in_place = PT == 0 && PL == 0 && Wp == W && oh0 + R <= H, dy_in_place = Wp == OW;
                 GLUE(tap_offsets, SUF)(off, Cg, KH, KW, DH, DW, x_in_place ? H * W : R * Wp, Wp);
+                if (wgather) {
+                    int64_t NR, MRg;
+                    cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &MRg, &NR);
+                    for (int64_t nb = n0; nb < n1; nb += GROUP) {
+                        const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP, steps = ng * rows * OW;
+                        const int64_t istride = x_in_place ? C * H * W : Cg * R * Wp;
+                        for (int64_t i = 0; i < ng && !x_in_place; i++)
+                            GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H,
+                                                W, PT, PL, oh0, R, Wp);
+                        for (int64_t i = 0; i < ng; i++)
+                            for (int64_t r = 0; r < rows; r++)
+                                for (int64_t q = 0; q < OW; q++)
+                                    soff[(i * rows + r) * OW + q] = i * istride + r * Wp + q;
+                        /* dyx panel j0/NR, [steps][NR]: dy[nb + i, g*OCg + j0 + j, oh0 + r, q], 0 past OCg */
+                        for (int64_t j0 = 0; j0 < OCg; j0 += NR)
+                            for (int64_t i = 0; i < ng; i++)
+                                PACK_B(path, dyx + j0 * steps + i * rows * OW * NR,
+                                       dy + ((nb + i) * OC + g * OCg + j0) * P + oh0 * OW, P, 1,
+                                       OCg - j0 < NR ? OCg - j0 : NR, rows * OW);
+                        const REAL *bsrc = x_in_place ? x + (nb * C + g * Cg) * H * W + oh0 * W : img;
+                        GEMM_GATHER(path, dwg, K, bsrc, off, soff, dyx, NULL, K, OCg, steps, 1);
+                    }
+                    continue;
+                }
                 if (row_dots) { /* per image, one segment per output row: dy's rows in place, OW long */
                     for (int64_t nb = n0; nb < n1; nb += GROUP) {
                         const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
@@ -644,6 +682,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         free(img);
         free(dyx);
         free(off);
+        free(soff);
         if (S > 1) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < wsize; i++) {

@@ -66,7 +66,8 @@ static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, 
         }                                                                                            \
 }                                                                                                    \
 static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows, const int64_t *koff,      \
-                            const REAL *restrict bp, const REAL *bv, int64_t K, int64_t mr, int64_t nr) \
+                            const REAL *restrict bp, const REAL *bv, int64_t K, int64_t mr, int64_t nr, \
+                            int accumulate)                                                          \
 {                                                                                                    \
     REAL acc[MR][NR];                                                                                \
     for (int i = 0; i < MR; i++)                                                                     \
@@ -79,7 +80,7 @@ static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows, const
         }                                                                                            \
     }                                                                                                \
     for (int64_t j = 0; j < nr; j++)                                                                 \
-        for (int64_t i = 0; i < mr; i++) c[j * ldc + i] = acc[i][j];                                 \
+        for (int64_t i = 0; i < mr; i++) c[j * ldc + i] = (accumulate ? c[j * ldc + i] : 0) + acc[i][j]; \
 }
 PORTABLE_TILES(float, f32_portable)
 PORTABLE_TILES(double, f64_portable)
@@ -304,7 +305,7 @@ TARGET static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REA
 #define GATHER_TILE(REAL, S, VEC, LOADU, STOREU, FMADD, BROADCAST, LANES)                            \
 TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows, const int64_t *koff, \
                                    const REAL *restrict bp, const REAL *bv, int64_t K, int64_t mr,    \
-                                   int64_t nr)                                                       \
+                                   int64_t nr, int accumulate)                                       \
 {                                                                                                    \
     const REAL *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3], *r4 = rows[4], *r5 = rows[5]; \
     VEC c00 = LOADU(bv), c01 = LOADU(bv + LANES), c10 = c00, c11 = c01, c20 = c00, c21 = c01;          \
@@ -336,7 +337,7 @@ TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows
     for (int i = 0; i < MR; i++)                                                                     \
         for (int v = 0; v < 2; v++) STOREU(&tmp[i][v * LANES], acc[i][v]);                           \
     for (int64_t j = 0; j < nr; j++)                                                                 \
-        for (int64_t i = 0; i < mr; i++) c[j * ldc + i] = tmp[i][j];                                 \
+        for (int64_t i = 0; i < mr; i++) c[j * ldc + i] = (accumulate ? c[j * ldc + i] : 0) + tmp[i][j]; \
 }
 
 #define NR 16
@@ -433,10 +434,10 @@ void cnnx_gemm_pack_b_##S(int path, REAL *bpack, const REAL *w, int64_t rsa, int
 }                                                                                                   \
 void cnnx_gemm_gather_##S(int path, REAL *c, int64_t ldc, const REAL *src, const int64_t *qoff,      \
                           const int64_t *koff, const REAL *bpack, const REAL *bias, int64_t M,       \
-                          int64_t N, int64_t K)                                                    \
+                          int64_t N, int64_t K, int accumulate)                                    \
 {                                                                                                   \
-    if (path) gemm_gather_##S##_avx2(c, ldc, src, qoff, koff, bpack, bias, M, N, K);                \
-    else gemm_gather_##S##_portable(c, ldc, src, qoff, koff, bpack, bias, M, N, K);                 \
+    if (path) gemm_gather_##S##_avx2(c, ldc, src, qoff, koff, bpack, bias, M, N, K, accumulate);    \
+    else gemm_gather_##S##_portable(c, ldc, src, qoff, koff, bpack, bias, M, N, K, accumulate);     \
 }
 CNNX_GEMM_DISPATCH(float, f32)
 CNNX_GEMM_DISPATCH(double, f64)

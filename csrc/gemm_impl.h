@@ -83,14 +83,15 @@ TARGET static void GLUE(pack_b, SUF)(REAL *restrict bpack, const REAL *restrict 
 
 /*
  * The transposed product with A gathered: for every row q < M and column j < N,
- *   c[j*ldc + q] = bias[j] + sum_k src[qoff[q] + koff[k]] * B[k, j]      (bias 0 when NULL)
+ *   c[j*ldc + q] (+)= bias[j] + sum_k src[qoff[q] + koff[k]] * B[k, j]      (bias 0 when NULL)
  * B (K, N) packed by pack_b. Row q of A is read in place, element k at src + qoff[q] + koff[k]: for a
- * stride-1 convolution q is an output pixel and k a kernel tap, so no wasted columns and no im2col. Tiles
+ * stride-1 convolution's forward q is an output pixel and k a kernel tap (its weight gradient: q a tap, k a
+ * pixel, B = dy transposed), so no wasted columns and no im2col. Tiles
  * of MR rows (broadcasts) x NR columns (vectors), stored transposed.
  */
 TARGET static void GLUE(gemm_gather, SUF)(REAL *c, int64_t ldc, const REAL *src, const int64_t *qoff,
                                           const int64_t *koff, const REAL *bpack, const REAL *bias, int64_t M,
-                                          int64_t N, int64_t K)
+                                          int64_t N, int64_t K, int accumulate)
 {
     for (int64_t j0 = 0; j0 < N; j0 += NR) {
         const int64_t nr = N - j0 < NR ? N - j0 : NR;
@@ -100,7 +101,7 @@ TARGET static void GLUE(gemm_gather, SUF)(REAL *c, int64_t ldc, const REAL *src,
             const int64_t mr = M - q0 < MR ? M - q0 : MR;
             const REAL *rows[MR];
             for (int64_t i = 0; i < MR; i++) rows[i] = src + qoff[q0 + (i < mr ? i : mr - 1)];
-            GLUE(gather_tile, SUF)(c + j0 * ldc + q0, ldc, rows, koff, bpack + j0 * K, bv, K, mr, nr);
+            GLUE(gather_tile, SUF)(c + j0 * ldc + q0, ldc, rows, koff, bpack + j0 * K, bv, K, mr, nr, accumulate);
         }
     }
 }

@@ -75,6 +75,12 @@ CONV_CASES = {
     "row_dots_bwd_weight_dilated_groups": (2, 4, 12, 37, 6, (3, 3), 1, (1, 0, 2, 1), (1, 2), 2),
     "row_dots_bwd_weight_in_place": (2, 3, 9, 45, 4, (2, 3), 1, 0, 1, 1),
     "row_dots_bwd_weight_chunked": (1, 8, 40, 600, 4, (3, 3), 1, 1, 1, 1),
+    # the stride-1 backward-weight's gather product (taps x output channels, summed over real pixels): the input
+    # read in place for two image groups (N = 10 > 8), partial tap tile (45 taps) and channel panel (14);
+    # padding and dilation; a 256-channel input in two row chunks. lenet_conv2 takes it too.
+    "wgather_bwd_weight_in_place_two_groups": (10, 5, 9, 8, 14, (3, 3), 1, 0, 1, 1),
+    "wgather_bwd_weight_padded_dilated": (3, 6, 14, 14, 16, (5, 5), 1, (1, 0, 2, 1), (2, 1), 1),
+    "wgather_bwd_weight_chunked": (1, 256, 60, 12, 16, (3, 3), 1, 1, 1, 1),
 }
 
 # pool: (N, C, H, W, kernel, stride, padding, dilation, ceil_mode); stride None = kernel.
@@ -205,7 +211,8 @@ def test_conv2d_kernels_random_geometry(kernels, ref, check, seed, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("name", ["gemm_tail_sizes", "wide_channels_7x7_s2", "depthwise_multiplier2",
                                   "same_stride2_tf", "lenet_conv2", "rows_bwd_input_padded_dilated_groups",
-                                  "rows_bwd_input_kernel_1_wide", "gather_fwd_partial_tiles", "gather_fwd_groups"])
+                                  "rows_bwd_input_kernel_1_wide", "gather_fwd_partial_tiles", "gather_fwd_groups",
+                                  "wgather_bwd_weight_in_place_two_groups"])
 def test_conv2d_portable_path(kernels, ref, check, rng, name, dtype):
     """The same parity with the AVX2+FMA GEMM switched off (the path of CPUs without AVX2)."""
     x_shape, w_shape, s, p, d, g = conv_geometry(CONV_CASES[name])
