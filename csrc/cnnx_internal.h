@@ -44,13 +44,14 @@ void cnnx_gemm_tile_shape(int path, int dsize, int64_t *mr, int64_t *nr);
 /* Pack a (M, K), element (i, k) at a[i*rsa + k*csa], for cnnx_gemm_* on the same path. */          \
 void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int64_t csa, int64_t M, \
                           int64_t K);                                                              \
-/* c (M, N) = or += A @ B: row i of c at c + coff[i] (c + i*ldc if coff is NULL), A packed, row k of B \
- * at b + boff[k] (b + k*rsb if boff is NULL), N contiguous columns. Rows of c may overlap (they are    \
- * stored one after another: a col2im in the store). bpad: cnnx_gemm_bpad_size(K) elements of scratch. \
- * Single-threaded. */                                                                             \
+/* c (M, N) = or += bias + A @ B: row i of c at c + coff[i] (c + i*ldc if coff is NULL), A packed, row k \
+ * of B at b + boff[k] (b + k*rsb if boff is NULL), N contiguous columns, bias (M,) or NULL. Rows of c    \
+ * may overlap (they are stored one after another: a col2im in the store). wrap_w > 0: column q lands   \
+ * at (q / wrap_w)*wrap_n + q % wrap_w, and only if q % wrap_w < wrap_n. bpad: cnnx_gemm_bpad_size(K)   \
+ * elements of scratch. Single-threaded. */                                                        \
 void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const int64_t *coff, const REAL *apack,          \
-                   const REAL *b, const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K, \
-                   int accumulate, REAL *bpad);                                                     \
+                   const REAL *b, const int64_t *boff, int64_t rsb, const REAL *bias, int64_t M,      \
+                   int64_t N, int64_t K, int accumulate, int64_t wrap_w, int64_t wrap_n, REAL *bpad); \
 /* c (M, N) = or += sum_{s < nseg} A_s @ B_s^T: row i of A_s at a + s*sa + i*lda, row j of B_s at      \
  * b + s*sb + boff[j], all K long. */                                                               \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \

@@ -32,9 +32,11 @@
 #define PORTABLE_TILES(REAL, S)                                                                      \
 static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REAL *restrict ap,             \
                      const REAL *restrict b, const int64_t *boff, int64_t rsb, int64_t K, int64_t mr, \
-                     int64_t nr, int accumulate)                                                      \
+                     int64_t nr, int accumulate, const REAL *bias)                                    \
 {                                                                                                    \
-    REAL acc[MR][NR] = {{0}};                                                                        \
+    REAL acc[MR][NR];                                                                                \
+    for (int i = 0; i < MR; i++)                                                                     \
+        for (int j = 0; j < NR; j++) acc[i][j] = bias ? bias[i < mr ? i : 0] : 0;                    \
     for (int64_t k = 0; k < K; k++) {                                                                \
         const REAL *restrict bk = BROW(k);                                                           \
         for (int i = 0; i < MR; i++) {                                                               \
@@ -267,11 +269,20 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
 #define GEMM_TILE(REAL, S, VEC, LOADU, STOREU, ADD, FMADD, ZERO, BROADCAST, LANES)                   \
 TARGET static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REAL *restrict ap,      \
                       const REAL *restrict b, const int64_t *boff, int64_t rsb, int64_t K,            \
-                      int64_t mr, int64_t nr, int accumulate)                                        \
+                      int64_t mr, int64_t nr, int accumulate, const REAL *bias)                      \
 {                                                                                                    \
-    /* twelve named accumulators, so the compiler keeps them in registers through the k loop */      \
+    /* twelve named accumulators, so the compiler keeps them in registers through the k loop; they     \
+     * start from the row's bias (rows past mr repeat row 0's, never stored) */                      \
     VEC c00 = ZERO(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;                         \
     VEC c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;                            \
+    if (bias) {                                                                                      \
+        c00 = c01 = BROADCAST(bias);                                                                 \
+        c10 = c11 = BROADCAST(bias + (1 < mr ? 1 : 0));                                              \
+        c20 = c21 = BROADCAST(bias + (2 < mr ? 2 : 0));                                              \
+        c30 = c31 = BROADCAST(bias + (3 < mr ? 3 : 0));                                              \
+        c40 = c41 = BROADCAST(bias + (4 < mr ? 4 : 0));                                              \
+        c50 = c51 = BROADCAST(bias + (5 < mr ? 5 : 0));                                              \
+    }                                                                                                \
     for (int64_t k = 0; k < K; k++) {                                                                \
         const REAL *bk = BROW(k);                                                                    \
         const VEC b0 = LOADU(bk), b1 = LOADU(bk + LANES);                                            \
@@ -413,11 +424,11 @@ void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int
     else pack_a_##S##_portable(apack, a, rsa, csa, M, K);                                           \
 }                                                                                                   \
 void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const int64_t *coff, const REAL *apack,          \
-                   const REAL *b, const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K, \
-                   int accumulate, REAL *bpad)                                                      \
+                   const REAL *b, const int64_t *boff, int64_t rsb, const REAL *bias, int64_t M,      \
+                   int64_t N, int64_t K, int accumulate, int64_t wrap_w, int64_t wrap_n, REAL *bpad) \
 {                                                                                                   \
-    if (path) gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, M, N, K, accumulate, bpad);        \
-    else gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, M, N, K, accumulate, bpad);         \
+    if (path) gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, bpad); \
+    else gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, bpad); \
 }                                                                                                   \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
                       const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \

@@ -81,6 +81,11 @@ CONV_CASES = {
     "wgather_bwd_weight_in_place_two_groups": (10, 5, 9, 8, 14, (3, 3), 1, 0, 1, 1),
     "wgather_bwd_weight_padded_dilated": (3, 6, 14, 14, 16, (5, 5), 1, (1, 0, 2, 1), (2, 1), 1),
     "wgather_bwd_weight_chunked": (1, 256, 60, 12, 16, (3, 3), 1, 1, 1, 1),
+    # the stride-1 forward's padded-width product stored in place without the extra columns (the padded width
+    # a multiple of the column panel, 32; lenet_conv1 too): a panel wholly past the output width (14 of 32),
+    # skipped; a 700-row image in two row chunks (each chunk's last row stored exactly).
+    "wrap_fwd_skipped_panel": (2, 2, 6, 14, 3, (3, 19), 1, (1, 9), 1, 1),
+    "wrap_fwd_chunked": (1, 1, 700, 28, 6, (5, 5), 1, 2, 1, 1),
 }
 
 # pool: (N, C, H, W, kernel, stride, padding, dilation, ceil_mode); stride None = kernel.
@@ -212,7 +217,7 @@ def test_conv2d_kernels_random_geometry(kernels, ref, check, seed, dtype):
 @pytest.mark.parametrize("name", ["gemm_tail_sizes", "wide_channels_7x7_s2", "depthwise_multiplier2",
                                   "same_stride2_tf", "lenet_conv2", "rows_bwd_input_padded_dilated_groups",
                                   "rows_bwd_input_kernel_1_wide", "gather_fwd_partial_tiles", "gather_fwd_groups",
-                                  "wgather_bwd_weight_in_place_two_groups"])
+                                  "wgather_bwd_weight_in_place_two_groups", "wrap_fwd_skipped_panel"])
 def test_conv2d_portable_path(kernels, ref, check, rng, name, dtype):
     """The same parity with the AVX2+FMA GEMM switched off (the path of CPUs without AVX2)."""
     x_shape, w_shape, s, p, d, g = conv_geometry(CONV_CASES[name])
