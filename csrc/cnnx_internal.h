@@ -57,6 +57,9 @@ void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const int64_t *coff, const RE
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
                       const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \
                       int64_t nseg, int64_t sa, int64_t sb);                                       \
+/* part (33) += x (n) by lane: x[q] into part[q % 32] over whole 32-blocks, then part[q % 8] over      \
+ * 8-blocks, the rest into part[32]; the same order on every path. */                              \
+void cnnx_sum_into_##S(int path, REAL *part, const REAL *x, int64_t n);                            \
 /* Pack w (N, K), element (j, k) at w[j*rsa + k*csa], as the B (K, N) of cnnx_gemm_gather_*. */     \
 void cnnx_gemm_pack_b_##S(int path, REAL *bpack, const REAL *w, int64_t rsa, int64_t csa, int64_t N, \
                           int64_t K);                                                              \

@@ -25,6 +25,7 @@
 #define PACK_A GLUE(cnnx_gemm_pack_a, SUF)
 #define PACK_B GLUE(cnnx_gemm_pack_b, SUF)
 #define GEMM_GATHER GLUE(cnnx_gemm_gather, SUF)
+#define SUM_INTO GLUE(cnnx_sum_into, SUF)
 #define ALLOC(n) ((REAL *)malloc(sizeof(REAL) * (size_t)((n) > 0 ? (n) : 1)))
 #define SCRATCH_BUDGET ((int64_t)1 << 17) /* elements per scratch buffer and thread (512 KiB f32) */
 #define GROUP 8 /* images per weight-gradient dot product */
@@ -699,19 +700,11 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         if (db) {
 #pragma omp for schedule(static)
             for (int64_t oc = 0; oc < OC; oc++) {
-                /* running sums by lane, so the loop vectorises (a single running sum cannot be reordered);
-                 * fixed order, so the result does not depend on the thread count */
-                REAL part[32] = {0}, sum = 0;
-                for (int64_t n = 0; n < N; n++) {
-                    const REAL *restrict d = dy + (n * OC + oc) * P;
-                    int64_t q = 0;
-                    for (; q + 32 <= P; q += 32) /* 32 sums: several vector chains, not one addition's latency */
-                        for (int l = 0; l < 32; l++) part[l] += d[q + l];
-                    for (; q + 8 <= P; q += 8)
-                        for (int l = 0; l < 8; l++) part[l] += d[q + l];
-                    for (; q < P; q++) sum += d[q];
-                }
-                for (int l = 0; l < 32; l++) sum += part[l];
+                /* running sums by lane (sum_into: vectorised, AVX2 on that path); a fixed order, so the result
+                 * does not depend on the thread count */
+                REAL part[33] = {0}, sum = 0;
+                for (int64_t n = 0; n < N; n++) SUM_INTO(path, part, dy + (n * OC + oc) * P, P);
+                for (int l = 0; l < 33; l++) sum += part[l];
                 db[oc] = sum;
             }
         }
@@ -727,6 +720,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 #undef PACK_A
 #undef PACK_B
 #undef GEMM_GATHER
+#undef SUM_INTO
 #undef GEMM_NT
 #undef GEMM
 #undef GLUE

@@ -399,6 +399,8 @@ DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256
 #define pack_b_f64_avx2 pack_b_f64_portable
 #define gemm_gather_f32_avx2 gemm_gather_f32_portable
 #define gemm_gather_f64_avx2 gemm_gather_f64_portable
+#define sum_into_f32_avx2 sum_into_f32_portable
+#define sum_into_f64_avx2 sum_into_f64_portable
 #endif
 
 int cnnx_gemm_path(void) { return CNNX_USE_AVX2 ? 1 : 0; }
@@ -436,6 +438,11 @@ void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda
 {                                                                                                   \
     if (path) gemm_nt_##S##_avx2(c, ldc, a, lda, b, boff, M, N, K, accumulate, nseg, sa, sb);       \
     else gemm_nt_##S##_portable(c, ldc, a, lda, b, boff, M, N, K, accumulate, nseg, sa, sb);        \
+}                                                                                                   \
+void cnnx_sum_into_##S(int path, REAL *part, const REAL *x, int64_t n)                              \
+{                                                                                                   \
+    if (path) sum_into_##S##_avx2(part, x, n);                                                      \
+    else sum_into_##S##_portable(part, x, n);                                                       \
 }                                                                                                   \
 void cnnx_gemm_pack_b_##S(int path, REAL *bpack, const REAL *w, int64_t rsa, int64_t csa, int64_t M, \
                           int64_t K)                                                               \

@@ -94,6 +94,19 @@ TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const int64_t *coff, co
     }
 }
 
+/* part[l] += x[q] for q % 32 == l over x's whole 32-element blocks, the rest by 8-element blocks into part[0..7],
+ * the last n % 8 into part[32]: a fixed order, in running sums by lane so that the loop vectorises (one running
+ * sum would be one addition's latency per element). */
+TARGET static void GLUE(sum_into, SUF)(REAL *restrict part, const REAL *restrict x, int64_t n)
+{
+    int64_t q = 0;
+    for (; q + 32 <= n; q += 32)
+        for (int l = 0; l < 32; l++) part[l] += x[q + l];
+    for (; q + 8 <= n; q += 8)
+        for (int l = 0; l < 8; l++) part[l] += x[q + l];
+    for (; q < n; q++) part[32] += x[q];
+}
+
 /* Pack w (M, K), element (i, k) at w[i*rsa + k*csa], as the B of gemm_gather (B[k, j] = w[j, k]):
  * ceil(M/NR) panels [K][NR]; columns past M are 0. */
 TARGET static void GLUE(pack_b, SUF)(REAL *restrict bpack, const REAL *restrict w, int64_t rsa, int64_t csa,
