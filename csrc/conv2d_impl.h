@@ -7,9 +7,15 @@
  * Stride 1 ("direct" path): with the input zero-padded to width Wp = OW + (KW-1)*DW, row k of B over the
  * padded output grid (OH rows of Wp columns, of which the first OW are real) is one contiguous slice of
  * the padded image, starting at c*R*Wp + kh*DH*Wp + kw*DW. The GEMM reads those slices in place through a
- * table of row offsets: no im2col. The Wp - OW extra columns per row are computed and dropped.
+ * table of row offsets: no im2col. The Wp - OW extra columns per row are computed and dropped (by the
+ * GEMM's store when Wp is a whole number of column panels, else by a copy).
+ * Or ("gather") the same product transposed, y^T (pixels, OC/G) = B^T @ w[g]^T, through gemm_gather: a tile
+ * row is an output pixel, its K elements read in place at (pixel offset + tap offset) in the padded image;
+ * only real pixels are computed, output channels fill the tile's columns. The forward takes whichever runs
+ * fewer tile steps.
  * The backward to the input at stride 1 is the same operation on dy with the flipped, transposed kernel;
- * the backward to the weight is dot products of dy's rows with those same slices.
+ * the backward to the weight is dot products of dy's rows with those same slices (dy spread to the padded
+ * width, or one dot product per output row), or the gather product with taps as rows: dw^T = B @ dy^T.
  *
  * Any stride ("im2col" path): B is unfolded (im2col) for a chunk of whole output rows at a time, so
  * scratch stays bounded whatever the image size (one row at least); dx goes back through col2im.
@@ -534,7 +540,8 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
  *   dw[oc, c, kh, kw] = sum_{n, oh, ow} dy[n, oc, oh, ow] * x[n, g*C/G + c, ih, iw]
  *   db[oc]            = sum_{n, oh, ow} dy[n, oc, oh, ow]
  * computed per image as dot products of dy's rows with the rows of B (the padded-image slices at stride 1,
- * im2col otherwise).
+ * im2col otherwise), or at stride 1 as the gather product dw^T (taps, OC/G) = B @ dy^T, whichever runs fewer
+ * tile steps.
  * Threads: the batch is cut into S slices (S depends on the sizes only, never on the thread count), each
  * slice sums into its own partial dw, and the partials are added in slice order: the result is the same
  * bit for bit on 1 or many threads.

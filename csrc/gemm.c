@@ -12,6 +12,9 @@
  *           into the padded input gradient this way (conv2d_impl.h, rows_scatter).
  * dot_tile: a DR x DC block of c = A @ B^T as dot products along contiguous rows (vector partial sums,
  *           reduced at the end): the weight gradient, where the sum runs over output pixels.
+ * gather_tile: an MR x NR block of c^T = (A @ B)^T whose MR rows of A are read in place, element k of row i
+ *           at rows[i] + koff[k] (broadcast), B packed: a stride-1 convolution without im2col or padded
+ *           columns, output pixels (forward) or kernel taps (weight gradient) as the rows.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -155,7 +158,8 @@ static const int64_t mask_i64[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
 #define MASK_F64(n) _mm256_loadu_si256((const __m256i *)(mask_i64 + 4 - (n)))
 
 /* DR x DC (4 x 3) dot products of length K: twelve named vector accumulators (kept in registers), then a
- * 4-way horizontal sum; a K that is not a multiple of the vector length ends with one masked step. Rows/columns past mr/nc repeat the last valid one (not stored). */
+ * 4-way horizontal sum; a K that is not a multiple of the vector length ends with one masked step.
+ * Rows/columns past mr/nc repeat the last valid one (not stored). */
 #define DOT_TILE(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES, MASK, MASKLOAD)                    \
 TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda,  \
                                 const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr,   \
