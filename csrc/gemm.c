@@ -268,6 +268,30 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
             c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[i][j];                         \
 }
 
+/* One k step of a 6 x 2-vector register tile: row i's element of A (broadcast from p_i) times b0, b1 into the
+ * accumulators cI0, cI1 (named, so that the compiler keeps them in registers). */
+#define STEP_6X2(VEC, BROADCAST, FMADD, p0, p1, p2, p3, p4, p5)                                      \
+    {                                                                                                \
+        VEC ai = BROADCAST(p0);                                                                      \
+        c00 = FMADD(ai, b0, c00);                                                                    \
+        c01 = FMADD(ai, b1, c01);                                                                    \
+        ai = BROADCAST(p1);                                                                          \
+        c10 = FMADD(ai, b0, c10);                                                                    \
+        c11 = FMADD(ai, b1, c11);                                                                    \
+        ai = BROADCAST(p2);                                                                          \
+        c20 = FMADD(ai, b0, c20);                                                                    \
+        c21 = FMADD(ai, b1, c21);                                                                    \
+        ai = BROADCAST(p3);                                                                          \
+        c30 = FMADD(ai, b0, c30);                                                                    \
+        c31 = FMADD(ai, b1, c31);                                                                    \
+        ai = BROADCAST(p4);                                                                          \
+        c40 = FMADD(ai, b0, c40);                                                                    \
+        c41 = FMADD(ai, b1, c41);                                                                    \
+        ai = BROADCAST(p5);                                                                          \
+        c50 = FMADD(ai, b0, c50);                                                                    \
+        c51 = FMADD(ai, b1, c51);                                                                    \
+    }
+
 /* The 6 x NR register tile (NR = 2 vectors): twelve named accumulators, so the compiler keeps them in
  * registers through the k loop; per k, 2 loads of b, 6 broadcasts of a, 12 FMAs. */
 #define GEMM_TILE(REAL, S, VEC, LOADU, STOREU, ADD, FMADD, ZERO, BROADCAST, LANES)                   \
@@ -291,24 +315,7 @@ TARGET static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REA
         const REAL *bk = BROW(k);                                                                    \
         const VEC b0 = LOADU(bk), b1 = LOADU(bk + LANES);                                            \
         const REAL *av = ap + k * MR;                                                                \
-        VEC ai = BROADCAST(av + 0);                                                                  \
-        c00 = FMADD(ai, b0, c00);                                                                    \
-        c01 = FMADD(ai, b1, c01);                                                                    \
-        ai = BROADCAST(av + 1);                                                                      \
-        c10 = FMADD(ai, b0, c10);                                                                    \
-        c11 = FMADD(ai, b1, c11);                                                                    \
-        ai = BROADCAST(av + 2);                                                                      \
-        c20 = FMADD(ai, b0, c20);                                                                    \
-        c21 = FMADD(ai, b1, c21);                                                                    \
-        ai = BROADCAST(av + 3);                                                                      \
-        c30 = FMADD(ai, b0, c30);                                                                    \
-        c31 = FMADD(ai, b1, c31);                                                                    \
-        ai = BROADCAST(av + 4);                                                                      \
-        c40 = FMADD(ai, b0, c40);                                                                    \
-        c41 = FMADD(ai, b1, c41);                                                                    \
-        ai = BROADCAST(av + 5);                                                                      \
-        c50 = FMADD(ai, b0, c50);                                                                    \
-        c51 = FMADD(ai, b1, c51);                                                                    \
+        STEP_6X2(VEC, BROADCAST, FMADD, av, av + 1, av + 2, av + 3, av + 4, av + 5)                   \
     }                                                                                                \
     const VEC acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}}; \
     STORE_TILE(REAL, LOADU, STOREU, ADD, LANES)                                                      \
@@ -328,24 +335,7 @@ TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows
     for (int64_t k = 0; k < K; k++) {                                                                \
         const int64_t o = koff[k];                                                                   \
         const VEC b0 = LOADU(bp + k * NR), b1 = LOADU(bp + k * NR + LANES);                          \
-        VEC ai = BROADCAST(r0 + o);                                                                  \
-        c00 = FMADD(ai, b0, c00);                                                                    \
-        c01 = FMADD(ai, b1, c01);                                                                    \
-        ai = BROADCAST(r1 + o);                                                                      \
-        c10 = FMADD(ai, b0, c10);                                                                    \
-        c11 = FMADD(ai, b1, c11);                                                                    \
-        ai = BROADCAST(r2 + o);                                                                      \
-        c20 = FMADD(ai, b0, c20);                                                                    \
-        c21 = FMADD(ai, b1, c21);                                                                    \
-        ai = BROADCAST(r3 + o);                                                                      \
-        c30 = FMADD(ai, b0, c30);                                                                    \
-        c31 = FMADD(ai, b1, c31);                                                                    \
-        ai = BROADCAST(r4 + o);                                                                      \
-        c40 = FMADD(ai, b0, c40);                                                                    \
-        c41 = FMADD(ai, b1, c41);                                                                    \
-        ai = BROADCAST(r5 + o);                                                                      \
-        c50 = FMADD(ai, b0, c50);                                                                    \
-        c51 = FMADD(ai, b1, c51);                                                                    \
+        STEP_6X2(VEC, BROADCAST, FMADD, r0 + o, r1 + o, r2 + o, r3 + o, r4 + o, r5 + o)               \
     }                                                                                                \
     const VEC acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}}; \
     REAL tmp[MR][NR];                                                                                \
@@ -433,8 +423,11 @@ void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const int64_t *coff, const RE
                    const REAL *b, const int64_t *boff, int64_t rsb, const REAL *bias, int64_t M,      \
                    int64_t N, int64_t K, int accumulate, int64_t wrap_w, int64_t wrap_n, REAL *bpad) \
 {                                                                                                   \
-    if (path) gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, bpad); \
-    else gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, bpad); \
+    if (path)                                                                                       \
+        gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, bpad); \
+    else                                                                                            \
+        gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, \
+                            bpad);                                                                  \
 }                                                                                                   \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
                       const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \

@@ -5,20 +5,27 @@
 #define GLUE_(a, b) a##_##b
 #define GLUE(a, b) GLUE_(a, b)
 
-/* Pack a (M, K), element (i, k) at a[i*rsa + k*csa], into ceil(M/MR) panels [K][MR]; rows past M are 0. */
-TARGET static void GLUE(pack_a, SUF)(REAL *restrict apack, const REAL *restrict a, int64_t rsa, int64_t csa,
-                                     int64_t M, int64_t K)
+/* Pack a (M, K), element (i, k) at a[i*rsa + k*csa], into ceil(M/W) panels [K][W]; rows past M are 0. */
+TARGET static inline void GLUE(pack_panels, SUF)(REAL *restrict dst0, const REAL *restrict a, int64_t rsa, int64_t csa,
+                                          int64_t M, int64_t K, int64_t W)
 {
-    for (int64_t i0 = 0; i0 < M; i0 += MR) {
-        const int64_t mr = M - i0 < MR ? M - i0 : MR;
-        REAL *restrict dst = apack + i0 * K;
+    for (int64_t i0 = 0; i0 < M; i0 += W) {
+        const int64_t mr = M - i0 < W ? M - i0 : W;
+        REAL *restrict dst = dst0 + i0 * K;
         for (int64_t k = 0; k < K; k++) {
             const REAL *src = a + i0 * rsa + k * csa;
             int64_t i = 0;
-            for (; i < mr; i++) dst[k * MR + i] = src[i * rsa];
-            for (; i < MR; i++) dst[k * MR + i] = 0;
+            for (; i < mr; i++) dst[k * W + i] = src[i * rsa];
+            for (; i < W; i++) dst[k * W + i] = 0;
         }
     }
+}
+
+/* A (M, K) for gemm: ceil(M/MR) panels [K][MR]. */
+TARGET static void GLUE(pack_a, SUF)(REAL *restrict apack, const REAL *restrict a, int64_t rsa, int64_t csa,
+                                     int64_t M, int64_t K)
+{
+    GLUE(pack_panels, SUF)(apack, a, rsa, csa, M, K, MR);
 }
 
 /*
@@ -112,16 +119,7 @@ TARGET static void GLUE(sum_into, SUF)(REAL *restrict part, const REAL *restrict
 TARGET static void GLUE(pack_b, SUF)(REAL *restrict bpack, const REAL *restrict w, int64_t rsa, int64_t csa,
                                      int64_t M, int64_t K)
 {
-    for (int64_t j0 = 0; j0 < M; j0 += NR) {
-        const int64_t nr = M - j0 < NR ? M - j0 : NR;
-        REAL *restrict dst = bpack + j0 * K;
-        for (int64_t k = 0; k < K; k++) {
-            const REAL *src = w + j0 * rsa + k * csa;
-            int64_t j = 0;
-            for (; j < nr; j++) dst[k * NR + j] = src[j * rsa];
-            for (; j < NR; j++) dst[k * NR + j] = 0;
-        }
-    }
+    GLUE(pack_panels, SUF)(bpack, w, rsa, csa, M, K, NR);
 }
 
 /*
