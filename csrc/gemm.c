@@ -387,6 +387,8 @@ DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256
 #define pack_a_f64_avx2 pack_a_f64_portable
 #define gemm_f32_avx2 gemm_f32_portable
 #define gemm_f64_avx2 gemm_f64_portable
+#define gemm_wrap_f32_avx2 gemm_wrap_f32_portable
+#define gemm_wrap_f64_avx2 gemm_wrap_f64_portable
 #define gemm_nt_f32_avx2 gemm_nt_f32_portable
 #define gemm_nt_f64_avx2 gemm_nt_f64_portable
 #define pack_b_f32_avx2 pack_b_f32_portable
@@ -423,11 +425,15 @@ void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const int64_t *coff, const RE
                    const REAL *b, const int64_t *boff, int64_t rsb, const REAL *bias, int64_t M,      \
                    int64_t N, int64_t K, int accumulate, int64_t wrap_w, int64_t wrap_n, REAL *bpad) \
 {                                                                                                   \
-    if (path)                                                                                       \
-        gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, bpad); \
+    if (wrap_w && path)                                                                             \
+        gemm_wrap_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, bpad); \
+    else if (wrap_w)                                                                                \
+        gemm_wrap_##S##_portable(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, \
+                                 bpad);                                                             \
+    else if (path)                                                                                  \
+        gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, bpad);        \
     else                                                                                            \
-        gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, \
-                            bpad);                                                                  \
+        gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, bpad);     \
 }                                                                                                   \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
                       const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \

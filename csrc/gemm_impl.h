@@ -28,50 +28,44 @@ TARGET static void GLUE(pack_a, SUF)(REAL *restrict apack, const REAL *restrict 
     GLUE(pack_panels, SUF)(apack, a, rsa, csa, M, K, MR);
 }
 
+/* The last column panel of B, nr < NR columns from b (row k at b + boff[k] or b + k*rsb), copied into bpad as a
+ * zero-padded [K][NR] panel, so that every tile runs the full-width kernel. */
+TARGET static void GLUE(pad_panel, SUF)(REAL *restrict bpad, const REAL *b, const int64_t *boff, int64_t rsb,
+                                        int64_t K, int64_t nr)
+{
+    for (int64_t k = 0; k < K; k++) {
+        const REAL *src = b + (boff ? boff[k] : k * rsb);
+        int64_t j = 0;
+        for (; j < nr; j++) bpad[k * NR + j] = src[j];
+        for (; j < NR; j++) bpad[k * NR + j] = 0;
+    }
+}
+
 /*
  * c (M, N) (+)= bias + A (M, K) @ B (K, N), row i of c at c + coff[i] (or c + i*ldc when coff is NULL), A packed
  * by pack_a, row k of B at b + boff[k] (or b + k*rsb when boff is NULL) with its N columns contiguous, bias
  * (M,) added to every column of its row (none when NULL). Full NR-column panels are read in place; the last,
- * narrower one is copied into bpad, a zero-padded [K][NR] buffer, so every tile runs the full-width kernel.
- * wrap_w > 0: column q of the product is column q % wrap_w of row q / wrap_w of a grid wrap_w wide, of which
- * only the first wrap_n columns are kept, stored wrap_n wide: c's rows get (N / wrap_w) rows of wrap_n
- * (a stride-1 convolution over the padded width, stored without its extra columns). Tiles that lie inside
- * one grid row are stored in place (skipped when wholly past wrap_n); others through a stack buffer.
+ * narrower one is copied into bpad (pad_panel).
  */
 TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const int64_t *coff, const REAL *apack, const REAL *b,
                                    const int64_t *boff, int64_t rsb, const REAL *bias, int64_t M, int64_t N,
-                                   int64_t K, int accumulate, int64_t wrap_w, int64_t wrap_n, REAL *bpad)
+                                   int64_t K, int accumulate, REAL *bpad)
 {
     if (K == 0) {
         for (int64_t i = 0; i < M; i++)
-            for (int64_t q = 0; q < N; q++) {
-                if (wrap_w && q % wrap_w >= wrap_n) continue;
-                REAL *p = c + (coff ? coff[i] : i * ldc) + (wrap_w ? (q / wrap_w) * wrap_n + q % wrap_w : q);
+            for (int64_t j = 0; j < N; j++) {
+                REAL *p = c + (coff ? coff[i] : i * ldc) + j;
                 *p = (accumulate ? *p : 0) + (bias ? bias[i] : 0);
             }
         return;
     }
     for (int64_t j0 = 0; j0 < N; j0 += NR) {
         const int64_t nr = N - j0 < NR ? N - j0 : NR;
-        int64_t cj = j0, ncol = nr; /* where the tile's columns go, and how many (in place) */
-        int straddles = 0;
-        if (wrap_w) {
-            const int64_t s = j0 % wrap_w;
-            cj = (j0 / wrap_w) * wrap_n + s;
-            ncol = wrap_n - s < nr ? wrap_n - s : nr;
-            straddles = s + nr > wrap_w;
-            if (!straddles && ncol <= 0) continue;
-        }
         const REAL *bp = b + j0;
         const int64_t *off = boff;
         int64_t stride = rsb;
         if (nr < NR) {
-            for (int64_t k = 0; k < K; k++) {
-                const REAL *src = bp + (boff ? boff[k] : k * rsb);
-                int64_t j = 0;
-                for (; j < nr; j++) bpad[k * NR + j] = src[j];
-                for (; j < NR; j++) bpad[k * NR + j] = 0;
-            }
+            GLUE(pad_panel, SUF)(bpad, bp, boff, rsb, K, nr);
             bp = bpad;
             off = NULL;
             stride = NR;
@@ -79,24 +73,64 @@ TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const int64_t *coff, co
         for (int64_t i0 = 0; i0 < M; i0 += MR) {
             const int64_t mr = M - i0 < MR ? M - i0 : MR;
             const REAL *bi = bias ? bias + i0 : NULL;
-            if (straddles) { /* the tile into t, then each column to its grid row */
-                REAL t[MR * NR];
-                GLUE(tile, SUF)(t, NR, NULL, apack + i0 * K, bp, off, stride, K, mr, nr, 0, bi);
-                for (int64_t i = 0; i < mr; i++) {
-                    REAL *ci = c + (coff ? coff[i0 + i] : (i0 + i) * ldc);
-                    for (int64_t j = 0; j < nr; j++) {
-                        const int64_t q = j0 + j, s = q % wrap_w;
-                        if (s >= wrap_n) continue;
-                        REAL *p = ci + (q / wrap_w) * wrap_n + s;
-                        *p = (accumulate ? *p : 0) + t[i * NR + j];
-                    }
-                }
-            } else if (coff)
-                GLUE(tile, SUF)(c + cj, ldc, coff + i0, apack + i0 * K, bp, off, stride, K, mr, ncol, accumulate,
-                                bi);
+            if (coff)
+                GLUE(tile, SUF)(c + j0, ldc, coff + i0, apack + i0 * K, bp, off, stride, K, mr, nr, accumulate, bi);
             else
-                GLUE(tile, SUF)(c + i0 * ldc + cj, ldc, NULL, apack + i0 * K, bp, off, stride, K, mr, ncol,
+                GLUE(tile, SUF)(c + i0 * ldc + j0, ldc, NULL, apack + i0 * K, bp, off, stride, K, mr, nr,
                                 accumulate, bi);
+        }
+    }
+}
+
+/*
+ * gemm with its columns wrapped: column q of the product is column q % wrap_w of row q / wrap_w of a grid
+ * wrap_w wide, of which only the first wrap_n columns are kept, stored wrap_n wide: c's rows get (N / wrap_w)
+ * rows of wrap_n (a stride-1 convolution over the padded width, stored without its extra columns). Tiles inside
+ * one grid row are stored in place (skipped when wholly past wrap_n); others through a stack buffer. Apart from
+ * gemm so that its per-panel bookkeeping stays out of gemm's many small products (depthwise layers: ~10%).
+ */
+TARGET static void GLUE(gemm_wrap, SUF)(REAL *c, int64_t ldc, const int64_t *coff, const REAL *apack,
+                                        const REAL *b, const int64_t *boff, int64_t rsb, const REAL *bias, int64_t M,
+                                        int64_t N, int64_t K, int accumulate, int64_t wrap_w, int64_t wrap_n,
+                                        REAL *bpad)
+{
+    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+        const int64_t nr = N - j0 < NR ? N - j0 : NR, s = j0 % wrap_w;
+        const int64_t cj = (j0 / wrap_w) * wrap_n + s, ncol = wrap_n - s < nr ? wrap_n - s : nr;
+        const int straddles = s + nr > wrap_w;
+        if (!straddles && ncol <= 0) continue;
+        const REAL *bp = b + j0;
+        const int64_t *off = boff;
+        int64_t stride = rsb;
+        if (nr < NR || K == 0) {
+            GLUE(pad_panel, SUF)(bpad, bp, boff, rsb, K, nr);
+            bp = bpad;
+            off = NULL;
+            stride = NR;
+        }
+        for (int64_t i0 = 0; i0 < M; i0 += MR) {
+            const int64_t mr = M - i0 < MR ? M - i0 : MR;
+            const REAL *bi = bias ? bias + i0 : NULL;
+            if (!straddles) {
+                if (coff)
+                    GLUE(tile, SUF)(c + cj, ldc, coff + i0, apack + i0 * K, bp, off, stride, K, mr, ncol,
+                                    accumulate, bi);
+                else
+                    GLUE(tile, SUF)(c + i0 * ldc + cj, ldc, NULL, apack + i0 * K, bp, off, stride, K, mr, ncol,
+                                    accumulate, bi);
+                continue;
+            }
+            REAL t[MR * NR]; /* the tile, then each column to its grid row */
+            GLUE(tile, SUF)(t, NR, NULL, apack + i0 * K, bp, off, stride, K, mr, nr, 0, bi);
+            for (int64_t i = 0; i < mr; i++) {
+                REAL *ci = c + (coff ? coff[i0 + i] : (i0 + i) * ldc);
+                for (int64_t j = 0; j < nr; j++) {
+                    const int64_t q = j0 + j, sq = q % wrap_w;
+                    if (sq >= wrap_n) continue;
+                    REAL *p = ci + (q / wrap_w) * wrap_n + sq;
+                    *p = (accumulate ? *p : 0) + t[i * NR + j];
+                }
+            }
         }
     }
 }
