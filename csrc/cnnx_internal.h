@@ -35,23 +35,39 @@ int cnnx_gemm_path(void);
 /* Scratch sizes (elements): a packed (M, K) matrix, and the padded last column panel of B. */
 int64_t cnnx_gemm_apack_size(int64_t M, int64_t K);
 int64_t cnnx_gemm_bpad_size(int64_t K);
+/* ... and a (N, K) matrix packed by cnnx_gemm_pack_b_*. */
+int64_t cnnx_gemm_bpack_size(int64_t N, int64_t K);
+/* The register tile of a path (rows x columns; dsize = sizeof(REAL)), for callers that weigh tile waste. */
+void cnnx_gemm_tile_shape(int path, int dsize, int64_t *mr, int64_t *nr);
 
 #define CNNX_GEMM_DECLARE(REAL, S)                                                                 \
 /* Pack a (M, K), element (i, k) at a[i*rsa + k*csa], for cnnx_gemm_* on the same path. */          \
 void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int64_t csa, int64_t M, \
                           int64_t K);                                                              \
-/* c (M, N) = or += A @ B: row i of c at c + coff[i] (c + i*ldc if coff is NULL), A packed, row k of B \
- * at b + boff[k] (b + k*rsb if boff is NULL), N contiguous columns. Rows of c may overlap (they are    \
- * stored one after another: a col2im in the store). bpad: cnnx_gemm_bpad_size(K) elements of scratch. \
- * Single-threaded. */                                                                             \
+/* c (M, N) = or += bias + A @ B: row i of c at c + coff[i] (c + i*ldc if coff is NULL), A packed, row k \
+ * of B at b + boff[k] (b + k*rsb if boff is NULL), N contiguous columns, bias (M,) or NULL. Rows of c    \
+ * may overlap (they are stored one after another: a col2im in the store). wrap_w > 0: column q lands   \
+ * at (q / wrap_w)*wrap_n + q % wrap_w, and only if q % wrap_w < wrap_n. bpad: cnnx_gemm_bpad_size(K)   \
+ * elements of scratch. Single-threaded. */                                                        \
 void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const int64_t *coff, const REAL *apack,          \
-                   const REAL *b, const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K, \
-                   int accumulate, REAL *bpad);                                                     \
+                   const REAL *b, const int64_t *boff, int64_t rsb, const REAL *bias, int64_t M,      \
+                   int64_t N, int64_t K, int accumulate, int64_t wrap_w, int64_t wrap_n, REAL *bpad); \
 /* c (M, N) = or += sum_{s < nseg} A_s @ B_s^T: row i of A_s at a + s*sa + i*lda, row j of B_s at      \
  * b + s*sb + boff[j], all K long. */                                                               \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
                       const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \
-                      int64_t nseg, int64_t sa, int64_t sb);
+                      int64_t nseg, int64_t sa, int64_t sb);                                       \
+/* part (33) += x (n) by lane: x[q] into part[q % 32] over whole 32-blocks, then part[q % 8] over      \
+ * 8-blocks, the rest into part[32]; the same order on every path. */                              \
+void cnnx_sum_into_##S(int path, REAL *part, const REAL *x, int64_t n);                            \
+/* Pack w (N, K), element (j, k) at w[j*rsa + k*csa], as the B (K, N) of cnnx_gemm_gather_*. */     \
+void cnnx_gemm_pack_b_##S(int path, REAL *bpack, const REAL *w, int64_t rsa, int64_t csa, int64_t N, \
+                          int64_t K);                                                              \
+/* c[j*ldc + q] (+)= bias[j] (0 if NULL) + sum_k src[qoff[q] + koff[k]] * B[k, j], q < M, j < N:     \
+ * a transposed product whose M rows of A are gathered in place (q: output pixel, k: kernel tap). */ \
+void cnnx_gemm_gather_##S(int path, REAL *c, int64_t ldc, const REAL *src, const int64_t *qoff,      \
+                          const int64_t *koff, const REAL *bpack, const REAL *bias, int64_t M,       \
+                          int64_t N, int64_t K, int accumulate);
 CNNX_GEMM_DECLARE(float, f32)
 CNNX_GEMM_DECLARE(double, f64)
 

@@ -7,9 +7,15 @@
  * Stride 1 ("direct" path): with the input zero-padded to width Wp = OW + (KW-1)*DW, row k of B over the
  * padded output grid (OH rows of Wp columns, of which the first OW are real) is one contiguous slice of
  * the padded image, starting at c*R*Wp + kh*DH*Wp + kw*DW. The GEMM reads those slices in place through a
- * table of row offsets: no im2col. The Wp - OW extra columns per row are computed and dropped.
+ * table of row offsets: no im2col. The Wp - OW extra columns per row are computed and dropped (by the
+ * GEMM's store when Wp is a whole number of column panels, else by a copy).
+ * Or ("gather") the same product transposed, y^T (pixels, OC/G) = B^T @ w[g]^T, through gemm_gather: a tile
+ * row is an output pixel, its K elements read in place at (pixel offset + tap offset) in the padded image;
+ * only real pixels are computed, output channels fill the tile's columns. The forward takes whichever runs
+ * fewer tile steps.
  * The backward to the input at stride 1 is the same operation on dy with the flipped, transposed kernel;
- * the backward to the weight is dot products of dy's rows with those same slices.
+ * the backward to the weight is dot products of dy's rows with those same slices (dy spread to the padded
+ * width, or one dot product per output row), or the gather product with taps as rows: dw^T = B @ dy^T.
  *
  * Any stride ("im2col" path): B is unfolded (im2col) for a chunk of whole output rows at a time, so
  * scratch stays bounded whatever the image size (one row at least); dx goes back through col2im.
@@ -23,6 +29,9 @@
 #define GEMM GLUE(cnnx_gemm, SUF)
 #define GEMM_NT GLUE(cnnx_gemm_nt, SUF)
 #define PACK_A GLUE(cnnx_gemm_pack_a, SUF)
+#define PACK_B GLUE(cnnx_gemm_pack_b, SUF)
+#define GEMM_GATHER GLUE(cnnx_gemm_gather, SUF)
+#define SUM_INTO GLUE(cnnx_sum_into, SUF)
 #define ALLOC(n) ((REAL *)malloc(sizeof(REAL) * (size_t)((n) > 0 ? (n) : 1)))
 #define SCRATCH_BUDGET ((int64_t)1 << 17) /* elements per scratch buffer and thread (512 KiB f32) */
 #define GROUP 8 /* images per weight-gradient dot product */
@@ -175,12 +184,15 @@ static void GLUE(tap_offsets, SUF)(int64_t *off, int64_t Cin, int64_t KH, int64_
  * in (Cin, Hin, Win) with implicit zero padding T on top and L on the left (a negative T or L crops);
  * out (Cout, OH, OW), overwritten.
  * apack: A (Cout, Cin*KH*KW) packed. img (Cin, R, Wp), off (K), tmp (Cout, rows*Wp), bpad: scratch.
+ * With bpack (A packed as the B of the gather GEMM) the product runs transposed instead, output pixels as
+ * the GEMM's rows, each read at its offset in the padded grid (qoff (rows*OW): scratch): no columns to drop
+ * and no copy, the bias added in the tile; apack, tmp and bpad are then unused.
  */
 static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const REAL *apack, const REAL *bias,
                                    int64_t Cin, int64_t Hin, int64_t Win, int64_t Cout, int64_t KH,
                                    int64_t KW, int64_t DH, int64_t DW, int64_t T, int64_t L, int64_t OH,
                                    int64_t OW, int64_t oh0, int64_t oh1, REAL *img, int64_t *off, REAL *tmp,
-                                   REAL *bpad)
+                                   REAL *bpad, const REAL *bpack, int64_t *qoff, int wrap)
 {
     const int64_t Wp = OW + (KW - 1) * DW, rows = oh1 - oh0, R = rows + (KH - 1) * DH;
     const int64_t K = Cin * KH * KW, Nc = (rows - 1) * Wp + OW;
@@ -194,14 +206,21 @@ static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const RE
     }
     GLUE(tap_offsets, SUF)(off, Cin, KH, KW, DH, DW, plane, Wp);
     REAL *outr = out + oh0 * OW;
-    if (Wp == OW) { /* no dropped columns: write the output rows in place */
-        GEMM(path, outr, OH * OW, NULL, apack, src, off, 0, Cout, Nc, K, 0, bpad);
-        if (bias)
-            for (int64_t o = 0; o < Cout; o++)
-                for (int64_t q = 0; q < Nc; q++) outr[o * OH * OW + q] += bias[o];
+    if (bpack) { /* gather: output pixels as the rows, read in place at their padded-grid offsets */
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t q = 0; q < OW; q++) qoff[r * OW + q] = r * Wp + q;
+        GEMM_GATHER(path, outr, OH * OW, src, qoff, off, bpack, bias, rows * OW, Cout, K, 0);
         return;
     }
-    GEMM(path, tmp, Nc, NULL, apack, src, off, 0, Cout, Nc, K, 0, bpad);
+    if (Wp == OW) { /* no dropped columns: write the output rows in place */
+        GEMM(path, outr, OH * OW, NULL, apack, src, off, 0, bias, Cout, Nc, K, 0, 0, 0, bpad);
+        return;
+    }
+    if (wrap) { /* the GEMM's store drops the extra columns */
+        GEMM(path, outr, OH * OW, NULL, apack, src, off, 0, bias, Cout, Nc, K, 0, Wp, OW, bpad);
+        return;
+    }
+    GEMM(path, tmp, Nc, NULL, apack, src, off, 0, NULL, Cout, Nc, K, 0, 0, 0, bpad);
     for (int64_t o = 0; o < Cout; o++) {
         const REAL b = bias ? bias[o] : 0;
         for (int64_t r = 0; r < rows; r++) {
@@ -237,7 +256,7 @@ static void GLUE(rows_scatter, SUF)(int path, REAL *z, const int64_t *zoff, cons
     const int64_t lead = (KW - 1) * DW, plane = rows * Wz;
     if (Wz == OW) { /* KW == 1: no shifts, dy's rows are B's in place */
         for (int64_t o = 0; o < OCg; o++) off[o] = (o * OH + oh0) * OW;
-        GEMM(path, z, 0, zoff, apack, dy, off, 0, KH * Cg, plane, OCg, 1, bpad);
+        GEMM(path, z, 0, zoff, apack, dy, off, 0, NULL, KH * Cg, plane, OCg, 1, 0, 0, bpad);
         return;
     }
     for (int64_t q = 0; q < lead; q++) e[q] = 0;
@@ -251,7 +270,7 @@ static void GLUE(rows_scatter, SUF)(int path, REAL *z, const int64_t *zoff, cons
         }
         for (int64_t kw = 0; kw < KW; kw++) off[o * KW + kw] = lead + o * plane - kw * DW;
     }
-    GEMM(path, z, 0, zoff, apack, e, off, 0, KH * Cg, plane, OCg * KW, 1, bpad);
+    GEMM(path, z, 0, zoff, apack, e, off, 0, NULL, KH * Cg, plane, OCg * KW, 1, 0, 0, bpad);
 }
 
 /* A kernel that covers the whole (unpadded) input and yields one output pixel is a fully connected layer
@@ -286,18 +305,47 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
                                 : GLUE(chunk_rows_im2col, SUF)(K, OH, OW); /* output rows per task */
     const int64_t nchunks = (OH + unit - 1) / unit;
     const int64_t ntasks = N * G * nchunks;
-    const int64_t apg = cnnx_gemm_apack_size(OCg, K);
+    /* Stride 1 runs one of two products. direct_rows: (output channel) x (padded-grid column) tiles, so
+     * Wp/OW of the useful columns, OCg rounded up to the tile's rows, then a copy that drops the extra columns
+     * (none when Wp == OW). gather: (output pixel) x (output channel) tiles, no extra pixels, OCg rounded up
+     * to the tile's columns, a transposed store (as much as ~10 steps of the tile's k loop). Chosen by the tile
+     * steps each runs per image; LeNet-5's conv2 (16 channels, 10x10 from 14x14) is 17 x 1 x (150 + 10)
+     * against 3 x 9 x 150 and a copy; its conv1 (6 channels, 28x28 padded to 32 wide) stays direct. */
+    int gather = 0, wrap = 0;
+    if (direct) {
+        int64_t tm, tn;
+        cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
+        /* When the padded width is a whole number of column panels no tile straddles two rows, and the GEMM
+         * stores the output rows in place, dropping the extra columns, bias included (wrap): no copy
+         * (LeNet-5's conv1: 28 columns padded to 32, 62 -> 66 GFLOP/s; float64 31 -> 39). Straddling tiles
+         * go through a stack buffer, slower than the copy (8->24 channels 20x20 5x5: 81 -> 64). */
+        wrap = Wp != OW && Wp % tn == 0;
+        const int64_t Nc = (OH - 1) * Wp + OW;
+        const int64_t cost_direct = ((OCg + tm - 1) / tm) * ((Nc + tn - 1) / tn) * (K + 2)
+                                  + (Wp != OW && !wrap ? (OCg * P) / (tm * tn) : 0);
+        const int64_t cost_gather = ((P + tm - 1) / tm) * ((OCg + tn - 1) / tn) * (K + 10);
+        /* the portable double tile's 4 x 8 accumulators do not fit SSE2's registers: half direct_rows' speed */
+        gather = cost_gather < cost_direct && (path || sizeof(REAL) == sizeof(float));
+        if (gather) wrap = 0;
+    }
+    const int64_t apg = gather ? cnnx_gemm_bpack_size(OCg, K) : cnnx_gemm_apack_size(OCg, K);
     REAL *apack = ALLOC(G * apg);
     if (!apack) return CNNX_ENOMEM;
-    for (int64_t g = 0; g < G; g++) PACK_A(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
+    for (int64_t g = 0; g < G; g++) {
+        if (gather)
+            PACK_B(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
+        else
+            PACK_A(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
+    }
     int status = CNNX_OK;
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit * OW;
-        REAL *img = ALLOC(img_n), *tmp = direct ? ALLOC(OCg * unit * Wp) : NULL;
+        REAL *img = ALLOC(img_n), *tmp = direct && !gather && !wrap ? ALLOC(OCg * unit * Wp) : NULL;
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(K));
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
-        const int ok = img && bpad && off && (tmp || !direct);
+        int64_t *qoff = gather ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(unit * OW > 0 ? unit * OW : 1)) : NULL;
+        const int ok = img && bpad && off && (tmp || !direct || gather || wrap) && (qoff || !gather);
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -312,20 +360,19 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
             const REAL *bg = b ? b + g * OCg : NULL;
             if (direct) {
                 GLUE(direct_rows, SUF)(path, yg, xg, apack + g * apg, bg, Cg, H, W, OCg, KH, KW, DH, DW, PT,
-                                       PL, OH, OW, u0, u1, img, off, tmp, bpad);
+                                       PL, OH, OW, u0, u1, img, off, tmp, bpad, gather ? apack + g * apg : NULL,
+                                       qoff, wrap);
                 continue;
             }
             const int64_t pc = (u1 - u0) * OW, p0 = u0 * OW;
             GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, u1 - u0);
-            GEMM(path, yg + p0, P, NULL, apack + g * apg, img, NULL, pc, OCg, pc, K, 0, bpad);
-            if (bg)
-                for (int64_t o = 0; o < OCg; o++)
-                    for (int64_t q = 0; q < pc; q++) yg[o * P + p0 + q] += bg[o];
+            GEMM(path, yg + p0, P, NULL, apack + g * apg, img, NULL, pc, bg, OCg, pc, K, 0, 0, 0, bpad);
         }
         free(img);
         free(tmp);
         free(bpad);
         free(off);
+        free(qoff);
     }
     free(apack);
     return status;
@@ -438,14 +485,15 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
             if (direct) {
                 const int64_t r0 = chunk * unit, r1 = r0 + unit < H ? r0 + unit : H;
                 GLUE(direct_rows, SUF)(path, dxg, dyg, apack + g * apg, NULL, OCg, OH, OW, Cg, KH, KW, DH, DW,
-                                       T2, L2, H, W, r0, r1, img, off, tmp, bpad);
+                                       T2, L2, H, W, r0, r1, img, off, tmp, bpad, NULL, NULL, 0);
                 continue;
             }
             for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
             for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
                 const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, pc = rows * OW;
                 if (!rows_mode) {
-                    GEMM(path, img, pc, NULL, apack + g * apg, dyg + oh0 * OW, NULL, P, K, pc, OCg, 0, bpad);
+                    GEMM(path, img, pc, NULL, apack + g * apg, dyg + oh0 * OW, NULL, P, NULL, K, pc, OCg, 0, 0, 0,
+                         bpad);
                     GLUE(col2im, SUF)(dxg, img, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, oh0, rows);
                     continue;
                 }
@@ -492,7 +540,8 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
  *   dw[oc, c, kh, kw] = sum_{n, oh, ow} dy[n, oc, oh, ow] * x[n, g*C/G + c, ih, iw]
  *   db[oc]            = sum_{n, oh, ow} dy[n, oc, oh, ow]
  * computed per image as dot products of dy's rows with the rows of B (the padded-image slices at stride 1,
- * im2col otherwise).
+ * im2col otherwise), or at stride 1 as the gather product dw^T (taps, OC/G) = B @ dy^T, whichever runs fewer
+ * tile steps.
  * Threads: the batch is cut into S slices (S depends on the sizes only, never on the thread count), each
  * slice sums into its own partial dw, and the partials are added in slice order: the result is the same
  * bit for bit on 1 or many threads.
@@ -513,6 +562,31 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     const int direct = SH == 1 && SW == 1 && GLUE(all_finite, SUF)(x, N * C * H * W);
     const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
     const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_rows_im2col, SUF)(K, OH, OW);
+    /* Stride 1 sums dy's rows against the padded input's rows in one of two ways. Spread: dy copied to the
+     * padded width Wp (zeros between its rows), so that each image is one dot product (rows-1)*Wp + OW long.
+     * Row dots (AVX2 only, whose dot tiles end a row with one masked step): one OW-long dot product per output
+     * row, dy read in place, no copy. Chosen by vector steps per image and dot tile, the copy counted as
+     * 2/3 of a step per vector and each row's end as half a step (float) or one (double) (measured).
+     * LeNet-5's conv1 (28 wide, padded to 32) takes row dots, its conv2 (10 wide, padded to 14) the spread. */
+    int row_dots = 0, wgather = 0;
+    if (direct) {
+        const int64_t L = 32 / (int64_t)sizeof(REAL), ntiles = ((OCg + 3) / 4) * ((K + 2) / 3);
+        const int64_t row_end = sizeof(REAL) == sizeof(float) ? 1 : 2; /* half steps */
+        const int64_t cost_rows = ntiles * OH * (2 * ((OW + L - 1) / L) + row_end) / 2;
+        const int64_t cost_spread = ntiles * (((OH - 1) * Wp + OW + L - 1) / L)
+                                  + (Wp != OW ? (2 * OCg * OH * Wp) / (3 * L) : 0);
+        row_dots = path && Wp != OW && cost_rows < cost_spread;
+        /* Or the gather product transposed (gemm_gather): dw^T (taps x output channels), the taps broadcast from
+         * the padded input at (tap offset + pixel offset), summed over the real output pixels only, against dy
+         * transposed into B panels (a scalar copy, ~1/6 of a step per element). Waste: taps rounded up to the
+         * tile's rows, channels to its columns. LeNet-5's conv2: 25 x 1 x 100 steps + 267 against 3587. Not on
+         * the portable double path (its gather tile spills, see conv2d_forward). */
+        int64_t tm, tn;
+        cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
+        const int64_t cost_gather = ((K + tm - 1) / tm) * ((OCg + tn - 1) / tn) * P + OCg * P / 6;
+        wgather = cost_gather < (row_dots ? cost_rows : cost_spread) && (path || sizeof(REAL) == sizeof(float));
+        if (wgather) row_dots = 0;
+    }
     int64_t S = N < 16 ? N : 16;
     while (S > 1 && S * wsize > ((int64_t)1 << 22)) S--;
     if (S < 1) S = 1;
@@ -523,9 +597,12 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit * OW);
-        REAL *dyx = direct ? ALLOC(GROUP * OCg * unit * Wp) : NULL;
+        /* spread: dy at the padded width; gather: dy transposed into B panels, and the pixel offsets */
+        REAL *dyx = !direct || row_dots ? NULL
+                  : wgather ? ALLOC(cnnx_gemm_bpack_size(OCg, GROUP * unit * OW)) : ALLOC(GROUP * OCg * unit * Wp);
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
-        const int ok = img && off && (dyx || !direct);
+        int64_t *soff = wgather ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(GROUP * unit * OW)) : NULL;
+        const int ok = img && off && (dyx || !direct || row_dots) && (soff || !wgather);
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -554,6 +631,45 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
                 const int64_t Nc = (rows - 1) * Wp + OW;
                 const int x_in_place = PT == 0 && PL == 0 && Wp == W && oh0 + R <= H, dy_in_place = Wp == OW;
                 GLUE(tap_offsets, SUF)(off, Cg, KH, KW, DH, DW, x_in_place ? H * W : R * Wp, Wp);
+                if (wgather) {
+                    int64_t NR, MRg;
+                    cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &MRg, &NR);
+                    for (int64_t nb = n0; nb < n1; nb += GROUP) {
+                        const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP, steps = ng * rows * OW;
+                        const int64_t istride = x_in_place ? C * H * W : Cg * R * Wp;
+                        for (int64_t i = 0; i < ng && !x_in_place; i++)
+                            GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H,
+                                                W, PT, PL, oh0, R, Wp);
+                        for (int64_t i = 0; i < ng; i++)
+                            for (int64_t r = 0; r < rows; r++)
+                                for (int64_t q = 0; q < OW; q++)
+                                    soff[(i * rows + r) * OW + q] = i * istride + r * Wp + q;
+                        /* dyx panel j0/NR, [steps][NR]: dy[nb + i, g*OCg + j0 + j, oh0 + r, q], 0 past OCg */
+                        for (int64_t j0 = 0; j0 < OCg; j0 += NR)
+                            for (int64_t i = 0; i < ng; i++)
+                                PACK_B(path, dyx + j0 * steps + i * rows * OW * NR,
+                                       dy + ((nb + i) * OC + g * OCg + j0) * P + oh0 * OW, P, 1,
+                                       OCg - j0 < NR ? OCg - j0 : NR, rows * OW);
+                        const REAL *bsrc = x_in_place ? x + (nb * C + g * Cg) * H * W + oh0 * W : img;
+                        GEMM_GATHER(path, dwg, K, bsrc, off, soff, dyx, NULL, K, OCg, steps, 1);
+                    }
+                    continue;
+                }
+                if (row_dots) { /* per image, one segment per output row: dy's rows in place, OW long */
+                    for (int64_t nb = n0; nb < n1; nb += GROUP) {
+                        const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
+                        for (int64_t i = 0; i < ng && !x_in_place; i++)
+                            GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H,
+                                                W, PT, PL, oh0, R, Wp);
+                        for (int64_t i = 0; i < ng; i++) {
+                            const REAL *bsrc = x_in_place ? x + ((nb + i) * C + g * Cg) * H * W + oh0 * W
+                                                          : img + i * Cg * R * Wp;
+                            GEMM_NT(path, dwg, K, dy + ((nb + i) * OC + g * OCg) * P + oh0 * OW, P, bsrc, off, OCg,
+                                    K, OW, 1, rows, OW, Wp);
+                        }
+                    }
+                    continue;
+                }
                 /* GROUP images at a time: one long dot product per weight over all of their pixels */
                 for (int64_t nb = n0; nb < n1; nb += GROUP) {
                     const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
@@ -579,6 +695,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         free(img);
         free(dyx);
         free(off);
+        free(soff);
         if (S > 1) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < wsize; i++) {
@@ -590,17 +707,11 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         if (db) {
 #pragma omp for schedule(static)
             for (int64_t oc = 0; oc < OC; oc++) {
-                /* eight running sums, so the loop vectorises (a single running sum cannot be reordered);
-                 * fixed order, so the result does not depend on the thread count */
-                REAL part[8] = {0}, sum = 0;
-                for (int64_t n = 0; n < N; n++) {
-                    const REAL *restrict d = dy + (n * OC + oc) * P;
-                    int64_t q = 0;
-                    for (; q + 8 <= P; q += 8)
-                        for (int l = 0; l < 8; l++) part[l] += d[q + l];
-                    for (; q < P; q++) sum += d[q];
-                }
-                for (int l = 0; l < 8; l++) sum += part[l];
+                /* running sums by lane (sum_into: vectorised, AVX2 on that path); a fixed order, so the result
+                 * does not depend on the thread count */
+                REAL part[33] = {0}, sum = 0;
+                for (int64_t n = 0; n < N; n++) SUM_INTO(path, part, dy + (n * OC + oc) * P, P);
+                for (int l = 0; l < 33; l++) sum += part[l];
                 db[oc] = sum;
             }
         }
@@ -614,6 +725,9 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 #undef PARALLEL_MIN_MACS
 #undef SCRATCH_BUDGET
 #undef PACK_A
+#undef PACK_B
+#undef GEMM_GATHER
+#undef SUM_INTO
 #undef GEMM_NT
 #undef GEMM
 #undef GLUE

@@ -12,6 +12,9 @@
  *           into the padded input gradient this way (conv2d_impl.h, rows_scatter).
  * dot_tile: a DR x DC block of c = A @ B^T as dot products along contiguous rows (vector partial sums,
  *           reduced at the end): the weight gradient, where the sum runs over output pixels.
+ * gather_tile: an MR x NR block of c^T = (A @ B)^T whose MR rows of A are read in place, element k of row i
+ *           at rows[i] + koff[k] (broadcast), B packed: a stride-1 convolution without im2col or padded
+ *           columns, output pixels (forward) or kernel taps (weight gradient) as the rows.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -32,9 +35,11 @@
 #define PORTABLE_TILES(REAL, S)                                                                      \
 static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REAL *restrict ap,             \
                      const REAL *restrict b, const int64_t *boff, int64_t rsb, int64_t K, int64_t mr, \
-                     int64_t nr, int accumulate)                                                      \
+                     int64_t nr, int accumulate, const REAL *bias)                                    \
 {                                                                                                    \
-    REAL acc[MR][NR] = {{0}};                                                                        \
+    REAL acc[MR][NR];                                                                                \
+    for (int i = 0; i < MR; i++)                                                                     \
+        for (int j = 0; j < NR; j++) acc[i][j] = bias ? bias[i < mr ? i : 0] : 0;                    \
     for (int64_t k = 0; k < K; k++) {                                                                \
         const REAL *restrict bk = BROW(k);                                                           \
         for (int i = 0; i < MR; i++) {                                                               \
@@ -64,6 +69,23 @@ static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, 
             for (int l = 0; l < 8; l++) sum += part[l];                                              \
             c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sum;                                \
         }                                                                                            \
+}                                                                                                    \
+static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows, const int64_t *koff,      \
+                            const REAL *restrict bp, const REAL *bv, int64_t K, int64_t mr, int64_t nr, \
+                            int accumulate)                                                          \
+{                                                                                                    \
+    REAL acc[MR][NR];                                                                                \
+    for (int i = 0; i < MR; i++)                                                                     \
+        for (int j = 0; j < NR; j++) acc[i][j] = bv[j];                                              \
+    for (int64_t k = 0; k < K; k++) {                                                                \
+        const REAL *restrict bk = bp + k * NR;                                                       \
+        for (int i = 0; i < MR; i++) {                                                               \
+            const REAL av = rows[i][koff[k]];                                                        \
+            for (int j = 0; j < NR; j++) acc[i][j] += av * bk[j];                                    \
+        }                                                                                            \
+    }                                                                                                \
+    for (int64_t j = 0; j < nr; j++)                                                                 \
+        for (int64_t i = 0; i < mr; i++) c[j * ldc + i] = (accumulate ? c[j * ldc + i] : 0) + acc[i][j]; \
 }
 PORTABLE_TILES(float, f32_portable)
 PORTABLE_TILES(double, f64_portable)
@@ -90,6 +112,10 @@ PORTABLE_TILES(double, f64_portable)
 #define MR 6
 #define DR 4
 #define DC 3
+
+/* Pins v in a register: without it GCC folds each load of a row of A into the FMAs that use it, loading it
+ * once per FMA (14 loads per 12 FMAs in the 6 x 2 dot tile, which then waits on the load ports). */
+#define IN_REG(v) __asm__("" : "+x"(v))
 
 /* Store (or add) the register tile into c; a partial tile goes through a stack buffer. */
 #define STORE_TILE(REAL, LOADU, STOREU, ADD, LANES)                                                  \
@@ -125,16 +151,22 @@ TARGET static inline void hsum4_f64(double *out, __m256d a, __m256d b, __m256d c
     _mm_storeu_pd(out + 2, _mm_add_pd(_mm256_castpd256_pd128(cd), _mm256_extractf128_pd(cd, 1)));
 }
 
+/* Masks whose first n (1..LANES-1) lanes are set, for the dot tiles' last, partial step. */
+static const int32_t mask_i32[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+static const int64_t mask_i64[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+#define MASK_F32(n) _mm256_loadu_si256((const __m256i *)(mask_i32 + 8 - (n)))
+#define MASK_F64(n) _mm256_loadu_si256((const __m256i *)(mask_i64 + 4 - (n)))
+
 /* DR x DC (4 x 3) dot products of length K: twelve named vector accumulators (kept in registers), then a
- * 4-way horizontal sum and a scalar tail. Rows/columns past mr/nc repeat the last valid one (not stored). */
-#define DOT_TILE(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES)                                      \
+ * 4-way horizontal sum; a K that is not a multiple of the vector length ends with one masked step.
+ * Rows/columns past mr/nc repeat the last valid one (not stored). */
+#define DOT_TILE(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES, MASK, MASKLOAD)                    \
 TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda,  \
                                 const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr,   \
                                 int64_t nc, int accumulate, int64_t nseg, int64_t sa, int64_t sb)     \
 {                                                                                                    \
     VEC s00 = ZERO(), s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00;                          \
     VEC s20 = s00, s21 = s00, s22 = s00, s30 = s00, s31 = s00, s32 = s00;                             \
-    REAL tail[DR][DC] = {{0}};                                                                       \
     for (int64_t seg = 0; seg < nseg; seg++) {                                                       \
     const REAL *as = a + seg * sa, *bs = b + seg * sb;                                               \
     const REAL *x0 = as, *x1 = as + (1 < mr ? 1 : mr - 1) * lda;                                     \
@@ -144,19 +176,27 @@ TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restr
     int64_t k = 0;                                                                                   \
     for (; k + LANES <= K; k += LANES) {                                                             \
         const VEC v0 = LOADU(y0 + k), v1 = LOADU(y1 + k), v2 = LOADU(y2 + k);                         \
-        VEC u = LOADU(x0 + k);                                                                       \
+        VEC u = LOADU(x0 + k); IN_REG(u);                                                            \
         s00 = FMADD(u, v0, s00); s01 = FMADD(u, v1, s01); s02 = FMADD(u, v2, s02);                   \
-        u = LOADU(x1 + k);                                                                           \
+        u = LOADU(x1 + k); IN_REG(u);                                                                \
         s10 = FMADD(u, v0, s10); s11 = FMADD(u, v1, s11); s12 = FMADD(u, v2, s12);                   \
-        u = LOADU(x2 + k);                                                                           \
+        u = LOADU(x2 + k); IN_REG(u);                                                                \
         s20 = FMADD(u, v0, s20); s21 = FMADD(u, v1, s21); s22 = FMADD(u, v2, s22);                   \
-        u = LOADU(x3 + k);                                                                           \
+        u = LOADU(x3 + k); IN_REG(u);                                                                \
         s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31); s32 = FMADD(u, v2, s32);                   \
     }                                                                                                \
-    const REAL *x[DR] = {x0, x1, x2, x3}, *y[DC] = {y0, y1, y2};                                     \
-    for (int64_t i = 0; i < mr; i++)                                                                 \
-        for (int64_t j = 0; j < nc; j++)                                                             \
-            for (int64_t t = k; t < K; t++) tail[i][j] += x[i][t] * y[j][t];                         \
+    if (k < K) { /* the last K - k < LANES elements: one masked step (masked-out lanes read as 0) */ \
+        const __m256i m = MASK(K - k);                                                               \
+        const VEC v0 = MASKLOAD(y0 + k, m), v1 = MASKLOAD(y1 + k, m), v2 = MASKLOAD(y2 + k, m);      \
+        VEC u = MASKLOAD(x0 + k, m);                                                                 \
+        s00 = FMADD(u, v0, s00); s01 = FMADD(u, v1, s01); s02 = FMADD(u, v2, s02);                   \
+        u = MASKLOAD(x1 + k, m);                                                                     \
+        s10 = FMADD(u, v0, s10); s11 = FMADD(u, v1, s11); s12 = FMADD(u, v2, s12);                   \
+        u = MASKLOAD(x2 + k, m);                                                                     \
+        s20 = FMADD(u, v0, s20); s21 = FMADD(u, v1, s21); s22 = FMADD(u, v2, s22);                   \
+        u = MASKLOAD(x3 + k, m);                                                                     \
+        s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31); s32 = FMADD(u, v2, s32);                   \
+    }                                                                                                \
     }                                                                                                \
     REAL sums[DC][DR]; /* column j of the tile: rows 0..3 */                                          \
     HSUM(sums[0], s00, s10, s20, s30);                                                               \
@@ -164,21 +204,20 @@ TARGET static void dot_tile_##S(REAL *restrict c, int64_t ldc, const REAL *restr
     HSUM(sums[2], s02, s12, s22, s32);                                                               \
     for (int64_t i = 0; i < mr; i++)                                                                 \
         for (int64_t j = 0; j < nc; j++)                                                             \
-            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[j][i] + tail[i][j];            \
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[j][i];                         \
 }
 
 /* The same for 6 x 2 tiles (ALT_DR x ALT_DC): for row counts that are multiples of 6, not of 4 (a layer with
  * 6 output channels wastes a quarter of every 4 x 3 tile). */
 #define ALT_DR 6
 #define ALT_DC 2
-#define DOT_TILE_ALT(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES)                                  \
+#define DOT_TILE_ALT(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES, MASK, MASKLOAD)                \
 TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *restrict a, int64_t lda, \
                                     const REAL *restrict b, const int64_t *boff, int64_t K, int64_t mr, \
                                     int64_t nc, int accumulate, int64_t nseg, int64_t sa, int64_t sb) \
 {                                                                                                    \
     VEC s00 = ZERO(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00;                          \
     VEC s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;                             \
-    REAL tail[ALT_DR][ALT_DC] = {{0}};                                                               \
     for (int64_t seg = 0; seg < nseg; seg++) {                                                       \
     const REAL *as = a + seg * sa, *bs = b + seg * sb;                                               \
     const REAL *x[ALT_DR];                                                                           \
@@ -188,23 +227,35 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
     int64_t k = 0;                                                                                   \
     for (; k + LANES <= K; k += LANES) {                                                             \
         const VEC v0 = LOADU(y0 + k), v1 = LOADU(y1 + k);                                            \
-        VEC u = LOADU(x0 + k);                                                                       \
+        VEC u = LOADU(x0 + k); IN_REG(u);                                                            \
         s00 = FMADD(u, v0, s00); s01 = FMADD(u, v1, s01);                                            \
-        u = LOADU(x1 + k);                                                                           \
+        u = LOADU(x1 + k); IN_REG(u);                                                                \
         s10 = FMADD(u, v0, s10); s11 = FMADD(u, v1, s11);                                            \
-        u = LOADU(x2 + k);                                                                           \
+        u = LOADU(x2 + k); IN_REG(u);                                                                \
         s20 = FMADD(u, v0, s20); s21 = FMADD(u, v1, s21);                                            \
-        u = LOADU(x3 + k);                                                                           \
+        u = LOADU(x3 + k); IN_REG(u);                                                                \
         s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31);                                            \
-        u = LOADU(x4 + k);                                                                           \
+        u = LOADU(x4 + k); IN_REG(u);                                                                \
         s40 = FMADD(u, v0, s40); s41 = FMADD(u, v1, s41);                                            \
-        u = LOADU(x5 + k);                                                                           \
+        u = LOADU(x5 + k); IN_REG(u);                                                                \
         s50 = FMADD(u, v0, s50); s51 = FMADD(u, v1, s51);                                            \
     }                                                                                                \
-    const REAL *y[ALT_DC] = {y0, y1};                                                                \
-    for (int64_t i = 0; i < mr; i++)                                                                 \
-        for (int64_t j = 0; j < nc; j++)                                                             \
-            for (int64_t t = k; t < K; t++) tail[i][j] += x[i][t] * y[j][t];                         \
+    if (k < K) { /* the last K - k < LANES elements: one masked step (masked-out lanes read as 0) */ \
+        const __m256i m = MASK(K - k);                                                               \
+        const VEC v0 = MASKLOAD(y0 + k, m), v1 = MASKLOAD(y1 + k, m);                                \
+        VEC u = MASKLOAD(x0 + k, m);                                                                 \
+        s00 = FMADD(u, v0, s00); s01 = FMADD(u, v1, s01);                                            \
+        u = MASKLOAD(x1 + k, m);                                                                     \
+        s10 = FMADD(u, v0, s10); s11 = FMADD(u, v1, s11);                                            \
+        u = MASKLOAD(x2 + k, m);                                                                     \
+        s20 = FMADD(u, v0, s20); s21 = FMADD(u, v1, s21);                                            \
+        u = MASKLOAD(x3 + k, m);                                                                     \
+        s30 = FMADD(u, v0, s30); s31 = FMADD(u, v1, s31);                                            \
+        u = MASKLOAD(x4 + k, m);                                                                     \
+        s40 = FMADD(u, v0, s40); s41 = FMADD(u, v1, s41);                                            \
+        u = MASKLOAD(x5 + k, m);                                                                     \
+        s50 = FMADD(u, v0, s50); s51 = FMADD(u, v1, s51);                                            \
+    }                                                                                                \
     }                                                                                                \
     REAL c0[4], c1[4], r45[4]; /* rows 0..3 of columns 0 and 1; rows 4, 5 of column 0, then of column 1 */ \
     HSUM(c0, s00, s10, s20, s30);                                                                    \
@@ -214,52 +265,95 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
                                        {r45[0], r45[2]}, {r45[1], r45[3]}};                          \
     for (int64_t i = 0; i < mr; i++)                                                                 \
         for (int64_t j = 0; j < nc; j++)                                                             \
-            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[i][j] + tail[i][j];            \
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[i][j];                         \
 }
+
+/* One k step of a 6 x 2-vector register tile: row i's element of A (broadcast from p_i) times b0, b1 into the
+ * accumulators cI0, cI1 (named, so that the compiler keeps them in registers). */
+#define STEP_6X2(VEC, BROADCAST, FMADD, p0, p1, p2, p3, p4, p5)                                      \
+    {                                                                                                \
+        VEC ai = BROADCAST(p0);                                                                      \
+        c00 = FMADD(ai, b0, c00);                                                                    \
+        c01 = FMADD(ai, b1, c01);                                                                    \
+        ai = BROADCAST(p1);                                                                          \
+        c10 = FMADD(ai, b0, c10);                                                                    \
+        c11 = FMADD(ai, b1, c11);                                                                    \
+        ai = BROADCAST(p2);                                                                          \
+        c20 = FMADD(ai, b0, c20);                                                                    \
+        c21 = FMADD(ai, b1, c21);                                                                    \
+        ai = BROADCAST(p3);                                                                          \
+        c30 = FMADD(ai, b0, c30);                                                                    \
+        c31 = FMADD(ai, b1, c31);                                                                    \
+        ai = BROADCAST(p4);                                                                          \
+        c40 = FMADD(ai, b0, c40);                                                                    \
+        c41 = FMADD(ai, b1, c41);                                                                    \
+        ai = BROADCAST(p5);                                                                          \
+        c50 = FMADD(ai, b0, c50);                                                                    \
+        c51 = FMADD(ai, b1, c51);                                                                    \
+    }
 
 /* The 6 x NR register tile (NR = 2 vectors): twelve named accumulators, so the compiler keeps them in
  * registers through the k loop; per k, 2 loads of b, 6 broadcasts of a, 12 FMAs. */
 #define GEMM_TILE(REAL, S, VEC, LOADU, STOREU, ADD, FMADD, ZERO, BROADCAST, LANES)                   \
 TARGET static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REAL *restrict ap,      \
                       const REAL *restrict b, const int64_t *boff, int64_t rsb, int64_t K,            \
-                      int64_t mr, int64_t nr, int accumulate)                                        \
+                      int64_t mr, int64_t nr, int accumulate, const REAL *bias)                      \
 {                                                                                                    \
-    /* twelve named accumulators, so the compiler keeps them in registers through the k loop */      \
+    /* twelve named accumulators, so the compiler keeps them in registers through the k loop; they     \
+     * start from the row's bias (rows past mr repeat row 0's, never stored) */                      \
     VEC c00 = ZERO(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;                         \
     VEC c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;                            \
+    if (bias) {                                                                                      \
+        c00 = c01 = BROADCAST(bias);                                                                 \
+        c10 = c11 = BROADCAST(bias + (1 < mr ? 1 : 0));                                              \
+        c20 = c21 = BROADCAST(bias + (2 < mr ? 2 : 0));                                              \
+        c30 = c31 = BROADCAST(bias + (3 < mr ? 3 : 0));                                              \
+        c40 = c41 = BROADCAST(bias + (4 < mr ? 4 : 0));                                              \
+        c50 = c51 = BROADCAST(bias + (5 < mr ? 5 : 0));                                              \
+    }                                                                                                \
     for (int64_t k = 0; k < K; k++) {                                                                \
         const REAL *bk = BROW(k);                                                                    \
         const VEC b0 = LOADU(bk), b1 = LOADU(bk + LANES);                                            \
         const REAL *av = ap + k * MR;                                                                \
-        VEC ai = BROADCAST(av + 0);                                                                  \
-        c00 = FMADD(ai, b0, c00);                                                                    \
-        c01 = FMADD(ai, b1, c01);                                                                    \
-        ai = BROADCAST(av + 1);                                                                      \
-        c10 = FMADD(ai, b0, c10);                                                                    \
-        c11 = FMADD(ai, b1, c11);                                                                    \
-        ai = BROADCAST(av + 2);                                                                      \
-        c20 = FMADD(ai, b0, c20);                                                                    \
-        c21 = FMADD(ai, b1, c21);                                                                    \
-        ai = BROADCAST(av + 3);                                                                      \
-        c30 = FMADD(ai, b0, c30);                                                                    \
-        c31 = FMADD(ai, b1, c31);                                                                    \
-        ai = BROADCAST(av + 4);                                                                      \
-        c40 = FMADD(ai, b0, c40);                                                                    \
-        c41 = FMADD(ai, b1, c41);                                                                    \
-        ai = BROADCAST(av + 5);                                                                      \
-        c50 = FMADD(ai, b0, c50);                                                                    \
-        c51 = FMADD(ai, b1, c51);                                                                    \
+        STEP_6X2(VEC, BROADCAST, FMADD, av, av + 1, av + 2, av + 3, av + 4, av + 5)                   \
     }                                                                                                \
     const VEC acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}}; \
     STORE_TILE(REAL, LOADU, STOREU, ADD, LANES)                                                      \
+}
+
+/* The gather tile (gemm_gather): 6 rows whose elements are broadcast from six pointers plus a per-k offset,
+ * x NR columns of packed B, started from the bias; per k 1 offset, 2 vectors of b, 6 broadcasts, 12 FMAs.
+ * Stored transposed through a stack buffer. */
+#define GATHER_TILE(REAL, S, VEC, LOADU, STOREU, FMADD, BROADCAST, LANES)                            \
+TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows, const int64_t *koff, \
+                                   const REAL *restrict bp, const REAL *bv, int64_t K, int64_t mr,    \
+                                   int64_t nr, int accumulate)                                       \
+{                                                                                                    \
+    const REAL *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3], *r4 = rows[4], *r5 = rows[5]; \
+    VEC c00 = LOADU(bv), c01 = LOADU(bv + LANES), c10 = c00, c11 = c01, c20 = c00, c21 = c01;          \
+    VEC c30 = c00, c31 = c01, c40 = c00, c41 = c01, c50 = c00, c51 = c01;                            \
+    for (int64_t k = 0; k < K; k++) {                                                                \
+        const int64_t o = koff[k];                                                                   \
+        const VEC b0 = LOADU(bp + k * NR), b1 = LOADU(bp + k * NR + LANES);                          \
+        STEP_6X2(VEC, BROADCAST, FMADD, r0 + o, r1 + o, r2 + o, r3 + o, r4 + o, r5 + o)               \
+    }                                                                                                \
+    const VEC acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}}; \
+    REAL tmp[MR][NR];                                                                                \
+    for (int i = 0; i < MR; i++)                                                                     \
+        for (int v = 0; v < 2; v++) STOREU(&tmp[i][v * LANES], acc[i][v]);                           \
+    for (int64_t j = 0; j < nr; j++)                                                                 \
+        for (int64_t i = 0; i < mr; i++) c[j * ldc + i] = (accumulate ? c[j * ldc + i] : 0) + tmp[i][j]; \
 }
 
 #define NR 16
 /* float: 6 rows x 16 columns */
 GEMM_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps,
           _mm256_broadcast_ss, 8)
-DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
-DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8)
+GATHER_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_broadcast_ss, 8)
+DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8, MASK_F32,
+         _mm256_maskload_ps)
+DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8, MASK_F32,
+             _mm256_maskload_ps)
 #define REAL float
 #define SUF f32_avx2
 #include "gemm_impl.h"
@@ -271,8 +365,11 @@ DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_s
 /* double: 6 rows x 8 columns */
 GEMM_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, _mm256_fmadd_pd,
           _mm256_setzero_pd, _mm256_broadcast_sd, 4)
-DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
-DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4)
+GATHER_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_fmadd_pd, _mm256_broadcast_sd, 4)
+DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4, MASK_F64,
+         _mm256_maskload_pd)
+DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4, MASK_F64,
+             _mm256_maskload_pd)
 #define REAL double
 #define SUF f64_avx2
 #include "gemm_impl.h"
@@ -290,8 +387,16 @@ DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256
 #define pack_a_f64_avx2 pack_a_f64_portable
 #define gemm_f32_avx2 gemm_f32_portable
 #define gemm_f64_avx2 gemm_f64_portable
+#define gemm_wrap_f32_avx2 gemm_wrap_f32_portable
+#define gemm_wrap_f64_avx2 gemm_wrap_f64_portable
 #define gemm_nt_f32_avx2 gemm_nt_f32_portable
 #define gemm_nt_f64_avx2 gemm_nt_f64_portable
+#define pack_b_f32_avx2 pack_b_f32_portable
+#define pack_b_f64_avx2 pack_b_f64_portable
+#define gemm_gather_f32_avx2 gemm_gather_f32_portable
+#define gemm_gather_f64_avx2 gemm_gather_f64_portable
+#define sum_into_f32_avx2 sum_into_f32_portable
+#define sum_into_f64_avx2 sum_into_f64_portable
 #endif
 
 int cnnx_gemm_path(void) { return CNNX_USE_AVX2 ? 1 : 0; }
@@ -299,6 +404,15 @@ int cnnx_gemm_path(void) { return CNNX_USE_AVX2 ? 1 : 0; }
 int64_t cnnx_gemm_apack_size(int64_t M, int64_t K) { return (M + CNNX_GEMM_MR_MAX) * (K > 0 ? K : 1); }
 
 int64_t cnnx_gemm_bpad_size(int64_t K) { return CNNX_GEMM_NR_MAX * (K > 0 ? K : 1); }
+
+int64_t cnnx_gemm_bpack_size(int64_t N, int64_t K) { return (N + CNNX_GEMM_NR_MAX) * (K > 0 ? K : 1); }
+
+void cnnx_gemm_tile_shape(int path, int dsize, int64_t *mr, int64_t *nr)
+{
+    /* portable: 4 x 8; AVX2: 6 x 2 vectors (16 floats, 8 doubles) */
+    *mr = path && CNNX_HAVE_X86_DISPATCH ? 6 : 4;
+    *nr = path && CNNX_HAVE_X86_DISPATCH ? (dsize == 4 ? 16 : 8) : 8;
+}
 
 #define CNNX_GEMM_DISPATCH(REAL, S)                                                                \
 void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int64_t csa, int64_t M, \
@@ -308,11 +422,18 @@ void cnnx_gemm_pack_a_##S(int path, REAL *apack, const REAL *a, int64_t rsa, int
     else pack_a_##S##_portable(apack, a, rsa, csa, M, K);                                           \
 }                                                                                                   \
 void cnnx_gemm_##S(int path, REAL *c, int64_t ldc, const int64_t *coff, const REAL *apack,          \
-                   const REAL *b, const int64_t *boff, int64_t rsb, int64_t M, int64_t N, int64_t K, \
-                   int accumulate, REAL *bpad)                                                      \
+                   const REAL *b, const int64_t *boff, int64_t rsb, const REAL *bias, int64_t M,      \
+                   int64_t N, int64_t K, int accumulate, int64_t wrap_w, int64_t wrap_n, REAL *bpad) \
 {                                                                                                   \
-    if (path) gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, M, N, K, accumulate, bpad);        \
-    else gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, M, N, K, accumulate, bpad);         \
+    if (wrap_w && path)                                                                             \
+        gemm_wrap_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, bpad); \
+    else if (wrap_w)                                                                                \
+        gemm_wrap_##S##_portable(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, wrap_w, wrap_n, \
+                                 bpad);                                                             \
+    else if (path)                                                                                  \
+        gemm_##S##_avx2(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, bpad);        \
+    else                                                                                            \
+        gemm_##S##_portable(c, ldc, coff, apack, b, boff, rsb, bias, M, N, K, accumulate, bpad);     \
 }                                                                                                   \
 void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda, const REAL *b,    \
                       const int64_t *boff, int64_t M, int64_t N, int64_t K, int accumulate,         \
@@ -320,6 +441,24 @@ void cnnx_gemm_nt_##S(int path, REAL *c, int64_t ldc, const REAL *a, int64_t lda
 {                                                                                                   \
     if (path) gemm_nt_##S##_avx2(c, ldc, a, lda, b, boff, M, N, K, accumulate, nseg, sa, sb);       \
     else gemm_nt_##S##_portable(c, ldc, a, lda, b, boff, M, N, K, accumulate, nseg, sa, sb);        \
+}                                                                                                   \
+void cnnx_sum_into_##S(int path, REAL *part, const REAL *x, int64_t n)                              \
+{                                                                                                   \
+    if (path) sum_into_##S##_avx2(part, x, n);                                                      \
+    else sum_into_##S##_portable(part, x, n);                                                       \
+}                                                                                                   \
+void cnnx_gemm_pack_b_##S(int path, REAL *bpack, const REAL *w, int64_t rsa, int64_t csa, int64_t M, \
+                          int64_t K)                                                               \
+{                                                                                                   \
+    if (path) pack_b_##S##_avx2(bpack, w, rsa, csa, M, K);                                          \
+    else pack_b_##S##_portable(bpack, w, rsa, csa, M, K);                                           \
+}                                                                                                   \
+void cnnx_gemm_gather_##S(int path, REAL *c, int64_t ldc, const REAL *src, const int64_t *qoff,      \
+                          const int64_t *koff, const REAL *bpack, const REAL *bias, int64_t M,       \
+                          int64_t N, int64_t K, int accumulate)                                    \
+{                                                                                                   \
+    if (path) gemm_gather_##S##_avx2(c, ldc, src, qoff, koff, bpack, bias, M, N, K, accumulate);    \
+    else gemm_gather_##S##_portable(c, ldc, src, qoff, koff, bpack, bias, M, N, K, accumulate);     \
 }
 CNNX_GEMM_DISPATCH(float, f32)
 CNNX_GEMM_DISPATCH(double, f64)

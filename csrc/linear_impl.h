@@ -56,7 +56,7 @@ int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
         for (int64_t p = 0; p < panels; p++) {
             if (!bpad) continue;
             const int64_t j0 = p * 64, cols = IN - j0 < 64 ? IN - j0 : 64;
-            GLUE(cnnx_gemm, SUF)(path, dx + j0, IN, NULL, apack, w + j0, NULL, IN, N, cols, OUT, 0, bpad);
+            GLUE(cnnx_gemm, SUF)(path, dx + j0, IN, NULL, apack, w + j0, NULL, IN, NULL, N, cols, OUT, 0, 0, 0, bpad);
         }
         free(bpad);
     }
@@ -90,7 +90,8 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         for (int64_t p = 0; p < panels; p++) {
             if (!bpad) continue;
             const int64_t j0 = p * 64, cols = IN - j0 < 64 ? IN - j0 : 64;
-            GLUE(cnnx_gemm, SUF)(path, dw + j0, IN, NULL, apack, x + j0, NULL, IN, OUT, cols, N, accumulate, bpad);
+            GLUE(cnnx_gemm, SUF)(path, dw + j0, IN, NULL, apack, x + j0, NULL, IN, NULL, OUT, cols, N, accumulate, 0, 0,
+                                 bpad);
         }
         if (db) {
 #pragma omp single

@@ -62,6 +62,30 @@ CONV_CASES = {
     "rows_bwd_input_chunked_padded": (1, 8, 30, 1096, 8, (3, 3), 1, 1, 1, 1),
     "rows_bwd_input_at_threshold": (2, 3, 6, 8, 18, (2, 5), 1, 0, 1, 1),
     "rows_bwd_input_past_threshold": (2, 3, 6, 7, 18, (2, 5), 1, 0, 1, 1),
+    # the stride-1 forward's gather product (output pixels x output channels, transposed store): a partial
+    # channel panel (19 = 16 + 3) and a partial pixel tile (63 pixels) with padding and dilation; groups;
+    # a 60x200 image in two row chunks (N = 1). lenet_conv1, n1_1x1 and gemm_tail_sizes (float32) stay on
+    # the padded-width product.
+    "gather_fwd_partial_tiles": (2, 5, 11, 9, 19, (3, 4), 1, (1, 2, 0, 1), (2, 1), 1),
+    "gather_fwd_groups": (2, 8, 10, 9, 32, (3, 3), 1, 1, 1, 2),
+    "gather_fwd_chunked": (1, 16, 60, 200, 16, (3, 3), 1, 1, 1, 1),
+    # the stride-1 backward-weight's row dots (AVX2: one dot product per output row, dy in place, a masked last
+    # step): padding, dilation and groups; the input read in place (no padding, odd width); two row chunks.
+    # lenet_conv2 (float32) and gemm_tail_sizes keep dy spread to the padded width.
+    "row_dots_bwd_weight_dilated_groups": (2, 4, 12, 37, 6, (3, 3), 1, (1, 0, 2, 1), (1, 2), 2),
+    "row_dots_bwd_weight_in_place": (2, 3, 9, 45, 4, (2, 3), 1, 0, 1, 1),
+    "row_dots_bwd_weight_chunked": (1, 8, 40, 600, 4, (3, 3), 1, 1, 1, 1),
+    # the stride-1 backward-weight's gather product (taps x output channels, summed over real pixels): the input
+    # read in place for two image groups (N = 10 > 8), partial tap tile (45 taps) and channel panel (14);
+    # padding and dilation; a 256-channel input in two row chunks. lenet_conv2 takes it too.
+    "wgather_bwd_weight_in_place_two_groups": (10, 5, 9, 8, 14, (3, 3), 1, 0, 1, 1),
+    "wgather_bwd_weight_padded_dilated": (3, 6, 14, 14, 16, (5, 5), 1, (1, 0, 2, 1), (2, 1), 1),
+    "wgather_bwd_weight_chunked": (1, 256, 60, 12, 16, (3, 3), 1, 1, 1, 1),
+    # the stride-1 forward's padded-width product stored in place without the extra columns (the padded width
+    # a multiple of the column panel, 32; lenet_conv1 too): a panel wholly past the output width (14 of 32),
+    # skipped; a 700-row image in two row chunks (each chunk's last row stored exactly).
+    "wrap_fwd_skipped_panel": (2, 2, 6, 14, 3, (3, 19), 1, (1, 9), 1, 1),
+    "wrap_fwd_chunked": (1, 1, 700, 28, 6, (5, 5), 1, 2, 1, 1),
 }
 
 # pool: (N, C, H, W, kernel, stride, padding, dilation, ceil_mode); stride None = kernel.
@@ -192,7 +216,8 @@ def test_conv2d_kernels_random_geometry(kernels, ref, check, seed, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
 @pytest.mark.parametrize("name", ["gemm_tail_sizes", "wide_channels_7x7_s2", "depthwise_multiplier2",
                                   "same_stride2_tf", "lenet_conv2", "rows_bwd_input_padded_dilated_groups",
-                                  "rows_bwd_input_kernel_1_wide"])
+                                  "rows_bwd_input_kernel_1_wide", "gather_fwd_partial_tiles", "gather_fwd_groups",
+                                  "wgather_bwd_weight_in_place_two_groups", "wrap_fwd_skipped_panel"])
 def test_conv2d_portable_path(kernels, ref, check, rng, name, dtype):
     """The same parity with the AVX2+FMA GEMM switched off (the path of CPUs without AVX2)."""
     x_shape, w_shape, s, p, d, g = conv_geometry(CONV_CASES[name])
