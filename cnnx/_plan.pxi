@@ -406,8 +406,8 @@ def sequential_plan(seq, x):
     from cnnx.nn import layers as L
     cdef _SequentialPlan plan = _SequentialPlan()
     modules = list(seq._modules.values())
-    plan.modules = [seq] + modules
-    plan.versions = [m.__dict__.get("_version", 0) if m is not None else 0 for m in plan.modules]
+    plan.modules = [seq] + [m for m in modules if m is not None]   # (a None entry: seq's stamp covers it)
+    plan.versions = [m.__dict__.get("_version", 0) for m in plan.modules]
     plan.nops = 0
     if type(x) is not np.ndarray or x.dtype not in _FLOATS or x.ndim < 1 or x.size == 0 or not modules:
         return plan

@@ -339,3 +339,11 @@ def test_relu_pool_fusion_is_bit_exact_on_special_values(dtype):
         np.testing.assert_array_equal(dx.view(uint), dx_ref.view(uint))
         for p, q in zip(model.parameters(), twin.parameters()):
             np.testing.assert_array_equal(p.grad.view(uint), q.grad.view(uint))
+
+
+def test_a_module_set_to_none_falls_back():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    model(rand((2, 3)))
+    model.__setattr__("1", None)             # allowed by Module.__setattr__; the chain cannot run
+    with pytest.raises(TypeError):
+        model(rand((2, 3)))
