@@ -246,8 +246,12 @@ cdef class _SequentialPlan:
     cdef list params            # Parameter per slot
     cdef list pdata             # the array last validated per slot
     cdef list pshape
-    cdef char **wptr
-    cdef list scratch           # per slot: the scratch array its gradient goes through (or None)
+    cdef char **wptr            # per slot: the parameter's data
+    cdef int64_t *gmode         # per slot, set by each backward: 0 frozen, 1 add into grad in C (gptr),
+    cdef char **gptr            #   2 through the scratch + Parameter.accumulate_grad
+    cdef char **sptr            # per slot: its scratch array (ssize elements)
+    cdef int64_t *ssize
+    cdef list scratch           # per slot: the scratch array its gradient goes through
     cdef list hold              # parameter copies alive during one backward
     cdef list modules
     cdef list versions
@@ -258,11 +262,16 @@ cdef class _SequentialPlan:
 
     def __cinit__(self):
         self.ops = NULL
-        self.wptr = NULL
+        self.wptr = self.gptr = self.sptr = NULL
+        self.gmode = self.ssize = NULL
 
     def __dealloc__(self):
         PyMem_Free(self.ops)
         PyMem_Free(self.wptr)
+        PyMem_Free(self.gmode)
+        PyMem_Free(self.gptr)
+        PyMem_Free(self.sptr)
+        PyMem_Free(self.ssize)
 
     cdef bint _params_ready(self, bint strict) except -1:
         """Point wptr at each parameter's current data. An array the kernels cannot take as it stands gives
@@ -344,34 +353,22 @@ cdef class _SequentialPlan:
             self.busy = False
             raise
         cdef int nslots = len(self.params), i, code = 0, f64 = self.f64
-        cdef int64_t *gmode = <int64_t *>PyMem_Malloc((nslots + 1) * sizeof(int64_t))
-        cdef char **gptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
-        cdef char **sptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
-        cdef int64_t *ssize = <int64_t *>PyMem_Malloc((nslots + 1) * sizeof(int64_t))
         cdef char *xp = _data_ptr(self.x_ref)
         cdef char *dxp = NULL
         cdef _Op *op
         dx = None
         try:
-            if gmode == NULL or gptr == NULL or sptr == NULL or ssize == NULL:
-                raise MemoryError("Sequential.backward: out of memory")
             np.copyto(self.grad_buf, dy)
-            # per slot: 0 frozen (no gradient), 1 accumulate into grad in C, 2 through scratch + accumulate_grad
             for i in range(nslots):
                 p = self.params[i]
-                gptr[i] = sptr[i] = NULL
-                ssize[i] = 0
+                self.gptr[i] = NULL
                 if not p.requires_grad:
-                    gmode[i] = 0
+                    self.gmode[i] = 0
                 elif _usable(p.grad, self.dtype, self.pshape[i], True):
-                    gmode[i] = 1
-                    gptr[i] = _data_ptr(p.grad)
+                    self.gmode[i] = 1
+                    self.gptr[i] = _data_ptr(p.grad)
                 else:
-                    gmode[i] = 2
-                s = self.scratch[i]
-                if s is not None:
-                    sptr[i] = _data_ptr(s)
-                    ssize[i] = s.size
+                    self.gmode[i] = 2
             if input_grad and self.nops:
                 dx = np.empty(self.in_shape, dtype=self.dtype)
                 dxp = _data_ptr(dx)
@@ -379,21 +376,17 @@ cdef class _SequentialPlan:
                 for i in range(self.nops - 1, -1, -1):
                     op = &self.ops[i]
                     code = _run_backward(op, op.x if op.x != NULL else xp, op.dx if op.dx != NULL else dxp,
-                                         self.wptr, gmode, gptr, sptr, ssize, f64)
+                                         self.wptr, self.gmode, self.gptr, self.sptr, self.ssize, f64)
                     if code:
                         break
             _status(code, "Sequential.backward")
             for i in range(nslots):
-                if gmode[i] == 2 and self.scratch[i] is not None:
+                if self.gmode[i] == 2:
                     self.params[i].accumulate_grad(self.scratch[i].copy())
             self.pending = False
             self.x_ref = None
             return dx
         finally:
-            PyMem_Free(gmode)
-            PyMem_Free(gptr)
-            PyMem_Free(sptr)
-            PyMem_Free(ssize)
             self.hold = []
             self.busy = False
 
@@ -417,9 +410,15 @@ def sequential_plan(seq, x):
         specs = None        # a shape or setting the layers reject: they raise it themselves
     if not specs:
         return plan
+    cdef size_t nslots = len(plan.params) + 1
     plan.ops = <_Op *>PyMem_Malloc(len(specs) * sizeof(_Op))
-    plan.wptr = <char **>PyMem_Malloc((len(plan.params) + 1) * sizeof(char *))
-    if plan.ops == NULL or plan.wptr == NULL:
+    plan.wptr = <char **>PyMem_Malloc(nslots * sizeof(char *))
+    plan.gptr = <char **>PyMem_Malloc(nslots * sizeof(char *))
+    plan.sptr = <char **>PyMem_Malloc(nslots * sizeof(char *))
+    plan.gmode = <int64_t *>PyMem_Malloc(nslots * sizeof(int64_t))
+    plan.ssize = <int64_t *>PyMem_Malloc(nslots * sizeof(int64_t))
+    if plan.ops == NULL or plan.wptr == NULL or plan.gptr == NULL or plan.sptr == NULL or plan.gmode == NULL \
+            or plan.ssize == NULL:
         raise MemoryError("Sequential: out of memory for a plan")
     cdef int i, k
     cdef _Op *op
@@ -437,7 +436,10 @@ def sequential_plan(seq, x):
         op.aux = _data_ptr(spec["aux"]) if spec.get("aux") is not None else NULL
     for i in range(len(plan.params)):
         plan.pdata[i] = None
-        plan.wptr[i] = NULL
+        plan.wptr[i] = plan.gptr[i] = NULL
+        plan.gmode[i] = 0
+        plan.sptr[i] = _data_ptr(plan.scratch[i])
+        plan.ssize[i] = plan.scratch[i].size
     plan.nops = len(specs)
     return plan
 
