@@ -9,6 +9,7 @@ import pytest
 
 import cnnx
 from cnnx import nn
+from conftest import central_differences as numeric_grad
 
 BACKENDS = ["c", "numpy"]
 
@@ -37,21 +38,6 @@ def any_backend(request):
 def away_from_zero(rng, shape, low=0.2):
     """Values with |x| >= low, so kinks (ReLU at 0, max-pool ties) are far from the finite-difference step."""
     return rng.uniform(low, 1.0, size=shape) * rng.choice([-1.0, 1.0], size=shape)
-
-
-def numeric_grad(f, arr, eps=1e-6):
-    """Central differences of the scalar f() with respect to every element of arr (modified in place)."""
-    grad = np.zeros_like(arr)
-    flat, gflat = arr.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f()
-        flat[i] = old - eps
-        fm = f()
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return grad
 
 
 def gradcheck(layer, x, rng, atol=1e-6, rtol=1e-5):
