@@ -11,7 +11,7 @@ import math
 import numpy as np
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 from cython cimport floating
 
 from cnnx._geometry import conv2d_out_size, pool2d_out_size
@@ -65,13 +65,17 @@ cdef extern from "cnnx.h" nogil:
     int adam_update_f64(double *p, double *m, double *v, double *vmax, const double *grad, int64_t n,
                         double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled,
                         int64_t t)
-    int maxpool2x2_relu_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H,
+    int cnnx_sgd_group(void **ptr, const int64_t *size, const int *f32, int64_t n, int stride, int with_buf,
+                       double lr, double momentum, double dampening, double weight_decay, int nesterov)
+    int cnnx_adam_group(void **ptr, const int64_t *size, const int *f32, int64_t n, int stride, const int64_t *t,
+                        double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled)
+    int maxpool2x2_relu_forward_f32(float *y, uint8_t *code, const float *x, int64_t NC, int64_t H,
                                     int64_t W, int64_t OH, int64_t OW)
-    int maxpool2x2_relu_forward_f64(double *y, int64_t *indices, const double *x, int64_t NC, int64_t H,
+    int maxpool2x2_relu_forward_f64(double *y, uint8_t *code, const double *x, int64_t NC, int64_t H,
                                     int64_t W, int64_t OH, int64_t OW)
-    int maxpool2x2_relu_backward_f32(float *dx, const float *dy, const int64_t *indices, const float *x,
+    int maxpool2x2_relu_backward_f32(float *dx, const float *dy, const uint8_t *code, const float *y,
                                      int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW)
-    int maxpool2x2_relu_backward_f64(double *dx, const double *dy, const int64_t *indices, const double *x,
+    int maxpool2x2_relu_backward_f64(double *dx, const double *dy, const uint8_t *code, const double *y,
                                      int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW)
     int maxpool2d_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H, int64_t W,
                               int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
@@ -896,19 +900,9 @@ def sgd_step(params, state, lr, momentum, dampening, weight_decay, nesterov):
         return False
     cdef _Pointers a = _Pointers(arrays)
     cdef int nest = bool(nesterov), stride = 3 if with_buf else 2
-    cdef Py_ssize_t i, n = len(arrays)
-    cdef void *b
+    cdef int64_t n = len(arrays)
     with nogil:
-        i = 0
-        while i < n:
-            b = a.ptr[i + 2] if with_buf else a.ptr[i]
-            if a.f32[i]:
-                sgd_update_f32(<float *>a.ptr[i], <float *>b, <const float *>a.ptr[i + 1], a.size[i], lr_, mom,
-                               damp, wd, nest, 0)
-            else:
-                sgd_update_f64(<double *>a.ptr[i], <double *>b, <const double *>a.ptr[i + 1], a.size[i], lr_,
-                               mom, damp, wd, nest, 0)
-            i += stride
+        cnnx_sgd_group(a.ptr, a.size, a.f32, n, stride, with_buf, lr_, mom, damp, wd, nest)
     return True
 
 
@@ -940,9 +934,8 @@ def adam_step(params, state, lr, beta1, beta2, eps, weight_decay, decoupled, ams
     cdef int64_t *t = <int64_t *>PyMem_Malloc(max(len(states), 1) * sizeof(int64_t))
     if not t:
         raise MemoryError()
-    cdef Py_ssize_t i, k = 0, n = len(arrays)
+    cdef Py_ssize_t k = 0, n = len(arrays)
     cdef int stride = len(keys) + 2
-    cdef void *vmax
     try:
         for st in states:            # as the general path: st["step"] += 1, then the kernel gets int(step)
             step = (<dict>st)["step"] + 1
@@ -950,18 +943,7 @@ def adam_step(params, state, lr, beta1, beta2, eps, weight_decay, decoupled, ams
             t[k] = int(step)
             k += 1
         with nogil:
-            i = 0
-            while i < n:
-                vmax = a.ptr[i + 4] if stride == 5 else NULL
-                if a.f32[i]:
-                    adam_update_f32(<float *>a.ptr[i], <float *>a.ptr[i + 2], <float *>a.ptr[i + 3],
-                                    <float *>vmax, <const float *>a.ptr[i + 1], a.size[i], lr_, b1, b2, eps_, wd,
-                                    dec, t[i // stride])
-                else:
-                    adam_update_f64(<double *>a.ptr[i], <double *>a.ptr[i + 2], <double *>a.ptr[i + 3],
-                                    <double *>vmax, <const double *>a.ptr[i + 1], a.size[i], lr_, b1, b2, eps_, wd,
-                                    dec, t[i // stride])
-                i += stride
+            cnnx_adam_group(a.ptr, a.size, a.f32, n, stride, t, lr_, b1, b2, eps_, wd, dec)
     finally:
         PyMem_Free(t)
     return True

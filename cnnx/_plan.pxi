@@ -31,7 +31,7 @@ cdef struct _Op:
     char *y             # output activation
     char *dx            # gradient to the input (NULL for the first op: a fresh array, when wanted)
     char *dy            # gradient to the output
-    char *aux           # maxpool: int64 indices
+    char *aux           # maxpool: int64 indices (fused with a ReLU: uint8 window positions)
 
 
 cdef inline char *_data_ptr(a):
@@ -125,10 +125,10 @@ cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogi
             code = linear_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, g[0], g[1], g[2])
     elif op.kind == _OP_MAXPOOL and op.masked:     # relu(x) pooled without writing relu(x)
         if f64:
-            code = maxpool2x2_relu_forward_f64(<double *>op.y, <int64_t *>op.aux, <double *>x, g[0], g[1], g[2],
+            code = maxpool2x2_relu_forward_f64(<double *>op.y, <uint8_t *>op.aux, <double *>x, g[0], g[1], g[2],
                                                g[11], g[12])
         else:
-            code = maxpool2x2_relu_forward_f32(<float *>op.y, <int64_t *>op.aux, <float *>x, g[0], g[1], g[2],
+            code = maxpool2x2_relu_forward_f32(<float *>op.y, <uint8_t *>op.aux, <float *>x, g[0], g[1], g[2],
                                                g[11], g[12])
     elif op.kind == _OP_MAXPOOL:
         if f64:
@@ -158,11 +158,11 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
     if op.kind == _OP_MAXPOOL:
         if dx != NULL and op.masked:
             if f64:
-                code = maxpool2x2_relu_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux,
-                                                    <double *>x, g[0], g[1], g[2], g[11], g[12])
+                code = maxpool2x2_relu_backward_f64(<double *>dx, <double *>op.dy, <uint8_t *>op.aux,
+                                                    <double *>op.y, g[0], g[1], g[2], g[11], g[12])
             else:
-                code = maxpool2x2_relu_backward_f32(<float *>dx, <float *>op.dy, <int64_t *>op.aux,
-                                                    <float *>x, g[0], g[1], g[2], g[11], g[12])
+                code = maxpool2x2_relu_backward_f32(<float *>dx, <float *>op.dy, <uint8_t *>op.aux,
+                                                    <float *>op.y, g[0], g[1], g[2], g[11], g[12])
         elif dx != NULL:
             if f64:
                 code = maxpool2d_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
@@ -518,12 +518,13 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
             out = (shape[0], shape[1], oh, ow)
             if 0 in out:
                 return None
-            idx = np.empty(out, np.int64)
+            masked = prev_relu is not None and k == (2, 2) and s == (2, 2) and p == (0, 0) and d == (1, 1) \
+                and shape[2] >= 2 * oh and shape[3] >= 2 * ow
+            idx = np.empty(out, np.uint8 if masked else np.int64)   # fused: each winner's place in its window
             plan.keep.append(idx)
             spec = new_op(_OP_MAXPOOL, (shape[0] * shape[1], shape[2], shape[3], k[0], k[1], s[0], s[1], p[0], p[1],
                                  d[0], d[1], oh, ow), out, aux=idx)
-            if prev_relu is not None and k == (2, 2) and s == (2, 2) and p == (0, 0) and d == (1, 1) \
-                    and shape[2] >= 2 * oh and shape[3] >= 2 * ow:
+            if masked:
                 spec["masked"] = 1
                 prev_relu["relu"] = 2
             fusable = None

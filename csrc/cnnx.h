@@ -84,6 +84,13 @@ int adam_update_##SUF(REAL *p, REAL *m, REAL *v, REAL *vmax, const REAL *grad, i
                       int64_t t);
 CNNX_OPTIM_DECLARE(float, f32)
 CNNX_OPTIM_DECLARE(double, f64)
+/* A whole group: per parameter, stride consecutive arrays in ptr (p, grad, then the state: SGD's momentum
+ * buffer when with_buf; Adam's m, v and, when stride == 5, vmax), size[i] elements, f32[i] != 0 for float32;
+ * n entries in all; Adam's step count per parameter in t. Threaded over equal parts of every parameter. */
+int cnnx_sgd_group(void *const *ptr, const int64_t *size, const int *f32, int64_t n, int stride, int with_buf,
+                   double lr, double momentum, double dampening, double weight_decay, int nesterov);
+int cnnx_adam_group(void *const *ptr, const int64_t *size, const int *f32, int64_t n, int stride, const int64_t *t,
+                    double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled);
 
 /* ---- losses (loss.c): x (N, C) logits, target (N,) class indices, losses (N,), dx (N, C) ---- */
 #define CNNX_LOSS_DECLARE(REAL, SUF)                                                                \
@@ -99,9 +106,9 @@ int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,           
                          int64_t NC, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,      \
                          int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW,                \
                          int64_t OH, int64_t OW);                                                   \
-int maxpool2x2_relu_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,                        \
+int maxpool2x2_relu_forward_##SUF(REAL *y, uint8_t *code, const REAL *x,                           \
                          int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
-int maxpool2x2_relu_backward_##SUF(REAL *dx, const REAL *dy, const int64_t *indices, const REAL *x,  \
+int maxpool2x2_relu_backward_##SUF(REAL *dx, const REAL *dy, const uint8_t *code, const REAL *y,     \
                          int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
 int maxpool2d_backward_##SUF(REAL *dx, const REAL *dy, const int64_t *indices,                      \
                          int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \

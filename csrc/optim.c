@@ -70,3 +70,78 @@ int adam_update_##S(REAL *p, REAL *m, REAL *v, REAL *vmax, const REAL *grad, int
 }
 CNNX_OPTIM_DISPATCH(float, f32)
 CNNX_OPTIM_DISPATCH(double, f64)
+
+/*
+ * A whole parameter group in one call: arrays ptr[i .. i + stride) per parameter (p, grad, then its state:
+ * SGD's momentum buffer when with_buf; Adam's m, v and, when stride == 5, vmax), size[i] elements each,
+ * f32[i] its dtype. With enough elements the threads split every parameter into equal contiguous parts
+ * (whole multiples of 8 elements): the partition by which the gradient kernels wrote the weight gradients
+ * (output rows in the linear layers, equal slices in the convolutions' reduction), so each thread mostly
+ * updates values already in its own cache. The updates are elementwise and the AVX2 and portable kernels
+ * agree bit for bit, so the result does not depend on the thread count.
+ */
+#define GROUP_PARALLEL_MIN 32768 /* elements in the group */
+
+static int64_t group_total(const int64_t *size, int64_t n, int stride)
+{
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i += stride) total += size[i];
+    return total;
+}
+
+/* This thread's part [*lo, *hi) of m elements */
+static void thread_part(int64_t m, int64_t *lo, int64_t *hi)
+{
+#ifdef _OPENMP
+    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    const int64_t T = 1, t = 0;
+#endif
+    *lo = t == 0 ? 0 : (m * t / T) & ~(int64_t)7;
+    *hi = t == T - 1 ? m : (m * (t + 1) / T) & ~(int64_t)7;
+}
+
+int cnnx_sgd_group(void *const *ptr, const int64_t *size, const int *f32, int64_t n, int stride, int with_buf,
+                   double lr, double momentum, double dampening, double weight_decay, int nesterov)
+{
+    const int64_t total = group_total(size, n, stride);
+    (void)total;
+#pragma omp parallel num_threads(cnnx_threads()) if (total >= GROUP_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += stride) {
+        int64_t lo, hi;
+        thread_part(size[i], &lo, &hi);
+        if (hi <= lo) continue;
+        void *b = with_buf ? ptr[i + 2] : ptr[i];
+        if (f32[i])
+            sgd_update_f32((float *)ptr[i] + lo, (float *)b + lo, (const float *)ptr[i + 1] + lo, hi - lo, lr,
+                           momentum, dampening, weight_decay, nesterov, 0);
+        else
+            sgd_update_f64((double *)ptr[i] + lo, (double *)b + lo, (const double *)ptr[i + 1] + lo, hi - lo, lr,
+                           momentum, dampening, weight_decay, nesterov, 0);
+    }
+    return CNNX_OK;
+}
+
+int cnnx_adam_group(void *const *ptr, const int64_t *size, const int *f32, int64_t n, int stride, const int64_t *t,
+                    double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled)
+{
+    const int64_t total = group_total(size, n, stride);
+    (void)total;
+#pragma omp parallel num_threads(cnnx_threads()) if (total >= GROUP_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i += stride) {
+        int64_t lo, hi;
+        thread_part(size[i], &lo, &hi);
+        if (hi <= lo) continue;
+        void *vmax = stride == 5 ? ptr[i + 4] : NULL;
+        if (f32[i])
+            adam_update_f32((float *)ptr[i] + lo, (float *)ptr[i + 2] + lo, (float *)ptr[i + 3] + lo,
+                            vmax ? (float *)vmax + lo : NULL, (const float *)ptr[i + 1] + lo, hi - lo, lr, beta1,
+                            beta2, eps, weight_decay, decoupled, t[i / stride]);
+        else
+            adam_update_f64((double *)ptr[i] + lo, (double *)ptr[i + 2] + lo, (double *)ptr[i + 3] + lo,
+                            vmax ? (double *)vmax + lo : NULL, (const double *)ptr[i + 1] + lo, hi - lo, lr,
+                            beta1, beta2, eps, weight_decay, decoupled, t[i / stride]);
+    }
+    return CNNX_OK;
+}
+#undef GROUP_PARALLEL_MIN

@@ -9,12 +9,10 @@
 #include <immintrin.h>
 /* The winner of each window (taps a, b, c, d, in row-major window order) as the scalar code picks it, in
  * vectors of 4 (PFX _mm, BITS 128) or 8 (_mm256, 256) windows: the taps go through relu first when relu is
- * set; m gets the maximum, off its offset in the row pair from the first window's column (2j + (k & 1), plus
- * W for the second row). One definition for both widths, so they cannot drift apart. */
-#define MAX2X2_WINNER(PFX, BITS, a, b, c, d, relu, W, m, off)                                            \
+ * set; m gets the maximum, k the winner's position in the window (0..3, int32 lanes: row k >> 1, column k & 1).
+ * One definition for both widths, so they cannot drift apart. */
+#define MAX2X2_WINNER(PFX, BITS, a, b, c, d, relu, m, k)                                                 \
     do {                                                                                                 \
-        const __m##BITS##i one_ = PFX##_set1_epi32(1), two_ = PFX##_set1_epi32(2);                       \
-        const __m##BITS##i three_ = PFX##_set1_epi32(3), wv_ = PFX##_set1_epi32((int)(W));               \
         if (relu) { /* the taps of relu(x): v if v > 0 or NaN, else +0 */                               \
             const __m##BITS z_ = PFX##_setzero_ps();                                                     \
             a = PFX##_and_ps(a, PFX##_or_ps(PFX##_cmp_ps(a, z_, _CMP_GT_OQ), PFX##_cmp_ps(a, a, _CMP_UNORD_Q))); \
@@ -25,16 +23,19 @@
         /* a later tap wins when greater, or when it is NaN */                                          \
         const __m##BITS tb_ = PFX##_or_ps(PFX##_cmp_ps(b, a, _CMP_GT_OQ), PFX##_cmp_ps(b, b, _CMP_UNORD_Q)); \
         m = PFX##_blendv_ps(a, b, tb_);                                                                  \
-        __m##BITS##i k_ = PFX##_and_si##BITS(PFX##_castps_si##BITS(tb_), one_);                          \
+        k = PFX##_and_si##BITS(PFX##_castps_si##BITS(tb_), PFX##_set1_epi32(1));                         \
         const __m##BITS tc_ = PFX##_or_ps(PFX##_cmp_ps(c, m, _CMP_GT_OQ), PFX##_cmp_ps(c, c, _CMP_UNORD_Q)); \
         m = PFX##_blendv_ps(m, c, tc_);                                                                  \
-        k_ = PFX##_blendv_epi8(k_, two_, PFX##_castps_si##BITS(tc_));                                    \
+        k = PFX##_blendv_epi8(k, PFX##_set1_epi32(2), PFX##_castps_si##BITS(tc_));                       \
         const __m##BITS td_ = PFX##_or_ps(PFX##_cmp_ps(d, m, _CMP_GT_OQ), PFX##_cmp_ps(d, d, _CMP_UNORD_Q)); \
         m = PFX##_blendv_ps(m, d, td_);                                                                  \
-        k_ = PFX##_blendv_epi8(k_, three_, PFX##_castps_si##BITS(td_));                                  \
-        off = PFX##_add_epi32(off, PFX##_and_si##BITS(k_, one_));                                        \
-        off = PFX##_add_epi32(off, PFX##_and_si##BITS(PFX##_cmpgt_epi32(k_, one_), wv_));                \
+        k = PFX##_blendv_epi8(k, PFX##_set1_epi32(3), PFX##_castps_si##BITS(td_));                       \
     } while (0)
+
+/* off (the windows' first columns, 2j) + the offset of winner k in the row pair: k & 1, plus W for row 1 */
+#define MAX2X2_OFFSET(PFX, BITS, k, W, off)                                                              \
+    PFX##_add_epi32(PFX##_add_epi32(off, PFX##_and_si##BITS(k, PFX##_set1_epi32(1))),                    \
+                    PFX##_and_si##BITS(PFX##_cmpgt_epi32(k, PFX##_set1_epi32(1)), PFX##_set1_epi32((int)(W))))
 
 /*
  * 2x2 stride-2 max pooling of one float output row of n >= 4 outputs, 8 per step (4 for rows narrower than
@@ -42,11 +43,12 @@
  * windows), and the winner is chosen by the same selects, in the same order, as the scalar code, so values
  * and indices are bit-identical. A row that is not a multiple of the step ends with a step overlapping the
  * previous one, which rewrites the same values (masked stores, the alternative, are microcoded on AMD's
- * cores). Returns n (0 when n < 4). ir gets base + the winner's offset in the row pair (W < 2^30, checked by
- * the caller). relu != 0 pools relu(x) instead (v where v > 0 or NaN, +0 elsewhere), without writing it.
+ * cores). Returns n (0 when n < 4). The winners go to ir as base + their offset in the row pair (W < 2^30,
+ * checked by the caller) or, when ir is NULL, to cr as their position in the window (0..3). relu != 0 pools
+ * relu(x) instead (v where v > 0 or NaN, +0 elsewhere), without writing it.
  */
 __attribute__((target("avx2,fma")))
-static int64_t max2x2_row_avx2(float *yr, int64_t *ir, const float *r0, const float *r1, int64_t n,
+static int64_t max2x2_row_avx2(float *yr, int64_t *ir, uint8_t *cr, const float *r0, const float *r1, int64_t n,
                                int64_t base, int64_t W, int relu)
 {
     if (n < 4)
@@ -60,11 +62,18 @@ static int64_t max2x2_row_avx2(float *yr, int64_t *ir, const float *r0, const fl
             __m128 c = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(2, 0, 2, 0));
             __m128 d = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 1, 3, 1));
             __m128 m;
-            __m128i off = _mm_setr_epi32(0, 2, 4, 6);
-            MAX2X2_WINNER(_mm, 128, a, b, c, d, relu, W, m, off);
+            __m128i k;
+            MAX2X2_WINNER(_mm, 128, a, b, c, d, relu, m, k);
             _mm_storeu_ps(yr + q, m);
-            _mm256_storeu_si256((__m256i *)(ir + q),
-                                _mm256_add_epi64(_mm256_cvtepi32_epi64(off), _mm256_set1_epi64x(base + 2 * q)));
+            if (ir) {
+                const __m128i off = MAX2X2_OFFSET(_mm, 128, k, W, _mm_setr_epi32(0, 2, 4, 6));
+                _mm256_storeu_si256((__m256i *)(ir + q),
+                                    _mm256_add_epi64(_mm256_cvtepi32_epi64(off), _mm256_set1_epi64x(base + 2 * q)));
+            } else { /* byte 0 of each lane */
+                const int32_t bytes = _mm_cvtsi128_si32(_mm_shuffle_epi8(k, _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1,
+                                                        -1, -1, -1, -1, -1, -1, -1, -1, -1)));
+                memcpy(cr + q, &bytes, 4);
+            }
             if (q == n - 4)
                 return n;
         }
@@ -82,25 +91,94 @@ static int64_t max2x2_row_avx2(float *yr, int64_t *ir, const float *r0, const fl
 #undef EVEN
 #undef ODD
         __m256 m;
-        __m256i off = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        MAX2X2_WINNER(_mm256, 256, a, b, c, d, relu, W, m, off);
+        __m256i k;
+        MAX2X2_WINNER(_mm256, 256, a, b, c, d, relu, m, k);
         _mm256_storeu_ps(yr + q, m);
-        const __m256i b64 = _mm256_set1_epi64x(base + 2 * q);
-        _mm256_storeu_si256((__m256i *)(ir + q),
-                            _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(off)), b64));
-        _mm256_storeu_si256((__m256i *)(ir + q + 4),
-                            _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(off, 1)), b64));
+        if (ir) {
+            const __m256i off = MAX2X2_OFFSET(_mm256, 256, k, W, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+            const __m256i b64 = _mm256_set1_epi64x(base + 2 * q);
+            _mm256_storeu_si256((__m256i *)(ir + q),
+                                _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(off)), b64));
+            _mm256_storeu_si256((__m256i *)(ir + q + 4),
+                                _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(off, 1)), b64));
+        } else { /* byte 0 of each lane: bytes 0..3 of each 128-bit half */
+            const __m256i t = _mm256_shuffle_epi8(k, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                  -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                  -1, -1, -1, -1));
+            const int32_t lo = _mm256_cvtsi256_si32(t), hi = _mm256_extract_epi32(t, 4);
+            memcpy(cr + q, &lo, 4);
+            memcpy(cr + q + 4, &hi, 4);
+        }
+        if (q == n - 8)
+            return n;
+    }
+}
+
+/*
+ * The backward of maxpool2x2_relu_forward over one output row of n >= 4 windows, 8 per step (4 below 8), the
+ * last step overlapping: v = (0 + dy) * (y > 0 ? 1 : 0) (y the pooled output: y > 0 exactly when the winning
+ * tap x is), written at the winner's position in the two dx rows d0/d1, +0 at the window's other three. The
+ * same operations and bits as the scalar code. Returns n (0 when n < 4).
+ */
+__attribute__((target("avx2,fma")))
+static int64_t max2x2_relu_back_row_avx2(float *d0, float *d1, const float *dy, const float *y, const uint8_t *cr,
+                                         int64_t n)
+{
+    if (n < 4)
+        return 0;
+    if (n < 8) {
+        const __m128 z = _mm_setzero_ps(), one = _mm_set1_ps(1.0f);
+        for (int64_t q = 0;; q = n - 4) {
+            const __m128 v = _mm_mul_ps(_mm_add_ps(z, _mm_loadu_ps(dy + q)),
+                                        _mm_and_ps(one, _mm_cmp_ps(_mm_loadu_ps(y + q), z, _CMP_GT_OQ)));
+            int32_t bytes;
+            memcpy(&bytes, cr + q, 4);
+            const __m128i k = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
+            const __m128 e0 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(0))));
+            const __m128 o0 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(1))));
+            const __m128 e1 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(2))));
+            const __m128 o1 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(3))));
+            _mm_storeu_ps(d0 + 2 * q, _mm_unpacklo_ps(e0, o0));
+            _mm_storeu_ps(d0 + 2 * q + 4, _mm_unpackhi_ps(e0, o0));
+            _mm_storeu_ps(d1 + 2 * q, _mm_unpacklo_ps(e1, o1));
+            _mm_storeu_ps(d1 + 2 * q + 4, _mm_unpackhi_ps(e1, o1));
+            if (q == n - 4)
+                return n;
+        }
+    }
+    const __m256 z = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    for (int64_t q = 0;; q = q + 16 <= n ? q + 8 : n - 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_add_ps(z, _mm256_loadu_ps(dy + q)),
+                                       _mm256_and_ps(one, _mm256_cmp_ps(_mm256_loadu_ps(y + q), z, _CMP_GT_OQ)));
+        const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cr + q)));
+        const __m256 e0 = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(0))));
+        const __m256 o0 = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(1))));
+        const __m256 e1 = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(2))));
+        const __m256 o1 = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(3))));
+        /* interleave (e, o) pairs: unpack works per 128-bit half, the permutes put the halves in order */
+        __m256 lo = _mm256_unpacklo_ps(e0, o0), hi = _mm256_unpackhi_ps(e0, o0);
+        _mm256_storeu_ps(d0 + 2 * q, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_storeu_ps(d0 + 2 * q + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+        lo = _mm256_unpacklo_ps(e1, o1);
+        hi = _mm256_unpackhi_ps(e1, o1);
+        _mm256_storeu_ps(d1 + 2 * q, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_storeu_ps(d1 + 2 * q + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
         if (q == n - 8)
             return n;
     }
 }
 #undef MAX2X2_WINNER
-#define MAX2X2_ROW_FAST_f32(yr, ir, r0, r1, n, base, W, relu) \
-    (CNNX_USE_AVX2 && (n) >= 4 && (W) < ((int64_t)1 << 30) ? max2x2_row_avx2(yr, ir, r0, r1, n, base, W, relu) : 0)
+#undef MAX2X2_OFFSET
+#define MAX2X2_ROW_FAST_f32(yr, ir, cr, r0, r1, n, base, W, relu)                                        \
+    (CNNX_USE_AVX2 && (n) >= 4 && (W) < ((int64_t)1 << 30) ? max2x2_row_avx2(yr, ir, cr, r0, r1, n, base, W, relu) \
+                                                           : 0)
+#define MAX2X2_BACK_ROW_FAST_f32(d0, d1, dy, y, cr, n) (CNNX_USE_AVX2 ? max2x2_relu_back_row_avx2(d0, d1, dy, y, cr, n) : 0)
 #else
-#define MAX2X2_ROW_FAST_f32(yr, ir, r0, r1, n, base, W, relu) 0
+#define MAX2X2_ROW_FAST_f32(yr, ir, cr, r0, r1, n, base, W, relu) 0
+#define MAX2X2_BACK_ROW_FAST_f32(d0, d1, dy, y, cr, n) 0
 #endif
-#define MAX2X2_ROW_FAST_f64(yr, ir, r0, r1, n, base, W, relu) 0
+#define MAX2X2_ROW_FAST_f64(yr, ir, cr, r0, r1, n, base, W, relu) 0
+#define MAX2X2_BACK_ROW_FAST_f64(d0, d1, dy, y, cr, n) 0
 
 #define REAL float
 #define UREAL uint32_t

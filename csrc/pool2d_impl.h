@@ -55,16 +55,18 @@ static inline REAL GLUE(select, SUF)(int t, REAL x, REAL y)
 
 /* The commonest pooling, 2x2 windows at stride 2 with no padding or dilation, over one whole plane: the
  * selects of the general fast path below without its per-row window arithmetic, which dominates small
- * planes such as LeNet-5's 10x10; 8 outputs at a time with AVX2 (float). */
-static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, const REAL *restrict xp,
-                                    int64_t W, int64_t OH, int64_t OW, int relu)
+ * planes such as LeNet-5's 10x10; 8 outputs at a time with AVX2 (float). The winners go to ip as indices
+ * into the plane or, when ip is NULL, to cp as their position in the window (0..3: row k >> 1, column k & 1). */
+static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, uint8_t *restrict cp,
+                                    const REAL *restrict xp, int64_t W, int64_t OH, int64_t OW, int relu)
 {
     for (int64_t oh = 0; oh < OH; oh++) {
         const REAL *restrict r0 = xp + 2 * oh * W, *restrict r1 = r0 + W;
         REAL *restrict yr = yp + oh * OW;
-        int64_t *restrict ir = ip + oh * OW;
+        int64_t *restrict ir = ip ? ip + oh * OW : NULL;
+        uint8_t *restrict cr = ip ? NULL : cp + oh * OW;
         const int64_t base = 2 * oh * W;
-        for (int64_t ow = GLUE(MAX2X2_ROW_FAST, SUF)(yr, ir, r0, r1, OW, base, W, relu); ow < OW; ow++) {
+        for (int64_t ow = GLUE(MAX2X2_ROW_FAST, SUF)(yr, ir, cr, r0, r1, OW, base, W, relu); ow < OW; ow++) {
             REAL a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
             if (relu) {
                 a = GLUE(select, SUF)((a > 0) | (a != a), a, 0);
@@ -82,53 +84,69 @@ static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, con
             m = GLUE(select, SUF)(td, d, m);
             k ^= (k ^ 3) & -(int64_t)td;
             yr[ow] = m;
-            ir[ow] = base + 2 * ow + (k & 1) + (k >> 1) * W;
+            if (ir)
+                ir[ow] = base + 2 * ow + (k & 1) + (k >> 1) * W;
+            else
+                cr[ow] = (uint8_t)k;
         }
     }
 }
 
+/* Windows (NC*OH*OW) up to which the fused 2x2 kernels run on one thread (a few microseconds of work). Lower
+ * than the general kernels' threshold: in a plan the convolutions around them run threaded over the same
+ * images, and a single thread would first fetch the other thread's half from its cache. */
+#define FUSED_PARALLEL_MIN 4096
+
 /*
  * maxpool2x2_relu_forward: maxpool2d_forward of relu(x) (v where v > 0 or NaN, +0 elsewhere: numpy's
  * maximum(x, 0)) with 2x2 windows at stride 2, no padding (2*OH <= H, 2*OW <= W), without materialising
- * relu(x): the same values and indices, bit for bit, as the ReLU layer followed by the pooling layer. A
- * Sequential's plan runs Conv2d -> ReLU -> MaxPool2d(2) through it.
+ * relu(x): the same values, bit for bit, as the ReLU layer followed by the pooling layer, and the same
+ * winners, stored compactly: code[p, oh, ow] = the winner's position in its window (0..3, row-major), so
+ * that MaxPool2d's index is 2*oh*W + 2*ow + (code & 1) + (code >> 1)*W. A Sequential's plan runs
+ * Conv2d -> ReLU -> MaxPool2d(2) through it.
  */
-int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64_t NC, int64_t H,
-                                       int64_t W, int64_t OH, int64_t OW)
+int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, uint8_t *code, const REAL *x, int64_t NC, int64_t H, int64_t W,
+                                       int64_t OH, int64_t OW)
 {
     if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
     for (int64_t p = 0; p < NC; p++)
-        GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, x + p * H * W, W, OH, OW, 1);
+        GLUE(max2x2_plane, SUF)(y + p * OH * OW, NULL, code + p * OH * OW, x + p * H * W, W, OH, OW, 1);
     return CNNX_OK;
 }
 
 /*
  * maxpool2x2_relu_backward: the backward of maxpool2x2_relu_forward, i.e. of the ReLU and the pooling layers
- * together: dy (NC, OH, OW), indices from that forward, x its input -> dx (NC, H, W), overwritten:
- *   dx[p, i] = (0 + dy[p, o]) * (x[p, i] > 0 ? 1 : 0)  at i = indices[p, o], 0 elsewhere
- * the operations of MaxPool2d.backward (zero, then add) followed by ReLU.backward (multiply by the mask),
- * so the same bits, in one pass that writes each 2x2 window once. Rows/columns that no window covers (odd
- * H or W) are zeroed.
+ * together: dy (NC, OH, OW), code and y (NC, OH, OW) from that forward -> dx (NC, H, W), overwritten:
+ *   dx[p, 2*oh + (k >> 1), 2*ow + (k & 1)] = (0 + dy[p, oh, ow]) * (y[p, oh, ow] > 0 ? 1 : 0),  k = code[p, oh, ow]
+ * and 0 at the window's other three pixels: the operations of MaxPool2d.backward (zero, then add) followed
+ * by ReLU.backward (multiply by the mask x > 0, and the winning x is > 0 exactly when the pooled y is), so
+ * the same bits, in one pass that writes each 2x2 window once. Rows/columns that no window covers (odd H or
+ * W) are zeroed.
  */
-int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indices, const REAL *x,
-                                        int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW)
+int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const uint8_t *code, const REAL *y, int64_t NC,
+                                        int64_t H, int64_t W, int64_t OH, int64_t OW)
 {
     if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
     for (int64_t p = 0; p < NC; p++) {
         REAL *restrict dxp = dx + p * H * W;
-        const REAL *restrict xp = x + p * H * W;
+        const REAL *restrict yp = y + p * OH * OW;
         const REAL *restrict dyp = dy + p * OH * OW;
-        const int64_t *restrict ip = indices + p * OH * OW;
+        const uint8_t *restrict cp = code + p * OH * OW;
         if (2 * OH != H || 2 * OW != W)
             for (int64_t i = 0; i < H * W; i++) dxp[i] = 0;
         for (int64_t oh = 0; oh < OH; oh++) {
-            REAL *restrict r0 = dxp + 2 * oh * W;
-            for (int64_t ow = 0; ow < OW; ow++) {
-                r0[2 * ow] = r0[2 * ow + 1] = r0[W + 2 * ow] = r0[W + 2 * ow + 1] = 0;
-                const int64_t i = ip[oh * OW + ow];
-                dxp[i] = ((REAL)0 + dyp[oh * OW + ow]) * (xp[i] > 0 ? (REAL)1 : (REAL)0);
+            REAL *restrict r0 = dxp + 2 * oh * W, *restrict r1 = r0 + W;
+            const REAL *restrict dyr = dyp + oh * OW, *restrict yr = yp + oh * OW;
+            const uint8_t *restrict cr = cp + oh * OW;
+            for (int64_t ow = GLUE(MAX2X2_BACK_ROW_FAST, SUF)(r0, r1, dyr, yr, cr, OW); ow < OW; ow++) {
+                const REAL v = ((REAL)0 + dyr[ow]) * (yr[ow] > 0 ? (REAL)1 : (REAL)0);
+                const int k = cr[ow];
+                r0[2 * ow] = k == 0 ? v : 0;
+                r0[2 * ow + 1] = k == 1 ? v : 0;
+                r1[2 * ow] = k == 2 ? v : 0;
+                r1[2 * ow + 1] = k == 3 ? v : 0;
             }
         }
     }
@@ -149,7 +167,7 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
         2 * OH <= H && 2 * OW <= W) {
 #pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
         for (int64_t p = 0; p < NC; p++)
-            GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, x + p * H * W, W, OH, OW, 0);
+            GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, NULL, x + p * H * W, W, OH, OW, 0);
         return CNNX_OK;
     }
     /* output columns whose window lies wholly inside the image need no bounds checks */
@@ -314,5 +332,6 @@ int GLUE(avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, int64_t NC, int64_t 
 }
 
 #undef AVG_WINDOW
+#undef FUSED_PARALLEL_MIN
 #undef GLUE
 #undef GLUE_
