@@ -31,6 +31,16 @@ cdef extern from "cnnx.h" nogil:
     int conv2d_forward_f64(double *y, const double *x, const double *w, const double *b, int64_t N, int64_t C,
                            int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
                            int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+    int conv2d_relu_maxpool2x2_forward_f32(float *pooled, uint8_t *code, float *y, const float *x, const float *w,
+                                           const float *b, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC,
+                                           int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
+                                           int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW, int64_t PH,
+                                           int64_t PW)
+    int conv2d_relu_maxpool2x2_forward_f64(double *pooled, uint8_t *code, double *y, const double *x,
+                                           const double *w, const double *b, int64_t N, int64_t C, int64_t H,
+                                           int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                                           int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH,
+                                           int64_t OW, int64_t PH, int64_t PW)
     int conv2d_backward_input_f32(float *dx, const float *dy, const float *w, int64_t N, int64_t C, int64_t H,
                                   int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
                                   int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)

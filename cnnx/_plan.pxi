@@ -22,6 +22,7 @@ cdef enum:
 cdef struct _Op:
     int kind
     int relu            # conv/linear: ReLU applied in place to y (2: by the next op, a masked maxpool)
+    int pooled          # conv with relu 2: its forward also runs the next op's (conv2d_relu_maxpool2x2_forward)
     int masked          # maxpool 2x2 stride 2 (no ceil-mode windows), after a ReLU that it applies itself: forward
                         # pools relu(x) on the fly, backward writes dx masked by x > 0 in one pass
     int wslot, bslot    # parameter slots (-1: none)
@@ -107,9 +108,22 @@ cdef void _add_into(char *dst, char *src, int64_t n, int f64) noexcept nogil:
 
 
 cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogil:
+    """One op's forward; a pooled conv's also runs the next op's (op + 1: its masked 2x2 pool)."""
     cdef int64_t *g = op.g
     cdef int code = 0
-    if op.kind == _OP_CONV:
+    cdef _Op *nxt = op + 1
+    if op.kind == _OP_CONV and op.pooled:
+        if f64:
+            code = conv2d_relu_maxpool2x2_forward_f64(<double *>nxt.y, <uint8_t *>nxt.aux, <double *>op.y,
+                                                      <double *>x, <double *>w, <double *>b, g[0], g[1], g[2],
+                                                      g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
+                                                      g[13], g[14], g[15], nxt.g[11], nxt.g[12])
+        else:
+            code = conv2d_relu_maxpool2x2_forward_f32(<float *>nxt.y, <uint8_t *>nxt.aux, <float *>op.y,
+                                                      <float *>x, <float *>w, <float *>b, g[0], g[1], g[2], g[3],
+                                                      g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
+                                                      g[13], g[14], g[15], nxt.g[11], nxt.g[12])
+    elif op.kind == _OP_CONV:
         if f64:
             code = conv2d_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, g[0], g[1], g[2],
                                       g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
@@ -323,13 +337,15 @@ cdef class _SequentialPlan:
                 return None
             xp = _data_ptr(x)
             with nogil:
-                for i in range(self.nops):
+                i = 0
+                while i < self.nops:
                     op = &self.ops[i]
                     inp = xp if op.x == NULL else op.x
                     code = _run_forward(op, inp, self.wptr[op.wslot] if op.wslot >= 0 else NULL,
                                         self.wptr[op.bslot] if op.bslot >= 0 else NULL, f64)
                     if code:
                         break
+                    i += 2 if op.pooled else 1      # (a pooled conv ran the pool too)
             _status(code, "Sequential.forward")
             self.x_ref = x
             self.pending = True
@@ -426,6 +442,7 @@ def sequential_plan(seq, x):
         op = &plan.ops[i]
         op.kind, op.relu, op.wslot, op.bslot = spec["kind"], spec["relu"], spec["wslot"], spec["bslot"]
         op.masked = spec.get("masked", 0)
+        op.pooled = spec.get("pooled", 0)
         geometry = spec["g"]
         for k in range(16):
             op.g[k] = geometry[k] if k < len(geometry) else 0
@@ -527,6 +544,8 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
             if masked:
                 spec["masked"] = 1
                 prev_relu["relu"] = 2
+                if prev_relu["kind"] == _OP_CONV and specs[len(specs) - 2] is prev_relu:
+                    prev_relu["pooled"] = 1     # the conv pools each image as it computes it
             fusable = None
         elif t is L.ReLU:
             if fusable is not None and not fusable["relu"]:

@@ -100,6 +100,19 @@ int cross_entropy_forward_##SUF(REAL *losses, REAL *dx, double *total, int64_t *
 CNNX_LOSS_DECLARE(float, f32)
 CNNX_LOSS_DECLARE(double, f64)
 
+/* ---- convolution, ReLU and 2x2 max pooling in one pass (conv2d.c) ----
+ * conv2d_forward, then maxpool2x2_relu_forward on its output (pooled (N, OC, PH, PW), code as there): the same
+ * bits. y (N, OC, OH, OW) is written only when the pass cannot run per image (groups, or an image too large for
+ * one task), otherwise each task pools its image from a small per-thread buffer while it is in cache. */
+#define CNNX_CONV_POOL_DECLARE(REAL, SUF)                                                           \
+int conv2d_relu_maxpool2x2_forward_##SUF(REAL *pooled, uint8_t *code, REAL *y, const REAL *x,        \
+                         const REAL *w, const REAL *b, int64_t N, int64_t C, int64_t H, int64_t W,   \
+                         int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,     \
+                         int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW,      \
+                         int64_t PH, int64_t PW);
+CNNX_CONV_POOL_DECLARE(float, f32)
+CNNX_CONV_POOL_DECLARE(double, f64)
+
 /* ---- pooling (pool2d.c) ---- planes are (N*C) independent (H, W) images. */
 #define CNNX_POOL2D_DECLARE(REAL, SUF)                                                              \
 int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,                               \

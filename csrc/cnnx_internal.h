@@ -71,4 +71,10 @@ void cnnx_gemm_gather_##S(int path, REAL *c, int64_t ldc, const REAL *src, const
 CNNX_GEMM_DECLARE(float, f32)
 CNNX_GEMM_DECLARE(double, f64)
 
+/* maxpool2x2_relu_forward's work on NC planes, single-threaded (pool2d.c, for the fused convolution). */
+void cnnx_max2x2_relu_planes_f32(float *y, uint8_t *code, const float *x, int64_t NC, int64_t H, int64_t W,
+                                 int64_t OH, int64_t OW);
+void cnnx_max2x2_relu_planes_f64(double *y, uint8_t *code, const double *x, int64_t NC, int64_t H, int64_t W,
+                                 int64_t OH, int64_t OW);
+
 #endif

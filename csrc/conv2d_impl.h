@@ -290,13 +290,20 @@ static int GLUE(is_fully_connected, SUF)(int64_t H, int64_t W, int64_t KH, int64
  *   with g = oc / (OC/G), ih = oh*SH - PT + kh*DH, iw = ow*SW - PL + kw*DW (zero outside the image).
  * Threads: independent (n, g, chunk of output rows or pixels) tasks.
  */
-int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N,
-                              int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
-                              int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
-                              int64_t G, int64_t OH, int64_t OW)
+/* conv2d_forward, or with pooled (conv2d_relu_maxpool2x2_forward) each image-task followed by the ReLU and 2x2
+ * pooling of its output, computed into a per-thread buffer (y untouched) when one task is a whole image
+ * (G == 1 and one chunk); otherwise into y, pooled afterwards. */
+static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N,
+                                          int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
+                                          int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
+                                          int64_t G, int64_t OH, int64_t OW, REAL *pooled, uint8_t *code,
+                                          int64_t PH, int64_t PW)
 {
-    if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
-        return GLUE(linear_forward, SUF)(y, x, w, b, N, C * H * W, OC);
+    if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW)) {
+        const int status = GLUE(linear_forward, SUF)(y, x, w, b, N, C * H * W, OC);
+        if (status != CNNX_OK || !pooled) return status;
+        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, N * OC, OH, OW, PH, PW);
+    }
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
     const int direct = SH == 1 && SW == 1;
@@ -305,6 +312,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
                                 : GLUE(chunk_rows_im2col, SUF)(K, OH, OW); /* output rows per task */
     const int64_t nchunks = (OH + unit - 1) / unit;
     const int64_t ntasks = N * G * nchunks;
+    const int fuse_pool = pooled && G == 1 && nchunks == 1;
     /* Stride 1 runs one of two products. direct_rows: (output channel) x (padded-grid column) tiles, so
      * Wp/OW of the useful columns, OCg rounded up to the tile's rows, then a copy that drops the extra columns
      * (none when Wp == OW). gather: (output pixel) x (output channel) tiles, no extra pixels, OCg rounded up
@@ -345,7 +353,9 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(K));
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
         int64_t *qoff = gather ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(unit * OW > 0 ? unit * OW : 1)) : NULL;
-        const int ok = img && bpad && off && (tmp || !direct || gather || wrap) && (qoff || !gather);
+        REAL *ys = fuse_pool ? ALLOC(OC * P) : NULL; /* one image's output, pooled before the next */
+        const int ok = img && bpad && off && (tmp || !direct || gather || wrap) && (qoff || !gather)
+                    && (ys || !fuse_pool);
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -356,18 +366,22 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
             const int64_t chunk = t % nchunks, ng = t / nchunks, g = ng % G, n = ng / G;
             const int64_t u0 = chunk * unit, u1 = u0 + unit < OH ? u0 + unit : OH;
             const REAL *xg = x + (n * C + g * Cg) * H * W;
-            REAL *yg = y + (n * OC + g * OCg) * P;
+            REAL *yg = fuse_pool ? ys : y + (n * OC + g * OCg) * P;
             const REAL *bg = b ? b + g * OCg : NULL;
             if (direct) {
                 GLUE(direct_rows, SUF)(path, yg, xg, apack + g * apg, bg, Cg, H, W, OCg, KH, KW, DH, DW, PT,
                                        PL, OH, OW, u0, u1, img, off, tmp, bpad, gather ? apack + g * apg : NULL,
                                        qoff, wrap);
-                continue;
+            } else {
+                const int64_t pc = (u1 - u0) * OW, p0 = u0 * OW;
+                GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, u1 - u0);
+                GEMM(path, yg + p0, P, NULL, apack + g * apg, img, NULL, pc, bg, OCg, pc, K, 0, 0, 0, bpad);
             }
-            const int64_t pc = (u1 - u0) * OW, p0 = u0 * OW;
-            GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, u1 - u0);
-            GEMM(path, yg + p0, P, NULL, apack + g * apg, img, NULL, pc, bg, OCg, pc, K, 0, 0, 0, bpad);
+            if (fuse_pool)
+                GLUE(cnnx_max2x2_relu_planes, SUF)(pooled + n * OC * PH * PW, code + n * OC * PH * PW, ys, OC, OH,
+                                                   OW, PH, PW);
         }
+        free(ys);
         free(img);
         free(tmp);
         free(bpad);
@@ -375,7 +389,28 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
         free(qoff);
     }
     free(apack);
+    if (status == CNNX_OK && pooled && !fuse_pool)
+        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, N * OC, OH, OW, PH, PW);
     return status;
+}
+
+int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N, int64_t C, int64_t H,
+                              int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,
+                              int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+{
+    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G, OH, OW,
+                                          NULL, NULL, 0, 0);
+}
+
+int GLUE(conv2d_relu_maxpool2x2_forward, SUF)(REAL *pooled, uint8_t *code, REAL *y, const REAL *x, const REAL *w,
+                                              const REAL *b, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC,
+                                              int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,
+                                              int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW,
+                                              int64_t PH, int64_t PW)
+{
+    if (2 * PH > OH || 2 * PW > OW) return CNNX_EGEOMETRY;
+    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G, OH, OW,
+                                          pooled, code, PH, PW);
 }
 
 /* ---------------------------------------------------------------- backward to the input */

@@ -105,6 +105,14 @@ static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, uin
  * that MaxPool2d's index is 2*oh*W + 2*ow + (code & 1) + (code >> 1)*W. A Sequential's plan runs
  * Conv2d -> ReLU -> MaxPool2d(2) through it.
  */
+/* maxpool2x2_relu_forward's work on NC planes, on the calling thread (the fused convolution calls it per image). */
+void GLUE(cnnx_max2x2_relu_planes, SUF)(REAL *y, uint8_t *code, const REAL *x, int64_t NC, int64_t H, int64_t W,
+                                        int64_t OH, int64_t OW)
+{
+    for (int64_t p = 0; p < NC; p++)
+        GLUE(max2x2_plane, SUF)(y + p * OH * OW, NULL, code + p * OH * OW, x + p * H * W, W, OH, OW, 1);
+}
+
 int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, uint8_t *code, const REAL *x, int64_t NC, int64_t H, int64_t W,
                                        int64_t OH, int64_t OW)
 {
