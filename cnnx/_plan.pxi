@@ -7,6 +7,9 @@
 # kernels in one call without the GIL. ReLU after a Conv2d or Linear is applied in place to its output
 # buffer (the layer's backward does not need its output, so nothing is lost), or, when a MaxPool2d(2)
 # follows, by that pool as it reads (maxpool2x2_relu_forward) and in its backward (maxpool2x2_relu_backward).
+# Such a pool keeps each winner's place in its 2x2 window (a byte) instead of an int64 index, and after a
+# Conv2d it runs inside the convolution (conv2d_relu_maxpool2x2_forward): each image is pooled as soon as it
+# is computed, from a small per-thread buffer, so the convolution's full output is never written.
 #
 # The results are the layers' own: the same kernels in the same order on the same values. Sequential
 # decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input
@@ -24,7 +27,7 @@ cdef struct _Op:
     int relu            # conv/linear: ReLU applied in place to y (2: by the next op, a masked maxpool)
     int pooled          # conv with relu 2: its forward also runs the next op's (conv2d_relu_maxpool2x2_forward)
     int masked          # maxpool 2x2 stride 2 (no ceil-mode windows), after a ReLU that it applies itself: forward
-                        # pools relu(x) on the fly, backward writes dx masked by x > 0 in one pass
+                        # pools relu(x) on the fly, backward writes dx masked by x > 0 (y > 0) in one pass
     int wslot, bslot    # parameter slots (-1: none)
     int64_t g[16]       # geometry (see _plan_op)
     int64_t n_out       # elements of y

@@ -75,6 +75,16 @@ CHAINS = {
         nn.Flatten(0, -1)),
     "mlp on 3-d input": lambda dt: nn.Sequential(
         nn.Linear(7, 9, dtype=dt), nn.ReLU(), nn.Dropout(0.5), nn.Linear(9, 4, bias=False, dtype=dt)),
+    # conv -> ReLU -> 2x2 pool where the convolution cannot pool per image (groups; an image split into
+    # several row chunks: 38 of 48 rows for the second), and where it can, with odd output sizes and a stride-2
+    # convolution (im2col)
+    "conv-relu-pool, not per image": lambda dt: nn.Sequential(
+        nn.Conv2d(4, 6, 3, groups=2, dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 64, 3, padding=1, dtype=dt), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(64 * 24 * 24, 2, dtype=dt)),
+    "conv-relu-pool, odd sizes, stride 2": lambda dt: nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1, dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 5, 2, dtype=dt), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 2 * 2, 3, dtype=dt)),
 }
 SHAPES = {
     "lenet5": [(1, 1, 28, 28), (5, 1, 28, 28), (64, 1, 28, 28)],
@@ -82,6 +92,8 @@ SHAPES = {
     "groups, dilation, no bias": [(1, 4, 8, 9), (3, 4, 8, 9)],
     "same padding, stride 1": [(1, 3, 6, 6), (2, 3, 7, 5)],
     "mlp on 3-d input": [(2, 3, 7), (1, 1, 7)],
+    "conv-relu-pool, not per image": [(2, 4, 98, 98)],
+    "conv-relu-pool, odd sizes, stride 2": [(1, 2, 23, 21), (3, 2, 23, 21)],
 }
 
 
