@@ -36,6 +36,16 @@ cdef extern from "cnnx.h" nogil:
                                            int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
                                            int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW, int64_t PH,
                                            int64_t PW)
+    int conv2d_pooled_backward_weight_f32(float *dw, float *db, float *dh, const float *dyp, const uint8_t *code,
+                                          const float *yp, const float *x, int64_t N, int64_t C, int64_t H,
+                                          int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                                          int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH,
+                                          int64_t OW, int64_t PH, int64_t PW, int need_dh)
+    int conv2d_pooled_backward_weight_f64(double *dw, double *db, double *dh, const double *dyp,
+                                          const uint8_t *code, const double *yp, const double *x, int64_t N,
+                                          int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
+                                          int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
+                                          int64_t G, int64_t OH, int64_t OW, int64_t PH, int64_t PW, int need_dh)
     int conv2d_relu_maxpool2x2_forward_f64(double *pooled, uint8_t *code, double *y, const double *x,
                                            const double *w, const double *b, int64_t N, int64_t C, int64_t H,
                                            int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,

@@ -11,7 +11,9 @@
 # Conv2d it runs inside the convolution (conv2d_relu_maxpool2x2_forward): each image is pooled as soon as it
 # is computed, from a small per-thread buffer, so the convolution's full output is never written.
 #
-# The results are the layers' own: the same kernels in the same order on the same values. Sequential
+# The results are the layers' own, bit for bit: the same kernels in the same order on the same values,
+# except the weight and bias gradients of a pooled conv, summed over the pool's winners only
+# (conv2d_pooled_backward_weight: the same sums in another order, a quarter of the work). Sequential
 # decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input
 # that is not a C-contiguous array of the parameters' dtype, a parameter array replaced by something
 # unusual) falls back to the layer-by-layer path, which raises the usual errors.
@@ -190,7 +192,32 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
         return code
     need_w = gmode[ws] != 0
     need_b = bs >= 0 and gmode[bs] != 0
-    if op.kind == _OP_CONV:
+    cdef _Op *nxt = op + 1
+    if op.kind == _OP_CONV and op.pooled:
+        # the pool's backward (op + 1, skipped by the caller) runs here: the weight gradient comes from the pooled
+        # gradient directly, and op.dy (the conv's output gradient) is written only when dx needs it
+        if need_w or need_b:
+            if f64:
+                code = conv2d_pooled_backward_weight_f64(
+                    <double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL, <double *>op.dy, <double *>nxt.dy,
+                    <uint8_t *>nxt.aux, <double *>nxt.y, <double *>x, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
+                    g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15], nxt.g[11], nxt.g[12], dx != NULL)
+            else:
+                code = conv2d_pooled_backward_weight_f32(
+                    <float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL, <float *>op.dy, <float *>nxt.dy,
+                    <uint8_t *>nxt.aux, <float *>nxt.y, <float *>x, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
+                    g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15], nxt.g[11], nxt.g[12], dx != NULL)
+            if code:
+                return code
+            if gmode[ws] == 1:
+                _add_into(gptr[ws], sptr[ws], ssize[ws], f64)
+            if bs >= 0 and gmode[bs] == 1:
+                _add_into(gptr[bs], sptr[bs], ssize[bs], f64)
+        elif dx != NULL:
+            code = _run_backward(nxt, op.y, op.dy, wptr, gmode, gptr, sptr, ssize, f64)
+            if code:
+                return code
+    elif op.kind == _OP_CONV:
         if need_w or need_b:
             if f64:
                 code = conv2d_backward_weight_f64(<double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL,
@@ -208,6 +235,7 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
                 _add_into(gptr[ws], sptr[ws], ssize[ws], f64)
             if bs >= 0 and gmode[bs] == 1:
                 _add_into(gptr[bs], sptr[bs], ssize[bs], f64)
+    if op.kind == _OP_CONV:
         if dx != NULL:
             if f64:
                 code = conv2d_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], g[0], g[1],
@@ -394,6 +422,8 @@ cdef class _SequentialPlan:
             with nogil:
                 for i in range(self.nops - 1, -1, -1):
                     op = &self.ops[i]
+                    if i > 0 and self.ops[i - 1].pooled:
+                        continue                    # a pooled conv's pool: its backward runs with the conv's
                     code = _run_backward(op, op.x if op.x != NULL else xp, op.dx if op.dx != NULL else dxp,
                                          self.wptr, self.gmode, self.gptr, self.sptr, self.ssize, f64)
                     if code:

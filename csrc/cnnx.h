@@ -110,6 +110,18 @@ int conv2d_relu_maxpool2x2_forward_##SUF(REAL *pooled, uint8_t *code, REAL *y, c
                          int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,     \
                          int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW,      \
                          int64_t PH, int64_t PW);
+/* The weight and bias gradients of such a convolution from the pool's output gradient dyp, pooled yp and code:
+ * only the windows' winners, where the ReLU let the gradient through (conv2d_impl.h). dh gets the convolution's
+ * output gradient (maxpool2x2_relu_backward) when need_dh is set, or when the shortcut does not apply (groups, an
+ * x that is not all finite), which then takes conv2d_backward_weight on dh. */
+#define CNNX_CONV_POOL_BACKWARD_DECLARE(REAL, SUF)                                                  \
+int conv2d_pooled_backward_weight_##SUF(REAL *dw, REAL *db, REAL *dh, const REAL *dyp,              \
+                         const uint8_t *code, const REAL *yp, const REAL *x, int64_t N, int64_t C,  \
+                         int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH,      \
+                         int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G,     \
+                         int64_t OH, int64_t OW, int64_t PH, int64_t PW, int need_dh);
+CNNX_CONV_POOL_BACKWARD_DECLARE(float, f32)
+CNNX_CONV_POOL_BACKWARD_DECLARE(double, f64)
 CNNX_CONV_POOL_DECLARE(float, f32)
 CNNX_CONV_POOL_DECLARE(double, f64)
 

@@ -755,6 +755,116 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     return status;
 }
 
+/* ---------------------------------------------------------------- weight gradient through ReLU and a 2x2 pool */
+
+/*
+ * conv2d_pooled_backward_weight: the weight and bias gradients of a convolution whose output y went through ReLU
+ * and a 2x2, stride-2 max pool (conv2d_relu_maxpool2x2_forward: pooled yp (N, OC, PH, PW), code), from the pool's
+ * output gradient dyp. The convolution's output gradient dy is zero but at each window's winner (r, s) =
+ * (code >> 1, code & 1), where it is v = (0 + dyp) * (yp > 0 ? 1 : 0) (maxpool2x2_relu_backward), so
+ *   dw[o, c, kh, kw] = sum_{n, ph, pw} v[n, o, ph, pw] * x[n, c, (2ph + r)*SH - PT + kh*DH, (2pw + s)*SW - PL + kw*DW]
+ *   db[o]            = sum_{n, ph, pw} v[n, o, ph, pw]
+ * a quarter of conv2d_backward_weight's multiply-adds, fewer still where the ReLU zeroed v (those are skipped).
+ * The values are the dense kernel's up to rounding (another order of the same sums), not its bits. Each thread
+ * takes whole output channels and sums over images in order, each image's part first summed on its own: the
+ * result does not depend on the thread count. x is read from a zero-padded copy per image and thread.
+ * dh (the dense dy, maxpool2x2_relu_backward's output) is written when need_dh is set; and whatever need_dh,
+ * when the shortcut does not apply (groups, or an x that is not all finite: the dense kernel's 0 * inf terms
+ * would be NaN), in which case dw and db come from conv2d_backward_weight on it.
+ */
+int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const REAL *dyp, const uint8_t *code,
+                                             const REAL *yp, const REAL *x, int64_t N, int64_t C, int64_t H,
+                                             int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                                             int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH,
+                                             int64_t OW, int64_t PH, int64_t PW, int need_dh)
+{
+    if (2 * PH > OH || 2 * PW > OW) return CNNX_EGEOMETRY;
+    const int sparse = G == 1 && N > 0 && PH > 0 && PW > 0 && GLUE(all_finite, SUF)(x, N * C * H * W);
+    if (need_dh || !sparse) {
+        const int status = GLUE(maxpool2x2_relu_backward, SUF)(dh, dyp, code, yp, N * OC, OH, OW, PH, PW);
+        if (status != CNNX_OK) return status;
+    }
+    if (!sparse)
+        return GLUE(conv2d_backward_weight, SUF)(dw, db, dh, x, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G,
+                                                 OH, OW);
+    const int vec = GLUE(POOLED_VECTOR, SUF)(KW, DW);
+    const int64_t ld = vec ? 8 : KW;                    /* acc row: one kernel row's columns (8 lanes: KW used) */
+    const int64_t Hq = (2 * PH - 1) * SH + (KH - 1) * DH + 1;
+    const int64_t Wq = (2 * PW - 1) * SW + (KW - 1) * DW + 1 + (vec ? 8 : 0); /* + the last load's spare lanes */
+    const int64_t Q = PH * PW, rows = C * KH;
+    REAL *acc = ALLOC(OC * rows * ld);
+    REAL *bsum = ALLOC(OC);
+    if (!acc || !bsum) {
+        free(acc);
+        free(bsum);
+        return CNNX_ENOMEM;
+    }
+    for (int64_t i = 0; i < OC * rows * ld; i++) acc[i] = 0;
+    for (int64_t o = 0; o < OC; o++) bsum[o] = 0;
+    int status = CNNX_OK;
+#pragma omp parallel num_threads(cnnx_threads()) if (OC > 1 && N * OC * Q * rows * KW >= PARALLEL_MIN_MACS / 4)
+    {
+#ifdef _OPENMP
+        const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t T = 1, t = 0;
+#endif
+        const int64_t o0 = OC * t / T, o1 = OC * (t + 1) / T;
+        REAL *xq = ALLOC(C * Hq * Wq), *v = ALLOC(Q), *part = vec ? NULL : ALLOC(rows * KW);
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)Q);
+        const int ok = xq && v && off && (vec || part);
+        if (!ok) {
+#pragma omp critical(cnnx_status)
+            status = CNNX_ENOMEM;
+        }
+        for (int64_t n = 0; ok && o0 < o1 && n < N; n++) {
+            /* xq[c, i, j] = x[n, c, i - PT, j - PL], zero outside the image */
+            GLUE(pad_rows, SUF)(xq, x + n * C * H * W, C, H, W, PT, PL, 0, Hq, Wq);
+            for (int64_t o = o0; o < o1; o++) {
+                const int64_t base = (n * OC + o) * Q;
+                REAL bs = 0;
+                int64_t nw = 0;
+                for (int64_t ph = 0, q = 0; ph < PH; ph++)
+                    for (int64_t pw = 0; pw < PW; pw++, q++) {
+                        const REAL g = ((REAL)0 + dyp[base + q]) * (yp[base + q] > 0 ? (REAL)1 : (REAL)0);
+                        const int k = code[base + q];
+                        bs += g;
+                        /* kept unless zero (the ReLU's zeros: nothing to add), without a branch (they are random) */
+                        v[nw] = g;
+                        off[nw] = (2 * ph + (k >> 1)) * SH * Wq + (2 * pw + (k & 1)) * SW;
+                        nw += g != 0;
+                    }
+                bsum[o] += bs;
+                REAL *ao = acc + o * rows * ld;
+                if (GLUE(POOLED_TAPS_FAST, SUF)(vec, ao, xq, v, off, nw, C, KH, DH * Wq, Hq * Wq)) continue;
+                for (int64_t i = 0; i < rows * KW; i++) part[i] = 0;
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t kh = 0; kh < KH; kh++) {
+                        REAL *restrict pr = part + (c * KH + kh) * KW;
+                        const REAL *xr = xq + c * Hq * Wq + kh * DH * Wq;
+                        for (int64_t w = 0; w < nw; w++)
+                            for (int64_t kw = 0; kw < KW; kw++) pr[kw] += v[w] * xr[off[w] + kw * DW];
+                    }
+                for (int64_t i = 0; i < rows * KW; i++) ao[i] += part[i];
+            }
+        }
+        free(xq);
+        free(v);
+        free(part);
+        free(off);
+    }
+    if (status == CNNX_OK) {
+        for (int64_t o = 0; o < OC; o++) {
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t kw = 0; kw < KW; kw++) dw[(o * rows + r) * KW + kw] = acc[(o * rows + r) * ld + kw];
+            if (db) db[o] = bsum[o];
+        }
+    }
+    free(acc);
+    free(bsum);
+    return status;
+}
+
 #undef ALLOC
 #undef GROUP
 #undef PARALLEL_MIN_MACS
