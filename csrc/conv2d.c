@@ -52,14 +52,78 @@ static void pooled_taps_avx2(float *acc, const float *xq, const float *v, const 
 #undef TAP2
 #undef TAP1
 }
+
+/*
+ * WINNERS_LUT[m], for an 8-bit mask m: the positions of m's set bits, lowest first, 3 bits each (bits 0..23;
+ * the unused lanes 0), and their count in bits 24..27. A permutation that moves the lanes m selects to the front.
+ */
+#define WL_BIT(m, i) (((unsigned)(m) >> (i)) & 1u)
+#define WL_BELOW(m, i)                                                                                       \
+    (WL_BIT(m, 0) * (0 < (i)) + WL_BIT(m, 1) * (1 < (i)) + WL_BIT(m, 2) * (2 < (i)) + WL_BIT(m, 3) * (3 < (i)) + \
+     WL_BIT(m, 4) * (4 < (i)) + WL_BIT(m, 5) * (5 < (i)) + WL_BIT(m, 6) * (6 < (i)) + WL_BIT(m, 7) * (7 < (i)))
+#define WL_LANE(m, i) (WL_BIT(m, i) * ((unsigned)(i) << (3 * WL_BELOW(m, i))))
+#define WL_ENTRY(m)                                                                                          \
+    (WL_LANE(m, 0) | WL_LANE(m, 1) | WL_LANE(m, 2) | WL_LANE(m, 3) | WL_LANE(m, 4) | WL_LANE(m, 5) |           \
+     WL_LANE(m, 6) | WL_LANE(m, 7) | (WL_BELOW(m, 8) << 24))
+#define WL_4(m) WL_ENTRY(m), WL_ENTRY((m) + 1), WL_ENTRY((m) + 2), WL_ENTRY((m) + 3)
+#define WL_16(m) WL_4(m), WL_4((m) + 4), WL_4((m) + 8), WL_4((m) + 12)
+#define WL_64(m) WL_16(m), WL_16((m) + 16), WL_16((m) + 32), WL_16((m) + 48)
+static const uint32_t WINNERS_LUT[256] = {WL_64(0), WL_64(64), WL_64(128), WL_64(192)};
+#undef WL_64
+#undef WL_16
+#undef WL_4
+#undef WL_ENTRY
+#undef WL_LANE
+#undef WL_BELOW
+#undef WL_BIT
+
+/*
+ * pooled_winners (conv2d_impl.h) for float with AVX2, 8 windows a step: g = (0 + dyp) * (yp > 0 ? 1 : 0);
+ * s[j] += g for the lanes j = q % 8; the g that are not zero are packed to the front of the step with WINNERS_LUT
+ * and stored to v and off (each store writes 8 entries, the last ones overwritten by the next step). Stops at the
+ * last whole step; returns the count and sets *q to where the caller's scalar loop goes on (same bits).
+ */
+__attribute__((target("avx2,fma")))
+static int64_t pooled_winners_avx2(float *v, int64_t *off, float *s, const float *dyp, const uint8_t *code,
+                                   const float *yp, const int32_t *qoff, const int32_t *coff, int64_t Q, int64_t *q)
+{
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256i cv = _mm256_setr_epi32(coff[0], coff[1], coff[2], coff[3], 0, 0, 0, 0);
+    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    const __m256i three = _mm256_set1_epi32(3), seven = _mm256_set1_epi32(7);
+    __m256 sum = _mm256_loadu_ps(s);
+    int64_t nw = 0, i = 0;
+    for (; i + 8 <= Q; i += 8) {
+        const __m256 m = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(yp + i), zero, _CMP_GT_OQ), one);
+        const __m256 g = _mm256_mul_ps(_mm256_add_ps(zero, _mm256_loadu_ps(dyp + i)), m);
+        sum = _mm256_add_ps(sum, g);
+        const uint32_t e = WINNERS_LUT[_mm256_movemask_ps(_mm256_cmp_ps(g, zero, _CMP_NEQ_UQ))];
+        const __m256i k = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(code + i))), three);
+        const __m256i o = _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(qoff + i)),
+                                           _mm256_permutevar8x32_epi32(cv, k));
+        const __m256i p = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)e), shifts), seven);
+        const __m256i op = _mm256_permutevar8x32_epi32(o, p);
+        _mm256_storeu_ps(v + nw, _mm256_permutevar8x32_ps(g, p));
+        _mm256_storeu_si256((__m256i *)(off + nw), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(op)));
+        _mm256_storeu_si256((__m256i *)(off + nw + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(op, 1)));
+        nw += e >> 24;
+    }
+    _mm256_storeu_ps(s, sum);
+    *q = i;
+    return nw;
+}
 #define POOLED_TAPS_FAST_f32(vec, acc, xq, v, off, nw, Cin, KH, rs, cs) \
     ((vec) ? (pooled_taps_avx2(acc, xq, v, off, nw, Cin, KH, rs, cs), 1) : 0)
+#define POOLED_WINNERS_FAST_f32(v, off, s, dyp, code, yp, qoff, coff, Q, q) \
+    (CNNX_USE_AVX2 ? pooled_winners_avx2(v, off, s, dyp, code, yp, qoff, coff, Q, q) : (*(q) = 0, 0))
 #define POOLED_VECTOR_f32(KW, DW) (CNNX_USE_AVX2 && (KW) <= 8 && (DW) == 1)
 #else
 #define POOLED_TAPS_FAST_f32(vec, acc, xq, v, off, nw, Cin, KH, rs, cs) 0
+#define POOLED_WINNERS_FAST_f32(v, off, s, dyp, code, yp, qoff, coff, Q, q) (*(q) = 0, 0)
 #define POOLED_VECTOR_f32(KW, DW) 0
 #endif
 #define POOLED_TAPS_FAST_f64(vec, acc, xq, v, off, nw, Cin, KH, rs, cs) 0
+#define POOLED_WINNERS_FAST_f64(v, off, s, dyp, code, yp, qoff, coff, Q, q) (*(q) = 0, 0)
 #define POOLED_VECTOR_f64(KW, DW) 0
 
 #define REAL float

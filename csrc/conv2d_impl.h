@@ -772,6 +772,27 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
  * when the shortcut does not apply (groups, or an x that is not all finite: the dense kernel's 0 * inf terms
  * would be NaN), in which case dw and db come from conv2d_backward_weight on it.
  */
+/*
+ * The winners of one image and output channel (conv2d_pooled_backward_weight), windows q0..Q-1 on from count nw:
+ * g = (0 + dyp[q]) * (yp[q] > 0 ? 1 : 0) is added to the bias lane s[q % 8], and where it is not zero stored as
+ * v[nw] = g, off[nw] = qoff[q] + coff[code[q]] (the winner's place in the padded image). Without branches: the
+ * ReLU's zeros are random. Returns the new count. POOLED_WINNERS_FAST (conv2d.c) does the first whole steps of 8
+ * the same way, bit for bit.
+ */
+static int64_t GLUE(pooled_winners, SUF)(REAL *v, int64_t *off, REAL *s, const REAL *dyp, const uint8_t *code,
+                                         const REAL *yp, const int32_t *qoff, const int32_t *coff, int64_t q0,
+                                         int64_t Q, int64_t nw)
+{
+    for (int64_t q = q0; q < Q; q++) {
+        const REAL g = ((REAL)0 + dyp[q]) * (REAL)(yp[q] > 0);
+        s[q & 7] += g;
+        v[nw] = g;
+        off[nw] = (int64_t)qoff[q] + coff[code[q] & 3];
+        nw += g != 0;
+    }
+    return nw;
+}
+
 int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const REAL *dyp, const uint8_t *code,
                                              const REAL *yp, const REAL *x, int64_t N, int64_t C, int64_t H,
                                              int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
@@ -779,7 +800,10 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
                                              int64_t OW, int64_t PH, int64_t PW, int need_dh)
 {
     if (2 * PH > OH || 2 * PW > OW) return CNNX_EGEOMETRY;
-    const int sparse = G == 1 && N > 0 && PH > 0 && PW > 0 && GLUE(all_finite, SUF)(x, N * C * H * W);
+    const int64_t Hq = (2 * PH - 1) * SH + (KH - 1) * DH + 1;
+    const int64_t Wq = (2 * PW - 1) * SW + (KW - 1) * DW + 1 + 8; /* + the AVX2 taps' spare lanes */
+    const int sparse = G == 1 && N > 0 && PH > 0 && PW > 0 && Hq * Wq <= INT32_MAX &&
+                       GLUE(all_finite, SUF)(x, N * C * H * W);
     if (need_dh || !sparse) {
         const int status = GLUE(maxpool2x2_relu_backward, SUF)(dh, dyp, code, yp, N * OC, OH, OW, PH, PW);
         if (status != CNNX_OK) return status;
@@ -789,16 +813,19 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
                                                  OH, OW);
     const int vec = GLUE(POOLED_VECTOR, SUF)(KW, DW);
     const int64_t ld = vec ? 8 : KW;                    /* acc row: one kernel row's columns (8 lanes: KW used) */
-    const int64_t Hq = (2 * PH - 1) * SH + (KH - 1) * DH + 1;
-    const int64_t Wq = (2 * PW - 1) * SW + (KW - 1) * DW + 1 + (vec ? 8 : 0); /* + the last load's spare lanes */
     const int64_t Q = PH * PW, rows = C * KH;
+    const int32_t coff[4] = {0, (int32_t)SW, (int32_t)(SH * Wq), (int32_t)(SH * Wq + SW)}; /* code = 2r + s */
     REAL *acc = ALLOC(OC * rows * ld);
     REAL *bsum = ALLOC(OC);
-    if (!acc || !bsum) {
+    int32_t *qoff = (int32_t *)malloc(sizeof(int32_t) * (size_t)Q);
+    if (!acc || !bsum || !qoff) {
         free(acc);
         free(bsum);
+        free(qoff);
         return CNNX_ENOMEM;
     }
+    for (int64_t ph = 0, q = 0; ph < PH; ph++)          /* window q's top left corner in the padded image */
+        for (int64_t pw = 0; pw < PW; pw++, q++) qoff[q] = (int32_t)(2 * ph * SH * Wq + 2 * pw * SW);
     for (int64_t i = 0; i < OC * rows * ld; i++) acc[i] = 0;
     for (int64_t o = 0; o < OC; o++) bsum[o] = 0;
     int status = CNNX_OK;
@@ -810,8 +837,8 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
         const int64_t T = 1, t = 0;
 #endif
         const int64_t o0 = OC * t / T, o1 = OC * (t + 1) / T;
-        REAL *xq = ALLOC(C * Hq * Wq), *v = ALLOC(Q), *part = vec ? NULL : ALLOC(rows * KW);
-        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)Q);
+        REAL *xq = ALLOC(C * Hq * Wq), *v = ALLOC(Q + 8), *part = vec ? NULL : ALLOC(rows * KW);
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(Q + 8)); /* + a vector step's spare stores */
         const int ok = xq && v && off && (vec || part);
         if (!ok) {
 #pragma omp critical(cnnx_status)
@@ -822,19 +849,13 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
             GLUE(pad_rows, SUF)(xq, x + n * C * H * W, C, H, W, PT, PL, 0, Hq, Wq);
             for (int64_t o = o0; o < o1; o++) {
                 const int64_t base = (n * OC + o) * Q;
-                REAL bs = 0;
-                int64_t nw = 0;
-                for (int64_t ph = 0, q = 0; ph < PH; ph++)
-                    for (int64_t pw = 0; pw < PW; pw++, q++) {
-                        const REAL g = ((REAL)0 + dyp[base + q]) * (yp[base + q] > 0 ? (REAL)1 : (REAL)0);
-                        const int k = code[base + q];
-                        bs += g;
-                        /* kept unless zero (the ReLU's zeros: nothing to add), without a branch (they are random) */
-                        v[nw] = g;
-                        off[nw] = (2 * ph + (k >> 1)) * SH * Wq + (2 * pw + (k & 1)) * SW;
-                        nw += g != 0;
-                    }
-                bsum[o] += bs;
+                /* the bias sum in 8 lanes (q % 8), as the vector steps add it, then in a fixed tree */
+                REAL bs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                int64_t q0;
+                int64_t nw = GLUE(POOLED_WINNERS_FAST, SUF)(v, off, bs, dyp + base, code + base, yp + base, qoff, coff,
+                                                            Q, &q0);
+                nw = GLUE(pooled_winners, SUF)(v, off, bs, dyp + base, code + base, yp + base, qoff, coff, q0, Q, nw);
+                bsum[o] += ((bs[0] + bs[4]) + (bs[2] + bs[6])) + ((bs[1] + bs[5]) + (bs[3] + bs[7]));
                 REAL *ao = acc + o * rows * ld;
                 if (GLUE(POOLED_TAPS_FAST, SUF)(vec, ao, xq, v, off, nw, C, KH, DH * Wq, Hq * Wq)) continue;
                 for (int64_t i = 0; i < rows * KW; i++) part[i] = 0;
@@ -862,6 +883,7 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
     }
     free(acc);
     free(bsum);
+    free(qoff);
     return status;
 }
 

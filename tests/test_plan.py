@@ -175,6 +175,42 @@ def test_pooled_conv_gradients_do_not_depend_on_the_thread_count():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("width", [8, 11, 28])       # pooled planes of 16, 25 and 196 windows: vector steps of 8
+def test_pooled_conv_gradients_on_both_cpu_paths(width):    # and a scalar tail
+    """The pooled weight gradient's list of winners is built 8 windows a step on the AVX2 path and one by one on
+    the portable path: the bias gradient (sum of the list) has the same bits on both, the weight gradient (whose
+    multiply-adds differ between the paths) agrees to rounding, with dead ReLUs, exact zeros and signed zeros."""
+    from cnnx import _kernels as K
+    rng = np.random.default_rng(5)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    model[0].bias.data[...] = [-0.5, 0.0, 0.2, -1.5, 0.4]       # channel 3 mostly dead
+    x = rng.standard_normal((4, 3, width, width)).astype(np.float32)
+    dy = rng.standard_normal((4, 5, width // 2, width // 2)).astype(np.float32)
+    dy[rng.random(dy.shape) < 0.3] = 0.0
+    dy[rng.random(dy.shape) < 0.1] = -0.0
+    before = K.force_portable()
+    grads = []
+    try:
+        for portable in (False, True):
+            K.force_portable(portable)
+            twin = copy.deepcopy(model)
+            twin(x)
+            assert used_plan(twin)
+            twin.backward(dy, input_grad=False)
+            grads.append((twin[0].weight.grad.copy(), twin[0].bias.grad.copy()))
+    finally:
+        K.force_portable(before)
+    eager = copy.deepcopy(model)
+    eager_forward(eager, x)
+    eager_backward(eager, dy, input_grad=False)
+    (w_avx, b_avx), (w_port, b_port) = grads
+    np.testing.assert_array_equal(b_avx.view(np.uint32), b_port.view(np.uint32))
+    for w, b in grads:
+        scale = np.max(np.abs(eager[0].weight.grad))
+        np.testing.assert_allclose(w, eager[0].weight.grad, rtol=2e-5, atol=2e-5 * scale)
+        np.testing.assert_allclose(b, eager[0].bias.grad, rtol=2e-5, atol=2e-5 * np.max(np.abs(b)))
+
+
 def test_output_is_a_new_array_each_call():
     model = models.LeNet5().eval()
     a = model(rand((2, 1, 28, 28), seed=1))
