@@ -758,21 +758,6 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 /* ---------------------------------------------------------------- weight gradient through ReLU and a 2x2 pool */
 
 /*
- * conv2d_pooled_backward_weight: the weight and bias gradients of a convolution whose output y went through ReLU
- * and a 2x2, stride-2 max pool (conv2d_relu_maxpool2x2_forward: pooled yp (N, OC, PH, PW), code), from the pool's
- * output gradient dyp. The convolution's output gradient dy is zero but at each window's winner (r, s) =
- * (code >> 1, code & 1), where it is v = (0 + dyp) * (yp > 0 ? 1 : 0) (maxpool2x2_relu_backward), so
- *   dw[o, c, kh, kw] = sum_{n, ph, pw} v[n, o, ph, pw] * x[n, c, (2ph + r)*SH - PT + kh*DH, (2pw + s)*SW - PL + kw*DW]
- *   db[o]            = sum_{n, ph, pw} v[n, o, ph, pw]
- * a quarter of conv2d_backward_weight's multiply-adds, fewer still where the ReLU zeroed v (those are skipped).
- * The values are the dense kernel's up to rounding (another order of the same sums), not its bits. Each thread
- * takes whole output channels and sums over images in order, each image's part first summed on its own: the
- * result does not depend on the thread count. x is read from a zero-padded copy per image and thread.
- * dh (the dense dy, maxpool2x2_relu_backward's output) is written when need_dh is set; and whatever need_dh,
- * when the shortcut does not apply (groups, or an x that is not all finite: the dense kernel's 0 * inf terms
- * would be NaN), in which case dw and db come from conv2d_backward_weight on it.
- */
-/*
  * The winners of one image and output channel (conv2d_pooled_backward_weight), windows q0..Q-1 on from count nw:
  * g = (0 + dyp[q]) * (yp[q] > 0 ? 1 : 0) is added to the bias lane s[q % 8], and where it is not zero stored as
  * v[nw] = g, off[nw] = qoff[q] + coff[code[q]] (the winner's place in the padded image). Without branches: the
@@ -793,6 +778,21 @@ static int64_t GLUE(pooled_winners, SUF)(REAL *v, int64_t *off, REAL *s, const R
     return nw;
 }
 
+/*
+ * conv2d_pooled_backward_weight: the weight and bias gradients of a convolution whose output y went through ReLU
+ * and a 2x2, stride-2 max pool (conv2d_relu_maxpool2x2_forward: pooled yp (N, OC, PH, PW), code), from the pool's
+ * output gradient dyp. The convolution's output gradient dy is zero but at each window's winner (r, s) =
+ * (code >> 1, code & 1), where it is v = (0 + dyp) * (yp > 0 ? 1 : 0) (maxpool2x2_relu_backward), so
+ *   dw[o, c, kh, kw] = sum_{n, ph, pw} v[n, o, ph, pw] * x[n, c, (2ph + r)*SH - PT + kh*DH, (2pw + s)*SW - PL + kw*DW]
+ *   db[o]            = sum_{n, ph, pw} v[n, o, ph, pw]
+ * a quarter of conv2d_backward_weight's multiply-adds, fewer still where the ReLU zeroed v (those are skipped).
+ * The values are the dense kernel's up to rounding (another order of the same sums), not its bits. Each thread
+ * takes whole output channels and sums over images in order, each image's part first summed on its own: the
+ * result does not depend on the thread count. x is read from a zero-padded copy per image and thread.
+ * dh (the dense dy, maxpool2x2_relu_backward's output) is written when need_dh is set; and whatever need_dh,
+ * when the shortcut does not apply (groups, or an x that is not all finite: the dense kernel's 0 * inf terms
+ * would be NaN), in which case dw and db come from conv2d_backward_weight on it.
+ */
 int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const REAL *dyp, const uint8_t *code,
                                              const REAL *yp, const REAL *x, int64_t N, int64_t C, int64_t H,
                                              int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
