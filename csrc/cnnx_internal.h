@@ -77,4 +77,20 @@ void cnnx_max2x2_relu_planes_f32(float *y, uint8_t *code, const float *x, int64_
 void cnnx_max2x2_relu_planes_f64(double *y, uint8_t *code, const double *x, int64_t NC, int64_t H, int64_t W,
                                  int64_t OH, int64_t OW);
 
+
+/* The gradient a ReLU -> 2x2 max pool passes to the pool's winner: (0 + dy) * (y > 0 ? 1 : 0), y the pooled output
+ * (y > 0 exactly when the winning input is), as maxpool2x2_relu_backward and conv2d_pooled_backward_weight
+ * compute it. The mask is a load from {0, 1}: written as ?: or a cast, gcc compiles it to a jump, which the
+ * ReLU's random zeros mispredict. */
+static inline float cnnx_relu_pool_grad_f32(float dy, float y)
+{
+    static const float mask[2] = {0, 1};
+    return (0.0f + dy) * mask[y > 0];
+}
+static inline double cnnx_relu_pool_grad_f64(double dy, double y)
+{
+    static const double mask[2] = {0, 1};
+    return (0.0 + dy) * mask[y > 0];
+}
+
 #endif

@@ -768,9 +768,8 @@ static int64_t GLUE(pooled_winners, SUF)(REAL *v, int64_t *off, REAL *s, const R
                                          const REAL *yp, const int32_t *qoff, const int32_t *coff, int64_t q0,
                                          int64_t Q, int64_t nw)
 {
-    static const REAL mask[2] = {0, 1};                 /* a load, which the compiler cannot turn into a jump */
     for (int64_t q = q0; q < Q; q++) {
-        const REAL g = ((REAL)0 + dyp[q]) * mask[yp[q] > 0];
+        const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[q], yp[q]);
         s[q & 7] += g;
         v[nw] = g;
         off[nw] = (int64_t)qoff[q] + coff[code[q] & 3];

@@ -149,7 +149,7 @@ int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const uint8_t 
             const REAL *restrict dyr = dyp + oh * OW, *restrict yr = yp + oh * OW;
             const uint8_t *restrict cr = cp + oh * OW;
             for (int64_t ow = GLUE(MAX2X2_BACK_ROW_FAST, SUF)(r0, r1, dyr, yr, cr, OW); ow < OW; ow++) {
-                const REAL v = ((REAL)0 + dyr[ow]) * (yr[ow] > 0 ? (REAL)1 : (REAL)0);
+                const REAL v = GLUE(cnnx_relu_pool_grad, SUF)(dyr[ow], yr[ow]);
                 const int k = cr[ow];
                 r0[2 * ow] = k == 0 ? v : 0;
                 r0[2 * ow + 1] = k == 1 ? v : 0;
