@@ -11,8 +11,9 @@
 #                                [--modes] [--workdir DIR]
 #   --python        a CPython to test (3.11, or a path to an interpreter); repeatable. Default: every
 #                   CPython >= 3.9 under ~/.pyenv/versions, else python3.
-#   --torch-python  the one version that also gets `pip install torch==2.13.0` (PyTorch parity tests);
-#                   the others run without torch and those tests skip with a reason.
+#   --torch-python  the one version that also gets `pip install torch==2.13.0` (PyTorch parity tests) and
+#                   the [test-optional] extra (safetensors, onnx, onnxruntime, mpi4py); the others run
+#                   without them and those tests skip with a reason.
 #   --qemu          on: the Nehalem run is required; auto (default): run it when qemu-x86_64 exists; off.
 #   --modes         also run the kernel tests with CNNX_FORCE_PORTABLE=1 and with OMP_NUM_THREADS=1.
 #   --oldest-numpy  also run the kernel tests against numpy 1.23.5, the oldest numpy the package declares
@@ -310,8 +311,10 @@ make_venv() {  # make_venv PY VENV WHEEL [torch]
     "$1" -m venv "$2"
     "$2/bin/python" -m pip install -q --upgrade pip
     "$2/bin/python" -m pip install -q "$3[test]"
-    if [ "${4:-}" = torch ]; then "$2/bin/python" -m pip install -q "$TORCH_SPEC"; fi
-    "$2/bin/python" -m pip list 2>/dev/null | grep -iE "^(cnnx|numpy|torch|pytest|hypothesis) " | tr -s ' ' | paste -sd ',' -
+    if [ "${4:-}" = torch ]; then   # the venv that runs the optional-package tests too
+        "$2/bin/python" -m pip install -q "$TORCH_SPEC" "$3[test-optional]"
+    fi
+    "$2/bin/python" -m pip list 2>/dev/null | grep -iE "^(cnnx|numpy|torch|pytest|hypothesis|safetensors|onnx|onnxruntime|mpi4py) " | tr -s ' ' | paste -sd ',' -
 }
 
 SUMMARY=()
