@@ -2,7 +2,8 @@
 __version__ = "0.1.0"
 
 from ._backend import set_backend, get_backend, backend
-from ._config import show_config, set_num_threads, get_num_threads, keep_freed_memory
+from ._config import (show_config, set_num_threads, get_num_threads, keep_freed_memory, set_flush_denormal,
+                      get_flush_denormal, flush_denormal)
 from . import functional
 from . import reference
 

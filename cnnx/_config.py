@@ -1,4 +1,5 @@
 """Runtime configuration: threads and a report of how this cnnx was built and what it runs on."""
+import contextlib
 import os
 import platform
 import sys
@@ -88,6 +89,44 @@ def get_num_threads():
     return k.get_num_threads() if k is not None else 1
 
 
+def set_flush_denormal(mode):
+    """Whether the C kernels flush subnormal floats to zero (True, the default) or compute with them (False).
+
+    As torch.set_flush_denormal, but scoped: the flush bits (x86-64: MXCSR's FTZ and DAZ; aarch64: FPCR.FZ)
+    are set on every thread of a kernel call, for that call only, and restored before it returns, so numpy,
+    the caller and every other library see the process's floating-point environment as it was. Subnormals
+    are values below 1.2e-38 (float32) or 2.2e-308 (float64); x86 CPUs take ~100x longer on each
+    operation that reads or makes one, which a converged model's decaying momentum buffers, Adam moments
+    and tiny gradients hit. Flushed, such a value reads as 0 and a result that would be one becomes 0.
+    CNNX_FLUSH_DENORMAL=0 in the environment starts with the setting off. Returns True where the CPU
+    has the control bits (like torch), False where the setting has no effect.
+    """
+    if not isinstance(mode, (bool, int)) or mode not in (0, 1):
+        raise TypeError(f"set_flush_denormal: mode must be True or False, got {mode!r}")
+    k = _kernels()
+    if k is None:
+        return False
+    k.set_flush_denormal(bool(mode))
+    return k.flush_denormal_supported()
+
+
+def get_flush_denormal():
+    """The setting of set_flush_denormal (False without the C extension)."""
+    k = _kernels()
+    return k is not None and k.get_flush_denormal() and k.flush_denormal_supported()
+
+
+@contextlib.contextmanager
+def flush_denormal(mode):
+    """`with cnnx.flush_denormal(False): ...` runs the block with the setting `mode` and restores it after."""
+    previous = get_flush_denormal()
+    set_flush_denormal(mode)
+    try:
+        yield
+    finally:
+        set_flush_denormal(previous)
+
+
 def config():
     """The configuration as a dict (what show_config prints)."""
     import numpy as np
@@ -108,6 +147,7 @@ def config():
             "threads": k.get_num_threads(),
             "simd": k.simd_path(),
             "portable_forced": k.force_portable(),
+            "flush_denormal": get_flush_denormal(),
         })
         try:
             from ._build_info import BUILD_INFO
@@ -121,6 +161,7 @@ def config():
                                   f"{BUILD_INFO.get('openmp_request', '?')})")
     info["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "(unset)")
     info["CNNX_FORCE_PORTABLE"] = os.environ.get("CNNX_FORCE_PORTABLE", "(unset)")
+    info["CNNX_FLUSH_DENORMAL"] = os.environ.get("CNNX_FLUSH_DENORMAL", "(unset)")
     return info
 
 

@@ -24,6 +24,11 @@ cdef extern from "cnnx.h" nogil:
     int cnnx_have_openmp()
     const char *cnnx_simd_path()
     int cnnx_force_portable(int on)
+    int cnnx_set_flush_denormal(int on)
+    int cnnx_flush_denormal_supported()
+    void cnnx_fpenv_enter()
+    void cnnx_fpenv_leave()
+    int cnnx_fp_flush_modes(int *out, int n)
     const char *cnnx_compiler()
     int conv2d_forward_f32(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t C,
                            int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
@@ -149,6 +154,34 @@ def simd_path():
     return cnnx_simd_path().decode()
 
 
+def set_flush_denormal(bint on):
+    """Flush subnormals to zero inside every kernel call (True) or compute with them (False). Returns the
+    previous setting."""
+    return bool(cnnx_set_flush_denormal(on))
+
+
+def get_flush_denormal():
+    return bool(cnnx_set_flush_denormal(-1))
+
+
+def flush_denormal_supported():
+    """True where the CPU has flush-to-zero control bits the kernels set (x86-64, aarch64)."""
+    return bool(cnnx_flush_denormal_supported())
+
+
+def _fp_flush_modes(int n):
+    """For the tests: whether each thread of an OpenMP team of n (at most the kernels' thread count) has
+    subnormals flushed right now, as a list of bools (one per thread of the team that ran)."""
+    cdef int out[1024]
+    cdef int team
+    n = max(1, min(n, 1024))
+    for i in range(n):
+        out[i] = -1
+    with nogil:
+        team = cnnx_fp_flush_modes(out, n)
+    return [bool(out[i]) for i in range(team)]
+
+
 def force_portable(on=None):
     """Force the portable path (True), allow AVX2+FMA again (False) or query (None). Returns the setting."""
     return bool(cnnx_force_portable(-1 if on is None else int(bool(on))))
@@ -246,6 +279,7 @@ cdef int _conv_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, con
                    int64_t DH, int64_t DW):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = conv2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
                                       x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
@@ -254,6 +288,7 @@ cdef int _conv_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, con
             code = conv2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
                                       x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
                                       DH, DW, G, y.shape[2], y.shape[3])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -293,6 +328,7 @@ cdef int _conv_bwd_input(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1]
                          int64_t PL, int64_t DH, int64_t DW):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = conv2d_backward_input_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
                                              dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
@@ -301,6 +337,7 @@ cdef int _conv_bwd_input(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1]
             code = conv2d_backward_input_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
                                              dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
                                              w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -336,6 +373,7 @@ cdef int _conv_bwd_weight(floating[:, :, :, ::1] dw, floating *db, const floatin
                           int64_t PL, int64_t DH, int64_t DW):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = conv2d_backward_weight_f32(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
                                               x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
@@ -344,6 +382,7 @@ cdef int _conv_bwd_weight(floating[:, :, :, ::1] dw, floating *db, const floatin
             code = conv2d_backward_weight_f64(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
                                               x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
                                               dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -388,12 +427,14 @@ cdef int _max_fwd(floating[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx, const flo
                   int64_t DW):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = maxpool2d_forward_f32(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
                                          x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
         else:
             code = maxpool2d_forward_f64(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
                                          x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -422,12 +463,14 @@ cdef int _max_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy,
                   const int64_t[:, :, :, ::1] idx):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = maxpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
                                           dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
         else:
             code = maxpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
                                           dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -466,12 +509,14 @@ cdef int _avg_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, int6
                   int64_t SW, int64_t PH, int64_t PW, int cip, int64_t div):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = avgpool2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
                                          x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
         else:
             code = avgpool2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
                                          x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -508,12 +553,14 @@ cdef int _avg_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy, in
                   int64_t SH, int64_t SW, int64_t PH, int64_t PW, int cip, int64_t div):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = avgpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
                                           dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
         else:
             code = avgpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
                                           dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -547,10 +594,12 @@ cdef int _lin_fwd(floating[:, ::1] y, const floating[:, ::1] x, const floating[:
                   const floating *b):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = linear_forward_f32(&y[0, 0], &x[0, 0], &w[0, 0], b, x.shape[0], x.shape[1], w.shape[0])
         else:
             code = linear_forward_f64(&y[0, 0], &x[0, 0], &w[0, 0], b, x.shape[0], x.shape[1], w.shape[0])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -587,10 +636,12 @@ def linear_forward(x, weight, bias):
 cdef int _lin_bwd_in(floating[:, ::1] dx, const floating[:, ::1] dy, const floating[:, ::1] w):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = linear_backward_input_f32(&dx[0, 0], &dy[0, 0], &w[0, 0], dx.shape[0], dx.shape[1], w.shape[0])
         else:
             code = linear_backward_input_f64(&dx[0, 0], &dy[0, 0], &w[0, 0], dx.shape[0], dx.shape[1], w.shape[0])
+        cnnx_fpenv_leave()
     return code
 
 
@@ -620,12 +671,14 @@ cdef int _lin_bwd_w(floating[:, ::1] dw, floating *db, const floating[:, ::1] dy
                     int accumulate):
     cdef int code
     with nogil:
+        cnnx_fpenv_enter()
         if floating is float:
             code = linear_backward_weight_f32(&dw[0, 0], db, &dy[0, 0], &x[0, 0], x.shape[0], x.shape[1],
                                                   dy.shape[1], accumulate)
         else:
             code = linear_backward_weight_f64(&dw[0, 0], db, &dy[0, 0], &x[0, 0], x.shape[0], x.shape[1],
                                                   dy.shape[1], accumulate)
+        cnnx_fpenv_leave()
     return code
 
 
@@ -714,12 +767,16 @@ def sgd_update(p, grad, buf, lr, momentum, dampening, weight_decay, nesterov, fi
         p32, g32 = p.reshape(-1), grad.reshape(-1)
         b32 = buf.reshape(-1) if momentum != 0 else p32
         with nogil:
+            cnnx_fpenv_enter()
             sgd_update_f32(&p32[0], &b32[0], &g32[0], n, lr_, mom, damp, wd, nest, fst)
+            cnnx_fpenv_leave()
     else:
         p64, g64 = p.reshape(-1), grad.reshape(-1)
         b64 = buf.reshape(-1) if momentum != 0 else p64
         with nogil:
+            cnnx_fpenv_enter()
             sgd_update_f64(&p64[0], &b64[0], &g64[0], n, lr_, mom, damp, wd, nest, fst)
+            cnnx_fpenv_leave()
     return p
 
 
@@ -748,14 +805,18 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
         p32, g32, m32, v32 = p.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1)
         x32 = vmax.reshape(-1) if vmax is not None else None
         with nogil:
+            cnnx_fpenv_enter()
             adam_update_f32(&p32[0], &m32[0], &v32[0], &x32[0] if x32 is not None else NULL, &g32[0], n, lr_,
                             b1, b2, eps_, wd, dec, t)
+            cnnx_fpenv_leave()
     else:
         p64, g64, m64, v64 = p.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1)
         x64 = vmax.reshape(-1) if vmax is not None else None
         with nogil:
+            cnnx_fpenv_enter()
             adam_update_f64(&p64[0], &m64[0], &v64[0], &x64[0] if x64 is not None else NULL, &g64[0], n, lr_,
                             b1, b2, eps_, wd, dec, t)
+            cnnx_fpenv_leave()
     return p
 
 
@@ -821,12 +882,14 @@ def cross_entropy_forward(x, target, ignore_index, mean):
     cdef void *lp = cnp.PyArray_DATA(losses)
     cdef void *gp = cnp.PyArray_DATA(dx)
     with nogil:
+        cnnx_fpenv_enter()
         if typenum == cnp.NPY_FLOAT32:
             code = cross_entropy_forward_f32(<float *>lp, <float *>gp, &total, &count, &bad, <const float *>xp,
                                              t, ii, mean_, N, C)
         else:
             code = cross_entropy_forward_f64(<double *>lp, <double *>gp, &total, &count, &bad,
                                              <const double *>xp, t, ii, mean_, N, C)
+        cnnx_fpenv_leave()
     if code == CNNX_ETARGET:
         return None, None, 0.0, 0, bad
     _status(code, fn)
@@ -922,7 +985,9 @@ def sgd_step(params, state, lr, momentum, dampening, weight_decay, nesterov):
     cdef int nest = bool(nesterov), stride = 3 if with_buf else 2
     cdef int64_t n = len(arrays)
     with nogil:
+        cnnx_fpenv_enter()
         cnnx_sgd_group(a.ptr, a.size, a.f32, n, stride, with_buf, lr_, mom, damp, wd, nest)
+        cnnx_fpenv_leave()
     return True
 
 
@@ -963,7 +1028,9 @@ def adam_step(params, state, lr, beta1, beta2, eps, weight_decay, decoupled, ams
             t[k] = int(step)
             k += 1
         with nogil:
+            cnnx_fpenv_enter()
             cnnx_adam_group(a.ptr, a.size, a.f32, n, stride, t, lr_, b1, b2, eps_, wd, dec)
+            cnnx_fpenv_leave()
     finally:
         PyMem_Free(t)
     return True

@@ -368,6 +368,7 @@ cdef class _SequentialPlan:
                 return None
             xp = _data_ptr(x)
             with nogil:
+                cnnx_fpenv_enter()
                 i = 0
                 while i < self.nops:
                     op = &self.ops[i]
@@ -377,6 +378,7 @@ cdef class _SequentialPlan:
                     if code:
                         break
                     i += 2 if op.pooled else 1      # (a pooled conv ran the pool too)
+                cnnx_fpenv_leave()
             _status(code, "Sequential.forward")
             self.x_ref = x
             self.pending = True
@@ -420,6 +422,7 @@ cdef class _SequentialPlan:
                 dx = np.empty(self.in_shape, dtype=self.dtype)
                 dxp = _data_ptr(dx)
             with nogil:
+                cnnx_fpenv_enter()
                 for i in range(self.nops - 1, -1, -1):
                     op = &self.ops[i]
                     if i > 0 and self.ops[i - 1].pooled:
@@ -428,6 +431,7 @@ cdef class _SequentialPlan:
                                          self.wptr, self.gmode, self.gptr, self.sptr, self.ssize, f64)
                     if code:
                         break
+                cnnx_fpenv_leave()
             _status(code, "Sequential.backward")
             for i in range(nslots):
                 if self.gmode[i] == 2:

@@ -36,12 +36,25 @@ extern "C" {
 #endif
 
 /* ---- configuration (config.c) ---- */
-void cnnx_init_cpu(void);          /* once, at import: CPU features and CNNX_FORCE_PORTABLE */
+void cnnx_init_cpu(void);          /* once, at import: CPU features, CNNX_FORCE_PORTABLE, CNNX_FLUSH_DENORMAL */
 int cnnx_set_num_threads(int n);     /* n <= 0: back to the OpenMP default; returns the old value */
 int cnnx_get_num_threads(void);
 int cnnx_have_openmp(void);
 const char *cnnx_simd_path(void);    /* "avx2+fma" or "portable" */
 int cnnx_force_portable(int on);     /* on < 0: query; returns the active setting (1 = portable forced) */
+/* Subnormal floats inside the kernels: on = 1 (the default) flushes them to zero (x86-64: MXCSR.FTZ and DAZ,
+ * aarch64: FPCR.FZ) on every thread of a kernel call for the duration of that call only; on = 0 computes with
+ * them (IEEE, as numpy). on < 0: query. Returns the setting before the call. */
+int cnnx_set_flush_denormal(int on);
+int cnnx_flush_denormal_supported(void);   /* 1 where the CPU has the control bits (x86-64, aarch64) */
+/* The calling thread's part of that, for the caller of a kernel: cnnx_fpenv_enter() before the call and
+ * cnnx_fpenv_leave() after it (pairs nest; the outermost restores). The kernels' parallel regions do the same
+ * on their own threads. */
+void cnnx_fpenv_enter(void);
+void cnnx_fpenv_leave(void);
+/* For the tests: out[t] = 1 if OpenMP thread t of a team of n (at most cnnx_threads()) has subnormals
+ * flushed (FTZ or DAZ on x86-64, FZ on aarch64) right now, 0 if not; returns the team's size. */
+int cnnx_fp_flush_modes(int *out, int n);
 const char *cnnx_compiler(void);
 
 /* ---- conv2d (conv2d.c), cross-correlation ----

@@ -8,6 +8,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define CNNX_HAVE_X86_DISPATCH 1
@@ -26,6 +29,67 @@ extern int cnnx_avx2_active;
 /* Thread count for every parallel region (an explicit num_threads clause, so the setting is global,
  * not per calling thread as omp_set_num_threads would be). */
 int cnnx_threads(void);
+
+/* Subnormals (cnnx_set_flush_denormal). On x86 each float operation with a subnormal operand or result costs
+ * a microcode assist, ~100x a normal one: a converged model's decaying momentum buffers and small gradients
+ * are full of them. With the setting on (the default), every kernel call flushes them on each thread that runs
+ * it. The door brackets the call with cnnx_fpenv_enter/leave on the calling thread, and every parallel region
+ * is written
+ *     const cnnx_fpenv fp = cnnx_fp_caller();
+ *     #pragma omp parallel ...
+ *     {
+ *         cnnx_fp_worker_enter();
+ *         ...
+ *         cnnx_fp_worker_leave(fp);
+ *     }
+ * An OpenMP worker is a thread of its own, with its own MXCSR/FPCR, and one the runtime creates inside a
+ * kernel call inherits the caller's flushing mode: so a worker leaves with the caller's own bits (fp, taken
+ * before the call set anything), not with the ones it found. Thread 0 is the caller: the door restores it.
+ * Only the flush bits are touched, so exception flags raised inside the call stay raised, as numpy leaves
+ * them. */
+extern int cnnx_flush_denormal;
+typedef uint64_t cnnx_fpenv;
+#if defined(__x86_64__) || defined(_M_X64)
+#define CNNX_FP_FLUSH_BITS 0x8040u          /* MXCSR: FTZ (bit 15), DAZ (bit 6) */
+static inline cnnx_fpenv cnnx_fp_read(void) { return _mm_getcsr(); }
+static inline void cnnx_fp_write(cnnx_fpenv v) { _mm_setcsr((unsigned int)v); }
+#elif defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+#define CNNX_FP_FLUSH_BITS (1u << 24)       /* FPCR.FZ */
+static inline cnnx_fpenv cnnx_fp_read(void)
+{
+    uint64_t v;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(v));
+    return v;
+}
+static inline void cnnx_fp_write(cnnx_fpenv v) { __asm__ __volatile__("msr fpcr, %0" : : "r"(v)); }
+#else
+#define CNNX_FP_FLUSH_BITS 0u               /* no control bits known: nothing is flushed */
+static inline cnnx_fpenv cnnx_fp_read(void) { return 0; }
+static inline void cnnx_fp_write(cnnx_fpenv v) { (void)v; }
+#endif
+/* This thread's flush bits set to those of `bits` (a value read by cnnx_fp_read). */
+static inline void cnnx_fp_set_flush(cnnx_fpenv bits)
+{
+    const cnnx_fpenv now = cnnx_fp_read();
+    const cnnx_fpenv want = (now & ~(cnnx_fpenv)CNNX_FP_FLUSH_BITS) | (bits & CNNX_FP_FLUSH_BITS);
+    if (want != now)
+        cnnx_fp_write(want);
+}
+/* The caller's own environment, as it was before the door's cnnx_fpenv_enter (config.c). */
+cnnx_fpenv cnnx_fp_caller(void);
+static inline void cnnx_fp_worker_enter(void)
+{
+    cnnx_fp_set_flush(cnnx_flush_denormal ? CNNX_FP_FLUSH_BITS : 0);
+}
+static inline void cnnx_fp_worker_leave(cnnx_fpenv caller)
+{
+#ifdef _OPENMP
+    if (omp_get_thread_num() != 0)
+        cnnx_fp_set_flush(caller);
+#else
+    (void)caller;
+#endif
+}
 
 #define CNNX_GEMM_MR_MAX 6
 #define CNNX_GEMM_NR_MAX 16

@@ -346,8 +346,10 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
             PACK_A(path, apack + g * apg, w + g * OCg * K, K, 1, OCg, K);
     }
     int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
+        cnnx_fp_worker_enter();
         const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit * OW;
         REAL *img = ALLOC(img_n), *tmp = direct && !gather && !wrap ? ALLOC(OCg * unit * Wp) : NULL;
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(K));
@@ -387,6 +389,7 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
         free(bpad);
         free(off);
         free(qoff);
+        cnnx_fp_worker_leave(fp);
     }
     free(apack);
     if (status == CNNX_OK && pooled && !fuse_pool)
@@ -496,8 +499,10 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     }
     free(wt);
     int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
+        cnnx_fp_worker_enter();
         const int64_t kd = direct ? OCg * KK : rows_mode ? OCg * KW : OCg;
         const int64_t noff = rows_mode ? kd + KH * Cg : kd; /* rows: B's and Z's row offsets */
         const int64_t img_n = direct ? OCg * (unit + span_h) * Wp
@@ -562,6 +567,7 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
         free(tmp);
         free(bpad);
         free(off);
+        cnnx_fp_worker_leave(fp);
     }
     free(apack);
     return status;
@@ -629,8 +635,10 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     REAL *partial = S > 1 ? ALLOC(S * wsize) : dw;
     if (!partial) return CNNX_ENOMEM;
     int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
+        cnnx_fp_worker_enter();
         REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit * OW);
         /* spread: dy at the padded width; gather: dy transposed into B panels, and the pixel offsets */
         REAL *dyx = !direct || row_dots ? NULL
@@ -750,6 +758,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
                 db[oc] = sum;
             }
         }
+        cnnx_fp_worker_leave(fp);
     }
     if (S > 1) free(partial);
     return status;
@@ -829,8 +838,10 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
     for (int64_t i = 0; i < OC * rows * ld; i++) acc[i] = 0;
     for (int64_t o = 0; o < OC; o++) bsum[o] = 0;
     int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (OC > 1 && N * OC * Q * rows * KW >= PARALLEL_MIN_MACS / 4)
     {
+        cnnx_fp_worker_enter();
 #ifdef _OPENMP
         const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
 #else
@@ -873,6 +884,7 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
         free(v);
         free(part);
         free(off);
+        cnnx_fp_worker_leave(fp);
     }
     if (status == CNNX_OK) {
         for (int64_t o = 0; o < OC; o++) {

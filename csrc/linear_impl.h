@@ -20,13 +20,19 @@ int GLUE(linear_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
     if (!off) return CNNX_ENOMEM;
     for (int64_t o = 0; o < OUT; o++) off[o] = o * IN;
     const int64_t blocks = (N + 3) / 4;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t n0 = blk * 4, rows = N - n0 < 4 ? N - n0 : 4;
-        GLUE(cnnx_gemm_nt, SUF)(path, y + n0 * OUT, OUT, x + n0 * IN, IN, w, off, rows, OUT, IN, 0, 1, 0, 0);
-        if (b)
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t o = 0; o < OUT; o++) y[(n0 + r) * OUT + o] += b[o];
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
+    {
+        cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t n0 = blk * 4, rows = N - n0 < 4 ? N - n0 : 4;
+            GLUE(cnnx_gemm_nt, SUF)(path, y + n0 * OUT, OUT, x + n0 * IN, IN, w, off, rows, OUT, IN, 0, 1, 0, 0);
+            if (b)
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t o = 0; o < OUT; o++) y[(n0 + r) * OUT + o] += b[o];
+        }
+        cnnx_fp_worker_leave(fp);
     }
     free(off);
     return CNNX_OK;
@@ -45,8 +51,10 @@ int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     GLUE(cnnx_gemm_pack_a, SUF)(path, apack, dy, OUT, 1, N, OUT);
     const int64_t panels = (IN + 63) / 64;
     int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
     {
+        cnnx_fp_worker_enter();
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(OUT));
         if (!bpad) {
 #pragma omp critical(cnnx_status)
@@ -59,6 +67,7 @@ int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
             GLUE(cnnx_gemm, SUF)(path, dx + j0, IN, NULL, apack, w + j0, NULL, IN, NULL, N, cols, OUT, 0, 0, 0, bpad);
         }
         free(bpad);
+        cnnx_fp_worker_leave(fp);
     }
     free(apack);
     return status;
@@ -79,8 +88,10 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     GLUE(cnnx_gemm_pack_a, SUF)(path, apack, dy, 1, OUT, OUT, N); /* dy^T: element (o, n) at dy[n*OUT + o] */
     const int64_t panels = (IN + 63) / 64;
     int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
     {
+        cnnx_fp_worker_enter();
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(N));
         if (!bpad) {
 #pragma omp critical(cnnx_status)
@@ -103,6 +114,7 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
             }
         }
         free(bpad);
+        cnnx_fp_worker_leave(fp);
     }
     free(apack);
     return status;

@@ -34,28 +34,34 @@ int GLUE(cross_entropy_forward, SUF)(REAL *restrict losses, REAL *restrict dx, d
     }
     /* as numpy's `grad *= dtype(1.0 / denom) if denom != 0 else dtype(nan)` */
     const REAL scale = !mean ? (REAL)1 : counted ? (REAL)(1.0 / (double)counted) : (REAL)NAN;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (N * C >= PARALLEL_MIN_LOGITS)
-    for (int64_t i = 0; i < N; i++) {
-        const REAL *restrict xi = x + i * C;
-        REAL *restrict gi = dx + i * C;
-        REAL m = xi[0];
-        for (int64_t c = 1; c < C; c++)
-            m = xi[c] > m || xi[c] != xi[c] ? xi[c] : m;     /* NaN wins, as in numpy's max */
-        double s = 0;
-        for (int64_t c = 0; c < C; c++) {
-            const REAL e = EXP(xi[c] - m);
-            gi[c] = e;
-            s += e;
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (N * C >= PARALLEL_MIN_LOGITS)
+    {
+        cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < N; i++) {
+            const REAL *restrict xi = x + i * C;
+            REAL *restrict gi = dx + i * C;
+            REAL m = xi[0];
+            for (int64_t c = 1; c < C; c++)
+                m = xi[c] > m || xi[c] != xi[c] ? xi[c] : m;     /* NaN wins, as in numpy's max */
+            double s = 0;
+            for (int64_t c = 0; c < C; c++) {
+                const REAL e = EXP(xi[c] - m);
+                gi[c] = e;
+                s += e;
+            }
+            const REAL sr = (REAL)s;
+            const int valid = target[i] != ignore_index;
+            const int64_t t = valid ? target[i] : 0;
+            const REAL w = valid ? (REAL)1 : (REAL)0;
+            losses[i] = -((xi[t] - m) - LOG(sr)) * w;
+            const REAL gt = gi[t] / sr * w - w;
+            for (int64_t c = 0; c < C; c++)
+                gi[c] = gi[c] / sr * w * scale;
+            gi[t] = gt * scale;
         }
-        const REAL sr = (REAL)s;
-        const int valid = target[i] != ignore_index;
-        const int64_t t = valid ? target[i] : 0;
-        const REAL w = valid ? (REAL)1 : (REAL)0;
-        losses[i] = -((xi[t] - m) - LOG(sr)) * w;
-        const REAL gt = gi[t] / sr * w - w;
-        for (int64_t c = 0; c < C; c++)
-            gi[c] = gi[c] / sr * w * scale;
-        gi[t] = gt * scale;
+        cnnx_fp_worker_leave(fp);
     }
     double sum = 0;
     for (int64_t i = 0; i < N; i++)

@@ -106,18 +106,23 @@ int cnnx_sgd_group(void *const *ptr, const int64_t *size, const int *f32, int64_
 {
     const int64_t total = group_total(size, n, stride);
     (void)total;
+    const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (total >= GROUP_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i += stride) {
-        int64_t lo, hi;
-        thread_part(size[i], &lo, &hi);
-        if (hi <= lo) continue;
-        void *b = with_buf ? ptr[i + 2] : ptr[i];
-        if (f32[i])
-            sgd_update_f32((float *)ptr[i] + lo, (float *)b + lo, (const float *)ptr[i + 1] + lo, hi - lo, lr,
-                           momentum, dampening, weight_decay, nesterov, 0);
-        else
-            sgd_update_f64((double *)ptr[i] + lo, (double *)b + lo, (const double *)ptr[i + 1] + lo, hi - lo, lr,
-                           momentum, dampening, weight_decay, nesterov, 0);
+    {
+        cnnx_fp_worker_enter();
+        for (int64_t i = 0; i < n; i += stride) {
+            int64_t lo, hi;
+            thread_part(size[i], &lo, &hi);
+            if (hi <= lo) continue;
+            void *b = with_buf ? ptr[i + 2] : ptr[i];
+            if (f32[i])
+                sgd_update_f32((float *)ptr[i] + lo, (float *)b + lo, (const float *)ptr[i + 1] + lo, hi - lo, lr,
+                               momentum, dampening, weight_decay, nesterov, 0);
+            else
+                sgd_update_f64((double *)ptr[i] + lo, (double *)b + lo, (const double *)ptr[i + 1] + lo, hi - lo, lr,
+                               momentum, dampening, weight_decay, nesterov, 0);
+        }
+        cnnx_fp_worker_leave(fp);
     }
     return CNNX_OK;
 }
@@ -127,20 +132,25 @@ int cnnx_adam_group(void *const *ptr, const int64_t *size, const int *f32, int64
 {
     const int64_t total = group_total(size, n, stride);
     (void)total;
+    const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (total >= GROUP_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i += stride) {
-        int64_t lo, hi;
-        thread_part(size[i], &lo, &hi);
-        if (hi <= lo) continue;
-        void *vmax = stride == 5 ? ptr[i + 4] : NULL;
-        if (f32[i])
-            adam_update_f32((float *)ptr[i] + lo, (float *)ptr[i + 2] + lo, (float *)ptr[i + 3] + lo,
-                            vmax ? (float *)vmax + lo : NULL, (const float *)ptr[i + 1] + lo, hi - lo, lr, beta1,
-                            beta2, eps, weight_decay, decoupled, t[i / stride]);
-        else
-            adam_update_f64((double *)ptr[i] + lo, (double *)ptr[i + 2] + lo, (double *)ptr[i + 3] + lo,
-                            vmax ? (double *)vmax + lo : NULL, (const double *)ptr[i + 1] + lo, hi - lo, lr,
-                            beta1, beta2, eps, weight_decay, decoupled, t[i / stride]);
+    {
+        cnnx_fp_worker_enter();
+        for (int64_t i = 0; i < n; i += stride) {
+            int64_t lo, hi;
+            thread_part(size[i], &lo, &hi);
+            if (hi <= lo) continue;
+            void *vmax = stride == 5 ? ptr[i + 4] : NULL;
+            if (f32[i])
+                adam_update_f32((float *)ptr[i] + lo, (float *)ptr[i + 2] + lo, (float *)ptr[i + 3] + lo,
+                                vmax ? (float *)vmax + lo : NULL, (const float *)ptr[i + 1] + lo, hi - lo, lr, beta1,
+                                beta2, eps, weight_decay, decoupled, t[i / stride]);
+            else
+                adam_update_f64((double *)ptr[i] + lo, (double *)ptr[i + 2] + lo, (double *)ptr[i + 3] + lo,
+                                vmax ? (double *)vmax + lo : NULL, (const double *)ptr[i + 1] + lo, hi - lo, lr,
+                                beta1, beta2, eps, weight_decay, decoupled, t[i / stride]);
+        }
+        cnnx_fp_worker_leave(fp);
     }
     return CNNX_OK;
 }

@@ -117,9 +117,15 @@ int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, uint8_t *code, const REAL *x, in
                                        int64_t OH, int64_t OW)
 {
     if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
-    for (int64_t p = 0; p < NC; p++)
-        GLUE(max2x2_plane, SUF)(y + p * OH * OW, NULL, code + p * OH * OW, x + p * H * W, W, OH, OW, 1);
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
+    {
+        cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < NC; p++)
+            GLUE(max2x2_plane, SUF)(y + p * OH * OW, NULL, code + p * OH * OW, x + p * H * W, W, OH, OW, 1);
+        cnnx_fp_worker_leave(fp);
+    }
     return CNNX_OK;
 }
 
@@ -136,27 +142,33 @@ int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const uint8_t 
                                         int64_t H, int64_t W, int64_t OH, int64_t OW)
 {
     if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
-    for (int64_t p = 0; p < NC; p++) {
-        REAL *restrict dxp = dx + p * H * W;
-        const REAL *restrict yp = y + p * OH * OW;
-        const REAL *restrict dyp = dy + p * OH * OW;
-        const uint8_t *restrict cp = code + p * OH * OW;
-        if (2 * OH != H || 2 * OW != W)
-            for (int64_t i = 0; i < H * W; i++) dxp[i] = 0;
-        for (int64_t oh = 0; oh < OH; oh++) {
-            REAL *restrict r0 = dxp + 2 * oh * W, *restrict r1 = r0 + W;
-            const REAL *restrict dyr = dyp + oh * OW, *restrict yr = yp + oh * OW;
-            const uint8_t *restrict cr = cp + oh * OW;
-            for (int64_t ow = GLUE(MAX2X2_BACK_ROW_FAST, SUF)(r0, r1, dyr, yr, cr, OW); ow < OW; ow++) {
-                const REAL v = GLUE(cnnx_relu_pool_grad, SUF)(dyr[ow], yr[ow]);
-                const int k = cr[ow];
-                r0[2 * ow] = k == 0 ? v : 0;
-                r0[2 * ow + 1] = k == 1 ? v : 0;
-                r1[2 * ow] = k == 2 ? v : 0;
-                r1[2 * ow + 1] = k == 3 ? v : 0;
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
+    {
+        cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < NC; p++) {
+            REAL *restrict dxp = dx + p * H * W;
+            const REAL *restrict yp = y + p * OH * OW;
+            const REAL *restrict dyp = dy + p * OH * OW;
+            const uint8_t *restrict cp = code + p * OH * OW;
+            if (2 * OH != H || 2 * OW != W)
+                for (int64_t i = 0; i < H * W; i++) dxp[i] = 0;
+            for (int64_t oh = 0; oh < OH; oh++) {
+                REAL *restrict r0 = dxp + 2 * oh * W, *restrict r1 = r0 + W;
+                const REAL *restrict dyr = dyp + oh * OW, *restrict yr = yp + oh * OW;
+                const uint8_t *restrict cr = cp + oh * OW;
+                for (int64_t ow = GLUE(MAX2X2_BACK_ROW_FAST, SUF)(r0, r1, dyr, yr, cr, OW); ow < OW; ow++) {
+                    const REAL v = GLUE(cnnx_relu_pool_grad, SUF)(dyr[ow], yr[ow]);
+                    const int k = cr[ow];
+                    r0[2 * ow] = k == 0 ? v : 0;
+                    r0[2 * ow + 1] = k == 1 ? v : 0;
+                    r1[2 * ow] = k == 2 ? v : 0;
+                    r1[2 * ow + 1] = k == 3 ? v : 0;
+                }
             }
         }
+        cnnx_fp_worker_leave(fp);
     }
     return CNNX_OK;
 }
@@ -173,9 +185,15 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
 {
     if (KH == 2 && KW == 2 && SH == 2 && SW == 2 && PH == 0 && PW == 0 && DH == 1 && DW == 1 &&
         2 * OH <= H && 2 * OW <= W) {
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-        for (int64_t p = 0; p < NC; p++)
-            GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, NULL, x + p * H * W, W, OH, OW, 0);
+        const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+        {
+            cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < NC; p++)
+                GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, NULL, x + p * H * W, W, OH, OW, 0);
+            cnnx_fp_worker_leave(fp);
+        }
         return CNNX_OK;
     }
     /* output columns whose window lies wholly inside the image need no bounds checks */
@@ -183,60 +201,66 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
     if (W - 1 - (KW - 1) * DW + PW < 0) ow_in1 = 0;
     if (ow_in1 > OW) ow_in1 = OW;
     if (ow_in0 > ow_in1) ow_in0 = ow_in1;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-    for (int64_t p = 0; p < NC; p++) {
-        const REAL *restrict xp = x + p * H * W;
-        REAL *restrict yp = y + p * OH * OW;
-        int64_t *restrict ip = indices + p * OH * OW;
-        for (int64_t oh = 0; oh < OH; oh++) {
-            const int64_t h0 = oh * SH - PH;
-            int64_t kh0, kh1;
-            GLUE(tap_range, SUF)(&kh0, &kh1, h0, KH, DH, H);
-            REAL *restrict yr = yp + oh * OW;
-            int64_t *restrict ir = ip + oh * OW;
-            const int fast2x2 = KH == 2 && KW == 2 && DH == 1 && DW == 1 && kh0 == 0 && kh1 == 2;
-            for (int64_t ow = 0; ow < OW; ow++) {
-                const int64_t w0 = ow * SW - PW;
-                if (ow == ow_in0 && ow < ow_in1 && fast2x2) {
-                    /* the common 2x2 window over the interior columns, in row-major order, written as
-                     * selects so the compiler vectorises it (random data would mispredict branches) */
-                    const REAL *restrict r0 = xp + h0 * W, *restrict r1 = r0 + W;
-                    while (ow < ow_in1) {
-                        /* blocks of up to 64 outputs: the selects run over whole vectors, the winner's
-                         * position (0..3 in row-major window order) goes through a small int32 buffer */
-                        int32_t k[64];
-                        const int64_t nb = ow_in1 - ow < 64 ? ow_in1 - ow : 64, c00 = ow * SW - PW;
-                        for (int64_t q = 0; q < nb; q++) {
-                            const int64_t c0 = c00 + q * SW;
-                            const REAL a = r0[c0], b = r0[c0 + 1], c = r1[c0], d = r1[c0 + 1];
-                            const int tb = (b > a) | (b != b); /* a later tap wins only when greater, or NaN */
-                            REAL m = tb ? b : a;
-                            int32_t kk = tb;
-                            const int tc = (c > m) | (c != c);
-                            m = tc ? c : m;
-                            kk = tc ? 2 : kk;
-                            const int td = (d > m) | (d != d);
-                            m = td ? d : m;
-                            kk = td ? 3 : kk;
-                            yr[ow + q] = m;
-                            k[q] = kk;
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+    {
+        cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < NC; p++) {
+            const REAL *restrict xp = x + p * H * W;
+            REAL *restrict yp = y + p * OH * OW;
+            int64_t *restrict ip = indices + p * OH * OW;
+            for (int64_t oh = 0; oh < OH; oh++) {
+                const int64_t h0 = oh * SH - PH;
+                int64_t kh0, kh1;
+                GLUE(tap_range, SUF)(&kh0, &kh1, h0, KH, DH, H);
+                REAL *restrict yr = yp + oh * OW;
+                int64_t *restrict ir = ip + oh * OW;
+                const int fast2x2 = KH == 2 && KW == 2 && DH == 1 && DW == 1 && kh0 == 0 && kh1 == 2;
+                for (int64_t ow = 0; ow < OW; ow++) {
+                    const int64_t w0 = ow * SW - PW;
+                    if (ow == ow_in0 && ow < ow_in1 && fast2x2) {
+                        /* the common 2x2 window over the interior columns, in row-major order, written as
+                         * selects so the compiler vectorises it (random data would mispredict branches) */
+                        const REAL *restrict r0 = xp + h0 * W, *restrict r1 = r0 + W;
+                        while (ow < ow_in1) {
+                            /* blocks of up to 64 outputs: the selects run over whole vectors, the winner's
+                             * position (0..3 in row-major window order) goes through a small int32 buffer */
+                            int32_t k[64];
+                            const int64_t nb = ow_in1 - ow < 64 ? ow_in1 - ow : 64, c00 = ow * SW - PW;
+                            for (int64_t q = 0; q < nb; q++) {
+                                const int64_t c0 = c00 + q * SW;
+                                const REAL a = r0[c0], b = r0[c0 + 1], c = r1[c0], d = r1[c0 + 1];
+                                const int tb = (b > a) | (b != b); /* a later tap wins only when greater, or NaN */
+                                REAL m = tb ? b : a;
+                                int32_t kk = tb;
+                                const int tc = (c > m) | (c != c);
+                                m = tc ? c : m;
+                                kk = tc ? 2 : kk;
+                                const int td = (d > m) | (d != d);
+                                m = td ? d : m;
+                                kk = td ? 3 : kk;
+                                yr[ow + q] = m;
+                                k[q] = kk;
+                            }
+                            for (int64_t q = 0; q < nb; q++)
+                                ir[ow + q] = h0 * W + c00 + q * SW + (k[q] & 1) + (k[q] >> 1) * W;
+                            ow += nb;
                         }
-                        for (int64_t q = 0; q < nb; q++)
-                            ir[ow + q] = h0 * W + c00 + q * SW + (k[q] & 1) + (k[q] >> 1) * W;
-                        ow += nb;
+                        ow--;
+                        continue;
                     }
-                    ow--;
-                    continue;
+                    if (ow >= ow_in0 && ow < ow_in1) {
+                        GLUE(max_window, SUF)(yr + ow, ir + ow, xp, W, h0, w0, kh0, kh1, 0, KW, DH, DW);
+                        continue;
+                    }
+                    int64_t kw0, kw1;
+                    GLUE(tap_range, SUF)(&kw0, &kw1, w0, KW, DW, W);
+                    GLUE(max_window, SUF)(yr + ow, ir + ow, xp, W, h0, w0, kh0, kh1, kw0, kw1, DH, DW);
                 }
-                if (ow >= ow_in0 && ow < ow_in1) {
-                    GLUE(max_window, SUF)(yr + ow, ir + ow, xp, W, h0, w0, kh0, kh1, 0, KW, DH, DW);
-                    continue;
-                }
-                int64_t kw0, kw1;
-                GLUE(tap_range, SUF)(&kw0, &kw1, w0, KW, DW, W);
-                GLUE(max_window, SUF)(yr + ow, ir + ow, xp, W, h0, w0, kh0, kh1, kw0, kw1, DH, DW);
             }
         }
+        cnnx_fp_worker_leave(fp);
     }
     return CNNX_OK;
 }
@@ -254,22 +278,28 @@ int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indic
 {
     int status = CNNX_OK;
     const int64_t plane = H * W;
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-    for (int64_t p = 0; p < NC; p++) {
-        REAL *restrict dxp = dx + p * plane;
-        const REAL *restrict dyp = dy + p * OH * OW;
-        const int64_t *restrict ip = indices + p * OH * OW;
-        for (int64_t i = 0; i < plane; i++) dxp[i] = 0;
-        for (int64_t o = 0; o < OH * OW; o++) {
-            const int64_t i = ip[o];
-            if (i >= plane) continue; /* a window wholly in the padding: its -inf output has no input */
-            if (i < 0) {
-#pragma omp critical(cnnx_status)
-                status = CNNX_EINDEX;
-                break;
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+    {
+        cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < NC; p++) {
+            REAL *restrict dxp = dx + p * plane;
+            const REAL *restrict dyp = dy + p * OH * OW;
+            const int64_t *restrict ip = indices + p * OH * OW;
+            for (int64_t i = 0; i < plane; i++) dxp[i] = 0;
+            for (int64_t o = 0; o < OH * OW; o++) {
+                const int64_t i = ip[o];
+                if (i >= plane) continue; /* a window wholly in the padding: its -inf output has no input */
+                if (i < 0) {
+    #pragma omp critical(cnnx_status)
+                    status = CNNX_EINDEX;
+                    break;
+                }
+                dxp[i] += dyp[o];
             }
-            dxp[i] += dyp[o];
         }
+        cnnx_fp_worker_leave(fp);
     }
     return status;
 }
@@ -296,18 +326,24 @@ int GLUE(avgpool2d_forward, SUF)(REAL *y, const REAL *x, int64_t NC, int64_t H, 
                                  int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
                                  int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
 {
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-    for (int64_t p = 0; p < NC; p++) {
-        const REAL *restrict xp = x + p * H * W;
-        REAL *restrict yp = y + p * OH * OW;
-        for (int64_t oh = 0; oh < OH; oh++)
-            for (int64_t ow = 0; ow < OW; ow++) {
-                AVG_WINDOW()
-                REAL sum = 0;
-                for (int64_t ih = h0; ih < h1; ih++)
-                    for (int64_t iw = w0; iw < w1; iw++) sum += xp[ih * W + iw];
-                yp[oh * OW + ow] = divisor > 0 ? sum / (REAL)divisor : 0;
-            }
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+    {
+        cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < NC; p++) {
+            const REAL *restrict xp = x + p * H * W;
+            REAL *restrict yp = y + p * OH * OW;
+            for (int64_t oh = 0; oh < OH; oh++)
+                for (int64_t ow = 0; ow < OW; ow++) {
+                    AVG_WINDOW()
+                    REAL sum = 0;
+                    for (int64_t ih = h0; ih < h1; ih++)
+                        for (int64_t iw = w0; iw < w1; iw++) sum += xp[ih * W + iw];
+                    yp[oh * OW + ow] = divisor > 0 ? sum / (REAL)divisor : 0;
+                }
+        }
+        cnnx_fp_worker_leave(fp);
     }
     return CNNX_OK;
 }
@@ -322,19 +358,25 @@ int GLUE(avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, int64_t NC, int64_t 
                                   int64_t PW, int count_include_pad, int64_t divisor_override,
                                   int64_t OH, int64_t OW)
 {
-#pragma omp parallel for schedule(static) num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-    for (int64_t p = 0; p < NC; p++) {
-        REAL *restrict dxp = dx + p * H * W;
-        const REAL *restrict dyp = dy + p * OH * OW;
-        for (int64_t i = 0; i < H * W; i++) dxp[i] = 0;
-        for (int64_t oh = 0; oh < OH; oh++)
-            for (int64_t ow = 0; ow < OW; ow++) {
-                AVG_WINDOW()
-                if (divisor <= 0) continue;
-                const REAL g = dyp[oh * OW + ow] / (REAL)divisor;
-                for (int64_t ih = h0; ih < h1; ih++)
-                    for (int64_t iw = w0; iw < w1; iw++) dxp[ih * W + iw] += g;
-            }
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
+    {
+        cnnx_fp_worker_enter();
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < NC; p++) {
+            REAL *restrict dxp = dx + p * H * W;
+            const REAL *restrict dyp = dy + p * OH * OW;
+            for (int64_t i = 0; i < H * W; i++) dxp[i] = 0;
+            for (int64_t oh = 0; oh < OH; oh++)
+                for (int64_t ow = 0; ow < OW; ow++) {
+                    AVG_WINDOW()
+                    if (divisor <= 0) continue;
+                    const REAL g = dyp[oh * OW + ow] / (REAL)divisor;
+                    for (int64_t ih = h0; ih < h1; ih++)
+                        for (int64_t iw = w0; iw < w1; iw++) dxp[ih * W + iw] += g;
+                }
+        }
+        cnnx_fp_worker_leave(fp);
     }
     return CNNX_OK;
 }
