@@ -87,3 +87,18 @@ def test_bench_lenet5_without_torch():
     tail = summary(out)
     assert "batch-1 training, 1 thread: not measured (needs torch and batch 1)  N/A" in tail
     assert "conv2 at batch 64, 1 thread" in tail
+
+
+@needs_kernels
+def test_bench_states_quick():
+    pytest.importorskip("torch")
+    out = run("bench_states.py", "--batches", "1", "--train-steps", "2", "--converge-steps", "5",
+              "--settle-steps", "2")
+    for state in ("fresh", "trained", "converged"):
+        assert f"=== {state} model, batch 1" in out
+    assert "subnormal momentum entries: c " in out and "flush_denormal: cnnx True" in out
+    rows = [ln for ln in summary(out).splitlines() if ln.startswith(("training, batch", "inference, batch"))]
+    assert len(rows) == 3, rows
+    for ln in rows:
+        if "batch 1" in ln:
+            assert ln.split()[-1] in ("PASS", "FAIL") and ln.count("x ") >= 3, ln
