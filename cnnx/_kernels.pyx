@@ -1053,4 +1053,5 @@ def zero_grads(params):
 
 # ---------------------------------------------------------------- Sequential plans
 
+include "_winograd.pxi"
 include "_plan.pxi"
