@@ -18,7 +18,7 @@ Adding a layer is one entry; ``register_emitter(cls, fn)`` adds your own. A two-
 | Sequential (and LeNet5) | its layers in order |
 | Conv2d | Conv (groups, dilations, strides; every padding, 'same' included, as explicit pads) |
 | MaxPool2d | MaxPool (pads, dilations, ceil_mode); return_indices=True refused |
-| AvgPool2d | AveragePool (pads, ceil_mode, count_include_pad); divisor_override as AveragePool * k/d when every window is whole |
+| AvgPool2d | AveragePool (pads, ceil_mode, count_include_pad); divisor_override, and ceil_mode windows AveragePool counts differently, as a depthwise Conv of ones / a constant map of PyTorch's divisors |
 | AdaptiveAvgPool2d / AdaptiveMaxPool2d | GlobalAveragePool / GlobalMaxPool for output 1x1; AveragePool / MaxPool when the input divides evenly; else refused |
 | Linear | Gemm (2-D input), MatMul + Add otherwise |
 | Flatten | Flatten (up to the last dim), Reshape otherwise |
@@ -173,34 +173,77 @@ def _conv2d(g, conv, x, name):
                   pads=[top, left, bottom, right], dilations=list(conv.dilation), group=conv.groups)
 
 
+def _pool_window_attrs(pool, name, x, kernel, stride, padding, dilation, pads_count):
+    """kernel_shape, strides, pads, dilations and ceil_mode that give cnnx's (PyTorch's) output size.
+
+    ceil_mode differs: PyTorch drops a last window that would start in the bottom/right padding, ONNX does
+    not. Such an axis has the floor-mode size. When every ceil_mode axis really gains a window, ONNX's
+    ceil_mode=1 is exact; when only some do, those axes get extra end padding under ceil_mode=0, exact
+    where padding does not count (max pooling, count_include_pad=False) and refused otherwise."""
+    from ._geometry import pool2d_out_size
+    want = pool.forward(x.sample).shape[2:]
+    floor = [pool2d_out_size(n, k, s, p, d, False) for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding,
+                                                                               dilation)]
+    onnx_ceil = [-(-(n + 2 * p - d * (k - 1) - 1) // s) + 1
+                 for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation)]
+    begin = list(padding)
+    end = list(padding)
+    ceil = 0
+    if list(want) != floor:
+        if list(want) == onnx_ceil:
+            ceil = 1
+        elif pads_count:
+            raise _unsupported(pool, name, f"ceil_mode=True with count_include_pad=True gains a window on one axis "
+                                           f"only (output {tuple(want)}); ONNX's ceil_mode acts on both axes")
+        else:
+            for i, (n, k, s, p, d) in enumerate(zip(x.shape[2:], kernel, stride, padding, dilation)):
+                end[i] += max(0, (want[i] - 1) * s + d * (k - 1) + 1 - (n + 2 * p))
+    return dict(kernel_shape=list(kernel), strides=list(stride), pads=begin + end, dilations=list(dilation),
+                ceil_mode=ceil)
+
+
 def _maxpool2d(g, pool, x, name):
     if pool.return_indices:
         raise _unsupported(pool, name, "return_indices=True returns (values, indices); ONNX MaxPool's indices "
                                        "count over the whole tensor, not per plane")
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pool._geometry()
-    return g.node("MaxPool", [x.name], name, kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
-                  dilations=[dh, dw], ceil_mode=int(pool.ceil_mode))
+    kernel, stride, padding, dilation = pool._geometry()
+    return g.node("MaxPool", [x.name], name, **_pool_window_attrs(pool, name, x, kernel, stride, padding, dilation,
+                                                                  pads_count=False))
 
 
 def _avgpool2d(g, pool, x, name):
     fn = "AvgPool2d"
-    kh, kw = pair(pool.kernel_size, "kernel_size", fn, 1)
-    sh, sw = pair(pool.stride, "stride", fn, 1)
-    ph, pw = pair(pool.padding, "padding", fn, 0)
-    divisor = pool.divisor_override
-    attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw], ceil_mode=int(pool.ceil_mode),
-                 count_include_pad=int(pool.count_include_pad or divisor is not None))
-    if divisor is None:
-        return g.node("AveragePool", [x.name], name, **attrs)
-    # sum / divisor = mean over the kh*kw window * (kh*kw / divisor), when every window spans kh*kw cells of
-    # the padded input (with ceil_mode a last window may hang past it and be averaged over fewer)
-    y_shape = pool.forward(x.sample).shape
-    h, w = x.shape[2:]
-    if (y_shape[2] - 1) * sh + kh > h + 2 * ph or (y_shape[3] - 1) * sw + kw > w + 2 * pw:
-        raise _unsupported(pool, name, f"divisor_override={divisor} with a window hanging past the padded input "
-                                       f"(ceil_mode) has no exact ONNX form")
-    mean = g.node("AveragePool", [x.name], name, **attrs)
-    return g.node("Mul", [mean, g.scalar(kh * kw / divisor, name + ".scale")], name + ".scaled")
+    kernel = pair(pool.kernel_size, "kernel_size", fn, 1)
+    stride = pair(pool.stride, "stride", fn, 1)
+    padding = pair(pool.padding, "padding", fn, 0)
+    if pool.divisor_override is None:
+        try:
+            attrs = _pool_window_attrs(pool, name, x, kernel, stride, padding, (1, 1), pool.count_include_pad)
+        except UnsupportedLayerError:
+            attrs = None
+        if attrs is not None:
+            del attrs["dilations"]          # AveragePool has them from opset 19 only; cnnx's are always 1
+            return g.node("AveragePool", [x.name], name, count_include_pad=int(pool.count_include_pad), **attrs)
+    return _window_sum_divided(g, pool, x, name, kernel, stride, padding)
+
+
+def _window_sum_divided(g, pool, x, name, kernel, stride, padding):
+    """Average pooling as (sum over each window) / (that window's divisor): a depthwise Conv with a kernel of
+    ones (zero padding adds nothing; extra end padding stands in for ceil_mode) divided by a constant
+    (OH, OW) map of PyTorch's divisors, read off the layer itself. Exact for every AvgPool2d, including
+    divisor_override and ceil_mode windows AveragePool cannot express."""
+    from . import functional as F
+    c, (h, w) = x.shape[1], x.shape[2:]
+    ones = np.ones((1, 1, h, w), np.float64)
+    counts = F.avg_pool2d(ones, kernel, stride, padding, pool.ceil_mode, True, 1)     # real cells per window
+    divisors = np.rint(counts / pool.forward(ones))
+    out_h, out_w = divisors.shape[2:]
+    extra = [max(0, (o - 1) * s + k - (n + 2 * p)) for o, s, k, n, p in zip((out_h, out_w), stride, kernel, (h, w),
+                                                                              padding)]
+    sums = g.node("Conv", [x.name, g.initializer(np.ones((c, 1) + tuple(kernel), g.dtype), name + ".ones")],
+                  name + ".window_sum", kernel_shape=list(kernel), strides=list(stride), group=c,
+                  pads=[padding[0], padding[1], padding[0] + extra[0], padding[1] + extra[1]])
+    return g.node("Div", [sums, g.initializer(divisors.astype(g.dtype), name + ".divisors")], name)
 
 
 def _adaptive(g, pool, x, name):
