@@ -220,6 +220,8 @@ HOSTILE = {
     "unknown layer type": (lambda g: _edit(g, _meta_edit(lambda m: m["model"].update(type="Evil"))), True),
     "config that does not validate": (lambda g: _edit(g, _meta_edit(
         lambda m: m["model"]["config"]["layers"][0]["module"]["config"].update(in_channels=-3))), True),
+    "architecture declaring 16 GiB": (lambda g: _edit(g, _meta_edit(
+        lambda m: m["model"]["config"]["layers"][0]["module"]["config"].update(in_channels=2**32))), True),
     "weight stored as integers": (lambda g: _edit(g, _set(_first_tensor, "dtype", "I32")), True),
     "a tensor missing": (lambda g: st_save({k: v for k, v in _model().state_dict().items() if k != "5.bias"},
                                            metadata=_parts(g)[0]["__metadata__"]), True),
