@@ -21,7 +21,7 @@ Adding a layer is one entry; ``register_emitter(cls, fn)`` adds your own. A two-
 | AvgPool2d | AveragePool (pads, ceil_mode, count_include_pad); divisor_override, and ceil_mode windows AveragePool counts differently, as a depthwise Conv of ones / a constant map of PyTorch's divisors |
 | AdaptiveAvgPool2d / AdaptiveMaxPool2d | GlobalAveragePool / GlobalMaxPool for output 1x1; AveragePool / MaxPool when the input divides evenly; else refused |
 | Linear | Gemm (2-D input), MatMul + Add otherwise |
-| Flatten | Flatten (up to the last dim), Reshape otherwise |
+| Flatten | Flatten (start_dim=1 to the last dim), Reshape otherwise |
 | ReLU, LeakyReLU, Tanh, Sigmoid | Relu, LeakyRelu, Tanh, Sigmoid |
 | ScaledTanh | Mul, Tanh, Mul |
 | Softmax, LogSoftmax | Softmax, LogSoftmax (the implicit dim resolved as cnnx does) |
@@ -286,8 +286,8 @@ def _flatten(g, flat, x, name):
     end = flat.end_dim % nd
     if start == 0 and g.dynamic_batch:
         raise _unsupported(flat, name, "start_dim=0 merges the batch dimension; export with dynamic_batch=False")
-    if end == nd - 1:
-        return g.node("Flatten", [x.name], name, axis=start)
+    if start == 1 and end == nd - 1:         # ONNX Flatten always makes 2-D: (prod(dims < axis), prod(rest))
+        return g.node("Flatten", [x.name], name, axis=1)
     shape = [0] * start + [-1] + list(x.shape[end + 1:])        # 0: copy the input's dim (the batch)
     return g.node("Reshape", [x.name, g.initializer(np.array(shape, np.int64), name + ".shape")], name)
 
