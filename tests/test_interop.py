@@ -253,8 +253,23 @@ def test_from_pytorch_example():
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT from_pytorch ")]
     assert len(lines) == 1, proc.stdout
     values = dict(item.split("=", 1) for item in lines[0].split()[2:])
-    assert float(values["torch_accuracy"]) > 0.5, values          # 10 classes: chance is 0.1
+    assert float(values["torch_accuracy"]) > 0.4, values          # one epoch on 2,000 images (chance: 0.1)
     assert float(values["cnnx_accuracy"]) >= float(values["torch_accuracy"]) - 0.05, values
     assert float(values["handback_max_diff"]) <= 1e-5, values       # torch runs cnnx's weights, same outputs
     assert values["weights_bit_exact"] == "yes", values
     assert proc.stdout.count("  ok: ") >= 3
+
+
+def test_from_pytorch_example_skips_without_torch():
+    if not os.path.isfile(EXAMPLE):
+        pytest.skip(f"examples/ not found beside the tests ({EXAMPLE})")
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.path.insert(0, {d!r}); sys.argv = [{f!r}] + {a!r}; "
+            "sys.exit(runpy.run_path({f!r}, run_name='__main__'))")
+    env = dict(os.environ, PYTHONPATH=CNNX_PATH)
+    for args, rc in ((["--quick"], 0), ([], 2)):
+        proc = subprocess.run([sys.executable, "-c", code.format(d=os.path.dirname(EXAMPLE), f=EXAMPLE, a=args)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == rc, proc.stderr
+        assert "PyTorch is not installed" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+        if rc == 0:
+            assert proc.stdout.strip().splitlines()[-1].startswith("SKIP from_pytorch: ")
