@@ -273,3 +273,24 @@ def test_from_pytorch_example_skips_without_torch():
         assert "PyTorch is not installed" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
         if rc == 0:
             assert proc.stdout.strip().splitlines()[-1].startswith("SKIP from_pytorch: ")
+
+
+# -- the README's "Moving models in and out" -----------------------------------------------------------------
+def test_readme_moving_models_section_runs(tmp_path, monkeypatch):
+    import re
+    readme = os.path.join(REPO, "README.md")
+    if not os.path.isfile(readme):
+        pytest.skip("README.md is not beside tests/ (tests run from an sdist or wheel)")
+    for name in ("torch", "safetensors", "onnx", "onnxruntime"):
+        pytest.importorskip(name, reason=f"{name} is not installed (the README section uses it)")
+    text = open(readme, encoding="utf-8").read()
+    section = text[text.index("## Moving models in and out"):]
+    section = section[:section.index("\n## ", 3)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3, "the section's three snippets: PyTorch, safetensors, ONNX"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:                                     # in order, sharing names, as a reader runs them
+        exec(compile(block, readme, "exec"), namespace)
+    assert sorted(os.listdir(tmp_path)) == ["from_torch.safetensors", "model.onnx", "model.safetensors"]
+    assert type(namespace["model2"]) is nn.Sequential
