@@ -124,7 +124,10 @@ class Graph:
     def emit(self, module, x, name):
         """Emit `module` applied to Value `x` (looked up in EMITTERS); returns the output Value."""
         emitter = _emitter_for(module, name)
-        out = emitter(self, module, x, name or type(module).__name__.lower())
+        # the dotted module path names nodes and initializers ('conv1.weight', as in the state_dict); a
+        # non-container model exported on its own is named after its type
+        hint = name if (name or emitter is _sequential) else type(module).__name__.lower()
+        out = emitter(self, module, x, hint)
         if isinstance(out, Value):
             return out
         return Value(out, module.forward(x.sample))
@@ -160,7 +163,7 @@ def _unsupported(layer, name, why):
 # -- emitters ---------------------------------------------------------------------------------------------
 def _sequential(g, seq, x, name):
     for child_name, child in seq.named_children():
-        x = g.emit(child, x, f"{name}.{child_name}" if name != "model" else child_name)
+        x = g.emit(child, x, f"{name}.{child_name}" if name else child_name)
     return x
 
 
@@ -391,7 +394,7 @@ def to_model(model, example_input, opset=DEFAULT_OPSET, input_name="input", outp
     graph._names.update({input_name, output_name})
     try:
         model.eval()
-        out = graph.emit(model, Value(input_name, x), "model")
+        out = graph.emit(model, Value(input_name, x), "")
     finally:
         for m in model.modules():
             if m.__dict__.get("training") is not modes[id(m)]:
@@ -400,7 +403,7 @@ def to_model(model, example_input, opset=DEFAULT_OPSET, input_name="input", outp
             for key in [k for k in m.__dict__ if k.startswith("_cache")]:
                 m.__dict__[key] = None
     if not isinstance(out.sample, np.ndarray) or out.sample.dtype != x.dtype:
-        raise _unsupported(model, "model", f"its output is not one {x.dtype} array")
+        raise _unsupported(model, type(model).__name__, f"its output is not one {x.dtype} array")
     if out.name == input_name:                 # nothing but identities
         graph.nodes.append(helper.make_node("Identity", [input_name], [output_name], name=graph.fresh("output")))
     else:
