@@ -202,7 +202,7 @@ def _kernel_elements(value):
 
 def _declared_elements(desc, depth=0):
     """A lower bound on the parameter and buffer elements the layers in `desc` allocate when they are built
-    (exact for Conv2d, Linear, BatchNorm and LeNet5, 0 for anything else). A hostile header declaring a
+    (their weights: Conv2d, Linear, BatchNorm and LeNet5; 0 for anything else). A hostile header declaring a
     Conv2d of 2**32 channels would otherwise have cnnx allocate and initialise 16 GiB before the tensors are
     compared with it (numpy's allocation succeeds lazily, and filling it exhausts the memory)."""
     if not isinstance(desc, dict) or depth > 100:
@@ -212,17 +212,19 @@ def _declared_elements(desc, depth=0):
         return 0
     if kind == "Sequential" and isinstance(config.get("layers"), list):
         return sum(_declared_elements(e.get("module"), depth + 1) for e in config["layers"] if isinstance(e, dict))
+    # the weights only (a bias may be switched off); BatchNorm holds at least n elements when it has a
+    # weight or running statistics
     if kind == "Conv2d":
-        out, groups = _int(config.get("out_channels")), _int(config.get("groups"), 1)
-        return out * (_int(config.get("in_channels")) // groups) * _kernel_elements(config.get("kernel_size")) + out
+        return (_int(config.get("out_channels")) * (_int(config.get("in_channels")) // _int(config.get("groups"), 1))
+                * _kernel_elements(config.get("kernel_size")))
     if kind == "Linear":
-        out = _int(config.get("out_features"))
-        return out * _int(config.get("in_features")) + out
+        return _int(config.get("out_features")) * _int(config.get("in_features"))
     if kind in ("BatchNorm1d", "BatchNorm2d"):
-        return 4 * _int(config.get("num_features"))
+        holds = config.get("affine", True) is not False or config.get("track_running_stats", True) is not False
+        return _int(config.get("num_features")) if holds else 0
     if kind == "LeNet5":
         classes, channels = _int(config.get("num_classes"), 10), _int(config.get("in_channels"), 1)
-        return 85 * classes + 150 * channels
+        return 84 * classes + 150 * channels
     return 0
 
 
