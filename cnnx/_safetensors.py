@@ -119,7 +119,8 @@ def read(path, fn):
             file_meta = f.metadata() or {}
             keys = list(f.keys())
             for key in keys:
-                dtype = f.get_slice(key).get_dtype()
+                get_dtype = getattr(f.get_slice(key), "get_dtype", None)    # absent in old safetensors
+                dtype = get_dtype() if get_dtype is not None else "F32"
                 if dtype not in _DTYPES:
                     raise ValueError(f"{fn}: {path}: tensor {key!r} has dtype {dtype}, which numpy and cnnx "
                                      f"cannot hold (convert it to float32 before saving)")
