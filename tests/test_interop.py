@@ -43,7 +43,7 @@ def zoo_model():
         ("adapt", nn.AdaptiveMaxPool2d((2, 3))), ("id", nn.Identity()), ("drop", nn.Dropout(0.3)),
         ("flat", nn.Flatten()), ("fc", nn.Linear(24, 10)),
         ("bn1", nn.BatchNorm1d(10, track_running_stats=False)), ("relu", nn.ReLU()),
-        ("fc2", nn.Linear(10, 5, bias=False)), ("logsm", nn.LogSoftmax(dim=1))]))
+        ("softmax", nn.Softmax(dim=1)), ("fc2", nn.Linear(10, 5, bias=False)), ("logsm", nn.LogSoftmax(dim=1))]))
 
 
 MODELS = {
