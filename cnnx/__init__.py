@@ -10,5 +10,6 @@ from . import reference
 # -- issue 3 (nn, optim, data, training) adds its imports below this line --
 from ._random import manual_seed
 from . import nn, init, optim, models
-from .serialization import save, load
+from .serialization import save, load, save_state_dict, load_state_dict
 from . import datasets, data, train
+from . import onnx          # cnnx.onnx.export; the onnx package itself is imported only when exporting

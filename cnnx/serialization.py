@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from . import nn
+from . import _safetensors, nn
 from ._io import atomic_write
 from .nn.module import Module, Sequential, StateDictError, _describe
 
@@ -132,7 +132,10 @@ def save(model, path, optimizer=None, scheduler=None, metadata=None):
 
     optimizer, scheduler: optionally their state too (read back by load_checkpoint). metadata: any
     JSON-able dict (epoch, metrics, ...). The write is atomic. Returns the path.
+    A path ending in .safetensors writes a safetensors file instead (see cnnx._safetensors).
     """
+    if _safetensors.is_safetensors_path(path):
+        return _safetensors.save_model(model, path, optimizer, scheduler, metadata)
     desc = describe(model)
     arrays = {}
     state = model.state_dict()
@@ -244,6 +247,8 @@ def load_checkpoint(path):
 
     To resume: build the optimizer on ckpt["model"].parameters() and the scheduler on it, THEN load both
     states (building a scheduler resets the groups' lr to its base rate, as in PyTorch)."""
+    if _safetensors.is_safetensors_path(path):
+        return _safetensors.load_checkpoint(path)
     fn = "cnnx.load"
     meta, arrays = _read_npz(path, fn)
     if meta["format"] != FORMAT:
@@ -285,7 +290,10 @@ def load(path):
 
 
 def save_state_dict(state_dict, path):
-    """Write a flat {name: array} mapping (e.g. model.state_dict()) as a pickle-free .npz, atomically."""
+    """Write a flat {name: array} mapping (e.g. model.state_dict()) as a pickle-free .npz, atomically
+    (a .safetensors file when the path ends in .safetensors)."""
+    if _safetensors.is_safetensors_path(path):
+        return _safetensors.save_state_dict(state_dict, path)
     if not isinstance(state_dict, collections.abc.Mapping):
         raise TypeError(f"save_state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
     arrays = {}
@@ -298,7 +306,10 @@ def save_state_dict(state_dict, path):
 
 
 def load_state_dict(path):
-    """The {name: array} OrderedDict written by save_state_dict (or the model tensors of a checkpoint)."""
+    """The {name: array} OrderedDict written by save_state_dict (or the model tensors of a checkpoint; any
+    .safetensors file, e.g. one written by safetensors.torch.save_file, when the path ends in .safetensors)."""
+    if _safetensors.is_safetensors_path(path):
+        return _safetensors.load_state_dict(path)
     meta, arrays = _read_npz(path, "load_state_dict")
     if meta["format"] == FORMAT:
         return collections.OrderedDict((k, arrays["model/" + k]) for k in meta.get("state_keys", [])

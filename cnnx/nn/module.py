@@ -85,6 +85,44 @@ class StateDictError(ValueError, RuntimeError):
     """
 
 
+def _state_array(value):
+    """A state_dict value as a numpy array: ndarray, Parameter, PyTorch tensor or anything np.asarray takes.
+
+    A torch.Tensor (recognised by its module, so torch is never imported here) is detached, moved to the
+    CPU and made contiguous before .numpy(); a dtype numpy has no twin for (bfloat16, ...) is a TypeError.
+    """
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, Parameter):
+        return np.asarray(value.data)
+    if (type(value).__module__ or "").split(".")[0] == "torch" and hasattr(value, "detach"):
+        tensor = value.detach()
+        if getattr(tensor, "layout", None) is not None and "strided" not in str(tensor.layout):
+            raise TypeError(f"a {tensor.layout} torch tensor cannot be loaded; convert it with .to_dense()")
+        tensor = tensor.cpu().contiguous()
+        try:
+            return tensor.numpy()
+        except (TypeError, RuntimeError) as exc:   # bfloat16, quantized, ...: no numpy dtype
+            raise TypeError(f"torch tensor of dtype {tensor.dtype} has no numpy equivalent ({exc}); convert it "
+                            f"first, e.g. with .float()") from None
+    return np.asarray(value)
+
+
+def _same_kind(value_dtype, target_dtype):
+    """A value may be loaded into a state array of target_dtype: floating into floating (any width: the
+    copy casts), integer into integer; never complex, bool, strings or objects."""
+    if np.issubdtype(target_dtype, np.floating):
+        return np.issubdtype(value_dtype, np.floating)
+    if np.issubdtype(target_dtype, np.integer):
+        return np.issubdtype(value_dtype, np.integer)
+    return value_dtype == target_dtype
+
+
+def _kind_name(dtype):
+    return ("floating" if np.issubdtype(dtype, np.floating) else
+            "integer" if np.issubdtype(dtype, np.integer) else str(dtype))
+
+
 class _IncompatibleKeys(collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])):
     pass
 
@@ -393,9 +431,13 @@ class Module:
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays from `state_dict` into this module's parameters and buffers, in place.
 
-        Values are cast to the module's dtypes. With strict=True (default) a missing or unexpected key
-        raises StateDictError (a ValueError and RuntimeError) listing them; a shape mismatch always
-        raises. Returns (missing_keys, unexpected_keys).
+        Values may be numpy arrays, Parameters or PyTorch tensors (``torch_model.state_dict()``: converted
+        through numpy on the CPU, detached, contiguous; torch itself is never imported). Floating values go
+        into floating parameters and buffers, integers into integer ones (BatchNorm's num_batches_tracked),
+        cast to the module's dtypes. With strict=True (default) a missing or unexpected key raises
+        StateDictError (a ValueError and RuntimeError) listing them; a shape or dtype mismatch always
+        raises, naming the key, the expected and the found shape or dtype. Nothing is copied unless every
+        value is good. Returns (missing_keys, unexpected_keys).
         """
         if not isinstance(state_dict, collections.abc.Mapping):
             raise TypeError(f"load_state_dict: state_dict must be a mapping of name -> array, "
@@ -413,12 +455,17 @@ class Module:
         for key, target in targets.items():
             if key not in state_dict:
                 continue
-            value = np.asarray(state_dict[key])
+            try:
+                value = _state_array(state_dict[key])
+            except (TypeError, ValueError, RuntimeError) as exc:
+                errors.append(f"conversion error for {key}: {exc}.")
+                continue
             if value.shape != target.shape:
                 errors.append(f"size mismatch for {key}: copying an array of shape {value.shape}, "
                               f"the shape in the current model is {target.shape}.")
-            elif not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
-                errors.append(f"dtype error for {key}: expected a numeric array, got dtype {value.dtype}.")
+            elif not _same_kind(value.dtype, target.dtype):
+                errors.append(f"dtype error for {key}: expected a {_kind_name(target.dtype)} array (the model "
+                              f"holds {target.dtype}), got dtype {value.dtype}.")
             else:
                 values[key] = value
         if errors:
