@@ -29,7 +29,8 @@ from ._geometry import conv2d_out_size, pool2d_out_size
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward", "avgpool2d_backward",
            "linear_forward", "linear_backward_input", "linear_backward_weight", "sgd_update", "adam_update",
-           "cross_entropy_forward"]
+           "cross_entropy_forward", "conv2d_winograd_forward", "conv2d_winograd_backward_input",
+           "conv2d_winograd_backward_weight"]
 
 
 def _offset_view(xp, i, j, oh, ow, stride, dilation):
@@ -389,3 +390,78 @@ def cross_entropy_forward(x, target, ignore_index, mean):
         if mean:
             dx *= dtype(1.0 / count) if count else dtype(np.nan)
     return losses, dx, float(losses.sum(dtype=np.float64)), count, -1
+
+
+# ---------------------------------------------------------------- Winograd F(4x4, 3x3)
+# The algorithm of csrc/winograd.c in numpy (Lavin & Gray 2016; interpolation points 0, +-1, +-2, inf), for
+# 3x3 kernels, stride 1, dilation 1, one group, padding 0..2 a side. Per 4x4 output tile and channel pair:
+#     Y = A^T [ (G g G^T) . (B^T d B) ] A        d: the 6x6 input tile, g: the 3x3 kernel
+# It is conv2d_forward in exact arithmetic; in floating point it rounds differently (float32: a few 1e-6 of
+# the output's scale), which is what this twin lets you measure.
+_WINO_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+_WINO_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                    [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64)
+_WINO_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                    dtype=np.float64)
+
+
+def _wino_tiles(x, padding, oh, ow):
+    """(N, C, TH, TW, 6, 6) input tiles d of x padded by (top, left) = padding[0], padding[2] (zeros beyond)."""
+    n, c, h, w = x.shape
+    th, tw = -(-oh // 4), -(-ow // 4)
+    hp, wp = 4 * th + 2, 4 * tw + 2
+    xp = np.zeros((n, c, hp, wp), x.dtype)
+    pt, pl = padding[0], padding[2]
+    rows, cols = min(h, hp - pt), min(w, wp - pl)
+    xp[:, :, pt:pt + rows, pl:pl + cols] = x[:, :, :rows, :cols]
+    r = (4 * np.arange(th))[:, None] + np.arange(6)[None, :]         # (TH, 6) plane rows of each tile
+    q = (4 * np.arange(tw))[:, None] + np.arange(6)[None, :]         # (TW, 6) plane columns
+    return xp[:, :, r[:, None, :, None], q[None, :, None, :]]        # (N, C, TH, TW, 6, 6)
+
+
+def _wino_out_size(shape, padding):
+    return shape[2] + padding[0] + padding[1] - 2, shape[3] + padding[2] + padding[3] - 2
+
+
+def conv2d_winograd_forward(x, weight, bias, padding):
+    """conv2d_forward(x, weight, bias, (1, 1), padding, (1, 1), 1) by Winograd F(4x4, 3x3): weight (OC, C, 3, 3),
+    padding (top, bottom, left, right) each 0..2."""
+    dt = x.dtype
+    oh, ow = _wino_out_size(x.shape, padding)
+    bt, at = _WINO_BT.astype(dt), _WINO_AT.astype(dt)
+    v = np.einsum("ij,nctwjk,lk->nctwil", bt, _wino_tiles(x, padding, oh, ow), bt, optimize=True)
+    u = np.einsum("ij,ocjk,lk->ocil", _WINO_G, weight.astype(np.float64), _WINO_G).astype(dt)
+    m = np.einsum("ocxy,nctwxy->notwxy", u, v, optimize=True)
+    y = np.einsum("ij,notwjk,lk->notwil", at, m, at, optimize=True)              # (N, OC, TH, TW, 4, 4)
+    n, o, th, tw = y.shape[:4]
+    y = y.transpose(0, 1, 2, 4, 3, 5).reshape(n, o, 4 * th, 4 * tw)[:, :, :oh, :ow]
+    if bias is not None:
+        y = y + bias[None, :, None, None]
+    return np.ascontiguousarray(y, dtype=dt)
+
+
+def conv2d_winograd_backward_input(dy, weight, x_shape, padding):
+    """dx of conv2d_winograd_forward: the same algorithm on dy padded by (2 - top, 2 - bottom, 2 - left,
+    2 - right) with the kernels rotated by 180 degrees and transposed to (C, OC, 3, 3)."""
+    flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    dx = conv2d_winograd_forward(dy, flipped, None, tuple(2 - p for p in padding))
+    return dx[:, :, :x_shape[2], :x_shape[3]]
+
+
+def conv2d_winograd_backward_weight(dy, x, weight_shape, padding, with_bias):
+    """(dweight, dbias or None) of conv2d_winograd_forward: dw = G^T [ sum over images and tiles of
+    (A dY A^T) . (B^T d B) ] G, dY a 4x4 tile of dy (zero beyond the output)."""
+    dt = dy.dtype
+    oh, ow = dy.shape[2], dy.shape[3]
+    th, tw = -(-oh // 4), -(-ow // 4)
+    bt, at = _WINO_BT.astype(dt), _WINO_AT.astype(dt)
+    v = np.einsum("ij,nctwjk,lk->nctwil", bt, _wino_tiles(x, padding, oh, ow), bt, optimize=True)
+    g = np.zeros(dy.shape[:2] + (4 * th, 4 * tw), dt)
+    g[:, :, :oh, :ow] = dy
+    g = g.reshape(dy.shape[0], dy.shape[1], th, 4, tw, 4).transpose(0, 1, 2, 4, 3, 5)   # (N, OC, TH, TW, 4, 4)
+    dm = np.einsum("ji,notwjk,kl->notwil", at, g, at, optimize=True)                    # A dY A^T
+    du = np.einsum("notwxy,nctwxy->ocxy", dm, v, optimize=True)
+    dw = np.einsum("ji,ocjk,kl->ocil", _WINO_G, du.astype(np.float64), _WINO_G).astype(dt)
+    db = dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dt) if with_bias else None
+    return dw.reshape(weight_shape), db
