@@ -43,6 +43,21 @@ def _npz(arrays, meta=None):
     return bytearray(buf.getvalue())
 
 
+def _npy(value):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, value)
+    return buf.getvalue()
+
+
+def _zip(members):
+    """A stored (uncompressed) zip archive of {name: bytes}, as np.savez writes it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data)     # fixed 1980 timestamp: same bytes every run
+    return buf.getvalue()
+
+
 def _central_entries(blob):
     """Offsets of every central-directory header (PK\\x01\\x02) and its local header."""
     out, pos = [], 0
@@ -80,39 +95,19 @@ def checkpoints():
     files["overlapping_members.npz"] = blob
 
     # a member that is not an .npy file: np.load hands back raw bytes for it (AttributeError on .dtype)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for key, value in arrays.items():
-            if key != "__cnnx__":
-                with zf.open(key + ".npy", "w") as f:
-                    np.lib.format.write_array(f, value)
-        zf.writestr("__cnnx__", json.dumps(meta))
-    files["header_not_npy.npz"] = buf.getvalue()
+    members = {k + ".npy": _npy(v) for k, v in arrays.items() if k != "__cnnx__"}
+    files["header_not_npy.npz"] = _zip(dict(members, __cnnx__=json.dumps(meta).encode()))
 
     # numpy's .npy reader: a header declaring 2**30 float32 (4 GiB) over 64 bytes of data
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for key, value in arrays.items():
-            with zf.open(key + ".npy", "w") as f:
-                if key == "model/0.weight":
-                    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
-                                                             "shape": (2**30,)})
-                    f.write(b"\0" * 64)
-                else:
-                    np.lib.format.write_array(f, value)
-    files["npy_shape_past_member.npz"] = buf.getvalue()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**30,)})
+    members = {k + ".npy": _npy(v) for k, v in arrays.items()}
+    files["npy_shape_past_member.npz"] = _zip(dict(members, **{"model/0.weight.npy": header.getvalue() + bytes(64)}))
 
     # numpy's .npy reader: a header that is not a Python literal
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for key, value in arrays.items():
-            with zf.open(key + ".npy", "w") as f:
-                if key == "model/0.weight":
-                    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, __import__('os'))}"
-                    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + text.ljust(117) + b"\n")
-                else:
-                    np.lib.format.write_array(f, value)
-    files["npy_header_not_literal.npz"] = buf.getvalue()
+    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, __import__('os'))}"
+    bad = b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + text.ljust(117) + b"\n"
+    files["npy_header_not_literal.npz"] = _zip(dict(members, **{"model/0.weight.npy": bad}))
 
     # a valid archive and JSON whose fields have the wrong types (AttributeError, TypeError, int('x'))
     files["optimizer_not_a_dict.npz"] = _npz(arrays, dict(meta, optimizer=[1, 2]))
