@@ -99,8 +99,9 @@ def run(one_input, allowed, description, default_max_len=4096):
                   file=sys.stderr)
             use_atheris = False
     limit = f", at most {args.seconds:g}s" if args.seconds is not None else ""
-    print(f"{name}: seed {seed}, up to {args.runs} inputs{limit} "
-          f"({'atheris' if use_atheris else 'random'}; replay: {name} --no-atheris --seed {seed})", flush=True)
+    how = ("atheris; libFuzzer saves a finding as crash-*, replay it with --replay" if use_atheris
+           else f"random; replay: {name} --no-atheris --seed {seed}")
+    print(f"{name}: seed {seed}, up to {args.runs} inputs{limit} ({how})", flush=True)
     t0 = time.time()
     if use_atheris:
         atheris.instrument_all()        # coverage feedback from every loaded Python function (cnnx included)
