@@ -1,4 +1,6 @@
-"""Atomic file writes: a crash mid-save never destroys what was already on disk."""
+"""Atomic file writes (a crash mid-save never destroys what was already on disk) and one error contract for
+every file reader (whatever a damaged file makes a library raise is a ValueError naming the file)."""
+import contextlib
 import os
 import secrets
 
@@ -36,3 +38,30 @@ def atomic_write(path, write, mode="wb"):
             pass
         raise
     return path
+
+
+@contextlib.contextmanager
+def reading(prefix, what):
+    """Every failure while a file's content is parsed becomes a ValueError naming the file.
+
+    ``prefix`` is how the reader's own messages start, with the file (``"cnnx.load: /data/model.npz"``);
+    ``what`` says what the file turned out not to be (``"is not a readable cnnx checkpoint"``). A ValueError
+    whose message starts with ``prefix`` already names the file and passes as it is; any other Exception --
+    what zipfile, gzip, tarfile, json or numpy raise on damaged input (BadZipFile, NotImplementedError,
+    EOFError, zlib.error, OSError, struct.error, RecursionError, ...), and the KeyError or TypeError of a
+    well-formed file with fields of the wrong type -- becomes
+    ``ValueError(f"{prefix} {what} (corrupt or truncated: {type}: {message})")``. MemoryError passes
+    unchanged, and so do KeyboardInterrupt and SystemExit (not Exceptions). Open the file *before* entering:
+    a missing path is the caller's FileNotFoundError, not a corrupt file.
+    """
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(prefix):
+            raise
+        kind = type(exc).__qualname__
+        if type(exc).__module__ not in ("builtins", "__main__"):
+            kind = f"{type(exc).__module__}.{kind}"        # zlib.error, zipfile.BadZipFile, tarfile.ReadError
+        raise ValueError(f"{prefix} {what} (corrupt or truncated: {kind}: {exc})") from None

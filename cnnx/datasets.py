@@ -20,11 +20,10 @@ import sys
 import tarfile
 import urllib.error
 import urllib.request
-import zlib
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, reading
 
 __all__ = [
     "read_idx", "MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "load_embedded_mnist",
@@ -83,18 +82,14 @@ def read_idx(path, max_bytes=1 << 34):
     Raises ValueError for a malformed, truncated or oversized file (the message names the file).
     """
     path = os.fspath(path)
-    with open(path, "rb") as raw:
+    with open(path, "rb") as raw, reading(f"read_idx: {path}", "is not a valid IDX file or gzip stream"):
+        # open() raises what it raises for a missing or unreadable path; after it, whatever gzip (BadGzipFile,
+        # EOFError, zlib.error, OSError, struct.error) or numpy raise is a ValueError naming the file
         is_gzip = raw.read(2) == _GZIP_MAGIC
         raw.seek(0)
         file_size = os.fstat(raw.fileno()).st_size
-        f = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw
-        try:
+        with (gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw) as f:
             return _read_idx_stream(f, path, is_gzip, file_size, max_bytes)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise ValueError(f"read_idx: {path} is not a valid gzip stream or is truncated ({exc})") from None
-        finally:
-            if is_gzip:
-                f.close()
 
 
 def _read_idx_stream(f, path, is_gzip, file_size, max_bytes):
@@ -374,11 +369,12 @@ class CIFAR10(_Dataset):
         return None
 
     def _read_batch(self, path):
-        size = os.path.getsize(path)
-        if size == 0 or size % self.record_bytes:
-            raise ValueError(f"CIFAR10: {path} has {size} bytes, expected a positive multiple of "
-                             f"{self.record_bytes} (1 label byte + 3072 pixel bytes per record)")
-        records = np.fromfile(path, dtype=np.uint8).reshape(-1, self.record_bytes)
+        with open(path, "rb") as f, reading(f"CIFAR10: {path}", "could not be read"):
+            size = os.fstat(f.fileno()).st_size
+            if size == 0 or size % self.record_bytes:
+                raise ValueError(f"CIFAR10: {path} has {size} bytes, expected a positive multiple of "
+                                 f"{self.record_bytes} (1 label byte + 3072 pixel bytes per record)")
+            records = np.fromfile(f, dtype=np.uint8).reshape(-1, self.record_bytes)
         labels = records[:, 0].astype(np.int64)
         if labels.max() >= 10:
             raise ValueError(f"CIFAR10: {path} has label {int(labels.max())}, expected 0..9; "
@@ -387,20 +383,48 @@ class CIFAR10(_Dataset):
 
     def _extract(self, tar_path, root):
         """Extract only the expected regular files of the binary archive, never paths outside root."""
-        wanted = {f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin", "batches.meta.txt"}
-        out_dir = os.path.join(root, self.folder)
-        os.makedirs(out_dir, exist_ok=True)
-        with tarfile.open(tar_path, "r:gz") as tar:
-            for member in tar:
+        _extract_cifar10(tar_path, os.path.join(root, self.folder))
+
+
+_CIFAR10_FILES = {f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin", "batches.meta.txt"}
+_CIFAR10_MAX_ENTRIES = 64       # the archive as distributed has 9 (a directory and 8 files)
+_CIFAR10_MAX_FILE = 1 << 27     # a batch is 30,730,000 bytes
+
+
+def _extract_cifar10(tar_path, out_dir):
+    """Copy the CIFAR-10 binary batches (and batches.meta.txt) out of ``cifar-10-binary.tar.gz`` into out_dir.
+
+    Only regular files with the expected base names and at most 128 MiB each are taken; their directory
+    in the archive is ignored, so no member can land outside out_dir; links, devices and everything else
+    are skipped. Each file is written atomically. Returns the names written. Raises ValueError naming the
+    archive if it is not a readable tar.gz archive (corrupt, truncated, or with more than 64 entries).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for base, data in _cifar10_members(os.fspath(tar_path)):
+        atomic_write(os.path.join(out_dir, base), lambda out, data=data: out.write(data))
+        written.append(base)
+    return written
+
+
+def _cifar10_members(path):
+    """(base name, bytes) of each wanted member; any failure of gzip or tarfile -- ReadError, CompressionError,
+    HeaderError, EOFError, zlib.error, OSError, UnicodeDecodeError -- is a ValueError naming the archive.
+    This covers the reading only: an exception raised where the caller writes a file (at the yield) is not
+    thrown into the generator, so a full disk stays an OSError."""
+    with open(path, "rb") as raw, reading(f"CIFAR10: {path}", "is not a readable tar.gz archive"):
+        with tarfile.open(fileobj=raw, mode="r:gz") as tar:
+            for count, member in enumerate(tar, 1):
+                if count > _CIFAR10_MAX_ENTRIES:
+                    raise ValueError(f"CIFAR10: {path} has more than {_CIFAR10_MAX_ENTRIES} entries; "
+                                     f"{CIFAR10.archive} has 9: not the CIFAR-10 binary archive")
                 base = os.path.basename(member.name)
-                if member.isfile() and base in wanted and member.size <= 1 << 27:
-                    src = tar.extractfile(member)
-                    atomic_write(os.path.join(out_dir, base), lambda out, src=src: _copy(src, out))
-
-
-def _copy(src, out):
-    for chunk in iter(lambda: src.read(1 << 20), b""):
-        out.write(chunk)
+                if member.isfile() and base in _CIFAR10_FILES and member.size <= _CIFAR10_MAX_FILE:
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise ValueError(f"CIFAR10: {path}: entry {member.name!r} declares {member.size} "
+                                         f"bytes but holds {len(data)}: truncated")
+                    yield base, data
 
 
 # ------------------------------------------------------------------------------------------ embedded

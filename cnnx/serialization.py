@@ -15,11 +15,12 @@ user class (it must implement ``get_config()`` returning its constructor keyword
 import collections
 import json
 import os
+import zipfile
 
 import numpy as np
 
 from . import _safetensors, nn
-from ._io import atomic_write
+from ._io import atomic_write, reading
 from .nn.module import Module, Sequential, StateDictError, _describe
 
 __all__ = ["save", "load", "load_checkpoint", "save_state_dict", "load_state_dict", "register_module"]
@@ -176,54 +177,72 @@ def _json_default(value):
 
 
 # -- reading --------------------------------------------------------------------------------------------
-def _check_members(path, fn):
-    """Refuse, before reading any array, an archive whose members could expand beyond the file: cnnx writes
-    its checkpoints uncompressed (np.savez), so a compressed member, or one declaring more bytes than the
-    file holds, is not ours and may be a zip bomb. Archives that are not zip files are left to np.load."""
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        return
-    size = os.path.getsize(path)
-    for info in members:
-        if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
-            raise ValueError(f"{fn}: {path}: entry {info.filename!r} is compressed or declares "
-                             f"{info.file_size} bytes in a {size}-byte file; cnnx checkpoints are stored "
-                             f"uncompressed (refused before reading, as a possible zip bomb)")
+# np.load tells a zip archive from a single .npy (or a pickle) by these first bytes; so does _check_members.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+# Whatever zipfile (BadZipFile, NotImplementedError for an unknown zip version or compression, RuntimeError for
+# an encrypted member, EOFError, OSError, struct.error, UnicodeDecodeError), numpy's .npy reader or json raise,
+# and a header whose fields have the wrong types (KeyError, TypeError, AttributeError), ends as a ValueError
+# "<fn>: <path> is not a readable cnnx checkpoint (corrupt or truncated: <type>: <message>)" (_io.reading).
+_NOT_READABLE = "is not a readable cnnx checkpoint"
 
 
-def _read_npz(path, fn):
-    """(header dict, {name: array}) from a cnnx .npz, with clear errors for anything else."""
+def _open(path, fn):
+    """The checkpoint opened for reading. A missing path, a directory or an unreadable file is the path's
+    problem, not the content's: FileNotFoundError, IsADirectoryError, PermissionError, as open() says."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{fn}: no such file: {path}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{fn}: {path} is a directory, not a checkpoint file")
-    arrays = {}
-    _check_members(path, fn)
-    try:
-        with open(path, "rb") as f:
-            loaded = np.load(f, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise ValueError(f"{fn}: {path} holds a single .npy array, not a cnnx .npz checkpoint")
-            with loaded:
-                for key in loaded.files:
-                    try:
-                        arrays[key] = loaded[key]
-                    except ValueError as exc:
-                        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-                            raise ValueError(f"{fn}: {path}: entry {key!r} is an object array, which cnnx never "
-                                             f"writes and will not unpickle") from None
-                        raise
-    except ValueError as exc:
-        if str(exc).startswith(fn):
-            raise
-        raise ValueError(f"{fn}: {path} is not a readable cnnx checkpoint: {exc}") from None
-    except Exception as exc:        # BadZipFile, EOFError, zlib.error, OSError, ... from a damaged archive
-        raise ValueError(f"{fn}: {path} is not a readable cnnx checkpoint (corrupt or truncated: "
-                         f"{type(exc).__name__}: {exc})") from None
+    return open(path, "rb")
+
+
+def _check_members(f, path, fn):
+    """Refuse, before reading any array, an archive whose members could expand beyond the file: cnnx writes
+    its checkpoints uncompressed (np.savez), so a compressed member, or one declaring more bytes than the
+    file holds, is not ours and may be a zip bomb. Each .npy member's header is read too, so that a shape
+    needing more bytes than the member holds (4 TB declared in 64 bytes) or an object (pickled) dtype is
+    refused before numpy allocates or unpickles anything. Files that np.load would not open as a zip
+    archive (a single .npy, a pickle) are left to it."""
+    magic = f.read(4)
+    f.seek(0)
+    if not magic.startswith(_ZIP_MAGIC):
+        return
+    size = os.fstat(f.fileno()).st_size
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
+                raise ValueError(f"{fn}: {path}: entry {info.filename!r} is compressed or declares "
+                                 f"{info.file_size} bytes in a {size}-byte file; cnnx checkpoints are stored "
+                                 f"uncompressed (refused before reading, as a possible zip bomb)")
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"{fn}: {path}: entry {info.filename!r} is not an .npy array")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)    # 3.0 differs only in encoding
+                shape, _, dtype = read_header(member)
+                if dtype.hasobject:
+                    raise ValueError(f"{fn}: {path}: entry {info.filename[:-4]!r} is an object array, which "
+                                     f"cnnx never writes and will not unpickle")
+                need = dtype.itemsize
+                for d in shape:
+                    need *= d
+                have = info.file_size - member.tell()
+                if need > have:
+                    raise ValueError(f"{fn}: {path}: entry {info.filename[:-4]!r} declares shape {shape} of "
+                                     f"{dtype}, {need} bytes, but holds {have}: truncated or corrupt")
+    f.seek(0)
+
+
+def _read_npz(f, path, fn):
+    """(header dict, {name: array}) from a cnnx .npz opened as `f`; call it inside _io.reading."""
+    _check_members(f, path, fn)
+    loaded = np.load(f, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{fn}: {path} holds a single .npy array, not a cnnx .npz checkpoint")
+    with loaded:
+        arrays = {key: loaded[key] for key in loaded.files}
     header = arrays.pop(HEADER, None)
     if header is None:
         raise ValueError(f"{fn}: {path} is an .npz archive without a {HEADER!r} header: not written by cnnx")
@@ -250,7 +269,12 @@ def load_checkpoint(path):
     if _safetensors.is_safetensors_path(path):
         return _safetensors.load_checkpoint(path)
     fn = "cnnx.load"
-    meta, arrays = _read_npz(path, fn)
+    path = os.fspath(path)
+    with _open(path, fn) as f, reading(f"{fn}: {path}", _NOT_READABLE):
+        return _checkpoint_from(*_read_npz(f, path, fn), path, fn)
+
+
+def _checkpoint_from(meta, arrays, path, fn):
     if meta["format"] != FORMAT:
         raise ValueError(f"{fn}: {path} holds a bare state dict (format {meta['format']!r}), not a model; "
                          f"read it with cnnx.serialization.load_state_dict")
@@ -310,7 +334,13 @@ def load_state_dict(path):
     .safetensors file, e.g. one written by safetensors.torch.save_file, when the path ends in .safetensors)."""
     if _safetensors.is_safetensors_path(path):
         return _safetensors.load_state_dict(path)
-    meta, arrays = _read_npz(path, "load_state_dict")
+    fn = "load_state_dict"
+    path = os.fspath(path)
+    with _open(path, fn) as f, reading(f"{fn}: {path}", _NOT_READABLE):
+        return _state_dict_from(*_read_npz(f, path, fn))
+
+
+def _state_dict_from(meta, arrays):
     if meta["format"] == FORMAT:
         return collections.OrderedDict((k, arrays["model/" + k]) for k in meta.get("state_keys", [])
                                        if "model/" + k in arrays)

@@ -1,17 +1,22 @@
-"""Fuzz the checkpoint loader (cnnx.load) with mutated checkpoints and random bytes.
+"""Fuzz the checkpoint readers (cnnx.load, cnnx.serialization.load_state_dict) with mutated checkpoints.
 
-Allowed outcome: a Module, or ValueError. Anything else -- an escaping BadZipFile/KeyError/RecursionError/
-MemoryError/UnicodeDecodeError, anything being unpickled, a crash -- is a bug.
+Allowed outcome: a Module (a state dict), or ValueError. Anything else -- an escaping BadZipFile/
+NotImplementedError/KeyError/RecursionError/MemoryError/UnicodeDecodeError, anything being unpickled, a
+crash -- is a bug.
 
-    python fuzz/fuzz_checkpoint.py --runs 5000 [--no-atheris]
+    python fuzz/fuzz_checkpoint.py --runs 5000 [--no-atheris] [--seed S] [--seconds T]
 
 Inputs: the first byte picks the form -- random bytes; a valid checkpoint with fuzz bytes XORed in at
 fuzz-chosen offsets (reaches the zip, .npy and JSON parsers); a valid archive with a fuzz-written JSON header;
-or a valid archive with one member's .npy header replaced.
+a valid archive with one layer's config value replaced; one member's .npy header replaced; one field of a
+zip local or central header (versions, flags, compression method, sizes, offsets, name and extra lengths) set
+to a boundary value; or one top-level header field (optimizer, scheduler, state_keys, format, keys, ...)
+replaced. The next byte picks the reader: cnnx.load, or load_state_dict one time in four.
 """
 import io
 import json
 import os
+import struct
 import sys
 import tempfile
 import zipfile
@@ -49,8 +54,35 @@ def archive(arrays, header=None):
     return buf.getvalue()
 
 
+# Fields of a zip local header (PK\x03\x04) and central header (PK\x01\x02): (offset, struct format).
+_LOCAL_FIELDS = [(4, "<H"), (6, "<H"), (8, "<H"), (14, "<I"), (18, "<I"), (22, "<I"), (26, "<H"), (28, "<H")]
+_CENTRAL_FIELDS = [(4, "<H"), (6, "<H"), (8, "<H"), (10, "<H"), (16, "<I"), (20, "<I"), (24, "<I"), (28, "<H"),
+                   (30, "<H"), (32, "<H"), (34, "<H"), (38, "<I"), (42, "<I")]
+_END_FIELDS = [(4, "<H"), (6, "<H"), (8, "<H"), (10, "<H"), (12, "<I"), (16, "<I"), (20, "<H")]
+_BOUNDARY = [0, 1, 2, 8, 9, 12, 14, 20, 45, 63, 99, 0x7F, 0xFF, 0x3F3F, 0x7FFF, 0xFFFF, 0x10000, 0x7FFFFFFF,
+             0xFFFFFFFF]
+_TOP_VALUES = [None, 0, 1, -1, 2**63, "x", "", [], [1], [[1]], ["0.weight"], [{}], {}, {"x": 1}, {"0": {}},
+               {"type": "SGD", "param_groups": [{}], "scalars": {"x": {}}}, {"type": "SGD", "scalars": {"0": 5}},
+               {"type": "SGD", "array_state": ["x"]}, {"state": 1}, "cnnx-state-dict", "cnnx-checkpoint"]
+
+
+def archive_members(p):
+    """A good archive with one zip header field set to a boundary value (or a fuzz-chosen one)."""
+    blob = bytearray(_GOOD)
+    signature, fields = p.pick([(b"PK\x03\x04", _LOCAL_FIELDS), (b"PK\x01\x02", _CENTRAL_FIELDS),
+                                (b"PK\x05\x06", _END_FIELDS)])
+    starts = [i for i in range(len(blob)) if blob.startswith(signature, i)]
+    start = p.pick(starts)
+    for _ in range(p.int(1, 3)):
+        offset, fmt = p.pick(fields)
+        limit = 2 ** (8 * struct.calcsize(fmt)) - 1
+        value = p.pick(_BOUNDARY) if p.int(0, 3) else p.int(0, limit)
+        struct.pack_into(fmt, blob, start + offset, min(value, limit))
+    return bytes(blob)
+
+
 def build(p):
-    form = p.int(0, 4)
+    form = p.int(0, 6)
     if form == 0:
         return p.bytes(p.remaining())
     if form == 1:                                         # byte flips in a good checkpoint
@@ -67,6 +99,19 @@ def build(p):
         keys = sorted(layer["config"]) or ["x"]
         layer["config"][p.pick(keys)] = p.pick([-1, 0, 2**31, 2**62, 10**6, None, "x", [1, 2, 3], {}, 1.5])
         return archive(_ARRAYS, json.dumps(meta).encode())
+    if form == 5:
+        return archive_members(p)
+    if form == 6:                                         # one top-level header field replaced or added
+        meta = json.loads(json.dumps(_META))
+        arrays = dict(_ARRAYS)
+        for _ in range(p.int(1, 3)):
+            key = p.pick(sorted(meta) + ["keys", "optimizer", "scheduler"])
+            meta[key] = p.pick(_TOP_VALUES)
+        if p.bool():                                      # an optimizer tensor with a fuzz-chosen name
+            name = p.pick(["optimizer/state/0/m", "optimizer/state/x/m", "optimizer/state/0", "optimizer/state/",
+                           "optimizer/state/-1/a/b", "model/extra"])
+            arrays[name] = np.zeros(p.int(0, 3), np.float32)
+        return archive({k: v for k, v in arrays.items() if k != "__cnnx__"}, json.dumps(meta).encode())
     # one member's .npy header replaced by a fuzz-chosen shape/dtype
     key = p.pick(sorted(k for k in _ARRAYS if k != "__cnnx__"))
     out = io.BytesIO()
@@ -86,12 +131,17 @@ def build(p):
 
 
 def one_input(data):
-    blob = build(Provider(data))
+    p = Provider(data)
+    blob = build(p)
+    state_dict = p.int(0, 3) == 3
     with open(_PATH, "wb") as f:
         f.write(blob)
     try:
-        model = cnnx.load(_PATH)
-        assert isinstance(model, nn.Module)
+        if state_dict:
+            state = cnnx.serialization.load_state_dict(_PATH)
+            assert all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items())
+        else:
+            assert isinstance(cnnx.load(_PATH), nn.Module)
     finally:
         assert not os.path.exists(_MARKER), "something was unpickled"
 

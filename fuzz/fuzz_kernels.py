@@ -25,6 +25,7 @@ import cnnx.functional as F  # noqa: E402
 from cnnx import _kernels as K  # noqa: E402
 
 ALLOWED = (ValueError, TypeError, MemoryError)
+SANITIZE = True     # reaches csrc/: fuzz/run_all.py --sanitized runs it under ASan + UBSan (scripts/sanitize.sh)
 HUGE = [2**36, 2**40, 2**60, 2**62, 2**63 - 1]
 DTYPES = [np.float32, np.float64, np.float32, np.float64, np.float16, np.int64, np.complex64, np.bool_]
 KERNEL_GEOMETRY_CAP = 2**12

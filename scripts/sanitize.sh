@@ -2,26 +2,40 @@
 # scripts/sanitize.sh: build cnnx._kernels with AddressSanitizer + UndefinedBehaviorSanitizer (gcc) in a copy
 # of the source tree and run the kernel tests (and, optionally, the atheris-free fuzz replay) under it.
 #
-#   scripts/sanitize.sh [--keep] [--fuzz N] [-- extra pytest arguments]
+#   scripts/sanitize.sh [--keep] [--no-tests] [--fuzz N] [--fuzz-seconds T] [--fuzz-seed S] [--fuzz-repeat K]
+#                       [-- extra pytest arguments]
 #
-#   --keep       keep the temporary tree (its path is printed) for re-running by hand
-#   --fuzz N     also run fuzz/fuzz_kernels.py for N random inputs under the sanitizers (no atheris needed)
+#   --keep            keep the temporary tree (its path is printed) for re-running by hand
+#   --no-tests        skip the kernel tests (a fuzz-only run)
+#   --fuzz N          also run every C-boundary harness (fuzz/fuzz_*.py with SANITIZE = True: fuzz_kernels today)
+#                     for up to N random inputs under the sanitizers, through fuzz/run_all.py (no atheris needed)
+#   --fuzz-seconds T  ... for up to T seconds each (with --fuzz N: whichever ends first)
+#   --fuzz-seed S     the seed of their input stream (default: a fresh one per harness, printed for replay)
+#   --fuzz-repeat K   run each of them K times, each time with a fresh seed
 #
 # The copy lives in a temporary directory, so the normal in-place build (cnnx/_kernels*.so) is never touched.
 # Python itself is not instrumented: libasan is LD_PRELOADed, leak detection is off (CPython keeps memory
 # alive at exit by design), a huge allocation returns NULL (so numpy raises MemoryError, as without ASan),
-# and any UBSan finding aborts the run (-fno-sanitize-recover + halt_on_error). Exit status: pytest's.
+# and any UBSan finding aborts the run (-fno-sanitize-recover + halt_on_error). Exit status: non-zero if a test, a fuzz harness or a sanitizer failed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SRC="$(pwd)"
 PY="${PYTHON:-python}"
 KEEP=0
+TESTS_ON=1
 FUZZ=0
+FUZZ_SECONDS=""
+FUZZ_SEED=""
+FUZZ_REPEAT=1
 PYTEST_EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --keep) KEEP=1 ;;
+        --no-tests) TESTS_ON=0 ;;
         --fuzz) FUZZ="$2"; shift ;;
+        --fuzz-seconds) FUZZ_SECONDS="$2"; shift ;;
+        --fuzz-seed) FUZZ_SEED="$2"; shift ;;
+        --fuzz-repeat) FUZZ_REPEAT="$2"; shift ;;
         --) shift; PYTEST_EXTRA=("$@"); break ;;
         *) echo "sanitize.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -78,13 +92,18 @@ done
 T1=$SECONDS
 status=0
 set -o pipefail
-"$PY" -m pytest -q -p no:cacheprovider --capture=sys "${TESTS[@]}" "${PYTEST_EXTRA[@]}" 2>&1 | tee "$LOGS/pytest.out" \
-    || status=$?
-echo "sanitize.sh: pytest exit $status in $((SECONDS - T1))s (${TESTS[*]})"
-if [ "$status" -eq 0 ] && [ "$FUZZ" -gt 0 ] && [ -f fuzz/fuzz_kernels.py ]; then
+if [ "$TESTS_ON" = 1 ]; then
+    "$PY" -m pytest -q -p no:cacheprovider --capture=sys "${TESTS[@]}" "${PYTEST_EXTRA[@]}" 2>&1 \
+        | tee "$LOGS/pytest.out" || status=$?
+    echo "sanitize.sh: pytest exit $status in $((SECONDS - T1))s (${TESTS[*]})"
+fi
+if [ "$status" -eq 0 ] && { [ "$FUZZ" -gt 0 ] || [ -n "$FUZZ_SECONDS" ]; }; then
     T2=$SECONDS
-    "$PY" fuzz/fuzz_kernels.py --runs "$FUZZ" --no-atheris 2>&1 | tee "$LOGS/fuzz.out" || status=$?
-    echo "sanitize.sh: fuzz_kernels ($FUZZ inputs) exit $status in $((SECONDS - T2))s"
+    FUZZ_ARGS=(--sanitized --python "$PY" --runs "$([ "$FUZZ" -gt 0 ] && echo "$FUZZ" || echo 1000000000)"
+               --seconds "${FUZZ_SECONDS:-86400}" --repeat "$FUZZ_REPEAT")
+    [ -z "$FUZZ_SEED" ] || FUZZ_ARGS+=(--seed "$FUZZ_SEED")
+    "$PY" fuzz/run_all.py "${FUZZ_ARGS[@]}" 2>&1 | tee "$LOGS/fuzz.out" || status=$?
+    echo "sanitize.sh: fuzz (${FUZZ_ARGS[*]}) exit $status in $((SECONDS - T2))s"
 fi
 # ASan logs a WARNING for each refused huge allocation (the tests ask for 4 TiB on purpose); only errors count.
 if grep -lE "ERROR: AddressSanitizer|runtime error:" "$LOGS"/* > /dev/null 2>&1; then

@@ -1,4 +1,4 @@
-"""Hostile, truncated and corrupt files: checkpoints, IDX datasets, gzip streams, downloads.
+"""Hostile, truncated and corrupt files: checkpoints, IDX datasets, gzip streams, CIFAR-10 archives, downloads.
 
 Every case must fail fast with a ValueError (or FileNotFoundError/IsADirectoryError/DownloadError where that is
 the honest answer) naming the file, must never unpickle anything, and must never leave a half-written file
@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 import zipfile
 
@@ -19,7 +20,7 @@ import pytest
 
 import cnnx
 from cnnx import nn
-from cnnx import serialization
+from cnnx import datasets, serialization
 from cnnx.datasets import DownloadError, download_file, read_idx
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -397,3 +398,134 @@ def test_checkpoint_zip_bomb_is_refused_before_reading(tmp_path):
     assert path.stat().st_size < 2_000_000
     with pytest.raises(ValueError, match="compressed .*refused before reading"):
         cnnx.load(path)
+
+
+# ------------------------------------------------------------------------------------------- saved hostile files
+# tests/data/hostile/<reader>/: fuzz findings as found, and hand-made files (tests/data/hostile/generate.py) for
+# each exception class the readers' libraries document; README.md there says where each file came from.
+HOSTILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hostile")
+
+
+def _hostile(reader):
+    folder = os.path.join(HOSTILE, reader)
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder))
+
+
+def _names_the_file(exc, path):
+    assert path in str(exc), f"file not named: {exc}"
+
+
+def test_hostile_files_are_present():
+    """The folders ship with tests/ (parametrised tests over an empty folder would pass vacuously)."""
+    names = {reader: {os.path.basename(p) for p in _hostile(reader)} for reader in ("checkpoint", "idx", "cifar10")}
+    assert "zip_version_20_4.npz" in names["checkpoint"]      # issue 20's reproducer
+    assert len(names["checkpoint"]) >= 10 and len(names["idx"]) >= 5 and len(names["cifar10"]) >= 5, names
+
+
+@pytest.mark.parametrize("path", _hostile("checkpoint"), ids=os.path.basename)
+def test_saved_hostile_checkpoint_is_a_value_error_naming_it(path):
+    """Both readers refuse the file with a ValueError naming it, or (where the damage is in a part that reader
+    does not use: the optimizer's state for load_state_dict, state_keys for cnnx.load) read it cleanly."""
+    refused = 0
+    for read, result in ((cnnx.load, nn.Module), (serialization.load_state_dict, dict)):
+        try:
+            out = read(path)
+        except ValueError as exc:
+            _names_the_file(exc, path)
+            refused += 1
+        else:
+            assert isinstance(out, result)
+    assert refused >= 1, "neither reader refused the file"
+
+
+@pytest.mark.parametrize("path", _hostile("idx"), ids=os.path.basename)
+def test_saved_hostile_idx_file_is_a_value_error_naming_it(path):
+    with pytest.raises(ValueError) as info:
+        read_idx(path)
+    _names_the_file(info.value, path)
+
+
+@pytest.mark.parametrize("path", _hostile("cifar10"), ids=os.path.basename)
+def test_saved_hostile_cifar10_archive_is_a_value_error_naming_it(tmp_path, path):
+    out = tmp_path / "cifar-10-batches-bin"
+    with pytest.raises(ValueError) as info:
+        datasets._extract_cifar10(path, out)
+    _names_the_file(info.value, path)
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")], "a temporary file was left behind"
+
+
+# Whatever a library raises while a file is parsed becomes a ValueError naming the file -- an exception type
+# no audit listed (LookupError here) included; MemoryError and KeyboardInterrupt pass unchanged.
+def _good_cifar10_archive(path, entries=None):
+    record = bytes([3]) + bytes(3072)
+    entries = entries or [("cifar-10-batches-bin/test_batch.bin", record * 2)]
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, bytes):
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:                                       # (type, link target)
+                info.type, info.linkname = data
+                tar.addfile(info)
+    return path
+
+
+def _readers(tmp_path):
+    ckpt = cnnx.save(_model(), tmp_path / "good.npz")
+    idx = tmp_path / "good.gz"
+    idx.write_bytes(gzip.compress(_idx((2, 3))))
+    archive = _good_cifar10_archive(tmp_path / "good.tar.gz")
+    return {
+        "checkpoint": (str(ckpt), cnnx.load, (np.lib.format, "read_magic")),
+        "state_dict": (str(ckpt), serialization.load_state_dict, (np, "load")),
+        "idx": (str(idx), read_idx, (datasets, "_read_idx_stream")),
+        "cifar10": (str(archive), lambda p: datasets._extract_cifar10(p, tmp_path / "out"), (tarfile, "open")),
+    }
+
+
+@pytest.mark.parametrize("reader", ["checkpoint", "state_dict", "idx", "cifar10"])
+@pytest.mark.parametrize("raised,expected", [(LookupError, ValueError), (OSError, ValueError),
+                                             (RecursionError, ValueError), (MemoryError, MemoryError),
+                                             (KeyboardInterrupt, KeyboardInterrupt)])
+def test_any_library_failure_is_a_value_error_but_memory_error_and_interrupts_pass(tmp_path, monkeypatch, reader,
+                                                                                    raised, expected):
+    path, read, (module, name) = _readers(tmp_path)[reader]
+    read(path)                                          # the untouched file reads
+
+    def failing(*args, **kwargs):
+        raise raised("raised inside the library")
+
+    monkeypatch.setattr(module, name, failing)
+    with pytest.raises(expected) as info:
+        read(path)
+    if expected is ValueError:
+        _names_the_file(info.value, path)
+        assert raised.__name__ in str(info.value) and "raised inside the library" in str(info.value)
+
+
+def test_missing_paths_stay_file_not_found(tmp_path):
+    for read in (cnnx.load, serialization.load_state_dict, read_idx,
+                 lambda p: datasets._extract_cifar10(p, tmp_path / "out")):
+        with pytest.raises(FileNotFoundError):
+            read(tmp_path / "nope")
+
+
+def test_cifar10_archive_yields_only_the_batches_and_never_writes_outside(tmp_path):
+    record = bytes([7]) + bytes(range(256)) * 12
+    archive = _good_cifar10_archive(tmp_path / "cifar-10-binary.tar.gz", [
+        ("cifar-10-batches-bin/readme.html", b"<html>"),
+        ("../../escaped/test_batch.bin", record * 3),          # a traversal path: only its base name counts
+        ("/abs/batches.meta.txt", b"airplane\n"),
+        ("cifar-10-batches-bin/data_batch_1.bin", (tarfile.SYMTYPE, "/etc/passwd")),
+        ("cifar-10-batches-bin/data_batch_2.bin", (tarfile.LNKTYPE, "cifar-10-batches-bin/readme.html")),
+        ("cifar-10-batches-bin/data_batch_3.bin", (tarfile.DIRTYPE, "")),
+    ])
+    root = tmp_path / "root"
+    written = datasets._extract_cifar10(archive, root / "cifar-10-batches-bin")
+    assert sorted(written) == ["batches.meta.txt", "test_batch.bin"]
+    assert sorted(os.listdir(root)) == ["cifar-10-batches-bin"]
+    assert sorted(os.listdir(root / "cifar-10-batches-bin")) == ["batches.meta.txt", "test_batch.bin"]
+    assert not (tmp_path / "escaped").exists()
+    ds = datasets.CIFAR10(root, train=False)
+    assert ds.data.shape == (3, 3, 32, 32) and ds.targets.tolist() == [7, 7, 7]
