@@ -173,10 +173,7 @@ def load_checkpoint(path):
         raise ValueError(f"{fn}: {os.fspath(path)} holds tensors without a cnnx architecture (a state dict, e.g. "
                          f"from safetensors.torch.save_file); build the model and call "
                          f"model.load_state_dict(cnnx.load_state_dict(path))")
-    declared, stored = _declared_elements(header.get("model")), sum(a.size for a in arrays.values())
-    if declared > stored:
-        raise ValueError(f"{fn}: {os.fspath(path)}: the architecture declares {declared:,} parameter and buffer "
-                         f"elements but the file stores {stored:,} (refused before building the model)")
+    serialization.check_declared_size(header.get("model"), arrays, f"{fn}: {os.fspath(path)}")
     try:
         model = serialization.build(header.get("model"))
     except (ValueError, KeyError, RecursionError) as exc:
@@ -189,44 +186,6 @@ def load_checkpoint(path):
     model.train(bool(header.get("training", False)))
     return {"model": model, "optimizer_type": None, "optimizer_state": None, "scheduler_type": None,
             "scheduler_state": None, "metadata": header.get("metadata")}
-
-
-def _int(value, default=0):
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
-
-
-def _kernel_elements(value):
-    if isinstance(value, list) and len(value) == 2:
-        return _int(value[0], 1) * _int(value[1], 1)
-    return _int(value, 1) ** 2
-
-
-def _declared_elements(desc, depth=0):
-    """A lower bound on the parameter and buffer elements the layers in `desc` allocate when they are built
-    (their weights: Conv2d, Linear, BatchNorm and LeNet5; 0 for anything else). A hostile header declaring a
-    Conv2d of 2**32 channels would otherwise have cnnx allocate and initialise 16 GiB before the tensors are
-    compared with it (numpy's allocation succeeds lazily, and filling it exhausts the memory)."""
-    if not isinstance(desc, dict) or depth > 100:
-        return 0
-    kind, config = desc.get("type"), desc.get("config")
-    if not isinstance(config, dict):
-        return 0
-    if kind == "Sequential" and isinstance(config.get("layers"), list):
-        return sum(_declared_elements(e.get("module"), depth + 1) for e in config["layers"] if isinstance(e, dict))
-    # the weights only (a bias may be switched off); BatchNorm holds at least n elements when it has a
-    # weight or running statistics
-    if kind == "Conv2d":
-        return (_int(config.get("out_channels")) * (_int(config.get("in_channels")) // _int(config.get("groups"), 1))
-                * _kernel_elements(config.get("kernel_size")))
-    if kind == "Linear":
-        return _int(config.get("out_features")) * _int(config.get("in_features"))
-    if kind in ("BatchNorm1d", "BatchNorm2d"):
-        holds = config.get("affine", True) is not False or config.get("track_running_stats", True) is not False
-        return _int(config.get("num_features")) if holds else 0
-    if kind == "LeNet5":
-        classes, channels = _int(config.get("num_classes"), 10), _int(config.get("in_channels"), 1)
-        return 84 * classes + 150 * channels
-    return 0
 
 
 def load_state_dict(path):

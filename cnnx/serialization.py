@@ -274,10 +274,60 @@ def load_checkpoint(path):
         return _checkpoint_from(*_read_npz(f, path, fn), path, fn)
 
 
+def _int(value, default=0):
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def _kernel_elements(value):
+    if isinstance(value, list) and len(value) == 2:
+        return _int(value[0], 1) * _int(value[1], 1)
+    return _int(value, 1) ** 2
+
+
+def declared_elements(desc, depth=0):
+    """A lower bound on the parameter and buffer elements the layers in `desc` allocate when they are built
+    (their weights: Conv2d, Linear, BatchNorm and LeNet5; 0 for anything else). A hostile header declaring a
+    Conv2d of 2**32 channels would otherwise have cnnx allocate and initialise 16 GiB before the tensors are
+    compared with it (numpy's allocation succeeds lazily, and filling it exhausts the memory)."""
+    if not isinstance(desc, dict) or depth > 100:
+        return 0
+    kind, config = desc.get("type"), desc.get("config")
+    if not isinstance(config, dict):
+        return 0
+    if kind == "Sequential" and isinstance(config.get("layers"), list):
+        return sum(declared_elements(e.get("module"), depth + 1) for e in config["layers"] if isinstance(e, dict))
+    # the weights only (a bias may be switched off); BatchNorm holds at least n elements when it has a
+    # weight or running statistics
+    if kind == "Conv2d":
+        return (_int(config.get("out_channels")) * (_int(config.get("in_channels")) // _int(config.get("groups"), 1))
+                * _kernel_elements(config.get("kernel_size")))
+    if kind == "Linear":
+        return _int(config.get("out_features")) * _int(config.get("in_features"))
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        holds = config.get("affine", True) is not False or config.get("track_running_stats", True) is not False
+        return _int(config.get("num_features")) if holds else 0
+    if kind == "LeNet5":
+        classes, channels = _int(config.get("num_classes"), 10), _int(config.get("in_channels"), 1)
+        return 84 * classes + 150 * channels
+    return 0
+
+
+def check_declared_size(desc, arrays, where):
+    """Refuse (ValueError) an architecture that declares more weight elements than the file stores: checked
+    before the model is built, for every checkpoint format."""
+    declared, stored = declared_elements(desc), sum(int(a.size) for a in arrays.values())
+    if declared > stored:
+        raise ValueError(f"{where}: cannot rebuild the model: the architecture declares {declared:,} parameter "
+                         f"and buffer elements but the file stores {stored:,} (the stored tensors do not match the "
+                         f"stored architecture; refused before building it)")
+
+
 def _checkpoint_from(meta, arrays, path, fn):
     if meta["format"] != FORMAT:
         raise ValueError(f"{fn}: {path} holds a bare state dict (format {meta['format']!r}), not a model; "
                          f"read it with cnnx.serialization.load_state_dict")
+    check_declared_size(meta.get("model"), {k: v for k, v in arrays.items() if k.startswith("model/")},
+                        f"{fn}: {path}")
     try:
         model = build(meta["model"])
     except (ValueError, KeyError) as exc:

@@ -178,6 +178,14 @@ def test_bad_architecture_in_header_is_a_value_error(tmp_path, checkpoint, chang
     _refused(_write(tmp_path / "arch.npz", arrays, _with_layer(meta, 0, **change)), pattern)
 
 
+def test_architecture_larger_than_the_stored_tensors_is_refused_before_building(tmp_path, checkpoint):
+    """A header declaring a Conv2d of 2**32 output channels (16 GiB of float32 weights: within the size caps,
+    so the model would be built and initialised) is refused from the header and the stored sizes alone."""
+    _, arrays, meta = checkpoint
+    meta = _with_layer(meta, 0, config={"in_channels": 1, "out_channels": 2 ** 32, "kernel_size": 1})
+    _refused(_write(tmp_path / "big.npz", arrays, meta), "the architecture declares 4,294,967,")
+
+
 def test_huge_linear_in_config_is_refused(tmp_path, checkpoint):
     _, arrays, meta = checkpoint
     meta = _with_layer(meta, 4, config={"in_features": 10**6, "out_features": 10**6})
