@@ -11,3 +11,4 @@ from ._random import manual_seed
 from . import nn, init, optim, models
 from .serialization import save, load
 from . import datasets, data, train
+from . import distributed  # mpi4py is imported only by cnnx.distributed.init()
