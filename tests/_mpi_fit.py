@@ -41,10 +41,12 @@ def main():
     parser.add_argument("--train-samples", type=int, default=640)
     parser.add_argument("--test-samples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--test-batch-size", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--distributed", action="store_true")
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--seed-by-rank", action="store_true", help="different initial weights on every rank")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-step", type=int, default=3)
     parser.add_argument("--fail-how", choices=("raise", "kill"), default="raise")
@@ -59,12 +61,12 @@ def main():
     test = cnnx.datasets.MNIST(train=False)
     transform = Compose([ToFloat(dtype), Normalize(0.1307, 0.3081)])
     n, m = args.train_samples, args.test_samples
-    test_loader = DataLoader((test.data[:m], test.targets[:m]), batch_size=100, transform=transform)
+    test_loader = DataLoader((test.data[:m], test.targets[:m]), batch_size=args.test_batch_size, transform=transform)
     if args.fail_rank == rank:
         transform = _Failing(transform, args.fail_step, args.fail_how)
     train_loader = DataLoader((train.data[:n], train.targets[:n]), batch_size=args.batch_size, shuffle=True,
                               generator=7, transform=transform)
-    cnnx.manual_seed(3)
+    cnnx.manual_seed(3 + (rank if args.seed_by_rank else 0))
     model = LeNet5(dtype=dtype)
     if args.optimizer == "sgd":
         optimizer = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
