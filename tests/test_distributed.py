@@ -284,3 +284,19 @@ def test_cli_distributed_rejects_an_uneven_global_batch(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cnnx train: error")]
     assert lines == ["cnnx train: error: --batch-size is the global batch and must be a multiple of the number "
                      "of MPI processes to be split evenly, got 63 for 2 processes (try 64)"]
+
+
+BENCH = os.path.join(os.path.dirname(HERE), "benchmarks", "bench_distributed.py")
+
+
+@needs_mpi
+@pytest.mark.skipif(not os.path.isfile(BENCH), reason="benchmarks/ is not next to tests/ (out-of-tree test run)")
+def test_bench_distributed_quick():
+    proc = _run([sys.executable, BENCH, "--quick", "--steps", "5", "--repeat", "1"])
+    out = proc.stdout
+    assert proc.returncode == 0, out[-2000:] + proc.stderr[-3000:]
+    assert "VALIDATION FAILED" not in out
+    assert "K=2: weights bit-identical on all ranks after 10 steps: PASS" in out
+    assert "| 2 | 32 |" in out and "| 246,828 |" in out      # LeNet-5: 61,706 float32 gradients + the count
+    assert "alpha = " in out and "| ResNet-20 | 100 Gb/s |" in out
+    assert "=== summary" in out
