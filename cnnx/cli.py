@@ -4,6 +4,7 @@
     cnnx train --dataset mnist --data-dir DIR --save lenet5.npz --metrics metrics.json
     cnnx evaluate lenet5.npz --dataset mnist --data-dir DIR
     cnnx info
+    mpirun -n 4 cnnx train --distributed --batch-size 256           # data-parallel over MPI (cnnx[mpi])
 
 Errors (missing data, bad flags, an unreadable checkpoint) print one line to stderr and exit non-zero;
 set ``CNNX_DEBUG=1`` to see the traceback instead.
@@ -291,8 +292,10 @@ def cmd_train(args):
                              transform=_transform(key, x_test.shape, model.input_size, False))
     say(f"cnnx train: LeNet5 ({model.variant}, {_count_parameters(model):,} parameters) on {train_desc}: "
         f"{len(y_train):,} train / {len(y_test):,} test images")
-    per_process = (f" ({args.batch_size // world_size} in each of {world_size} MPI processes)"
-                   if args.distributed else "")
+    per_process = ""
+    if args.distributed:
+        per_process = (f" ({args.batch_size // world_size} in each of {world_size} MPI processes)" if world_size > 1
+                       else " (1 MPI process)")
     say(f"  {args.optimizer} lr {lr:g}, {args.scheduler} schedule, batch {args.batch_size}{per_process}, "
         f"{args.epochs} epoch(s), seed {args.seed}, backend {cnnx.get_backend()}, "
         f"{cnnx.get_num_threads()} thread(s){' per process' if args.distributed else ''}", flush=True)

@@ -155,11 +155,17 @@ def _broadcast(model, what, root, fn):
     # The same model on every rank is a precondition; a mismatch would make Bcast exchange garbage or hang.
     signature = [(name, a.shape, a.dtype.str) for name, a in arrays]
     theirs = comm.bcast(signature, root=root)
-    if theirs != signature:
-        mine, root_only = set(signature), [s for s in theirs if s not in set(signature)]
-        raise ValueError(f"{fn}: the model on rank {comm.Get_rank()} differs from the one on rank {root}: "
-                         f"{what} (name, shape, dtype) only here {sorted(mine - set(theirs))[:5]}, "
-                         f"only on rank {root} {root_only[:5]}")
+    # every rank learns who differs, so all of them raise (none is left waiting in the Bcast below)
+    differing = [r for r, same in enumerate(comm.allgather(theirs == signature)) if not same]
+    if differing:
+        detail = ""
+        if theirs != signature:
+            only_here = [s for s in signature if s not in theirs]
+            only_root = [s for s in theirs if s not in signature]
+            detail = (f"; {what} (name, shape, dtype) only here {only_here[:5]}, "
+                      f"only on rank {root} {only_root[:5]}")
+        raise ValueError(f"{fn}: the model on rank(s) {differing} differs from the one on rank {root} (this is "
+                         f"rank {comm.Get_rank()}){detail}")
     for _, a in arrays:
         if not a.flags.c_contiguous:
             raise ValueError(f"{fn}: {what} must be C-contiguous arrays to be broadcast in place")

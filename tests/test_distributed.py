@@ -300,3 +300,10 @@ def test_bench_distributed_quick():
     assert "| 2 | 32 |" in out and "| 246,828 |" in out      # LeNet-5: 61,706 float32 gradients + the count
     assert "alpha = " in out and "| ResNet-20 | 100 Gb/s |" in out
     assert "=== summary" in out
+
+
+@needs_mpi
+def test_reducer_and_broadcasts_on_two_ranks():
+    proc = mpirun(2, os.path.join(HERE, "_mpi_reducer.py"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "rank 0: reducer checks passed" in proc.stdout and "rank 1: reducer checks passed" in proc.stdout
