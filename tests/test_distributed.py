@@ -96,19 +96,6 @@ def test_shard_errors():
     assert [len(b[1]) for b in made] == [2, 2, 1]
 
 
-def test_fit_distributed_refuses_other_iterables():
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install cnnx[mpi])")
-    # the error is raised before any MPI call would be needed... but init() starts MPI: run it in a subprocess
-    code = ("import numpy as np, cnnx\nfrom cnnx import nn, optim\nfrom cnnx.train import fit\n"
-            "m = nn.Linear(2, 2)\n"
-            "try:\n    fit(m, nn.CrossEntropyLoss(), optim.SGD(m.parameters(), lr=0.1), "
-            "[(np.zeros((2, 2)), np.zeros(2, dtype=np.int64))], distributed=True)\n"
-            "except TypeError as exc:\n    print('TypeError:', exc)\n")
-    proc = _run([sys.executable, "-c", code])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "train_loader must be a cnnx.data.DataLoader" in proc.stdout and "got list" in proc.stdout
-
-
 def test_missing_mpi4py_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
@@ -173,6 +160,19 @@ def _mpirun_problem():
 
 _PROBLEM = _mpirun_problem()
 needs_mpi = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
+
+
+@needs_mpi
+def test_fit_distributed_refuses_other_iterables():
+    # fit calls init() first, which starts MPI (a job of one here): run it in a subprocess
+    code = ("import numpy as np, cnnx\nfrom cnnx import nn, optim\nfrom cnnx.train import fit\n"
+            "m = nn.Linear(2, 2)\n"
+            "try:\n    fit(m, nn.CrossEntropyLoss(), optim.SGD(m.parameters(), lr=0.1), "
+            "[(np.zeros((2, 2)), np.zeros(2, dtype=np.int64))], distributed=True)\n"
+            "except TypeError as exc:\n    print('TypeError:', exc)\n")
+    proc = _run([sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "train_loader must be a cnnx.data.DataLoader" in proc.stdout and "got list" in proc.stdout
 
 
 def mpirun(n, *args):
