@@ -1,7 +1,7 @@
 """Data-parallel training over MPI: step time, all-reduce time and bytes per step for K processes on this machine,
 an alpha-beta model of the all-reduce fitted to measurements, and the scaling it predicts on real links.
 
-    python benchmarks/bench_distributed.py                # K = 1, 2 here (via mpirun), then the model (~1 min)
+    python benchmarks/bench_distributed.py                # K = 1, 2 here (via mpirun), then the model (~2 min)
     python benchmarks/bench_distributed.py --quick        # smoke test
     python benchmarks/bench_distributed.py --ranks 1,2,4 --global-batch 256 --latency 5e-6
 
@@ -14,8 +14,11 @@ split over the K ranks, --threads kernel threads per rank):
     step), median over --steps steps after a warm-up; images/s = global batch / step;
   * all-reduce: the time inside the step's MPI Allreduce (GradientReducer.seconds) and the bytes it reduces;
   * validation first: after the timed steps every rank must hold bit-identical weights.
-Then, with K = 2, the time of an in-place float32 Allreduce of 4 B .. 4 MB (median of rounds, the slowest
-rank's time per call), to which the ring all-reduce cost model is fitted by least squares on relative error:
+Every K runs --rounds times, interleaved (K=1, K=2, K=1, ...), and the timings are medians over the runs, so a
+busy spell of other processes on a shared machine hits every K alike.
+Then, with K = 2, the time of an in-place float32 Allreduce of 4 B .. 4 MB (the slowest rank's time per call in
+the fastest round: other processes only ever add time), to which the ring all-reduce cost model is fitted by
+least squares on relative error:
 
     T(m, K) = 2 (K - 1) * alpha + 2 (K - 1) / K * m / beta       (m bytes; K = 2: T = 2 alpha + m / beta)
 
@@ -71,6 +74,8 @@ def build_parser():
     p.add_argument("--global-batch", type=int, default=64, help="global batch, split over the ranks (default 64)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per K (default 200, 20 quick)")
     p.add_argument("--repeat", type=int, default=None, help="rounds per all-reduce size (default 15, 3 quick)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="runs of every K, interleaved (K=1, K=2, K=1, ...); medians over them (default 3, 1 quick)")
     p.add_argument("--threads", type=int, default=1, help="kernel threads per rank (default 1)")
     p.add_argument("--latency", type=float, default=10e-6,
                    help="alpha of the network links in the prediction, seconds (default 10e-6: MPI over TCP on "
@@ -92,6 +97,7 @@ def _median_max(comm, samples):
 
 
 def _allreduce_times(comm, sizes, repeat):
+    """The fastest round's time per call for each size (other processes on the machine only ever add time)."""
     from mpi4py import MPI
     out = {}
     for nbytes in sizes:
@@ -106,7 +112,7 @@ def _allreduce_times(comm, sizes, repeat):
             for _ in range(inner):
                 comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             samples.append((time.perf_counter() - t0) / inner)
-        out[buf.nbytes] = _median_max(comm, samples)
+        out[buf.nbytes] = min(comm.allreduce(t, op=MPI.MAX) for t in samples)
     return out
 
 
@@ -238,6 +244,20 @@ def run_rank_count(args, k, workdir):
         return json.load(f)
 
 
+def _combine(runs):
+    """One result from the rounds of one K: medians of the timings, the fastest all-reduce per size."""
+    out = dict(runs[0])
+    train = dict(runs[0]["train"])
+    for key in ("step", "allreduce", "compute", "wait"):
+        train[key] = statistics.median(r["train"][key] for r in runs)
+    train["identical"] = all(r["train"]["identical"] for r in runs)
+    out["train"] = train
+    for key, pick in (("allreduce", min), ("compute", statistics.median)):
+        if key in runs[0]:
+            out[key] = {m: pick(r[key][m] for r in runs) for m in runs[0][key]}
+    return out
+
+
 def _ms(t):
     return f"{t * 1e3:.3f}"
 
@@ -248,6 +268,8 @@ def main(argv=None):
         args.steps = 20 if args.quick else 200
     if args.repeat is None:
         args.repeat = 3 if args.quick else 15
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.worker:
         return worker(args)
     bad = [k for k in args.ranks if args.global_batch % k]
@@ -263,14 +285,18 @@ def main(argv=None):
           f"{subprocess.run(shlex.split(args.mpirun)[:1] + ['--version'], capture_output=True, text=True).stdout.splitlines()[0]}")
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} on "
           f"{os.cpu_count()} cores; {args.threads} kernel thread(s) per rank; LeNet-5 float32, SGD momentum, "
-          f"global batch {args.global_batch}, median of {args.steps} steps")
+          f"global batch {args.global_batch}, median of {args.steps} steps, {args.rounds} interleaved run(s) per K")
     with tempfile.TemporaryDirectory() as workdir:
-        results = {k: run_rank_count(args, k, workdir) for k in ranks}
+        runs = {k: [] for k in ranks}
+        for _ in range(args.rounds):  # interleaved, so a busy spell on the machine hits every K alike
+            for k in ranks:
+                runs[k].append(run_rank_count(args, k, workdir))
+    results = {k: _combine(rs) for k, rs in runs.items()}
 
     print("\n=== validation")
     ok = all(r["train"]["identical"] for r in results.values())
     for k, r in results.items():
-        print(f"K={k}: weights bit-identical on all ranks after {args.steps + 5} steps: "
+        print(f"K={k}: weights bit-identical on all ranks after {args.steps + 5} steps (every run): "
               f"{'PASS' if r['train']['identical'] else 'FAIL'}")
     if not ok:
         print("VALIDATION FAILED")
@@ -285,11 +311,13 @@ def main(argv=None):
         print(f"| {k} | {args.global_batch // k} | {_ms(t['step'])} | {_ms(t['compute'])} | {_ms(t['wait'])} | "
               f"{_ms(t['allreduce'])} | {100 * t['allreduce'] / t['step']:.0f}% | {t['bytes']:,} | "
               f"{args.global_batch / t['step']:,.0f} | {base / t['step']:.2f}x |")
-    print("(medians over steps of the slowest rank; a Barrier before the all-reduce separates the wait)")
+    print("(the slowest rank's median over steps, median over runs; a Barrier before the all-reduce separates "
+          "the wait)")
 
     times = {int(m): t for m, t in results[2]["allreduce"].items()}
     alpha, beta = fit_alpha_beta(times)
-    print("\n=== in-place float32 Allreduce, K=2 on this machine, and the fitted model T(m) = 2 alpha + m / beta")
+    print("\n=== in-place float32 Allreduce, K=2 on this machine (fastest round), and the fitted model "
+          "T(m) = 2 alpha + m / beta")
     print("| bytes | measured (us) | model (us) |")
     print("| --- | --- | --- |")
     for m, t in sorted(times.items()):

@@ -221,8 +221,9 @@ class _Distributed:
         self.train_loader = self._shard(train_loader, "train_loader")
         self.test_loader = None
         if test_loader is not None:
-            if test_loader.num_replicas == 1 and test_loader.batch_size % self.world_size:
-                # evaluation does not depend on the batching: round the batch up to split it evenly
+            if test_loader.num_replicas == 1 and self.world_size > 1:
+                # the metrics depend on neither order nor batching: every sample once, in order, in a batch
+                # rounded up to a multiple of the ranks (no generator needed to agree on an order)
                 batch = -(-test_loader.batch_size // self.world_size) * self.world_size
                 test_loader = DataLoader(test_loader.dataset if not test_loader._single
                                          else test_loader.dataset.arrays[0], batch_size=batch,
