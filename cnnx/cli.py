@@ -222,9 +222,9 @@ def _init_distributed(args):
     except distributed.MissingMPIError as exc:
         raise CLIError(f"--distributed: {exc}") from None
     if args.batch_size % world_size:
-        raise _EveryRankError(f"--batch-size is the global batch and must be a multiple of the number of MPI processes "
-                       f"to be split evenly, got {args.batch_size} for {world_size} processes (try "
-                       f"{-(-args.batch_size // world_size) * world_size})")
+        raise _EveryRankError(f"--batch-size is the global batch and must be a multiple of the number of MPI "
+                              f"processes to be split evenly, got {args.batch_size} for {world_size} processes "
+                              f"(try {-(-args.batch_size // world_size) * world_size})")
     return rank, world_size
 
 
@@ -331,7 +331,7 @@ def cmd_train(args):
     total = sum(r["seconds"] for r in history)
     say(f"best test accuracy {_percent(best['test_accuracy']).strip()} at epoch {best['epoch']}; "
         f"final {_percent(history[-1]['test_accuracy']).strip()}; {total:.1f} s in total"
-          + (f"; best model saved to {args.save}" if args.save else ""))
+        + (f"; best model saved to {args.save}" if args.save else ""))
     return 0
 
 
