@@ -159,7 +159,10 @@ def _training(comm, rank, world, global_batch, steps):
     digest = float(sum(float(np.sum(p.data, dtype=np.float64)) for p in model.parameters()))
     digests = comm.allgather(digest)
     identical = all(d == digests[0] for d in digests)
-    return {"step": _median_max(comm, step_times), "allreduce": _median_max(comm, reduce_times),
+    means = {f"mean_{name}": statistics.fmean(times) for name, times in (
+        ("step", step_times), ("compute", compute_times), ("wait", wait_times), ("allreduce", reduce_times))}
+    means = comm.bcast(means, root=0)  # rank 0's: its parts add up to its steps, which the all-reduce keeps in step
+    return {**means, "step": _median_max(comm, step_times), "allreduce": _median_max(comm, reduce_times),
             "compute": _median_max(comm, compute_times), "wait": _median_max(comm, wait_times),
             "bytes": reducer.nbytes if world > 1 else 0, "buffer_bytes": reducer.nbytes,
             "identical": identical, "images_per_step": global_batch}
@@ -248,7 +251,7 @@ def _combine(runs):
     """One result from the rounds of one K: medians of the timings, the fastest all-reduce per size."""
     out = dict(runs[0])
     train = dict(runs[0]["train"])
-    for key in ("step", "allreduce", "compute", "wait"):
+    for key in ("step", "allreduce", "compute", "wait", "mean_step", "mean_compute", "mean_wait", "mean_allreduce"):
         train[key] = statistics.median(r["train"][key] for r in runs)
     train["identical"] = all(r["train"]["identical"] for r in runs)
     out["train"] = train
@@ -302,17 +305,21 @@ def main(argv=None):
         print("VALIDATION FAILED")
 
     print(f"\n=== training on this machine (loopback), global batch {args.global_batch}")
-    print("| K | batch per rank | step (ms) | forward+backward (ms) | wait for slowest rank (ms) | all-reduce (ms) "
-          "| all-reduce share | bytes per step | images/s | speed-up |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| K | batch per rank | step, median (ms) | step, mean (ms) | = forward+backward | + wait for the other "
+          "ranks | + all-reduce | + rest | all-reduce share | bytes per step | images/s | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base = results[1]["train"]["step"]
     for k, r in sorted(results.items()):
         t = r["train"]
-        print(f"| {k} | {args.global_batch // k} | {_ms(t['step'])} | {_ms(t['compute'])} | {_ms(t['wait'])} | "
-              f"{_ms(t['allreduce'])} | {100 * t['allreduce'] / t['step']:.0f}% | {t['bytes']:,} | "
+        rest = t["mean_step"] - t["mean_compute"] - t["mean_wait"] - t["mean_allreduce"]
+        print(f"| {k} | {args.global_batch // k} | {_ms(t['step'])} | {_ms(t['mean_step'])} | "
+              f"{_ms(t['mean_compute'])} | {_ms(t['mean_wait'])} | {_ms(t['mean_allreduce'])} | {_ms(rest)} | "
+              f"{100 * t['mean_allreduce'] / t['mean_step']:.0f}% | {t['bytes']:,} | "
               f"{args.global_batch / t['step']:,.0f} | {base / t['step']:.2f}x |")
-    print("(the slowest rank's median over steps, median over runs; a Barrier before the all-reduce separates "
-          "the wait)")
+    print("(step, median: the slowest rank's, over steps; the mean and its parts: rank 0's, which add up; "
+          "images/s and speed-up from the median; every figure the median over the runs. A Barrier before the "
+          "all-reduce separates waiting for a slower or descheduled rank from the all-reduce itself; rest: "
+          "the reducer's scaling and the SGD step)")
 
     times = {int(m): t for m, t in results[2]["allreduce"].items()}
     alpha, beta = fit_alpha_beta(times)
@@ -357,9 +364,10 @@ def main(argv=None):
 
     print("\n=== summary")
     t2 = results[2]["train"]
-    print(f"K=2 here: step {_ms(t2['step'])} ms vs {_ms(base)} ms on one process ({base / t2['step']:.2f}x), "
-          f"all-reduce {_ms(t2['allreduce'])} ms = {100 * t2['allreduce'] / t2['step']:.0f}% of the step "
-          f"(the most overlapping it with the backward could save), {t2['bytes']:,} bytes per step")
+    print(f"K=2 here: step {_ms(t2['step'])} ms vs {_ms(base)} ms on one process ({base / t2['step']:.2f}x); "
+          f"the all-reduce takes {_ms(t2['allreduce'])} ms (median), {_ms(t2['mean_allreduce'])} ms (mean) = "
+          f"{100 * t2['mean_allreduce'] / t2['mean_step']:.0f}% of the mean step (the most overlapping it with the "
+          f"backward could save), {t2['bytes']:,} bytes per step")
     print(f"all-reduce model: alpha {alpha * 1e6:.2f} us, beta {beta / 1e9:.2f} GB/s on loopback")
     return 0
 
