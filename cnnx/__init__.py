@@ -13,3 +13,4 @@ from . import nn, init, optim, models
 from .serialization import save, load, save_state_dict, load_state_dict
 from . import datasets, data, train
 from . import onnx          # cnnx.onnx.export; the onnx package itself is imported only when exporting
+from . import distributed   # mpi4py is imported only by cnnx.distributed.init()

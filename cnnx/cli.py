@@ -4,6 +4,7 @@
     cnnx train --dataset mnist --data-dir DIR --save lenet5.npz --metrics metrics.json
     cnnx evaluate lenet5.npz --dataset mnist --data-dir DIR
     cnnx info
+    mpirun -n 4 cnnx train --distributed --batch-size 256           # data-parallel over MPI (cnnx[mpi])
 
 Errors (missing data, bad flags, an unreadable checkpoint) print one line to stderr and exit non-zero;
 set ``CNNX_DEBUG=1`` to see the traceback instead.
@@ -32,6 +33,10 @@ _DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 
 class CLIError(Exception):
     """An error to report as one line (no traceback)."""
+
+
+class _EveryRankError(CLIError):
+    """An error every MPI process finds alike before any exchange (a bad flag): rank 0 reports it, all exit."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,6 +118,10 @@ def build_parser():
                        help="write PNG pictures of the run there: training curves, first-layer filters, feature "
                             "maps, confusion matrix, misclassified test images (needs pip install cnnx[viz])")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel training over MPI: run as 'mpirun -n K cnnx train --distributed ...' "
+                            "(needs pip install cnnx[mpi]); --batch-size is the global batch, split over the K "
+                            "processes; only rank 0 prints and writes files")
 
     ev = sub.add_parser("evaluate", help="evaluate a saved model",
                         description="Accuracy and confusion matrix of a checkpoint on a test set.")
@@ -205,6 +214,31 @@ def _percent(x):
     return f"{100 * x:6.2f}%"
 
 
+def _init_distributed(args):
+    """(rank, world size) of this process in the MPI job; the global batch must split evenly over it."""
+    from . import distributed
+    try:
+        rank, world_size = distributed.init()
+    except distributed.MissingMPIError as exc:
+        raise CLIError(f"--distributed: {exc}") from None
+    if args.batch_size % world_size:
+        raise _EveryRankError(f"--batch-size is the global batch and must be a multiple of the number of MPI "
+                              f"processes to be split evenly, got {args.batch_size} for {world_size} processes "
+                              f"(try {-(-args.batch_size // world_size) * world_size})")
+    return rank, world_size
+
+
+def _share_cores(comm):
+    """Threads per process when --threads is not given: this machine's cores over its MPI processes."""
+    import cnnx
+    from mpi4py import MPI
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    per_process = max(1, (os.cpu_count() or 1) // local.Get_size())
+    local.Free()
+    cnnx.set_num_threads(per_process)
+    _set_blas_threads(1)
+
+
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args):
     import cnnx
@@ -214,7 +248,16 @@ def cmd_train(args):
     from .optim import lr_scheduler
     from .train import fit
 
+    rank, world_size = _init_distributed(args) if args.distributed else (0, 1)
     _configure(args)
+    if args.distributed and args.threads is None:
+        _share_cores(cnnx.distributed.communicator())
+    main_process = rank == 0
+
+    def say(*a, **kw):  # only rank 0 prints
+        if main_process:
+            print(*a, **kw)
+
     for path, flag in ((args.save, "--save"), (args.metrics, "--metrics")):
         if path is not None:
             parent = os.path.dirname(os.path.abspath(path))
@@ -247,16 +290,22 @@ def cmd_train(args):
                               transform=_transform(key, x_train.shape, model.input_size, True, args.augment))
     test_loader = DataLoader((x_test, y_test), batch_size=500,
                              transform=_transform(key, x_test.shape, model.input_size, False))
-    print(f"cnnx train: LeNet5 ({model.variant}, {_count_parameters(model):,} parameters) on {train_desc}: "
-          f"{len(y_train):,} train / {len(y_test):,} test images")
-    print(f"  {args.optimizer} lr {lr:g}, {args.scheduler} schedule, batch {args.batch_size}, "
-          f"{args.epochs} epoch(s), seed {args.seed}, backend {cnnx.get_backend()}, "
-          f"{cnnx.get_num_threads()} thread(s)", flush=True)
+    say(f"cnnx train: LeNet5 ({model.variant}, {_count_parameters(model):,} parameters) on {train_desc}: "
+        f"{len(y_train):,} train / {len(y_test):,} test images")
+    per_process = ""
+    if args.distributed:
+        per_process = (f" ({args.batch_size // world_size} in each of {world_size} MPI processes)" if world_size > 1
+                       else " (1 MPI process)")
+    say(f"  {args.optimizer} lr {lr:g}, {args.scheduler} schedule, batch {args.batch_size}{per_process}, "
+        f"{args.epochs} epoch(s), seed {args.seed}, backend {cnnx.get_backend()}, "
+        f"{cnnx.get_num_threads()} thread(s){' per process' if args.distributed else ''}", flush=True)
 
     records = []
 
     def report(record):
         records.append({k: v for k, v in record.items() if k != "checkpoint_saved"})
+        if not main_process:
+            return
         saved = "  saved" if record["checkpoint_saved"] and args.save else ""
         print(f"epoch {record['epoch']:>{len(str(args.epochs))}}/{args.epochs}  "
               f"train_loss {record['train_loss']:.4f}  train_acc {_percent(record['train_accuracy'])}  "
@@ -266,8 +315,9 @@ def cmd_train(args):
             _write_json(args.metrics, {"epochs": records})
 
     history = fit(model, nn.CrossEntropyLoss(), optimizer, train_loader, test_loader, epochs=args.epochs,
-                  scheduler=scheduler, checkpoint=args.save, progress=not args.no_progress, callbacks=[report])
-    if args.plots is not None:
+                  scheduler=scheduler, checkpoint=args.save, progress=not args.no_progress, callbacks=[report],
+                  distributed=args.distributed)
+    if args.plots is not None and main_process:
         from . import viz
         from .train import confusion_matrix, evaluate
         result = evaluate(model, test_loader, return_predictions=True)
@@ -279,9 +329,9 @@ def cmd_train(args):
         print(f"pictures of the final model: {', '.join(written[k] for k in sorted(written))}")
     best = max(history, key=lambda r: r["test_accuracy"])
     total = sum(r["seconds"] for r in history)
-    print(f"best test accuracy {_percent(best['test_accuracy']).strip()} at epoch {best['epoch']}; "
-          f"final {_percent(history[-1]['test_accuracy']).strip()}; {total:.1f} s in total"
-          + (f"; best model saved to {args.save}" if args.save else ""))
+    say(f"best test accuracy {_percent(best['test_accuracy']).strip()} at epoch {best['epoch']}; "
+        f"final {_percent(history[-1]['test_accuracy']).strip()}; {total:.1f} s in total"
+        + (f"; best model saved to {args.save}" if args.save else ""))
     return 0
 
 
@@ -345,5 +395,13 @@ def main(argv=None):
         message = " ".join(str(exc).split()) or type(exc).__name__
         if not isinstance(exc, (CLIError, OSError, ValueError)):
             message = f"{type(exc).__name__}: {message}"
+        from . import distributed
+        if isinstance(exc, _EveryRankError) and distributed.get_rank() > 0:
+            return 1
+        if (getattr(args, "distributed", False) and distributed.get_world_size() > 1
+                and not isinstance(exc, _EveryRankError)):
+            # the other processes may be waiting for this one in a collective: end the whole job
+            print(f"cnnx {args.command}: error on rank {distributed.get_rank()}: {message}", file=sys.stderr)
+            distributed.abort(message)
         print(f"cnnx {args.command}: error: {message}", file=sys.stderr)
         return 1

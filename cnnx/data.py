@@ -104,18 +104,38 @@ class DataLoader:
             generator (``cnnx.manual_seed``). The same seed gives the same sequence of epochs.
         transform: applied to the first array of each batch (the inputs), e.g. ``Compose([...])``.
         target_transform: applied to the second array of each batch (the targets).
+        num_replicas, rank: data-parallel training (``cnnx.distributed``): ``batch_size`` is then the GLOBAL
+            batch, and this loader yields only rank ``rank``'s part of each one, ``batch_size // num_replicas``
+            consecutive samples of the epoch's order (the last, smaller batch is split as evenly as possible,
+            so a rank may get an empty part). Every rank draws the same seeded permutation, so the parts are
+            disjoint and together they are exactly the batches of the single-process loader. ``batch_size``
+            must be a multiple of ``num_replicas``, and shuffling needs an explicit ``generator`` (the same
+            seed on every rank). See :meth:`shard`.
 
     Yields tuples of arrays (or a single array when given a single array). ``len(loader)`` is the number
-    of batches per epoch.
+    of batches per epoch (the same on every rank).
     """
 
     def __init__(self, dataset, batch_size=1, shuffle=False, drop_last=False, generator=None,
-                 transform=None, target_transform=None):
+                 transform=None, target_transform=None, num_replicas=1, rank=0):
         self.dataset, self._single = _as_dataset(dataset)
         self.batch_size = _positive_int(batch_size, "DataLoader: batch_size")
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.generator = None if generator is None else _generator(generator, "DataLoader")
+        self.num_replicas = _positive_int(num_replicas, "DataLoader: num_replicas")
+        self.rank = _positive_int(rank, "DataLoader: rank", allow_zero=True)
+        if self.rank >= self.num_replicas:
+            raise ValueError(f"DataLoader: rank must be in 0..num_replicas - 1 = {self.num_replicas - 1}, "
+                             f"got {self.rank}")
+        if self.batch_size % self.num_replicas:
+            raise ValueError(f"DataLoader: batch_size (the global batch) must be a multiple of num_replicas to be "
+                             f"split evenly over the ranks, got batch_size {self.batch_size} for "
+                             f"{self.num_replicas} ranks ({self.batch_size} % {self.num_replicas} = "
+                             f"{self.batch_size % self.num_replicas})")
+        if self.shuffle and self.num_replicas > 1 and self.generator is None:
+            raise ValueError(f"DataLoader: shuffle with num_replicas={self.num_replicas} needs generator=SEED, the "
+                             f"same on every rank (the ranks must draw the same permutation), got None")
         for name, fn in (("transform", transform), ("target_transform", target_transform)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"DataLoader: {name} must be callable or None, got {type(fn).__name__}")
@@ -128,13 +148,35 @@ class DataLoader:
 
     @property
     def num_samples(self):
-        """Samples yielded per epoch (all of them, or fewer with drop_last)."""
+        """Samples per epoch over all ranks (all of them, or fewer with drop_last)."""
         n = len(self.dataset)
         return (n // self.batch_size) * self.batch_size if self.drop_last else n
+
+    def shard(self, rank, num_replicas):
+        """This loader for rank ``rank`` of ``num_replicas``: same dataset, global batch, transforms, and the
+        same shuffle generator object (a copy per process under MPI, each seeded alike)."""
+        if self.num_replicas != 1:
+            raise ValueError(f"DataLoader.shard: this loader is already rank {self.rank}'s shard of "
+                             f"{self.num_replicas}")
+        return DataLoader(self.dataset if not self._single else self.dataset.arrays[0],
+                          batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+                          generator=self.generator, transform=self.transform,
+                          target_transform=self.target_transform, num_replicas=num_replicas, rank=rank)
+
+    def _part(self, start, stop):
+        """[start, stop) of the epoch's order that is this rank's part of the global batch [start, stop)."""
+        if self.num_replicas == 1:
+            return start, stop
+        base, extra = divmod(stop - start, self.num_replicas)
+        first = start + self.rank * base + min(self.rank, extra)
+        return first, first + base + (self.rank < extra)
 
     def _fetch(self, index):
         if getattr(self.dataset, "_batch_indexable", False):
             return self.dataset[index]
+        if len(index) == 0:  # a rank's empty part of a last batch smaller than the number of ranks
+            batch = self._fetch(np.zeros(1, dtype=np.int64))
+            return tuple(b[:0] for b in batch) if isinstance(batch, tuple) else batch[:0]
         items = [self.dataset[int(i)] for i in index]
         if isinstance(items[0], (tuple, list)):
             return tuple(np.stack([np.asarray(it[k]) for it in items]) for k in range(len(items[0])))
@@ -144,8 +186,8 @@ class DataLoader:
         n = len(self.dataset)
         order = _generator(self.generator, "DataLoader").permutation(n) if self.shuffle else None
         for start in range(0, self.num_samples, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            index = order[start:stop] if self.shuffle else np.arange(start, stop)
+            first, last = self._part(start, min(start + self.batch_size, n))
+            index = order[first:last] if self.shuffle else np.arange(first, last)
             batch = self._fetch(index)
             if self._single:
                 batch = batch[0] if isinstance(batch, tuple) else batch
@@ -160,7 +202,8 @@ class DataLoader:
 
     def __repr__(self):
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
-                f"drop_last={self.drop_last}, batches={len(self)})")
+                f"drop_last={self.drop_last}, batches={len(self)}"
+                + (f", rank={self.rank}, num_replicas={self.num_replicas})" if self.num_replicas > 1 else ")"))
 
 
 # ------------------------------------------------------------------------------------------ transforms
