@@ -31,7 +31,9 @@ cdef struct _Op:
     int masked          # maxpool 2x2 stride 2 (no ceil-mode windows), after a ReLU that it applies itself: forward
                         # pools relu(x) on the fly, backward writes dx masked by x > 0 (y > 0) in one pass
     int wslot, bslot    # parameter slots (-1: none)
-    int64_t g[16]       # geometry (see _plan_op)
+    cnnx_conv2d_geom conv   # a conv's geometry
+    cnnx_pool2d_geom pool   # a maxpool's
+    int64_t rows, in_f, out_f   # a linear's: x (rows, in_f), y (rows, out_f)
     int64_t n_out       # elements of y
     char *x             # input activation (NULL for the first op: the caller's array)
     char *y             # output activation
@@ -114,48 +116,35 @@ cdef void _add_into(char *dst, char *src, int64_t n, int f64) noexcept nogil:
 
 cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogil:
     """One op's forward; a pooled conv's also runs the next op's (op + 1: its masked 2x2 pool)."""
-    cdef int64_t *g = op.g
     cdef int code = 0
     cdef _Op *nxt = op + 1
     if op.kind == _OP_CONV and op.pooled:
         if f64:
             code = conv2d_relu_maxpool2x2_forward_f64(<double *>nxt.y, <uint8_t *>nxt.aux, <double *>op.y,
-                                                      <double *>x, <double *>w, <double *>b, g[0], g[1], g[2],
-                                                      g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
-                                                      g[13], g[14], g[15], nxt.g[11], nxt.g[12])
+                                                      <double *>x, <double *>w, <double *>b, &op.conv, &nxt.pool)
         else:
             code = conv2d_relu_maxpool2x2_forward_f32(<float *>nxt.y, <uint8_t *>nxt.aux, <float *>op.y,
-                                                      <float *>x, <float *>w, <float *>b, g[0], g[1], g[2], g[3],
-                                                      g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
-                                                      g[13], g[14], g[15], nxt.g[11], nxt.g[12])
+                                                      <float *>x, <float *>w, <float *>b, &op.conv, &nxt.pool)
     elif op.kind == _OP_CONV:
         if f64:
-            code = conv2d_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, g[0], g[1], g[2],
-                                      g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
-                                      g[14], g[15])
+            code = conv2d_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, &op.conv)
         else:
-            code = conv2d_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, g[0], g[1], g[2], g[3],
-                                      g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14],
-                                      g[15])
+            code = conv2d_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, &op.conv)
     elif op.kind == _OP_LINEAR:
         if f64:
-            code = linear_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, g[0], g[1], g[2])
+            code = linear_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, op.rows, op.in_f, op.out_f)
         else:
-            code = linear_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, g[0], g[1], g[2])
+            code = linear_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, op.rows, op.in_f, op.out_f)
     elif op.kind == _OP_MAXPOOL and op.masked:     # relu(x) pooled without writing relu(x)
         if f64:
-            code = maxpool2x2_relu_forward_f64(<double *>op.y, <uint8_t *>op.aux, <double *>x, g[0], g[1], g[2],
-                                               g[11], g[12])
+            code = maxpool2x2_relu_forward_f64(<double *>op.y, <uint8_t *>op.aux, <double *>x, &op.pool)
         else:
-            code = maxpool2x2_relu_forward_f32(<float *>op.y, <uint8_t *>op.aux, <float *>x, g[0], g[1], g[2],
-                                               g[11], g[12])
+            code = maxpool2x2_relu_forward_f32(<float *>op.y, <uint8_t *>op.aux, <float *>x, &op.pool)
     elif op.kind == _OP_MAXPOOL:
         if f64:
-            code = maxpool2d_forward_f64(<double *>op.y, <int64_t *>op.aux, <double *>x, g[0], g[1], g[2], g[3],
-                                         g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12])
+            code = maxpool2d_forward_f64(<double *>op.y, <int64_t *>op.aux, <double *>x, &op.pool)
         else:
-            code = maxpool2d_forward_f32(<float *>op.y, <int64_t *>op.aux, <float *>x, g[0], g[1], g[2], g[3],
-                                         g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12])
+            code = maxpool2d_forward_f32(<float *>op.y, <int64_t *>op.aux, <float *>x, &op.pool)
     if code == 0 and (op.relu == 1 or op.kind == _OP_RELU):
         _relu_fwd(op.y, op.y if op.kind != _OP_RELU else x, op.n_out, f64)
     return code
@@ -165,7 +154,6 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
                        int64_t *ssize, int f64) noexcept nogil:
     """One op's backward from op.dy: its parameters' gradients (mode 1: added into .grad here; mode 2: left
     in the slot's scratch for the caller), and dx when dx is not NULL (the first op's only when wanted)."""
-    cdef int64_t *g = op.g
     cdef int code = 0, ws = op.wslot, bs = op.bslot
     cdef bint need_w, need_b, direct
     if op.kind == _OP_RELU:
@@ -178,17 +166,15 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
         if dx != NULL and op.masked:
             if f64:
                 code = maxpool2x2_relu_backward_f64(<double *>dx, <double *>op.dy, <uint8_t *>op.aux,
-                                                    <double *>op.y, g[0], g[1], g[2], g[11], g[12])
+                                                    <double *>op.y, &op.pool)
             else:
                 code = maxpool2x2_relu_backward_f32(<float *>dx, <float *>op.dy, <uint8_t *>op.aux,
-                                                    <float *>op.y, g[0], g[1], g[2], g[11], g[12])
+                                                    <float *>op.y, &op.pool)
         elif dx != NULL:
             if f64:
-                code = maxpool2d_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
-                                              g[11], g[12])
+                code = maxpool2d_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux, &op.pool)
             else:
-                code = maxpool2d_backward_f32(<float *>dx, <float *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
-                                              g[11], g[12])
+                code = maxpool2d_backward_f32(<float *>dx, <float *>op.dy, <int64_t *>op.aux, &op.pool)
         return code
     need_w = gmode[ws] != 0
     need_b = bs >= 0 and gmode[bs] != 0
@@ -200,13 +186,11 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
             if f64:
                 code = conv2d_pooled_backward_weight_f64(
                     <double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL, <double *>op.dy, <double *>nxt.dy,
-                    <uint8_t *>nxt.aux, <double *>nxt.y, <double *>x, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
-                    g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15], nxt.g[11], nxt.g[12], dx != NULL)
+                    <uint8_t *>nxt.aux, <double *>nxt.y, <double *>x, &op.conv, &nxt.pool, dx != NULL)
             else:
                 code = conv2d_pooled_backward_weight_f32(
                     <float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL, <float *>op.dy, <float *>nxt.dy,
-                    <uint8_t *>nxt.aux, <float *>nxt.y, <float *>x, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
-                    g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15], nxt.g[11], nxt.g[12], dx != NULL)
+                    <uint8_t *>nxt.aux, <float *>nxt.y, <float *>x, &op.conv, &nxt.pool, dx != NULL)
             if code:
                 return code
             if gmode[ws] == 1:
@@ -221,14 +205,10 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
         if need_w or need_b:
             if f64:
                 code = conv2d_backward_weight_f64(<double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL,
-                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], g[3], g[4],
-                                                  g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
-                                                  g[14], g[15])
+                                                  <double *>op.dy, <double *>x, &op.conv)
             else:
                 code = conv2d_backward_weight_f32(<float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL,
-                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], g[3], g[4],
-                                                  g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
-                                                  g[14], g[15])
+                                                  <float *>op.dy, <float *>x, &op.conv)
             if code:
                 return code
             if gmode[ws] == 1:
@@ -238,13 +218,9 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
     if op.kind == _OP_CONV:
         if dx != NULL:
             if f64:
-                code = conv2d_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], g[0], g[1],
-                                                 g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
-                                                 g[12], g[13], g[14], g[15])
+                code = conv2d_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], &op.conv)
             else:
-                code = conv2d_backward_input_f32(<float *>dx, <float *>op.dy, <float *>wptr[ws], g[0], g[1],
-                                                 g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
-                                                 g[12], g[13], g[14], g[15])
+                code = conv2d_backward_input_f32(<float *>dx, <float *>op.dy, <float *>wptr[ws], &op.conv)
         return code
     # _OP_LINEAR: straight into the .grad arrays when they take it (as Linear.backward does)
     if need_w or need_b:
@@ -252,17 +228,17 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
         if direct:
             if f64:
                 code = linear_backward_weight_f64(<double *>gptr[ws], <double *>gptr[bs] if need_b else NULL,
-                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], 1)
+                                                  <double *>op.dy, <double *>x, op.rows, op.in_f, op.out_f, 1)
             else:
                 code = linear_backward_weight_f32(<float *>gptr[ws], <float *>gptr[bs] if need_b else NULL,
-                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], 1)
+                                                  <float *>op.dy, <float *>x, op.rows, op.in_f, op.out_f, 1)
         else:
             if f64:
                 code = linear_backward_weight_f64(<double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL,
-                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], 0)
+                                                  <double *>op.dy, <double *>x, op.rows, op.in_f, op.out_f, 0)
             else:
                 code = linear_backward_weight_f32(<float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL,
-                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], 0)
+                                                  <float *>op.dy, <float *>x, op.rows, op.in_f, op.out_f, 0)
             if code == 0 and gmode[ws] == 1:
                 _add_into(gptr[ws], sptr[ws], ssize[ws], f64)
             if code == 0 and bs >= 0 and gmode[bs] == 1:
@@ -271,9 +247,9 @@ cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, 
             return code
     if dx != NULL:
         if f64:
-            code = linear_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], g[0], g[1], g[2])
+            code = linear_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], op.rows, op.in_f, op.out_f)
         else:
-            code = linear_backward_input_f32(<float *>dx, <float *>op.dy, <float *>wptr[ws], g[0], g[1], g[2])
+            code = linear_backward_input_f32(<float *>dx, <float *>op.dy, <float *>wptr[ws], op.rows, op.in_f, op.out_f)
     return code
 
 
@@ -476,9 +452,11 @@ def sequential_plan(seq, x):
         op.kind, op.relu, op.wslot, op.bslot = spec["kind"], spec["relu"], spec["wslot"], spec["bslot"]
         op.masked = spec.get("masked", 0)
         op.pooled = spec.get("pooled", 0)
-        geometry = spec["g"]
-        for k in range(16):
-            op.g[k] = geometry[k] if k < len(geometry) else 0
+        if "conv" in spec:
+            op.conv = spec["conv"]
+        if "pool" in spec:
+            op.pool = spec["pool"]
+        op.rows, op.in_f, op.out_f = spec.get("linear", (0, 0, 0))
         op.n_out = spec["y"].size
         op.x = _data_ptr(spec["x"]) if spec["x"] is not None else NULL
         op.dx = _data_ptr(spec["dx"]) if spec["dx"] is not None else NULL
@@ -513,11 +491,11 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
         plan.keep.append(s)
         return len(plan.params) - 1
 
-    def new_op(kind, g, out_shape, **extra):
+    def new_op(kind, out_shape, **extra):
         y = np.empty(out_shape, dtype)
         dy = np.empty(out_shape, dtype)
         plan.keep.extend((y, dy))
-        spec = dict(kind=kind, relu=0, wslot=-1, bslot=-1, g=g, x=cur, dx=grad, y=y, dy=dy, **extra)
+        spec = dict(kind=kind, relu=0, wslot=-1, bslot=-1, x=cur, dx=grad, y=y, dy=dy, **extra)
         specs.append(spec)
         return spec
 
@@ -539,9 +517,10 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
             _shape4(out, "output shape", "Conv2d")
             if 0 in out:
                 return None
-            g = (shape[0], shape[1], shape[2], shape[3], ws[0], ws[2], ws[3], m.stride[0], m.stride[1], pad[0],
-                 pad[2], m.dilation[0], m.dilation[1], m.groups, oh, ow)
-            spec = new_op(_OP_CONV, g, out)
+            conv = dict(N=shape[0], C=shape[1], H=shape[2], W=shape[3], OC=ws[0], KH=ws[2], KW=ws[3],
+                        SH=m.stride[0], SW=m.stride[1], PT=pad[0], PB=pad[1], PL=pad[2], PR=pad[3],
+                        DH=m.dilation[0], DW=m.dilation[1], G=m.groups, OH=oh, OW=ow)
+            spec = new_op(_OP_CONV, out, conv=conv)
             spec["wslot"] = slot(m.weight, ws)
             if m.bias is not None:
                 spec["bslot"] = slot(m.bias, (ws[0],))
@@ -555,7 +534,7 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
             out = shape[:len(shape) - 1] + (m.out_features,)
             if rows == 0:
                 return None
-            spec = new_op(_OP_LINEAR, (rows, m.in_features, m.out_features), out)
+            spec = new_op(_OP_LINEAR, out, linear=(rows, m.in_features, m.out_features))
             spec["wslot"] = slot(m.weight, (m.out_features, m.in_features))
             if m.bias is not None:
                 spec["bslot"] = slot(m.bias, (m.out_features,))
@@ -572,8 +551,9 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
                 and shape[2] >= 2 * oh and shape[3] >= 2 * ow
             idx = np.empty(out, np.uint8 if masked else np.int64)   # fused: each winner's place in its window
             plan.keep.append(idx)
-            spec = new_op(_OP_MAXPOOL, (shape[0] * shape[1], shape[2], shape[3], k[0], k[1], s[0], s[1], p[0], p[1],
-                                 d[0], d[1], oh, ow), out, aux=idx)
+            pool = dict(NC=shape[0] * shape[1], H=shape[2], W=shape[3], KH=k[0], KW=k[1], SH=s[0], SW=s[1], PH=p[0],
+                        PW=p[1], DH=d[0], DW=d[1], OH=oh, OW=ow)
+            spec = new_op(_OP_MAXPOOL, out, aux=idx, pool=pool)
             if masked:
                 spec["masked"] = 1
                 prev_relu["relu"] = 2
@@ -587,7 +567,7 @@ cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
                 continue
             if m.inplace and cur is None:
                 return None                 # would overwrite the caller's array
-            spec = new_op(_OP_RELU, (), shape)
+            spec = new_op(_OP_RELU, shape)
             fusable = None
         elif t is L.Flatten:
             nd = len(shape)

@@ -293,16 +293,16 @@ static int GLUE(is_fully_connected, SUF)(int64_t H, int64_t W, int64_t KH, int64
 /* conv2d_forward, or with pooled (conv2d_relu_maxpool2x2_forward) each image-task followed by the ReLU and 2x2
  * pooling of its output, computed into a per-thread buffer (y untouched) when one task is a whole image
  * (G == 1 and one chunk); otherwise into y, pooled afterwards. */
-static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N,
-                                          int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
-                                          int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
-                                          int64_t G, int64_t OH, int64_t OW, REAL *pooled, uint8_t *code,
-                                          int64_t PH, int64_t PW)
+static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b,
+                                          const cnnx_conv2d_geom *geom, REAL *pooled, uint8_t *code,
+                                          const cnnx_pool2d_geom *pool)
 {
+    CNNX_CONV_GEOM(geom);
+    const int64_t PH = pooled ? pool->OH : 0, PW = pooled ? pool->OW : 0;
     if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW)) {
         const int status = GLUE(linear_forward, SUF)(y, x, w, b, N, C * H * W, OC);
         if (status != CNNX_OK || !pooled) return status;
-        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, N * OC, OH, OW, PH, PW);
+        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, pool);
     }
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
@@ -390,27 +390,23 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
     }
     free(apack);
     if (status == CNNX_OK && pooled && !fuse_pool)
-        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, N * OC, OH, OW, PH, PW);
+        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, pool);
     return status;
 }
 
-int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N, int64_t C, int64_t H,
-                              int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,
-                              int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, const cnnx_conv2d_geom *g)
 {
-    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G, OH, OW,
-                                          NULL, NULL, 0, 0);
+    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, g, NULL, NULL, NULL);
 }
 
+/* pool: the 2x2 pool's geometry, NC = N*OC planes of (OH, OW) pooled to (pool->OH, pool->OW). */
 int GLUE(conv2d_relu_maxpool2x2_forward, SUF)(REAL *pooled, uint8_t *code, REAL *y, const REAL *x, const REAL *w,
-                                              const REAL *b, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC,
-                                              int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,
-                                              int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW,
-                                              int64_t PH, int64_t PW)
+                                              const REAL *b, const cnnx_conv2d_geom *g, const cnnx_pool2d_geom *pool)
 {
-    if (2 * PH > OH || 2 * PW > OW) return CNNX_EGEOMETRY;
-    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G, OH, OW,
-                                          pooled, code, PH, PW);
+    if (2 * pool->OH > g->OH || 2 * pool->OW > g->OW || pool->NC != g->N * g->OC || pool->H != g->OH ||
+        pool->W != g->OW)
+        return CNNX_EGEOMETRY;
+    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, g, pooled, code, pool);
 }
 
 /* ---------------------------------------------------------------- backward to the input */
@@ -426,11 +422,9 @@ int GLUE(conv2d_relu_maxpool2x2_forward, SUF)(REAL *pooled, uint8_t *code, REAL 
  * Otherwise dcol (K, chunk) = w[g]^T @ dy[n, g] followed by col2im.
  * Threads: (n, g) tasks (direct path: (n, g, row chunk)), which own disjoint slices of dx.
  */
-int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, int64_t N, int64_t C,
-                                     int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
-                                     int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,
-                                     int64_t DW, int64_t G, int64_t OH, int64_t OW)
+int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, const cnnx_conv2d_geom *geom)
 {
+    CNNX_CONV_GEOM(geom);
     if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
         return GLUE(linear_backward_input, SUF)(dx, dy, w, N, C * H * W, OC);
     const int path = cnnx_gemm_path();
@@ -581,11 +575,10 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
  * slice sums into its own partial dw, and the partials are added in slice order: the result is the same
  * bit for bit on 1 or many threads.
  */
-int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const REAL *x, int64_t N,
-                                      int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,
-                                      int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
-                                      int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const REAL *x,
+                                      const cnnx_conv2d_geom *geom)
 {
+    CNNX_CONV_GEOM(geom);
     if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
         return GLUE(linear_backward_weight, SUF)(dw, db, dy, x, N, C * H * W, OC, 0);
     const int path = cnnx_gemm_path();
@@ -794,23 +787,22 @@ static int64_t GLUE(pooled_winners, SUF)(REAL *v, int64_t *off, REAL *s, const R
  * would be NaN), in which case dw and db come from conv2d_backward_weight on it.
  */
 int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const REAL *dyp, const uint8_t *code,
-                                             const REAL *yp, const REAL *x, int64_t N, int64_t C, int64_t H,
-                                             int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                                             int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH,
-                                             int64_t OW, int64_t PH, int64_t PW, int need_dh)
+                                             const REAL *yp, const REAL *x, const cnnx_conv2d_geom *geom,
+                                             const cnnx_pool2d_geom *pool, int need_dh)
 {
-    if (2 * PH > OH || 2 * PW > OW) return CNNX_EGEOMETRY;
+    CNNX_CONV_GEOM(geom);
+    const int64_t PH = pool->OH, PW = pool->OW; /* the pooled output's size */
+    if (2 * PH > OH || 2 * PW > OW || pool->NC != N * OC || pool->H != OH || pool->W != OW) return CNNX_EGEOMETRY;
     const int64_t Hq = (2 * PH - 1) * SH + (KH - 1) * DH + 1;
     const int64_t Wq = (2 * PW - 1) * SW + (KW - 1) * DW + 1 + 8; /* + the AVX2 taps' spare lanes */
     const int sparse = G == 1 && N > 0 && PH > 0 && PW > 0 && Hq * Wq <= INT32_MAX &&
                        GLUE(all_finite, SUF)(x, N * C * H * W);
     if (need_dh || !sparse) {
-        const int status = GLUE(maxpool2x2_relu_backward, SUF)(dh, dyp, code, yp, N * OC, OH, OW, PH, PW);
+        const int status = GLUE(maxpool2x2_relu_backward, SUF)(dh, dyp, code, yp, pool);
         if (status != CNNX_OK) return status;
     }
     if (!sparse)
-        return GLUE(conv2d_backward_weight, SUF)(dw, db, dh, x, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G,
-                                                 OH, OW);
+        return GLUE(conv2d_backward_weight, SUF)(dw, db, dh, x, geom);
     const int vec = GLUE(POOLED_VECTOR, SUF)(KW, DW);
     const int64_t ld = vec ? 8 : KW;                    /* acc row: one kernel row's columns (8 lanes: KW used) */
     const int64_t Q = PH * PW, rows = C * KH;
