@@ -113,8 +113,9 @@ CNNX_LOSS_DECLARE(double, f64)
 
 /* ---- convolution, ReLU and 2x2 max pooling in one pass (conv2d.c) ----
  * conv2d_forward, then maxpool2x2_relu_forward on its output (pool: NC = N*OC planes of (OH, OW) pooled to
- * (pool->OH, pool->OW); code as there): the same bits. y (N, OC, OH, OW) is written only when the pass cannot run per image (groups, or an image too large for
- * one task), otherwise each task pools its image from a small per-thread buffer while it is in cache. */
+ * (pool->OH, pool->OW); code as there): the same bits. y (N, OC, OH, OW) is written only when the pass cannot run
+ * per image (groups, or an image too large for one task), otherwise each task pools its image from a small
+ * per-thread buffer while it is in cache. */
 #define CNNX_CONV_POOL_DECLARE(REAL, SUF)                                                           \
 int conv2d_relu_maxpool2x2_forward_##SUF(REAL *pooled, uint8_t *code, REAL *y, const REAL *x,        \
                          const REAL *w, const REAL *b, const cnnx_conv2d_geom *g,                    \
