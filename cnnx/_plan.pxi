@@ -1,7 +1,7 @@
 # Included by _kernels.pyx: the executor of Sequential's compiled plan.
 #
-# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity / Residual (and Dropout in eval mode)
-# run layer by layer costs a Python call, argument checks, an output allocation and a cache update per layer:
+# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity / Residual (and Dropout, BatchNorm2d in
+# eval mode) run layer by layer costs a Python call, argument checks, an output allocation and a cache update per layer:
 # about 6 us each, 80 us for a batch-1 LeNet-5 forward whose arithmetic takes 20 us. A plan does the checks
 # once per (input shape, dtype), keeps every activation and gradient buffer, and runs the whole graph of C
 # kernels in one call without the GIL.
@@ -15,19 +15,24 @@
 # pooling inside the convolution (conv2d_relu_maxpool2x2_forward: each image pooled from a small per-thread buffer
 # while it is in cache, the convolution's output never written) and sums its weight gradient over the pool's
 # winners only (conv2d_pooled_backward_weight). Such pools keep each winner's place in its 2x2 window (a byte).
+# conv_bn and conv_bn_relu fold an eval-mode batch norm into the convolution's weights and bias at each call.
 #
 # The results are the layers' own, bit for bit: the same kernels in the same order on the same values, except
-# conv_relu_pool's weight and bias gradients (the same sums in another order, a quarter of the work). Sequential
+# conv_relu_pool's weight and bias gradients (the same sums in another order, a quarter of the work) and the
+# folded batch norms (to rounding). Sequential
 # decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input that is
 # not a C-contiguous array of the parameters' dtype, a parameter array replaced by something unusual) falls back
 # to the layer-by-layer path, which raises the usual errors.
 
+from libc.math cimport sqrt
 from libc.string cimport memcpy
 
 cdef enum:
     _K_CONV
     _K_CONV_RELU
     _K_CONV_RELU_POOL
+    _K_CONV_BN
+    _K_CONV_BN_RELU
     _K_LINEAR
     _K_LINEAR_RELU
     _K_MAXPOOL
@@ -36,7 +41,8 @@ cdef enum:
     _K_ADD
     _NKINDS
 
-_KINDS = {"conv": _K_CONV, "conv_relu": _K_CONV_RELU, "conv_relu_pool": _K_CONV_RELU_POOL, "linear": _K_LINEAR,
+_KINDS = {"conv": _K_CONV, "conv_relu": _K_CONV_RELU, "conv_relu_pool": _K_CONV_RELU_POOL, "conv_bn": _K_CONV_BN,
+          "conv_bn_relu": _K_CONV_BN_RELU, "linear": _K_LINEAR,
           "linear_relu": _K_LINEAR_RELU, "maxpool": _K_MAXPOOL, "relu": _K_RELU, "relu_pool": _K_RELU_POOL,
           "add": _K_ADD}
 
@@ -56,6 +62,11 @@ cdef struct _Op:
     char *aux               # maxpool: int64 indices; relu_pool, conv_relu_pool: uint8 window positions
     char *mid               # conv_relu_pool: the convolution's own output (written only when it cannot pool per image)
     char *dmid              # and its gradient
+    int gslot, betaslot     # conv_bn kinds: the batch norm's weight (gamma) and bias (beta) slots (-1: none)
+    double eps              # conv_bn kinds: the batch norm's eps, running mean and variance (OC each)
+    char *bn_mean
+    char *bn_var
+    char *fold              # conv_bn kinds: per call, scale (OC) | folded bias (OC) | sum of dy (OC) | folded w
 
 
 cdef struct _Exec:
@@ -165,6 +176,48 @@ cdef int _fw_conv_relu_pool(const _Op *op, const _Exec *ex, const floating *x, f
     else:
         return conv2d_relu_maxpool2x2_forward_f64(y, <uint8_t *>op.aux, <double *>op.mid, x, w, b, &op.conv,
                                                   &op.pool)
+
+
+cdef void _bn_fold(const _Op *op, const _Exec *ex, floating *fold) noexcept nogil:
+    # eval-mode batch norm after the convolution, z -> (z - mean) * s + beta with s = gamma / sqrt(var + eps), as
+    # one convolution: w' = w * s (per output channel), b' = (b - mean) * s + beta; the statistics and parameters
+    # as they are now (the running statistics may have changed in place since the plan was built)
+    cdef int64_t OC = op.conv.OC, K = op.conv.C / op.conv.G * op.conv.KH * op.conv.KW, o, k
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
+    cdef const floating *b = <const floating *>ex.wptr[op.bslot] if op.bslot >= 0 else NULL
+    cdef const floating *gamma = <const floating *>ex.wptr[op.gslot] if op.gslot >= 0 else NULL
+    cdef const floating *beta = <const floating *>ex.wptr[op.betaslot] if op.betaslot >= 0 else NULL
+    cdef const floating *mean = <const floating *>op.bn_mean
+    cdef const floating *var = <const floating *>op.bn_var
+    cdef floating *scale = fold
+    cdef floating *bias = fold + OC
+    cdef floating *wf = fold + 3 * OC
+    cdef floating s
+    for o in range(OC):
+        s = <floating>1 / <floating>sqrt(var[o] + <floating>op.eps)
+        if gamma != NULL:
+            s = s * gamma[o]
+        scale[o] = s
+        bias[o] = ((b[o] if b != NULL else 0) - mean[o]) * s + (beta[o] if beta != NULL else 0)
+        for k in range(K):
+            wf[o * K + k] = w[o * K + k] * s
+
+
+cdef int _fw_conv_bn(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef floating *fold = <floating *>op.fold
+    cdef int64_t OC = op.conv.OC
+    _bn_fold(op, ex, fold)
+    if floating is float:
+        return conv2d_forward_f32(y, x, fold + 3 * OC, fold + OC, &op.conv)
+    else:
+        return conv2d_forward_f64(y, x, fold + 3 * OC, fold + OC, &op.conv)
+
+
+cdef int _fw_conv_bn_relu(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef int code = _fw_conv_bn(op, ex, x, y)
+    if code == 0:
+        _relu(y, y, op.n_out)
+    return code
 
 
 cdef int _fw_linear(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
@@ -282,6 +335,70 @@ cdef int _bw_conv_relu_pool(const _Op *op, const _Exec *ex, floating *dy) noexce
         if code:
             return code
     return _conv_input_grad(op, ex, dmid)
+
+
+cdef int _bw_conv_bn(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    # With z the convolution's output (never formed): G = conv2d_backward_weight(dy, x) and sum(dy) per channel
+    # give dw = s * G, db = s * sum(dy), dbeta = sum(dy) and, as sum(dy * z) = <w, G> + b * sum(dy),
+    # dgamma = sum(dy * (z - mean)) / sqrt(var + eps); dx through the folded weights. The same sums as the
+    # layers' to rounding.
+    cdef int64_t OC = op.conv.OC, K = op.conv.C / op.conv.G * op.conv.KH * op.conv.KW, o, k
+    cdef const floating *x = <const floating *>ex.val[op.inp[0]]
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
+    cdef const floating *b = <const floating *>ex.wptr[op.bslot] if op.bslot >= 0 else NULL
+    cdef const floating *mean = <const floating *>op.bn_mean
+    cdef const floating *var = <const floating *>op.bn_var
+    cdef floating *fold = <floating *>op.fold
+    cdef floating *scale = fold
+    cdef floating *sdy = fold + 2 * OC
+    cdef floating *gw = <floating *>ex.sptr[op.wslot]
+    cdef floating *t
+    cdef floating acc
+    cdef int code = 0
+    if _wants(ex, op.wslot) or _wants(ex, op.bslot) or _wants(ex, op.gslot) or _wants(ex, op.betaslot):
+        if floating is float:
+            code = conv2d_backward_weight_f32(gw, sdy, dy, x, &op.conv)
+        else:
+            code = conv2d_backward_weight_f64(gw, sdy, dy, x, &op.conv)
+        if code:
+            return code
+        if op.gslot >= 0:
+            t = <floating *>ex.sptr[op.gslot]
+            for o in range(OC):
+                acc = ((b[o] if b != NULL else 0) - mean[o]) * sdy[o]
+                for k in range(K):
+                    acc += w[o * K + k] * gw[o * K + k]
+                t[o] = acc / <floating>sqrt(var[o] + <floating>op.eps)
+            _collect(ex, op.gslot, t)
+        if op.betaslot >= 0:
+            t = <floating *>ex.sptr[op.betaslot]
+            for o in range(OC):
+                t[o] = sdy[o]
+            _collect(ex, op.betaslot, t)
+        for o in range(OC):
+            for k in range(K):
+                gw[o * K + k] *= scale[o]
+        _collect(ex, op.wslot, gw)
+        if op.bslot >= 0:
+            t = <floating *>ex.sptr[op.bslot]
+            for o in range(OC):
+                t[o] = scale[o] * sdy[o]
+            _collect(ex, op.bslot, t)
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = conv2d_backward_input_f32(dx, dy, fold + 3 * OC, &op.conv)
+    else:
+        code = conv2d_backward_input_f64(dx, dy, fold + 3 * OC, &op.conv)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
+    return code
+
+
+cdef int _bw_conv_bn_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    _relu_back(dy, dy, <const floating *>ex.val[op.out], op.n_out)
+    return _bw_conv_bn(op, ex, dy)
 
 
 cdef int _bw_linear(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
@@ -575,15 +692,20 @@ def compile_plan(graph):
     cdef _SequentialPlan plan = _SequentialPlan()
     plan.stamps = list(graph.stamps)
     plan.nops = 0
-    if not graph.ops:
-        return plan
+    if not graph.ops or any(spec.kind not in _KINDS for spec in graph.ops):
+        return plan         # (a kind with no entry point here: layer by layer)
     dtype = np.dtype(graph.dtype)
+    for spec in graph.ops:
+        if spec.bn is not None and not all(_usable(spec.bn[k], dtype, (spec.conv["OC"],), False)
+                                           for k in ("mean", "var")):
+            return plan     # (running statistics the kernels cannot read in place)
     plan.dtype, plan.in_shape, plan.f64 = dtype, tuple(graph.in_shape), dtype == np.float64
     plan.out_shape, plan.last = tuple(graph.out_shape), graph.last
     plan.params, plan.pdata, plan.pshape, plan.scratch, plan.keep = [], [], [], [], []
     ops = graph.ops
     nbuf = len(graph.shapes)
-    nslots = sum(1 for op in ops for p in op.params if p is not None)
+    nslots = sum(1 for spec in ops for p in spec.params + (spec.bn["params"] if spec.bn is not None else [])
+                 if p is not None)
     plan.ops = <_Op *>PyMem_Malloc(len(ops) * sizeof(_Op))
     plan.ex.val = <char **>PyMem_Malloc(nbuf * sizeof(char *))
     plan.ex.grad = <char **>PyMem_Malloc(nbuf * sizeof(char *))
@@ -639,6 +761,14 @@ def compile_plan(graph):
                 tmp_size = max(tmp_size, op.n_in[k])
         params = list(spec.params) + [None, None]
         op.wslot, op.bslot = slot(params[0]), slot(params[1])
+        op.gslot = op.betaslot = -1
+        op.bn_mean = op.bn_var = op.fold = NULL
+        if spec.bn is not None:
+            params = list(spec.bn["params"]) + [None, None]
+            op.gslot, op.betaslot = slot(params[0]), slot(params[1])
+            op.eps = spec.bn["eps"]
+            mean, var = keep(spec.bn["mean"]), keep(spec.bn["var"])
+            op.bn_mean, op.bn_var = _data_ptr(mean), _data_ptr(var)
         if spec.conv is not None:
             op.conv = spec.conv
         if spec.pool is not None:
@@ -654,6 +784,10 @@ def compile_plan(graph):
         elif op.kind == _K_RELU_POOL or op.kind == _K_CONV_RELU_POOL:
             aux = keep(np.empty(out_shape, np.uint8))          # each winner's place in its window
             op.aux = _data_ptr(aux)
+        if op.kind == _K_CONV_BN or op.kind == _K_CONV_BN_RELU:
+            fold = keep(np.empty(3 * op.conv.OC + op.conv.OC * (op.conv.C // op.conv.G) * op.conv.KH * op.conv.KW,
+                                 dtype))
+            op.fold = _data_ptr(fold)
         if op.kind == _K_CONV_RELU_POOL:
             mid = (op.conv.N, op.conv.OC, op.conv.OH, op.conv.OW)
             mid_y, mid_dy = keep(np.empty(mid, dtype)), keep(np.empty(mid, dtype))
@@ -678,6 +812,10 @@ _FWD32[<int>_K_CONV_RELU] = _fw_conv_relu[float]
 _FWD64[<int>_K_CONV_RELU] = _fw_conv_relu[double]
 _FWD32[<int>_K_CONV_RELU_POOL] = _fw_conv_relu_pool[float]
 _FWD64[<int>_K_CONV_RELU_POOL] = _fw_conv_relu_pool[double]
+_FWD32[<int>_K_CONV_BN] = _fw_conv_bn[float]
+_FWD64[<int>_K_CONV_BN] = _fw_conv_bn[double]
+_FWD32[<int>_K_CONV_BN_RELU] = _fw_conv_bn_relu[float]
+_FWD64[<int>_K_CONV_BN_RELU] = _fw_conv_bn_relu[double]
 _FWD32[<int>_K_LINEAR] = _fw_linear[float]
 _FWD64[<int>_K_LINEAR] = _fw_linear[double]
 _FWD32[<int>_K_LINEAR_RELU] = _fw_linear_relu[float]
@@ -696,6 +834,10 @@ _BWD32[<int>_K_CONV_RELU] = _bw_conv_relu[float]
 _BWD64[<int>_K_CONV_RELU] = _bw_conv_relu[double]
 _BWD32[<int>_K_CONV_RELU_POOL] = _bw_conv_relu_pool[float]
 _BWD64[<int>_K_CONV_RELU_POOL] = _bw_conv_relu_pool[double]
+_BWD32[<int>_K_CONV_BN] = _bw_conv_bn[float]
+_BWD64[<int>_K_CONV_BN] = _bw_conv_bn[double]
+_BWD32[<int>_K_CONV_BN_RELU] = _bw_conv_bn_relu[float]
+_BWD64[<int>_K_CONV_BN_RELU] = _bw_conv_bn_relu[double]
 _BWD32[<int>_K_LINEAR] = _bw_linear[float]
 _BWD64[<int>_K_LINEAR] = _bw_linear[double]
 _BWD32[<int>_K_LINEAR_RELU] = _bw_linear_relu[float]

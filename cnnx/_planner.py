@@ -5,7 +5,8 @@ parameters, the output shape; see Module.plan_op) or None, and then the whole Se
 :func:`lower` chains the descriptions over buffer ids (buffer 0 is the caller's input; a reshape keeps its
 buffer), lowers a Residual to its two branches and an ``add`` with two inputs, and fuses: FUSIONS is the one
 table of patterns, matched longest-first. The extension (cnnx/_plan.pxi) allocates the buffers and runs each
-op kind through its forward and backward entry points.
+op kind through its forward and backward entry points; a kind it has no entry for (a batch norm that follows no
+convolution) makes the whole Sequential run layer by layer.
 
 An op's backward writes its input's gradient, or adds to it when another op that reads the same buffer (a
 residual's input: the block and the shortcut) comes later in the forward order and so wrote it first.
@@ -16,6 +17,8 @@ import numpy as np
 # here plus the kind's forward and backward in cnnx/_plan.pxi.
 FUSIONS = (
     (("conv", "relu", "maxpool2x2"), "conv_relu_pool"),   # the conv pools each image while it is in cache
+    (("conv", "batchnorm", "relu"), "conv_bn_relu"),      # eval-mode BatchNorm folded into the conv's weights
+    (("conv", "batchnorm"), "conv_bn"),
     (("conv", "relu"), "conv_relu"),                      # ReLU in place on the conv's output
     (("linear", "relu"), "linear_relu"),
     (("relu", "maxpool2x2"), "relu_pool"),                # the pool reads relu(x) on the fly
@@ -46,6 +49,7 @@ class Op:
         self.pool = desc.get("pool")
         self.linear = desc.get("linear")
         self.params = list(desc.get("params", ()))
+        self.bn = desc.get("bn")        # eval-mode batch norm: eps, mean, var (arrays), params [gamma, beta]
         self.inplace = bool(desc.get("inplace", False))
         self.accumulate = [False] * len(self.inputs)   # set by lower(): add this input's gradient to its buffer's
 
@@ -163,6 +167,7 @@ def _merge(kind, group):
         op.pool = op.pool or part.pool
         op.linear = op.linear or part.linear
         op.params = op.params or part.params
+        op.bn = op.bn or part.bn
     return op
 
 

@@ -559,3 +559,77 @@ def test_residual_save_and_load(tmp_path):
     np.testing.assert_array_equal(clone(x), model(x))
     assert isinstance(clone[2], nn.Residual) and clone[2].shortcut is None
     assert isinstance(clone[4].shortcut, nn.Conv2d)
+
+
+# ---------------------------------------------------------------- eval-mode BatchNorm2d folded into the convolution
+
+BN_CHAINS = {
+    "conv-bn-relu, conv-bn": lambda dt: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, dtype=dt), nn.BatchNorm2d(4, dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, bias=False, dtype=dt), nn.BatchNorm2d(5, dtype=dt), nn.Flatten(),
+        nn.Linear(5 * 2 * 2, 3, dtype=dt)),
+    "no affine, no bias, groups, in a residual": lambda dt: nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, dtype=dt), nn.BatchNorm2d(3, affine=False, dtype=dt),
+        nn.Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3, dtype=dt),
+                                  nn.BatchNorm2d(3, bias=False, dtype=dt), nn.ReLU())),
+        nn.Flatten(), nn.Linear(3 * 6 * 6, 2, dtype=dt)),
+}
+BN_SHAPES = {"conv-bn-relu, conv-bn": (3, 3, 8, 8), "no affine, no bias, groups, in a residual": (2, 2, 6, 6)}
+
+
+def _with_statistics(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean[...] = rng.standard_normal(m.num_features)
+            m.running_var[...] = rng.uniform(0.3, 3.0, m.num_features)
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.data[...] = rng.standard_normal(m.num_features)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(BN_CHAINS))
+def test_batchnorm_folded_matches_layer_by_layer(name, dtype):
+    """The plan folds each eval-mode BatchNorm2d into the convolution before it (conv_bn, conv_bn_relu): the output,
+    dx and every gradient (the batch norms' included) agree with the layers to rounding."""
+    from cnnx import _planner
+    model = _with_statistics(BN_CHAINS[name](dtype))
+    x = rand(BN_SHAPES[name], dtype, seed=2)
+    kinds = [op.kind for op in _planner.lower(model, x).ops]
+    assert "conv_bn" in kinds or "conv_bn_relu" in kinds, kinds
+    assert "batchnorm" not in kinds
+    tol = 2e-5 if dtype == np.float32 else 1e-11
+    for step in range(2):
+        twin = copy.deepcopy(model)
+        y = model(x)
+        assert used_plan(model)
+        y_ref = eager_forward(twin, x)
+        np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol * np.max(np.abs(y_ref)))
+        dy = rand(y.shape, dtype, seed=step + 5)
+        dx = model.backward(dy)
+        dx_ref = eager_backward(twin, dy)
+        np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol * np.max(np.abs(dx_ref)))
+        for (pname, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+            np.testing.assert_allclose(p.grad, q.grad, rtol=tol, atol=tol * np.max(np.abs(q.grad)), err_msg=pname)
+
+
+def test_batchnorm_statistics_are_read_at_each_call():
+    model = _with_statistics(BN_CHAINS["conv-bn-relu, conv-bn"](np.float64))
+    x = rand((2, 3, 8, 8), np.float64)
+    model(x)
+    bn = model[1]
+    bn.running_var *= 4.0                   # in place: the same arrays, new values
+    bn.running_mean += 1.0
+    y = model(x)
+    assert used_plan(model)
+    np.testing.assert_allclose(y, eager_forward(copy.deepcopy(model), x), rtol=1e-11, atol=1e-12)
+
+
+def test_batchnorm_not_after_a_convolution_runs_layer_by_layer():
+    for model in (nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 2, 3)),
+                  nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2))):
+        model.eval()
+        model(rand((2, 1, 6, 6)))
+        assert not used_plan(model)

@@ -50,10 +50,23 @@ def _relu(x):
     return np.maximum(x, 0)
 
 
+def _bn(op, z):
+    """Eval-mode batch norm after the op's convolution, per channel."""
+    bn = op.bn
+    gamma, beta = (p[0].data if p is not None else None for p in bn["params"])
+    scale = 1 / np.sqrt(bn["var"] + z.dtype.type(bn["eps"]))
+    if gamma is not None:
+        scale = scale * gamma
+    y = (z - bn["mean"].reshape(1, -1, 1, 1)) * scale.reshape(1, -1, 1, 1)
+    return y if beta is None else y + beta.reshape(1, -1, 1, 1)
+
+
 STEPS = {
     "conv": lambda op, x: _conv(op, x, op.params),
     "conv_relu": lambda op, x: _relu(_conv(op, x, op.params)),
     "conv_relu_pool": lambda op, x: _pool(op, _relu(_conv(op, x, op.params))),
+    "conv_bn": lambda op, x: _bn(op, _conv(op, x, op.params)),
+    "conv_bn_relu": lambda op, x: _relu(_bn(op, _conv(op, x, op.params))),
     "linear": _linear,
     "linear_relu": lambda op, x: _relu(_linear(op, x)),
     "maxpool": _pool,
@@ -88,7 +101,19 @@ MODELS = {
         nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))),
         nn.ReLU(), nn.Residual(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Conv2d(4, 6, 1, stride=2)),
         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 3)), (2, 2, 8, 8)),
+    "batch norms": (lambda: _statistics(nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
+        nn.BatchNorm2d(4, affine=False), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))), (2, 2, 6, 6)),
 }
+
+
+def _statistics(model):
+    rng = np.random.default_rng(7)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean[...] = rng.standard_normal(m.num_features)
+            m.running_var[...] = rng.uniform(0.5, 2.0, m.num_features)
+    return model
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -115,6 +140,8 @@ def test_fusions_match_longest_first():
     ceil = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True))
     assert kinds(ceil, (1, 1, 6, 6)) == ["conv_relu", "maxpool"]
     assert kinds(ceil, (1, 1, 5, 5)) == ["conv_relu_pool"]      # (4x4 conv output: no partial window)
+    # eval-mode batch norm after a convolution: folded into it
+    assert kinds(MODELS["batch norms"][0]().eval(), (2, 2, 6, 6)) == ["conv_bn_relu", "conv_bn", "linear"]
 
 
 def test_a_fusion_is_a_table_entry():

@@ -1145,6 +1145,18 @@ class _BatchNorm(Module):
         self._cache_xhat = self._cache_x = self._cache_scale = None
         return dx
 
+    def plan_op(self, shape, dtype):
+        """Eval mode with running statistics: an affine map per channel (a plan folds it into the convolution
+        before it, see cnnx/_planner.py), the statistics read at each call."""
+        if self.training or not self.track_running_stats or len(shape) != 4 or 4 not in self._ndims:
+            return None
+        if self.dtype != dtype or shape[1] != self.num_features or (self.affine and self.weight is None):
+            return None
+        c = (self.num_features,)
+        params = [(p, c) if p is not None else None for p in (self.weight, self.bias)]
+        bn = {"eps": self.eps, "mean": self.running_mean, "var": self.running_var, "params": params}
+        return {"kind": "batchnorm", "bn": bn, "out": tuple(shape)}
+
     def flops(self, input_shape, output_shape):
         return 2 * math.prod(output_shape)
 
