@@ -198,7 +198,7 @@ extensions = [
     Extension(
         "cnnx._kernels",
         sources=["cnnx/_kernels.pyx"] + sorted(glob.glob("csrc/*.c")),
-        depends=sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("cnnx/*.pxi")),
+        depends=sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("cnnx/*.pxi")) + sorted(glob.glob("cnnx/*.pxd")),
         include_dirs=["csrc", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

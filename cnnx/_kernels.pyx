@@ -16,114 +16,8 @@ from cython cimport floating
 
 from cnnx._geometry import conv2d_out_size, pool2d_out_size
 
-cdef extern from "cnnx.h" nogil:
-    int CNNX_OK, CNNX_ENOMEM, CNNX_EINDEX
-    void cnnx_init_cpu()
-    int cnnx_set_num_threads(int n)
-    int cnnx_get_num_threads()
-    int cnnx_have_openmp()
-    const char *cnnx_simd_path()
-    int cnnx_force_portable(int on)
-    int cnnx_set_flush_denormal(int on)
-    int cnnx_flush_denormal_supported()
-    void cnnx_fpenv_enter()
-    void cnnx_fpenv_leave()
-    int cnnx_fp_flush_modes(int *out, int n)
-    const char *cnnx_compiler()
-    int conv2d_forward_f32(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t C,
-                           int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                           int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
-    int conv2d_forward_f64(double *y, const double *x, const double *w, const double *b, int64_t N, int64_t C,
-                           int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                           int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
-    int conv2d_relu_maxpool2x2_forward_f32(float *pooled, uint8_t *code, float *y, const float *x, const float *w,
-                                           const float *b, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC,
-                                           int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
-                                           int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW, int64_t PH,
-                                           int64_t PW)
-    int conv2d_pooled_backward_weight_f32(float *dw, float *db, float *dh, const float *dyp, const uint8_t *code,
-                                          const float *yp, const float *x, int64_t N, int64_t C, int64_t H,
-                                          int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                                          int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH,
-                                          int64_t OW, int64_t PH, int64_t PW, int need_dh)
-    int conv2d_pooled_backward_weight_f64(double *dw, double *db, double *dh, const double *dyp,
-                                          const uint8_t *code, const double *yp, const double *x, int64_t N,
-                                          int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
-                                          int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
-                                          int64_t G, int64_t OH, int64_t OW, int64_t PH, int64_t PW, int need_dh)
-    int conv2d_relu_maxpool2x2_forward_f64(double *pooled, uint8_t *code, double *y, const double *x,
-                                           const double *w, const double *b, int64_t N, int64_t C, int64_t H,
-                                           int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                                           int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH,
-                                           int64_t OW, int64_t PH, int64_t PW)
-    int conv2d_backward_input_f32(float *dx, const float *dy, const float *w, int64_t N, int64_t C, int64_t H,
-                                  int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                                  int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
-    int conv2d_backward_input_f64(double *dx, const double *dy, const double *w, int64_t N, int64_t C, int64_t H,
-                                  int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                                  int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
-    int conv2d_backward_weight_f32(float *dw, float *db, const float *dy, const float *x, int64_t N, int64_t C,
-                                   int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH,
-                                   int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G,
-                                   int64_t OH, int64_t OW)
-    int conv2d_backward_weight_f64(double *dw, double *db, const double *dy, const double *x, int64_t N,
-                                   int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
-                                   int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
-                                   int64_t G, int64_t OH, int64_t OW)
-    int linear_forward_f32(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t IN,
-                           int64_t OUT)
-    int linear_forward_f64(double *y, const double *x, const double *w, const double *b, int64_t N, int64_t IN,
-                           int64_t OUT)
-    int linear_backward_input_f32(float *dx, const float *dy, const float *w, int64_t N, int64_t IN, int64_t OUT)
-    int linear_backward_input_f64(double *dx, const double *dy, const double *w, int64_t N, int64_t IN,
-                                  int64_t OUT)
-    int linear_backward_weight_f32(float *dw, float *db, const float *dy, const float *x, int64_t N, int64_t IN,
-                                   int64_t OUT, int accumulate)
-    int linear_backward_weight_f64(double *dw, double *db, const double *dy, const double *x, int64_t N,
-                                   int64_t IN, int64_t OUT, int accumulate)
-    int sgd_update_f32(float *p, float *buf, const float *grad, int64_t n, double lr, double momentum,
-                       double dampening, double weight_decay, int nesterov, int first)
-    int sgd_update_f64(double *p, double *buf, const double *grad, int64_t n, double lr, double momentum,
-                       double dampening, double weight_decay, int nesterov, int first)
-    int adam_update_f32(float *p, float *m, float *v, float *vmax, const float *grad, int64_t n, double lr,
-                        double beta1, double beta2, double eps, double weight_decay, int decoupled, int64_t t)
-    int adam_update_f64(double *p, double *m, double *v, double *vmax, const double *grad, int64_t n,
-                        double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled,
-                        int64_t t)
-    int cnnx_sgd_group(void **ptr, const int64_t *size, const int *f32, int64_t n, int stride, int with_buf,
-                       double lr, double momentum, double dampening, double weight_decay, int nesterov)
-    int cnnx_adam_group(void **ptr, const int64_t *size, const int *f32, int64_t n, int stride, const int64_t *t,
-                        double lr, double beta1, double beta2, double eps, double weight_decay, int decoupled)
-    int maxpool2x2_relu_forward_f32(float *y, uint8_t *code, const float *x, int64_t NC, int64_t H,
-                                    int64_t W, int64_t OH, int64_t OW)
-    int maxpool2x2_relu_forward_f64(double *y, uint8_t *code, const double *x, int64_t NC, int64_t H,
-                                    int64_t W, int64_t OH, int64_t OW)
-    int maxpool2x2_relu_backward_f32(float *dx, const float *dy, const uint8_t *code, const float *y,
-                                     int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW)
-    int maxpool2x2_relu_backward_f64(double *dx, const double *dy, const uint8_t *code, const double *y,
-                                     int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW)
-    int maxpool2d_forward_f32(float *y, int64_t *indices, const float *x, int64_t NC, int64_t H, int64_t W,
-                              int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
-                              int64_t DH, int64_t DW, int64_t OH, int64_t OW)
-    int maxpool2d_forward_f64(double *y, int64_t *indices, const double *x, int64_t NC, int64_t H, int64_t W,
-                              int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
-                              int64_t DH, int64_t DW, int64_t OH, int64_t OW)
-    int maxpool2d_backward_f32(float *dx, const float *dy, const int64_t *indices, int64_t NC, int64_t H,
-                               int64_t W, int64_t OH, int64_t OW)
-    int maxpool2d_backward_f64(double *dx, const double *dy, const int64_t *indices, int64_t NC, int64_t H,
-                               int64_t W, int64_t OH, int64_t OW)
-    int avgpool2d_forward_f32(float *y, const float *x, int64_t NC, int64_t H, int64_t W, int64_t KH,
-                              int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
-                              int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
-    int avgpool2d_forward_f64(double *y, const double *x, int64_t NC, int64_t H, int64_t W, int64_t KH,
-                              int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
-                              int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
-    int avgpool2d_backward_f32(float *dx, const float *dy, int64_t NC, int64_t H, int64_t W, int64_t KH,
-                               int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
-                               int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
-    int avgpool2d_backward_f64(double *dx, const double *dy, int64_t NC, int64_t H, int64_t W, int64_t KH,
-                               int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
-                               int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
+from cnnx._cnnx cimport *
+
 
 cnnx_init_cpu()
 cnp.import_array()
@@ -272,22 +166,45 @@ cdef tuple _pool_geometry(tuple xs, kernel_size, stride, padding, dilation, ceil
     return oh, ow
 
 
+# ---------------------------------------------------------------- geometry structs (csrc/cnnx.h, cnnx/_cnnx.pxd)
+
+cdef cnnx_conv2d_geom _conv_geom(tuple xs, tuple ws, stride, padding, dilation, groups, int64_t oh, int64_t ow):
+    """The struct of a checked convolution (_conv_geometry): x xs, weight ws, normalised stride (sh, sw), padding
+    (top, bottom, left, right), dilation (dh, dw)."""
+    cdef cnnx_conv2d_geom g
+    g.N, g.C, g.H, g.W = xs[0], xs[1], xs[2], xs[3]
+    g.OC, g.KH, g.KW = ws[0], ws[2], ws[3]
+    g.SH, g.SW = stride[0], stride[1]
+    g.PT, g.PB, g.PL, g.PR = padding[0], padding[1], padding[2], padding[3]
+    g.DH, g.DW = dilation[0], dilation[1]
+    g.G = groups
+    g.OH, g.OW = oh, ow
+    return g
+
+
+cdef cnnx_pool2d_geom _pool_geom(tuple xs, kernel_size, stride, padding, dilation, int64_t oh, int64_t ow):
+    """The struct of a checked pooling (_pool_geometry) of x shaped xs: N*C planes of (H, W) to (oh, ow)."""
+    cdef cnnx_pool2d_geom g
+    g.NC, g.H, g.W = xs[0] * xs[1], xs[2], xs[3]
+    g.KH, g.KW = kernel_size[0], kernel_size[1]
+    g.SH, g.SW = stride[0], stride[1]
+    g.PH, g.PW = padding[0], padding[1]
+    g.DH, g.DW = dilation[0], dilation[1]
+    g.OH, g.OW = oh, ow
+    return g
+
+
 # ---------------------------------------------------------------- conv2d
 
 cdef int _conv_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
-                   const floating *b, int64_t G, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
-                   int64_t DH, int64_t DW):
+                   const floating *b, const cnnx_conv2d_geom *g):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = conv2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
-                                      x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
-                                      DH, DW, G, y.shape[2], y.shape[3])
+            code = conv2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, g)
         else:
-            code = conv2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0], x.shape[1],
-                                      x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3], SH, SW, PT, PL,
-                                      DH, DW, G, y.shape[2], y.shape[3])
+            code = conv2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, g)
         cnnx_fpenv_leave()
     return code
 
@@ -307,36 +224,30 @@ def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
     if y.size == 0:
         return y
     cdef int code
-    cdef int64_t G = groups, SH = stride[0], SW = stride[1], PT = padding[0], PL = padding[2]
-    cdef int64_t DH = dilation[0], DW = dilation[1]
+    cdef cnnx_conv2d_geom g = _conv_geom(x.shape, weight.shape, stride, padding, dilation, groups, oh, ow)
     cdef const float[::1] b32
     cdef const double[::1] b64
     if x.dtype == np.float32:
         b32 = bias if bias is not None else None
         code = _conv_fwd[float](y, x, weight, &b32[0] if b32 is not None else NULL,
-                                    G, SH, SW, PT, PL, DH, DW)
+                                    &g)
     else:
         b64 = bias if bias is not None else None
         code = _conv_fwd[double](y, x, weight, &b64[0] if b64 is not None else NULL,
-                                     G, SH, SW, PT, PL, DH, DW)
+                                     &g)
     _status(code, fn)
     return y
 
 
 cdef int _conv_bwd_input(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy,
-                         const floating[:, :, :, ::1] w, int64_t G, int64_t SH, int64_t SW, int64_t PT,
-                         int64_t PL, int64_t DH, int64_t DW):
+                         const floating[:, :, :, ::1] w, const cnnx_conv2d_geom *g):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = conv2d_backward_input_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
-                                             dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
-                                             w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+            code = conv2d_backward_input_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], g)
         else:
-            code = conv2d_backward_input_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], dx.shape[0],
-                                             dx.shape[1], dx.shape[2], dx.shape[3], w.shape[0], w.shape[2],
-                                             w.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+            code = conv2d_backward_input_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], g)
         cnnx_fpenv_leave()
     return code
 
@@ -358,30 +269,24 @@ def conv2d_backward_input(dy, weight, x_shape, stride, padding, dilation, groups
         dx.fill(0)
         return dx
     cdef int code
-    cdef int64_t G = groups, SH = stride[0], SW = stride[1], PT = padding[0], PL = padding[2]
-    cdef int64_t DH = dilation[0], DW = dilation[1]
+    cdef cnnx_conv2d_geom g = _conv_geom(xs, weight.shape, stride, padding, dilation, groups, oh, ow)
     if dy.dtype == np.float32:
-        code = _conv_bwd_input[float](dx, dy, weight, G, SH, SW, PT, PL, DH, DW)
+        code = _conv_bwd_input[float](dx, dy, weight, &g)
     else:
-        code = _conv_bwd_input[double](dx, dy, weight, G, SH, SW, PT, PL, DH, DW)
+        code = _conv_bwd_input[double](dx, dy, weight, &g)
     _status(code, fn)
     return dx
 
 
 cdef int _conv_bwd_weight(floating[:, :, :, ::1] dw, floating *db, const floating[:, :, :, ::1] dy,
-                          const floating[:, :, :, ::1] x, int64_t G, int64_t SH, int64_t SW, int64_t PT,
-                          int64_t PL, int64_t DH, int64_t DW):
+                          const floating[:, :, :, ::1] x, const cnnx_conv2d_geom *g):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = conv2d_backward_weight_f32(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
-                                              x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
-                                              dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+            code = conv2d_backward_weight_f32(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], g)
         else:
-            code = conv2d_backward_weight_f64(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0],
-                                              x.shape[1], x.shape[2], x.shape[3], dw.shape[0], dw.shape[2],
-                                              dw.shape[3], SH, SW, PT, PL, DH, DW, G, dy.shape[2], dy.shape[3])
+            code = conv2d_backward_weight_f64(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], g)
         cnnx_fpenv_leave()
     return code
 
@@ -404,18 +309,17 @@ def conv2d_backward_weight(dy, x, weight_shape, stride, padding, dilation, group
             db[...] = dy.sum(axis=(0, 2, 3))
         return dw, db
     cdef int code
-    cdef int64_t G = groups, SH = stride[0], SW = stride[1], PT = padding[0], PL = padding[2]
-    cdef int64_t DH = dilation[0], DW = dilation[1]
+    cdef cnnx_conv2d_geom g = _conv_geom(x.shape, ws, stride, padding, dilation, groups, oh, ow)
     cdef float[::1] db32
     cdef double[::1] db64
     if dy.dtype == np.float32:
         db32 = db
         code = _conv_bwd_weight[float](dw, &db32[0] if db32 is not None else NULL, dy, x,
-                                           G, SH, SW, PT, PL, DH, DW)
+                                           &g)
     else:
         db64 = db
         code = _conv_bwd_weight[double](dw, &db64[0] if db64 is not None else NULL, dy, x,
-                                            G, SH, SW, PT, PL, DH, DW)
+                                            &g)
     _status(code, fn)
     return dw, db
 
@@ -423,17 +327,14 @@ def conv2d_backward_weight(dy, x, weight_shape, stride, padding, dilation, group
 # ---------------------------------------------------------------- max pooling
 
 cdef int _max_fwd(floating[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx, const floating[:, :, :, ::1] x,
-                  int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH,
-                  int64_t DW):
+                  const cnnx_pool2d_geom *g):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = maxpool2d_forward_f32(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
-                                         x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
+            code = maxpool2d_forward_f32(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], g)
         else:
-            code = maxpool2d_forward_f64(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1],
-                                         x.shape[2], x.shape[3], KH, KW, SH, SW, PH, PW, DH, DW, y.shape[2], y.shape[3])
+            code = maxpool2d_forward_f64(&y[0, 0, 0, 0], &idx[0, 0, 0, 0], &x[0, 0, 0, 0], g)
         cnnx_fpenv_leave()
     return code
 
@@ -449,27 +350,24 @@ def maxpool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
     if y.size == 0:
         return y, indices
     cdef int code
-    cdef int64_t KH = kernel_size[0], KW = kernel_size[1], SH = stride[0], SW = stride[1]
-    cdef int64_t PH = padding[0], PW = padding[1], DH = dilation[0], DW = dilation[1]
+    cdef cnnx_pool2d_geom g = _pool_geom(x.shape, kernel_size, stride, padding, dilation, oh, ow)
     if x.dtype == np.float32:
-        code = _max_fwd[float](y, indices, x, KH, KW, SH, SW, PH, PW, DH, DW)
+        code = _max_fwd[float](y, indices, x, &g)
     else:
-        code = _max_fwd[double](y, indices, x, KH, KW, SH, SW, PH, PW, DH, DW)
+        code = _max_fwd[double](y, indices, x, &g)
     _status(code, fn)
     return y, indices
 
 
 cdef int _max_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy,
-                  const int64_t[:, :, :, ::1] idx):
+                  const int64_t[:, :, :, ::1] idx, const cnnx_pool2d_geom *g):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = maxpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
-                                          dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
+            code = maxpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], g)
         else:
-            code = maxpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], dx.shape[0] * dx.shape[1],
-                                          dx.shape[2], dx.shape[3], dy.shape[2], dy.shape[3])
+            code = maxpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &idx[0, 0, 0, 0], g)
         cnnx_fpenv_leave()
     return code
 
@@ -495,27 +393,27 @@ def maxpool2d_backward(dy, indices, x_shape):
         dx.fill(0)
         return dx
     cdef int code
+    # the planes only (the window is not needed to scatter to the recorded positions)
+    cdef cnnx_pool2d_geom g = _pool_geom(xs, (0, 0), (0, 0), (0, 0), (0, 0), dy.shape[2], dy.shape[3])
     if dy.dtype == np.float32:
-        code = _max_bwd[float](dx, dy, indices)
+        code = _max_bwd[float](dx, dy, indices, &g)
     else:
-        code = _max_bwd[double](dx, dy, indices)
+        code = _max_bwd[double](dx, dy, indices, &g)
     _status(code, fn)
     return dx
 
 
 # ---------------------------------------------------------------- average pooling
 
-cdef int _avg_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, int64_t KH, int64_t KW, int64_t SH,
-                  int64_t SW, int64_t PH, int64_t PW, int cip, int64_t div):
+cdef int _avg_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, const cnnx_pool2d_geom *g, int cip,
+                  int64_t div):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = avgpool2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
-                                         x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
+            code = avgpool2d_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], g, cip, div)
         else:
-            code = avgpool2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], x.shape[0] * x.shape[1], x.shape[2],
-                                         x.shape[3], KH, KW, SH, SW, PH, PW, cip, div, y.shape[2], y.shape[3])
+            code = avgpool2d_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], g, cip, div)
         cnnx_fpenv_leave()
     return code
 
@@ -539,27 +437,24 @@ def avgpool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_
     if y.size == 0:
         return y
     cdef int code, cip = bool(count_include_pad)
-    cdef int64_t KH = kernel_size[0], KW = kernel_size[1], SH = stride[0], SW = stride[1]
-    cdef int64_t PH = padding[0], PW = padding[1]
+    cdef cnnx_pool2d_geom g = _pool_geom(x.shape, kernel_size, stride, padding, (1, 1), oh, ow)
     if x.dtype == np.float32:
-        code = _avg_fwd[float](y, x, KH, KW, SH, SW, PH, PW, cip, div)
+        code = _avg_fwd[float](y, x, &g, cip, div)
     else:
-        code = _avg_fwd[double](y, x, KH, KW, SH, SW, PH, PW, cip, div)
+        code = _avg_fwd[double](y, x, &g, cip, div)
     _status(code, fn)
     return y
 
 
-cdef int _avg_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy, int64_t KH, int64_t KW,
-                  int64_t SH, int64_t SW, int64_t PH, int64_t PW, int cip, int64_t div):
+cdef int _avg_bwd(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy, const cnnx_pool2d_geom *g, int cip,
+                  int64_t div):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = avgpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
-                                          dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
+            code = avgpool2d_backward_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], g, cip, div)
         else:
-            code = avgpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], dx.shape[0] * dx.shape[1], dx.shape[2],
-                                          dx.shape[3], KH, KW, SH, SW, PH, PW, cip, div, dy.shape[2], dy.shape[3])
+            code = avgpool2d_backward_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], g, cip, div)
         cnnx_fpenv_leave()
     return code
 
@@ -578,12 +473,11 @@ def avgpool2d_backward(dy, x_shape, kernel_size, stride, padding, ceil_mode, cou
     if dx.size == 0:
         return dx
     cdef int code, cip = bool(count_include_pad)
-    cdef int64_t KH = kernel_size[0], KW = kernel_size[1], SH = stride[0], SW = stride[1]
-    cdef int64_t PH = padding[0], PW = padding[1]
+    cdef cnnx_pool2d_geom g = _pool_geom(xs, kernel_size, stride, padding, (1, 1), oh, ow)
     if dy.dtype == np.float32:
-        code = _avg_bwd[float](dx, dy, KH, KW, SH, SW, PH, PW, cip, div)
+        code = _avg_bwd[float](dx, dy, &g, cip, div)
     else:
-        code = _avg_bwd[double](dx, dy, KH, KW, SH, SW, PH, PW, cip, div)
+        code = _avg_bwd[double](dx, dy, &g, cip, div)
     _status(code, fn)
     return dx
 
@@ -825,16 +719,6 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
 # these calls sit on the per-step path of batch-1 training, where Python overhead is most of the cost.
 
 from libc.string cimport memset
-
-cdef extern from "cnnx.h" nogil:
-    int CNNX_ETARGET
-    int cross_entropy_forward_f32(float *losses, float *dx, double *total, int64_t *count, int64_t *bad,
-                                  const float *x, const int64_t *target, int64_t ignore_index, int mean,
-                                  int64_t N, int64_t C)
-    int cross_entropy_forward_f64(double *losses, double *dx, double *total, int64_t *count, int64_t *bad,
-                                  const double *x, const int64_t *target, int64_t ignore_index, int mean,
-                                  int64_t N, int64_t C)
-
 
 cdef inline bint _plain(object a, int typenum, bint writable):
     """a is an exact ndarray of typenum, aligned and C-contiguous (and writable if asked)."""

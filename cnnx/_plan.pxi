@@ -1,43 +1,83 @@
-# Included by _kernels.pyx: Sequential's compiled plan.
+# Included by _kernels.pyx: the executor of Sequential's compiled plan.
 #
-# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity (and Dropout in eval mode) run
-# layer by layer costs a Python call, argument checks, an output allocation and a cache update per layer:
+# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity / Residual (and Dropout, BatchNorm2d in
+# eval mode) run layer by layer costs a Python call, argument checks, an output allocation and a cache update per layer:
 # about 6 us each, 80 us for a batch-1 LeNet-5 forward whose arithmetic takes 20 us. A plan does the checks
-# once per (input shape, dtype), keeps every activation and gradient buffer, and runs the whole chain of C
-# kernels in one call without the GIL. ReLU after a Conv2d or Linear is applied in place to its output
-# buffer (the layer's backward does not need its output, so nothing is lost), or, when a MaxPool2d(2)
-# follows, by that pool as it reads (maxpool2x2_relu_forward) and in its backward (maxpool2x2_relu_backward).
-# Such a pool keeps each winner's place in its 2x2 window (a byte) instead of an int64 index, and after a
-# Conv2d it runs inside the convolution (conv2d_relu_maxpool2x2_forward): each image is pooled as soon as it
-# is computed, from a small per-thread buffer, so the convolution's full output is never written.
+# once per (input shape, dtype), keeps every activation and gradient buffer, and runs the whole graph of C
+# kernels in one call without the GIL.
 #
-# The results are the layers' own, bit for bit: the same kernels in the same order on the same values,
-# except the weight and bias gradients of a pooled conv, summed over the pool's winners only
-# (conv2d_pooled_backward_weight: the same sums in another order, a quarter of the work). Sequential
-# decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input
-# that is not a C-contiguous array of the parameters' dtype, a parameter array replaced by something
-# unusual) falls back to the layer-by-layer path, which raises the usual errors.
+# cnnx/_planner.py (pure Python) lowers the Sequential to a graph: ops over buffer ids, fused by its FUSIONS
+# table. Here each op kind has one forward and one backward entry point (the _fw_* / _bw_* functions, in the
+# tables _FWD / _BWD filled at the end of this file), and compile_plan allocates the buffers and turns the
+# graph into C structs. The fused kinds: conv_relu and linear_relu apply the ReLU in place to their output (the
+# layer's backward does not need its output, so nothing is lost); relu_pool pools relu(x) as it reads
+# (maxpool2x2_relu_forward) and writes dx masked by the pooled output in its backward; conv_relu_pool runs the
+# pooling inside the convolution (conv2d_relu_maxpool2x2_forward: each image pooled from a small per-thread buffer
+# while it is in cache, the convolution's output never written) and sums its weight gradient over the pool's
+# winners only (conv2d_pooled_backward_weight). Such pools keep each winner's place in its 2x2 window (a byte).
+# conv_bn and conv_bn_relu fold an eval-mode batch norm into the convolution's weights and bias at each call.
+#
+# The results are the layers' own, bit for bit: the same kernels in the same order on the same values, except
+# conv_relu_pool's weight and bias gradients (the same sums in another order, a quarter of the work) and the
+# folded batch norms (to rounding). Sequential
+# decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input that is
+# not a C-contiguous array of the parameters' dtype, a parameter array replaced by something unusual) falls back
+# to the layer-by-layer path, which raises the usual errors.
+
+from libc.math cimport sqrt
+from libc.string cimport memcpy
 
 cdef enum:
-    _OP_CONV = 1
-    _OP_RELU = 2
-    _OP_MAXPOOL = 3
-    _OP_LINEAR = 4
+    _K_CONV
+    _K_CONV_RELU
+    _K_CONV_RELU_POOL
+    _K_CONV_BN
+    _K_CONV_BN_RELU
+    _K_LINEAR
+    _K_LINEAR_RELU
+    _K_MAXPOOL
+    _K_RELU
+    _K_RELU_POOL
+    _K_ADD
+    _NKINDS
+
+_KINDS = {"conv": _K_CONV, "conv_relu": _K_CONV_RELU, "conv_relu_pool": _K_CONV_RELU_POOL, "conv_bn": _K_CONV_BN,
+          "conv_bn_relu": _K_CONV_BN_RELU, "linear": _K_LINEAR,
+          "linear_relu": _K_LINEAR_RELU, "maxpool": _K_MAXPOOL, "relu": _K_RELU, "relu_pool": _K_RELU_POOL,
+          "add": _K_ADD}
+
 
 cdef struct _Op:
     int kind
-    int relu            # conv/linear: ReLU applied in place to y (2: by the next op, a masked maxpool)
-    int pooled          # conv with relu 2: its forward also runs the next op's (conv2d_relu_maxpool2x2_forward)
-    int masked          # maxpool 2x2 stride 2 (no ceil-mode windows), after a ReLU that it applies itself: forward
-                        # pools relu(x) on the fly, backward writes dx masked by x > 0 (y > 0) in one pass
-    int wslot, bslot    # parameter slots (-1: none)
-    int64_t g[16]       # geometry (see _plan_op)
-    int64_t n_out       # elements of y
-    char *x             # input activation (NULL for the first op: the caller's array)
-    char *y             # output activation
-    char *dx            # gradient to the input (NULL for the first op: a fresh array, when wanted)
-    char *dy            # gradient to the output
-    char *aux           # maxpool: int64 indices (fused with a ReLU: uint8 window positions)
+    int nin                 # inputs (1, or 2 for add)
+    int inp[2]              # input buffer ids
+    int out                 # output buffer id
+    int acc[2]              # per input: its gradient is added to the buffer's (another reader wrote it first)
+    int64_t n_in[2]         # elements of each input
+    int64_t n_out           # elements of the output
+    int wslot, bslot        # parameter slots (-1: none)
+    cnnx_conv2d_geom conv   # conv kinds
+    cnnx_pool2d_geom pool   # pool kinds
+    int64_t rows, in_f, out_f   # linear kinds: x (rows, in_f), y (rows, out_f)
+    char *aux               # maxpool: int64 indices; relu_pool, conv_relu_pool: uint8 window positions
+    char *mid               # conv_relu_pool: the convolution's own output (written only when it cannot pool per image)
+    char *dmid              # and its gradient
+    int gslot, betaslot     # conv_bn kinds: the batch norm's weight (gamma) and bias (beta) slots (-1: none)
+    double eps              # conv_bn kinds: the batch norm's eps, running mean and variance (OC each)
+    char *bn_mean
+    char *bn_var
+    char *fold              # conv_bn kinds: per call, scale (OC) | folded bias (OC) | sum of dy (OC) | folded w
+
+
+cdef struct _Exec:
+    char **val              # per buffer id: its data (val[0]: the caller's input)
+    char **grad             # per buffer id: its gradient (grad[0]: the new dx, or NULL when not wanted)
+    char *tmp               # an input gradient that is then added to its buffer's
+    char **wptr             # per parameter slot: the parameter's data
+    int64_t *gmode          # per slot, set by each backward: 0 frozen, 1 add into grad in C (gptr),
+    char **gptr             #   2 through the scratch + Parameter.accumulate_grad
+    char **sptr             # per slot: its scratch array (ssize elements)
+    int64_t *ssize
 
 
 cdef inline char *_data_ptr(a):
@@ -59,264 +99,482 @@ cdef bint _usable(a, dtype, shape, bint writable):
     return not writable or (flags & cnp.NPY_ARRAY_WRITEABLE) != 0
 
 
-cdef int _relu_fwd(char *y, char *x, int64_t n, int f64) noexcept nogil:
+# ---------------------------------------------------------------- elementwise pieces
+
+cdef inline void _relu(floating *y, const floating *x, int64_t n) noexcept nogil:
     # y = numpy's maximum(x, 0): x where x > 0 or NaN, else +0 (also for -0.0)
     cdef int64_t i
-    cdef float *yf
-    cdef float *xf
-    cdef double *yd
-    cdef double *xd
-    if f64:
-        yd = <double *>y
-        xd = <double *>x
-        for i in range(n):
-            yd[i] = xd[i] if (xd[i] > 0 or xd[i] != xd[i]) else 0.0
+    for i in range(n):
+        y[i] = x[i] if (x[i] > 0 or x[i] != x[i]) else 0
+
+
+cdef inline void _relu_back(floating *dx, const floating *dy, const floating *y, int64_t n) noexcept nogil:
+    # dx = dy * (y > 0), as ReLU.backward (a multiply, so inf * 0 gives NaN there too)
+    cdef int64_t i
+    for i in range(n):
+        dx[i] = dy[i] * (<floating>1 if y[i] > 0 else <floating>0)
+
+
+cdef inline void _add_into(floating *dst, const floating *src, int64_t n) noexcept nogil:
+    cdef int64_t i
+    for i in range(n):
+        dst[i] += src[i]
+
+
+cdef inline char *_dx(const _Op *op, const _Exec *ex, int i) noexcept nogil:
+    """Where input i's gradient is written: its buffer's gradient, or the scratch when it is added to it
+    (_dx_done); NULL when it is not wanted."""
+    cdef char *g = ex.grad[op.inp[i]]
+    if g == NULL or not op.acc[i]:
+        return g
+    return ex.tmp
+
+
+cdef inline void _dx_done(const _Op *op, const _Exec *ex, int i, floating *dx) noexcept nogil:
+    if dx != NULL and op.acc[i]:
+        _add_into(<floating *>ex.grad[op.inp[i]], dx, op.n_in[i])
+
+
+cdef inline void _collect(const _Exec *ex, int slot, floating *scratch) noexcept nogil:
+    """A parameter gradient computed into its slot's scratch, added into .grad in C when it takes it (mode 1)."""
+    if slot >= 0 and ex.gmode[slot] == 1:
+        _add_into(<floating *>ex.gptr[slot], scratch, ex.ssize[slot])
+
+
+cdef inline bint _wants(const _Exec *ex, int slot) noexcept nogil:
+    return slot >= 0 and ex.gmode[slot] != 0
+
+
+cdef inline floating *_scratch(const _Exec *ex, int slot, floating *tag) noexcept nogil:
+    return <floating *>ex.sptr[slot] if slot >= 0 else NULL
+
+
+# ---------------------------------------------------------------- forward entry points, one per kind
+# (op, exec, x: the first input, y: the output) -> a C status code
+
+cdef int _fw_conv(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
+    cdef const floating *b = <const floating *>ex.wptr[op.bslot] if op.bslot >= 0 else NULL
+    if floating is float:
+        return conv2d_forward_f32(y, x, w, b, &op.conv)
     else:
-        yf = <float *>y
-        xf = <float *>x
-        for i in range(n):
-            yf[i] = xf[i] if (xf[i] > 0 or xf[i] != xf[i]) else <float>0.0
+        return conv2d_forward_f64(y, x, w, b, &op.conv)
+
+
+cdef int _fw_conv_relu(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef int code = _fw_conv(op, ex, x, y)
+    if code == 0:
+        _relu(y, y, op.n_out)
+    return code
+
+
+cdef int _fw_conv_relu_pool(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
+    cdef const floating *b = <const floating *>ex.wptr[op.bslot] if op.bslot >= 0 else NULL
+    if floating is float:
+        return conv2d_relu_maxpool2x2_forward_f32(y, <uint8_t *>op.aux, <float *>op.mid, x, w, b, &op.conv, &op.pool)
+    else:
+        return conv2d_relu_maxpool2x2_forward_f64(y, <uint8_t *>op.aux, <double *>op.mid, x, w, b, &op.conv,
+                                                  &op.pool)
+
+
+cdef void _bn_fold(const _Op *op, const _Exec *ex, floating *fold) noexcept nogil:
+    # eval-mode batch norm after the convolution, z -> (z - mean) * s + beta with s = gamma / sqrt(var + eps), as
+    # one convolution: w' = w * s (per output channel), b' = (b - mean) * s + beta; the statistics and parameters
+    # as they are now (the running statistics may have changed in place since the plan was built)
+    cdef int64_t OC = op.conv.OC, K = op.conv.C / op.conv.G * op.conv.KH * op.conv.KW, o, k
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
+    cdef const floating *b = <const floating *>ex.wptr[op.bslot] if op.bslot >= 0 else NULL
+    cdef const floating *gamma = <const floating *>ex.wptr[op.gslot] if op.gslot >= 0 else NULL
+    cdef const floating *beta = <const floating *>ex.wptr[op.betaslot] if op.betaslot >= 0 else NULL
+    cdef const floating *mean = <const floating *>op.bn_mean
+    cdef const floating *var = <const floating *>op.bn_var
+    cdef floating *scale = fold
+    cdef floating *bias = fold + OC
+    cdef floating *wf = fold + 3 * OC
+    cdef floating s
+    for o in range(OC):
+        s = <floating>1 / <floating>sqrt(var[o] + <floating>op.eps)
+        if gamma != NULL:
+            s = s * gamma[o]
+        scale[o] = s
+        bias[o] = ((b[o] if b != NULL else 0) - mean[o]) * s + (beta[o] if beta != NULL else 0)
+        for k in range(K):
+            wf[o * K + k] = w[o * K + k] * s
+
+
+cdef int _fw_conv_bn(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef floating *fold = <floating *>op.fold
+    cdef int64_t OC = op.conv.OC
+    _bn_fold(op, ex, fold)
+    if floating is float:
+        return conv2d_forward_f32(y, x, fold + 3 * OC, fold + OC, &op.conv)
+    else:
+        return conv2d_forward_f64(y, x, fold + 3 * OC, fold + OC, &op.conv)
+
+
+cdef int _fw_conv_bn_relu(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef int code = _fw_conv_bn(op, ex, x, y)
+    if code == 0:
+        _relu(y, y, op.n_out)
+    return code
+
+
+cdef int _fw_linear(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
+    cdef const floating *b = <const floating *>ex.wptr[op.bslot] if op.bslot >= 0 else NULL
+    if floating is float:
+        return linear_forward_f32(y, x, w, b, op.rows, op.in_f, op.out_f)
+    else:
+        return linear_forward_f64(y, x, w, b, op.rows, op.in_f, op.out_f)
+
+
+cdef int _fw_linear_relu(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef int code = _fw_linear(op, ex, x, y)
+    if code == 0:
+        _relu(y, y, op.n_out)
+    return code
+
+
+cdef int _fw_maxpool(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    if floating is float:
+        return maxpool2d_forward_f32(y, <int64_t *>op.aux, x, &op.pool)
+    else:
+        return maxpool2d_forward_f64(y, <int64_t *>op.aux, x, &op.pool)
+
+
+cdef int _fw_relu(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    _relu(y, x, op.n_out)
     return 0
 
 
-cdef void _relu_bwd(char *dx, char *dy, char *y, int64_t n, int f64) noexcept nogil:
-    # dx = dy * (y > 0), as ReLU.backward (a multiply, so inf * 0 gives NaN there too)
-    cdef int64_t i
-    cdef float *dxf
-    cdef float *dyf
-    cdef float *yf
-    cdef double *dxd
-    cdef double *dyd
-    cdef double *yd
-    if f64:
-        dxd = <double *>dx
-        dyd = <double *>dy
-        yd = <double *>y
-        for i in range(n):
-            dxd[i] = dyd[i] * (1.0 if yd[i] > 0 else 0.0)
+cdef int _fw_relu_pool(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    if floating is float:
+        return maxpool2x2_relu_forward_f32(y, <uint8_t *>op.aux, x, &op.pool)
     else:
-        dxf = <float *>dx
-        dyf = <float *>dy
-        yf = <float *>y
-        for i in range(n):
-            dxf[i] = dyf[i] * (<float>1.0 if yf[i] > 0 else <float>0.0)
+        return maxpool2x2_relu_forward_f64(y, <uint8_t *>op.aux, x, &op.pool)
 
 
-cdef void _add_into(char *dst, char *src, int64_t n, int f64) noexcept nogil:
+cdef int _fw_add(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    cdef const floating *x2 = <const floating *>ex.val[op.inp[1]]
     cdef int64_t i
-    if f64:
-        for i in range(n):
-            (<double *>dst)[i] += (<double *>src)[i]
-    else:
-        for i in range(n):
-            (<float *>dst)[i] += (<float *>src)[i]
+    for i in range(op.n_out):
+        y[i] = x[i] + x2[i]
+    return 0
 
 
-cdef int _run_forward(_Op *op, char *x, char *w, char *b, int f64) noexcept nogil:
-    """One op's forward; a pooled conv's also runs the next op's (op + 1: its masked 2x2 pool)."""
-    cdef int64_t *g = op.g
+# ---------------------------------------------------------------- backward entry points, one per kind
+# (op, exec, dy: the output's gradient, complete) -> a C status code. Parameter gradients go through the slots'
+# scratch (_collect); each input's gradient is written where _dx says.
+
+cdef int _conv_input_grad(const _Op *op, const _Exec *ex, const floating *dy) noexcept nogil:
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
     cdef int code = 0
-    cdef _Op *nxt = op + 1
-    if op.kind == _OP_CONV and op.pooled:
-        if f64:
-            code = conv2d_relu_maxpool2x2_forward_f64(<double *>nxt.y, <uint8_t *>nxt.aux, <double *>op.y,
-                                                      <double *>x, <double *>w, <double *>b, g[0], g[1], g[2],
-                                                      g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
-                                                      g[13], g[14], g[15], nxt.g[11], nxt.g[12])
-        else:
-            code = conv2d_relu_maxpool2x2_forward_f32(<float *>nxt.y, <uint8_t *>nxt.aux, <float *>op.y,
-                                                      <float *>x, <float *>w, <float *>b, g[0], g[1], g[2], g[3],
-                                                      g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
-                                                      g[13], g[14], g[15], nxt.g[11], nxt.g[12])
-    elif op.kind == _OP_CONV:
-        if f64:
-            code = conv2d_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, g[0], g[1], g[2],
-                                      g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
-                                      g[14], g[15])
-        else:
-            code = conv2d_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, g[0], g[1], g[2], g[3],
-                                      g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14],
-                                      g[15])
-    elif op.kind == _OP_LINEAR:
-        if f64:
-            code = linear_forward_f64(<double *>op.y, <double *>x, <double *>w, <double *>b, g[0], g[1], g[2])
-        else:
-            code = linear_forward_f32(<float *>op.y, <float *>x, <float *>w, <float *>b, g[0], g[1], g[2])
-    elif op.kind == _OP_MAXPOOL and op.masked:     # relu(x) pooled without writing relu(x)
-        if f64:
-            code = maxpool2x2_relu_forward_f64(<double *>op.y, <uint8_t *>op.aux, <double *>x, g[0], g[1], g[2],
-                                               g[11], g[12])
-        else:
-            code = maxpool2x2_relu_forward_f32(<float *>op.y, <uint8_t *>op.aux, <float *>x, g[0], g[1], g[2],
-                                               g[11], g[12])
-    elif op.kind == _OP_MAXPOOL:
-        if f64:
-            code = maxpool2d_forward_f64(<double *>op.y, <int64_t *>op.aux, <double *>x, g[0], g[1], g[2], g[3],
-                                         g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12])
-        else:
-            code = maxpool2d_forward_f32(<float *>op.y, <int64_t *>op.aux, <float *>x, g[0], g[1], g[2], g[3],
-                                         g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12])
-    if code == 0 and (op.relu == 1 or op.kind == _OP_RELU):
-        _relu_fwd(op.y, op.y if op.kind != _OP_RELU else x, op.n_out, f64)
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = conv2d_backward_input_f32(dx, dy, w, &op.conv)
+    else:
+        code = conv2d_backward_input_f64(dx, dy, w, &op.conv)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
     return code
 
 
-cdef int _run_backward(_Op *op, char *x, char *dx, char **wptr, int64_t *gmode, char **gptr, char **sptr,
-                       int64_t *ssize, int f64) noexcept nogil:
-    """One op's backward from op.dy: its parameters' gradients (mode 1: added into .grad here; mode 2: left
-    in the slot's scratch for the caller), and dx when dx is not NULL (the first op's only when wanted)."""
-    cdef int64_t *g = op.g
-    cdef int code = 0, ws = op.wslot, bs = op.bslot
-    cdef bint need_w, need_b, direct
-    if op.kind == _OP_RELU:
-        if dx != NULL:
-            _relu_bwd(dx, op.dy, op.y, op.n_out, f64)
-        return 0
-    if op.relu == 1:
-        _relu_bwd(op.dy, op.dy, op.y, op.n_out, f64)
-    if op.kind == _OP_MAXPOOL:
-        if dx != NULL and op.masked:
-            if f64:
-                code = maxpool2x2_relu_backward_f64(<double *>dx, <double *>op.dy, <uint8_t *>op.aux,
-                                                    <double *>op.y, g[0], g[1], g[2], g[11], g[12])
-            else:
-                code = maxpool2x2_relu_backward_f32(<float *>dx, <float *>op.dy, <uint8_t *>op.aux,
-                                                    <float *>op.y, g[0], g[1], g[2], g[11], g[12])
-        elif dx != NULL:
-            if f64:
-                code = maxpool2d_backward_f64(<double *>dx, <double *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
-                                              g[11], g[12])
-            else:
-                code = maxpool2d_backward_f32(<float *>dx, <float *>op.dy, <int64_t *>op.aux, g[0], g[1], g[2],
-                                              g[11], g[12])
-        return code
-    need_w = gmode[ws] != 0
-    need_b = bs >= 0 and gmode[bs] != 0
-    cdef _Op *nxt = op + 1
-    if op.kind == _OP_CONV and op.pooled:
-        # the pool's backward (op + 1, skipped by the caller) runs here: the weight gradient comes from the pooled
-        # gradient directly, and op.dy (the conv's output gradient) is written only when dx needs it
-        if need_w or need_b:
-            if f64:
-                code = conv2d_pooled_backward_weight_f64(
-                    <double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL, <double *>op.dy, <double *>nxt.dy,
-                    <uint8_t *>nxt.aux, <double *>nxt.y, <double *>x, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
-                    g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15], nxt.g[11], nxt.g[12], dx != NULL)
-            else:
-                code = conv2d_pooled_backward_weight_f32(
-                    <float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL, <float *>op.dy, <float *>nxt.dy,
-                    <uint8_t *>nxt.aux, <float *>nxt.y, <float *>x, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
-                    g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15], nxt.g[11], nxt.g[12], dx != NULL)
-            if code:
-                return code
-            if gmode[ws] == 1:
-                _add_into(gptr[ws], sptr[ws], ssize[ws], f64)
-            if bs >= 0 and gmode[bs] == 1:
-                _add_into(gptr[bs], sptr[bs], ssize[bs], f64)
-        elif dx != NULL:
-            code = _run_backward(nxt, op.y, op.dy, wptr, gmode, gptr, sptr, ssize, f64)
-            if code:
-                return code
-    elif op.kind == _OP_CONV:
-        if need_w or need_b:
-            if f64:
-                code = conv2d_backward_weight_f64(<double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL,
-                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], g[3], g[4],
-                                                  g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
-                                                  g[14], g[15])
-            else:
-                code = conv2d_backward_weight_f32(<float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL,
-                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], g[3], g[4],
-                                                  g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13],
-                                                  g[14], g[15])
-            if code:
-                return code
-            if gmode[ws] == 1:
-                _add_into(gptr[ws], sptr[ws], ssize[ws], f64)
-            if bs >= 0 and gmode[bs] == 1:
-                _add_into(gptr[bs], sptr[bs], ssize[bs], f64)
-    if op.kind == _OP_CONV:
-        if dx != NULL:
-            if f64:
-                code = conv2d_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], g[0], g[1],
-                                                 g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
-                                                 g[12], g[13], g[14], g[15])
-            else:
-                code = conv2d_backward_input_f32(<float *>dx, <float *>op.dy, <float *>wptr[ws], g[0], g[1],
-                                                 g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
-                                                 g[12], g[13], g[14], g[15])
-        return code
-    # _OP_LINEAR: straight into the .grad arrays when they take it (as Linear.backward does)
-    if need_w or need_b:
-        direct = gmode[ws] == 1 and (bs < 0 or gmode[bs] != 2)
-        if direct:
-            if f64:
-                code = linear_backward_weight_f64(<double *>gptr[ws], <double *>gptr[bs] if need_b else NULL,
-                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], 1)
-            else:
-                code = linear_backward_weight_f32(<float *>gptr[ws], <float *>gptr[bs] if need_b else NULL,
-                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], 1)
+cdef int _bw_conv(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    cdef const floating *x = <const floating *>ex.val[op.inp[0]]
+    cdef floating *sw
+    cdef floating *sb
+    cdef int code = 0
+    if _wants(ex, op.wslot) or _wants(ex, op.bslot):
+        sw, sb = _scratch(ex, op.wslot, dy), _scratch(ex, op.bslot, dy)
+        if floating is float:
+            code = conv2d_backward_weight_f32(sw, sb, dy, x, &op.conv)
         else:
-            if f64:
-                code = linear_backward_weight_f64(<double *>sptr[ws], <double *>sptr[bs] if bs >= 0 else NULL,
-                                                  <double *>op.dy, <double *>x, g[0], g[1], g[2], 0)
-            else:
-                code = linear_backward_weight_f32(<float *>sptr[ws], <float *>sptr[bs] if bs >= 0 else NULL,
-                                                  <float *>op.dy, <float *>x, g[0], g[1], g[2], 0)
-            if code == 0 and gmode[ws] == 1:
-                _add_into(gptr[ws], sptr[ws], ssize[ws], f64)
-            if code == 0 and bs >= 0 and gmode[bs] == 1:
-                _add_into(gptr[bs], sptr[bs], ssize[bs], f64)
+            code = conv2d_backward_weight_f64(sw, sb, dy, x, &op.conv)
         if code:
             return code
-    if dx != NULL:
-        if f64:
-            code = linear_backward_input_f64(<double *>dx, <double *>op.dy, <double *>wptr[ws], g[0], g[1], g[2])
+        _collect(ex, op.wslot, sw)
+        _collect(ex, op.bslot, sb)
+    return _conv_input_grad(op, ex, dy)
+
+
+cdef int _bw_conv_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    _relu_back(dy, dy, <const floating *>ex.val[op.out], op.n_out)
+    return _bw_conv(op, ex, dy)
+
+
+cdef int _bw_conv_relu_pool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    # The weight gradient from the pooled gradient directly; the convolution's output gradient (dmid) is written
+    # only when dx needs it.
+    cdef const floating *x = <const floating *>ex.val[op.inp[0]]
+    cdef const floating *yp = <const floating *>ex.val[op.out]
+    cdef floating *dmid = <floating *>op.dmid
+    cdef floating *sw
+    cdef floating *sb
+    cdef bint need_dx = ex.grad[op.inp[0]] != NULL
+    cdef int code = 0
+    if _wants(ex, op.wslot) or _wants(ex, op.bslot):
+        sw, sb = _scratch(ex, op.wslot, dy), _scratch(ex, op.bslot, dy)
+        if floating is float:
+            code = conv2d_pooled_backward_weight_f32(sw, sb, dmid, dy, <uint8_t *>op.aux, yp, x, &op.conv, &op.pool,
+                                                     need_dx)
         else:
-            code = linear_backward_input_f32(<float *>dx, <float *>op.dy, <float *>wptr[ws], g[0], g[1], g[2])
+            code = conv2d_pooled_backward_weight_f64(sw, sb, dmid, dy, <uint8_t *>op.aux, yp, x, &op.conv, &op.pool,
+                                                     need_dx)
+        if code:
+            return code
+        _collect(ex, op.wslot, sw)
+        _collect(ex, op.bslot, sb)
+    elif need_dx:
+        if floating is float:
+            code = maxpool2x2_relu_backward_f32(dmid, dy, <uint8_t *>op.aux, yp, &op.pool)
+        else:
+            code = maxpool2x2_relu_backward_f64(dmid, dy, <uint8_t *>op.aux, yp, &op.pool)
+        if code:
+            return code
+    return _conv_input_grad(op, ex, dmid)
+
+
+cdef int _bw_conv_bn(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    # With z the convolution's output (never formed): G = conv2d_backward_weight(dy, x) and sum(dy) per channel
+    # give dw = s * G, db = s * sum(dy), dbeta = sum(dy) and, as sum(dy * z) = <w, G> + b * sum(dy),
+    # dgamma = sum(dy * (z - mean)) / sqrt(var + eps); dx through the folded weights. The same sums as the
+    # layers' to rounding.
+    cdef int64_t OC = op.conv.OC, K = op.conv.C / op.conv.G * op.conv.KH * op.conv.KW, o, k
+    cdef const floating *x = <const floating *>ex.val[op.inp[0]]
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
+    cdef const floating *b = <const floating *>ex.wptr[op.bslot] if op.bslot >= 0 else NULL
+    cdef const floating *mean = <const floating *>op.bn_mean
+    cdef const floating *var = <const floating *>op.bn_var
+    cdef floating *fold = <floating *>op.fold
+    cdef floating *scale = fold
+    cdef floating *sdy = fold + 2 * OC
+    cdef floating *gw = <floating *>ex.sptr[op.wslot]
+    cdef floating *t
+    cdef floating acc
+    cdef int code = 0
+    if _wants(ex, op.wslot) or _wants(ex, op.bslot) or _wants(ex, op.gslot) or _wants(ex, op.betaslot):
+        if floating is float:
+            code = conv2d_backward_weight_f32(gw, sdy, dy, x, &op.conv)
+        else:
+            code = conv2d_backward_weight_f64(gw, sdy, dy, x, &op.conv)
+        if code:
+            return code
+        if op.gslot >= 0:
+            t = <floating *>ex.sptr[op.gslot]
+            for o in range(OC):
+                acc = ((b[o] if b != NULL else 0) - mean[o]) * sdy[o]
+                for k in range(K):
+                    acc += w[o * K + k] * gw[o * K + k]
+                t[o] = acc / <floating>sqrt(var[o] + <floating>op.eps)
+            _collect(ex, op.gslot, t)
+        if op.betaslot >= 0:
+            t = <floating *>ex.sptr[op.betaslot]
+            for o in range(OC):
+                t[o] = sdy[o]
+            _collect(ex, op.betaslot, t)
+        for o in range(OC):
+            for k in range(K):
+                gw[o * K + k] *= scale[o]
+        _collect(ex, op.wslot, gw)
+        if op.bslot >= 0:
+            t = <floating *>ex.sptr[op.bslot]
+            for o in range(OC):
+                t[o] = scale[o] * sdy[o]
+            _collect(ex, op.bslot, t)
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = conv2d_backward_input_f32(dx, dy, fold + 3 * OC, &op.conv)
+    else:
+        code = conv2d_backward_input_f64(dx, dy, fold + 3 * OC, &op.conv)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
     return code
+
+
+cdef int _bw_conv_bn_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    _relu_back(dy, dy, <const floating *>ex.val[op.out], op.n_out)
+    return _bw_conv_bn(op, ex, dy)
+
+
+cdef int _bw_linear(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    # the parameter gradients straight into the .grad arrays when they take them (as Linear.backward does)
+    cdef const floating *x = <const floating *>ex.val[op.inp[0]]
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
+    cdef int ws = op.wslot, bs = op.bslot, code = 0
+    cdef bint need_b = _wants(ex, bs)
+    cdef floating *gw
+    cdef floating *gb
+    cdef floating *dx
+    if _wants(ex, ws) or need_b:
+        if ex.gmode[ws] == 1 and (bs < 0 or ex.gmode[bs] != 2):
+            gw, gb = <floating *>ex.gptr[ws], <floating *>ex.gptr[bs] if need_b else NULL
+            if floating is float:
+                code = linear_backward_weight_f32(gw, gb, dy, x, op.rows, op.in_f, op.out_f, 1)
+            else:
+                code = linear_backward_weight_f64(gw, gb, dy, x, op.rows, op.in_f, op.out_f, 1)
+        else:
+            gw, gb = _scratch(ex, ws, dy), _scratch(ex, bs, dy)
+            if floating is float:
+                code = linear_backward_weight_f32(gw, gb, dy, x, op.rows, op.in_f, op.out_f, 0)
+            else:
+                code = linear_backward_weight_f64(gw, gb, dy, x, op.rows, op.in_f, op.out_f, 0)
+            if code == 0:
+                _collect(ex, ws, gw)
+                _collect(ex, bs, gb)
+        if code:
+            return code
+    dx = <floating *>_dx(op, ex, 0)
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = linear_backward_input_f32(dx, dy, w, op.rows, op.in_f, op.out_f)
+    else:
+        code = linear_backward_input_f64(dx, dy, w, op.rows, op.in_f, op.out_f)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
+    return code
+
+
+cdef int _bw_linear_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    _relu_back(dy, dy, <const floating *>ex.val[op.out], op.n_out)
+    return _bw_linear(op, ex, dy)
+
+
+cdef int _bw_maxpool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    cdef int code = 0
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = maxpool2d_backward_f32(dx, dy, <int64_t *>op.aux, &op.pool)
+    else:
+        code = maxpool2d_backward_f64(dx, dy, <int64_t *>op.aux, &op.pool)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
+    return code
+
+
+cdef int _bw_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    if dx != NULL:
+        _relu_back(dx, dy, <const floating *>ex.val[op.out], op.n_out)
+        _dx_done(op, ex, 0, dx)
+    return 0
+
+
+cdef int _bw_relu_pool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    cdef int code = 0
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = maxpool2x2_relu_backward_f32(dx, dy, <uint8_t *>op.aux, <const float *>ex.val[op.out], &op.pool)
+    else:
+        code = maxpool2x2_relu_backward_f64(dx, dy, <uint8_t *>op.aux, <const double *>ex.val[op.out], &op.pool)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
+    return code
+
+
+cdef int _bw_add(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    # y = x1 + x2: dy to both inputs (added where another reader of that buffer wrote first)
+    cdef int i
+    cdef floating *g
+    for i in range(2):
+        g = <floating *>ex.grad[op.inp[i]]
+        if g == NULL:
+            continue
+        if op.acc[i]:
+            _add_into(g, dy, op.n_out)
+        else:
+            memcpy(g, dy, op.n_out * sizeof(floating))
+    return 0
+
+
+# ---------------------------------------------------------------- the kind tables and the run loops
+
+ctypedef int (*_fwd32_t)(const _Op *, const _Exec *, const float *, float *) noexcept nogil
+ctypedef int (*_fwd64_t)(const _Op *, const _Exec *, const double *, double *) noexcept nogil
+ctypedef int (*_bwd32_t)(const _Op *, const _Exec *, float *) noexcept nogil
+ctypedef int (*_bwd64_t)(const _Op *, const _Exec *, double *) noexcept nogil
+
+cdef _fwd32_t _FWD32[<int>_NKINDS]
+cdef _fwd64_t _FWD64[<int>_NKINDS]
+cdef _bwd32_t _BWD32[<int>_NKINDS]
+cdef _bwd64_t _BWD64[<int>_NKINDS]
+
+
+cdef int _run_forward(const _Op *ops, int nops, const _Exec *ex, floating *dtype_tag) noexcept nogil:
+    cdef int i, code
+    cdef const _Op *op
+    for i in range(nops):
+        op = &ops[i]
+        if floating is float:
+            code = _FWD32[op.kind](op, ex, <const float *>ex.val[op.inp[0]], <float *>ex.val[op.out])
+        else:
+            code = _FWD64[op.kind](op, ex, <const double *>ex.val[op.inp[0]], <double *>ex.val[op.out])
+        if code:
+            return code
+    return 0
+
+
+cdef int _run_backward(const _Op *ops, int nops, const _Exec *ex, floating *dtype_tag) noexcept nogil:
+    cdef int i, code
+    cdef const _Op *op
+    for i in range(nops - 1, -1, -1):
+        op = &ops[i]
+        if floating is float:
+            code = _BWD32[op.kind](op, ex, <float *>ex.grad[op.out])
+        else:
+            code = _BWD64[op.kind](op, ex, <double *>ex.grad[op.out])
+        if code:
+            return code
+    return 0
 
 
 cdef class _SequentialPlan:
-    """The compiled form of one Sequential for one input shape and dtype (built by sequential_plan)."""
+    """The compiled form of one Sequential for one input shape and dtype (built by compile_plan)."""
     cdef _Op *ops
     cdef int nops
     cdef int f64
+    cdef _Exec ex
     cdef readonly tuple in_shape
     cdef readonly object dtype
-    cdef tuple out_shape
+    cdef readonly tuple out_shape
+    cdef readonly object last   # the last module (Sequential.backward checks dy with its _check_dy)
     cdef list keep              # every buffer the ops point into
-    cdef object out_buf         # the last op's output
-    cdef object grad_buf        # the gradient to the last op's output
+    cdef object out_buf         # the graph's output
+    cdef object grad_buf        # the gradient to it
     cdef list params            # Parameter per slot
     cdef list pdata             # the array last validated per slot
     cdef list pshape
-    cdef char **wptr            # per slot: the parameter's data
-    cdef int64_t *gmode         # per slot, set by each backward: 0 frozen, 1 add into grad in C (gptr),
-    cdef char **gptr            #   2 through the scratch + Parameter.accumulate_grad
-    cdef char **sptr            # per slot: its scratch array (ssize elements)
-    cdef int64_t *ssize
     cdef list scratch           # per slot: the scratch array its gradient goes through
     cdef list hold              # parameter copies alive during one backward
-    cdef list modules
-    cdef list versions
-    cdef object last            # the last module (its _check_dy names it in errors)
+    cdef list stamps            # (module, version) of every module of the Sequential
     cdef object x_ref           # the input of the pending forward
     cdef public bint pending    # a forward ran and its backward has not
     cdef bint busy
 
     def __cinit__(self):
         self.ops = NULL
-        self.wptr = self.gptr = self.sptr = NULL
-        self.gmode = self.ssize = NULL
+        self.ex.val = self.ex.grad = self.ex.wptr = self.ex.gptr = self.ex.sptr = NULL
+        self.ex.gmode = self.ex.ssize = NULL
+        self.ex.tmp = NULL
 
     def __dealloc__(self):
         PyMem_Free(self.ops)
-        PyMem_Free(self.wptr)
-        PyMem_Free(self.gmode)
-        PyMem_Free(self.gptr)
-        PyMem_Free(self.sptr)
-        PyMem_Free(self.ssize)
+        PyMem_Free(self.ex.val)
+        PyMem_Free(self.ex.grad)
+        PyMem_Free(self.ex.wptr)
+        PyMem_Free(self.ex.gmode)
+        PyMem_Free(self.ex.gptr)
+        PyMem_Free(self.ex.sptr)
+        PyMem_Free(self.ex.ssize)
 
     cdef bint _params_ready(self, bint strict) except -1:
         """Point wptr at each parameter's current data. An array the kernels cannot take as it stands gives
@@ -329,7 +587,7 @@ cdef class _SequentialPlan:
                 continue
             if _usable(data, self.dtype, self.pshape[i], False):
                 self.pdata[i] = data
-                self.wptr[i] = _data_ptr(data)
+                self.ex.wptr[i] = _data_ptr(data)
                 continue
             if strict:
                 return False
@@ -343,41 +601,33 @@ cdef class _SequentialPlan:
                 copy = copy.copy()
             self.pdata[i] = None
             self.hold.append(copy)
-            self.wptr[i] = _data_ptr(copy)
+            self.ex.wptr[i] = _data_ptr(copy)
         return True
 
     def valid(self):
-        """False once a module of the chain was reconfigured (a public attribute set: see Module.__setattr__)."""
-        cdef int i
-        for i in range(len(self.modules)):
-            if self.modules[i].__dict__.get("_version", 0) != self.versions[i]:
+        """False once a module of the Sequential was reconfigured (a public attribute set: see
+        Module.__setattr__)."""
+        for m, version in self.stamps:
+            if m.__dict__.get("_version", 0) != version:
                 return False
         return True
 
     def forward(self, x):
-        """The chain's output (a new array), or None when x or a parameter needs the layer-by-layer path."""
+        """The graph's output (a new array), or None when x or a parameter needs the layer-by-layer path."""
         if self.nops == 0 or self.busy:     # (another thread is in this plan: it runs layer by layer)
             return None
         self.busy = True
-        cdef char *xp
-        cdef char *inp
-        cdef int i, code = 0, f64 = self.f64
-        cdef _Op *op
+        cdef int code = 0
         try:
             if not _usable(x, self.dtype, self.in_shape, False) or not self._params_ready(True):
                 return None
-            xp = _data_ptr(x)
+            self.ex.val[0] = _data_ptr(x)
             with nogil:
                 cnnx_fpenv_enter()
-                i = 0
-                while i < self.nops:
-                    op = &self.ops[i]
-                    inp = xp if op.x == NULL else op.x
-                    code = _run_forward(op, inp, self.wptr[op.wslot] if op.wslot >= 0 else NULL,
-                                        self.wptr[op.bslot] if op.bslot >= 0 else NULL, f64)
-                    if code:
-                        break
-                    i += 2 if op.pooled else 1      # (a pooled conv ran the pool too)
+                if self.f64:
+                    code = _run_forward(self.ops, self.nops, &self.ex, <double *>NULL)
+                else:
+                    code = _run_forward(self.ops, self.nops, &self.ex, <float *>NULL)
                 cnnx_fpenv_leave()
             _status(code, "Sequential.forward")
             self.x_ref = x
@@ -387,10 +637,10 @@ cdef class _SequentialPlan:
             self.busy = False
 
     def backward(self, dy, bint input_grad):
-        """Backward of the pending forward: parameter gradients accumulated; returns dx (or None)."""
+        """Backward of the pending forward from dy (the output's shape and dtype: Sequential.backward checks it):
+        parameter gradients accumulated; returns dx (or None)."""
         if not self.pending:
             raise RuntimeError("Sequential.backward: no pending forward")
-        dy = self.last._check_dy(dy, self.out_shape, self.dtype)
         if self.busy:
             raise RuntimeError("Sequential.backward: this model is running in another thread; one model "
                                "cannot train in two threads at once")
@@ -401,40 +651,35 @@ cdef class _SequentialPlan:
         except BaseException:
             self.busy = False
             raise
-        cdef int nslots = len(self.params), i, code = 0, f64 = self.f64
-        cdef char *xp = _data_ptr(self.x_ref)
-        cdef char *dxp = NULL
-        cdef _Op *op
+        cdef int nslots = len(self.params), i, code = 0
         dx = None
         try:
             np.copyto(self.grad_buf, dy)
             for i in range(nslots):
                 p = self.params[i]
-                self.gptr[i] = NULL
+                self.ex.gptr[i] = NULL
                 if not p.requires_grad:
-                    self.gmode[i] = 0
+                    self.ex.gmode[i] = 0
                 elif _usable(p.grad, self.dtype, self.pshape[i], True):
-                    self.gmode[i] = 1
-                    self.gptr[i] = _data_ptr(p.grad)
+                    self.ex.gmode[i] = 1
+                    self.ex.gptr[i] = _data_ptr(p.grad)
                 else:
-                    self.gmode[i] = 2
-            if input_grad and self.nops:
+                    self.ex.gmode[i] = 2
+            self.ex.val[0] = _data_ptr(self.x_ref)
+            self.ex.grad[0] = NULL
+            if input_grad:
                 dx = np.empty(self.in_shape, dtype=self.dtype)
-                dxp = _data_ptr(dx)
+                self.ex.grad[0] = _data_ptr(dx)
             with nogil:
                 cnnx_fpenv_enter()
-                for i in range(self.nops - 1, -1, -1):
-                    op = &self.ops[i]
-                    if i > 0 and self.ops[i - 1].pooled:
-                        continue                    # a pooled conv's pool: its backward runs with the conv's
-                    code = _run_backward(op, op.x if op.x != NULL else xp, op.dx if op.dx != NULL else dxp,
-                                         self.wptr, self.gmode, self.gptr, self.sptr, self.ssize, f64)
-                    if code:
-                        break
+                if self.f64:
+                    code = _run_backward(self.ops, self.nops, &self.ex, <double *>NULL)
+                else:
+                    code = _run_backward(self.ops, self.nops, &self.ex, <float *>NULL)
                 cnnx_fpenv_leave()
             _status(code, "Sequential.backward")
             for i in range(nslots):
-                if self.gmode[i] == 2:
+                if self.ex.gmode[i] == 2:
                     self.params[i].accumulate_grad(self.scratch[i].copy())
             self.pending = False
             self.x_ref = None
@@ -444,176 +689,168 @@ cdef class _SequentialPlan:
             self.busy = False
 
 
-def sequential_plan(seq, x):
-    """A plan running the modules of Sequential `seq` on arrays shaped like x: one that runs (the chain is
-    made of layers a plan knows, in their stock form, and x fits them) or one whose forward always returns
-    None (the layer-by-layer path then runs, and raises the usual errors). Either stays valid until a module
-    of the chain is reconfigured."""
-    from cnnx.nn import layers as L
+def compile_plan(graph):
+    """A plan running the ops of graph (cnnx/_planner.lower): one that runs, or, when the graph has no ops, one
+    whose forward always returns None (the layer-by-layer path then runs, and raises the usual errors). Either
+    stays valid until a module of the Sequential is reconfigured."""
     cdef _SequentialPlan plan = _SequentialPlan()
-    modules = list(seq._modules.values())
-    plan.modules = [seq] + [m for m in modules if m is not None]   # (a None entry: seq's stamp covers it)
-    plan.versions = [m.__dict__.get("_version", 0) for m in plan.modules]
+    plan.stamps = list(graph.stamps)
     plan.nops = 0
-    if type(x) is not np.ndarray or x.dtype not in _FLOATS or x.ndim < 1 or x.size == 0 or not modules:
-        return plan
-    try:
-        specs = _plan_specs(plan, modules, x, L)
-    except (ValueError, TypeError, OverflowError):
-        specs = None        # a shape or setting the layers reject: they raise it themselves
-    if not specs:
-        return plan
-    cdef size_t nslots = len(plan.params) + 1
-    plan.ops = <_Op *>PyMem_Malloc(len(specs) * sizeof(_Op))
-    plan.wptr = <char **>PyMem_Malloc(nslots * sizeof(char *))
-    plan.gptr = <char **>PyMem_Malloc(nslots * sizeof(char *))
-    plan.sptr = <char **>PyMem_Malloc(nslots * sizeof(char *))
-    plan.gmode = <int64_t *>PyMem_Malloc(nslots * sizeof(int64_t))
-    plan.ssize = <int64_t *>PyMem_Malloc(nslots * sizeof(int64_t))
-    if plan.ops == NULL or plan.wptr == NULL or plan.gptr == NULL or plan.sptr == NULL or plan.gmode == NULL \
-            or plan.ssize == NULL:
-        raise MemoryError("Sequential: out of memory for a plan")
-    cdef int i, k
-    cdef _Op *op
-    for i, spec in enumerate(specs):
-        op = &plan.ops[i]
-        op.kind, op.relu, op.wslot, op.bslot = spec["kind"], spec["relu"], spec["wslot"], spec["bslot"]
-        op.masked = spec.get("masked", 0)
-        op.pooled = spec.get("pooled", 0)
-        geometry = spec["g"]
-        for k in range(16):
-            op.g[k] = geometry[k] if k < len(geometry) else 0
-        op.n_out = spec["y"].size
-        op.x = _data_ptr(spec["x"]) if spec["x"] is not None else NULL
-        op.dx = _data_ptr(spec["dx"]) if spec["dx"] is not None else NULL
-        op.y, op.dy = _data_ptr(spec["y"]), _data_ptr(spec["dy"])
-        op.aux = _data_ptr(spec["aux"]) if spec.get("aux") is not None else NULL
-    for i in range(len(plan.params)):
-        plan.pdata[i] = None
-        plan.wptr[i] = plan.gptr[i] = NULL
-        plan.gmode[i] = 0
-        plan.sptr[i] = _data_ptr(plan.scratch[i])
-        plan.ssize[i] = plan.scratch[i].size
-    plan.nops = len(specs)
-    return plan
-
-
-cdef list _plan_specs(_SequentialPlan plan, list modules, x, L):
-    """The ops of the plan as dicts, or None when a module needs the layer-by-layer path."""
-    dtype = x.dtype
-    shape = tuple(x.shape)
-    plan.dtype, plan.in_shape, plan.f64 = dtype, shape, dtype == np.float64
+    if not graph.ops or any(spec.kind not in _KINDS for spec in graph.ops):
+        return plan         # (a kind with no entry point here: layer by layer)
+    dtype = np.dtype(graph.dtype)
+    for spec in graph.ops:
+        if spec.bn is not None and not all(_usable(spec.bn[k], dtype, (spec.conv["OC"],), False)
+                                           for k in ("mean", "var")):
+            return plan     # (running statistics the kernels cannot read in place)
+    plan.dtype, plan.in_shape, plan.f64 = dtype, tuple(graph.in_shape), dtype == np.float64
+    plan.out_shape, plan.last = tuple(graph.out_shape), graph.last
     plan.params, plan.pdata, plan.pshape, plan.scratch, plan.keep = [], [], [], [], []
-    cur = grad = None               # the current activation and its gradient (None: the caller's x / dx)
-    specs = []
-    fusable = None                  # the op a ReLU straight after it can run inside
+    ops = graph.ops
+    nbuf = len(graph.shapes)
+    nslots = sum(1 for spec in ops for p in spec.params + (spec.bn["params"] if spec.bn is not None else [])
+                 if p is not None)
+    plan.ops = <_Op *>PyMem_Malloc(len(ops) * sizeof(_Op))
+    plan.ex.val = <char **>PyMem_Malloc(nbuf * sizeof(char *))
+    plan.ex.grad = <char **>PyMem_Malloc(nbuf * sizeof(char *))
+    plan.ex.wptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
+    plan.ex.gptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
+    plan.ex.sptr = <char **>PyMem_Malloc((nslots + 1) * sizeof(char *))
+    plan.ex.gmode = <int64_t *>PyMem_Malloc((nslots + 1) * sizeof(int64_t))
+    plan.ex.ssize = <int64_t *>PyMem_Malloc((nslots + 1) * sizeof(int64_t))
+    if plan.ops == NULL or plan.ex.val == NULL or plan.ex.grad == NULL or plan.ex.wptr == NULL \
+            or plan.ex.gptr == NULL or plan.ex.sptr == NULL or plan.ex.gmode == NULL or plan.ex.ssize == NULL:
+        raise MemoryError("Sequential: out of memory for a plan")
+    cdef int i, b
+    for b in range(nbuf):
+        plan.ex.val[b] = plan.ex.grad[b] = NULL
+    values, grads = {}, {}
 
-    def slot(param, shape_):
+    def buffer(bid):        # (buffer 0 is the caller's: its pointers are set by each call)
+        if bid not in values and bid != 0:
+            values[bid], grads[bid] = np.empty(graph.shapes[bid], dtype), np.empty(graph.shapes[bid], dtype)
+            plan.keep.extend((values[bid], grads[bid]))
+            plan.ex.val[bid], plan.ex.grad[bid] = _data_ptr(values[bid]), _data_ptr(grads[bid])
+        return bid
+
+    def slot(entry):
+        if entry is None:
+            return -1
+        param, shape = entry
         plan.params.append(param)
         plan.pdata.append(None)
-        plan.pshape.append(tuple(shape_))
-        s = np.empty(shape_, dtype)
+        plan.pshape.append(tuple(shape))
+        s = np.empty(shape, dtype)
         plan.scratch.append(s)
         plan.keep.append(s)
         return len(plan.params) - 1
 
-    def new_op(kind, g, out_shape, **extra):
-        y = np.empty(out_shape, dtype)
-        dy = np.empty(out_shape, dtype)
-        plan.keep.extend((y, dy))
-        spec = dict(kind=kind, relu=0, wslot=-1, bslot=-1, g=g, x=cur, dx=grad, y=y, dy=dy, **extra)
-        specs.append(spec)
-        return spec
+    def keep(a):
+        plan.keep.append(a)
+        return a
 
-    relu_spec = None                # the op whose output a ReLU just made non-negative
-    for m in modules:
-        prev_relu, relu_spec = relu_spec, None
-        t = type(m)
-        if m is None or "forward" in m.__dict__ or "backward" in m.__dict__:
-            return None
-        if t is L.Conv2d:
-            ws = m._param_shapes["weight"]
-            if m.dtype != dtype or len(shape) != 4 or shape[1] != m.in_channels or m.weight is None:
-                return None
-            if ("bias" in m._param_shapes) != (m.bias is not None):
-                return None
-            pad = m._padding4(shape[2:])
-            oh, ow = _conv_geometry(shape, ws, m.stride, pad, m.dilation, m.groups, "Conv2d")
-            out = (shape[0], ws[0], oh, ow)
-            _shape4(out, "output shape", "Conv2d")
-            if 0 in out:
-                return None
-            g = (shape[0], shape[1], shape[2], shape[3], ws[0], ws[2], ws[3], m.stride[0], m.stride[1], pad[0],
-                 pad[2], m.dilation[0], m.dilation[1], m.groups, oh, ow)
-            spec = new_op(_OP_CONV, g, out)
-            spec["wslot"] = slot(m.weight, ws)
-            if m.bias is not None:
-                spec["bslot"] = slot(m.bias, (ws[0],))
-            fusable = spec
-        elif t is L.Linear:
-            if m.dtype != dtype or shape[len(shape) - 1] != m.in_features or m.weight is None:
-                return None
-            if ("bias" in m._param_shapes) != (m.bias is not None):
-                return None
-            rows = math.prod(shape[:len(shape) - 1])
-            out = shape[:len(shape) - 1] + (m.out_features,)
-            if rows == 0:
-                return None
-            spec = new_op(_OP_LINEAR, (rows, m.in_features, m.out_features), out)
-            spec["wslot"] = slot(m.weight, (m.out_features, m.in_features))
-            if m.bias is not None:
-                spec["bslot"] = slot(m.bias, (m.out_features,))
-            fusable = spec
-        elif t is L.MaxPool2d:
-            if m.return_indices or len(shape) != 4:
-                return None
-            k, s, p, d = m._geometry()
-            oh, ow = _pool_geometry(shape, k, s, p, d, m.ceil_mode, "MaxPool2d")
-            out = (shape[0], shape[1], oh, ow)
-            if 0 in out:
-                return None
-            masked = prev_relu is not None and k == (2, 2) and s == (2, 2) and p == (0, 0) and d == (1, 1) \
-                and shape[2] >= 2 * oh and shape[3] >= 2 * ow
-            idx = np.empty(out, np.uint8 if masked else np.int64)   # fused: each winner's place in its window
-            plan.keep.append(idx)
-            spec = new_op(_OP_MAXPOOL, (shape[0] * shape[1], shape[2], shape[3], k[0], k[1], s[0], s[1], p[0], p[1],
-                                 d[0], d[1], oh, ow), out, aux=idx)
-            if masked:
-                spec["masked"] = 1
-                prev_relu["relu"] = 2
-                if prev_relu["kind"] == _OP_CONV and specs[len(specs) - 2] is prev_relu:
-                    prev_relu["pooled"] = 1     # the conv pools each image as it computes it
-            fusable = None
-        elif t is L.ReLU:
-            if fusable is not None and not fusable["relu"]:
-                fusable["relu"] = 1         # in place on the conv/linear output
-                relu_spec = fusable
-                continue
-            if m.inplace and cur is None:
-                return None                 # would overwrite the caller's array
-            spec = new_op(_OP_RELU, (), shape)
-            fusable = None
-        elif t is L.Flatten:
-            nd = len(shape)
-            start = m.start_dim + nd if m.start_dim < 0 else m.start_dim
-            end = m.end_dim + nd if m.end_dim < 0 else m.end_dim
-            if not (0 <= start <= end < nd):
-                return None
-            out = shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]
-            if cur is not None:
-                cur, grad = cur.reshape(out), grad.reshape(out)
-            shape = out
-            fusable = None
-            continue
-        elif t is L.Identity or (t is L.Dropout and not m.training):
-            continue
-        else:
-            return None
-        cur, grad = spec["y"], spec["dy"]
-        shape = tuple(cur.shape)
-    if not specs:
-        return None
-    plan.out_shape = shape
-    plan.out_buf, plan.grad_buf = cur.reshape(shape), grad.reshape(shape)
-    plan.last = modules[len(modules) - 1]
-    return specs
+    cdef _Op *op
+    cdef int64_t tmp_size = 0
+    for i, spec in enumerate(ops):
+        op = &plan.ops[i]
+        op.kind = _KINDS[spec.kind]
+        op.nin = len(spec.inputs)
+        op.out = buffer(spec.output)
+        op.n_out = math.prod(graph.shapes[spec.output])
+        for k in range(2):
+            op.inp[k] = buffer(spec.inputs[k]) if k < op.nin else -1
+            op.acc[k] = spec.accumulate[k] if k < op.nin else 0
+            op.n_in[k] = math.prod(graph.shapes[spec.inputs[k]]) if k < op.nin else 0
+            if op.acc[k] and op.kind != _K_ADD:
+                tmp_size = max(tmp_size, op.n_in[k])
+        params = list(spec.params) + [None, None]
+        op.wslot, op.bslot = slot(params[0]), slot(params[1])
+        op.gslot = op.betaslot = -1
+        op.bn_mean = op.bn_var = op.fold = NULL
+        if spec.bn is not None:
+            params = list(spec.bn["params"]) + [None, None]
+            op.gslot, op.betaslot = slot(params[0]), slot(params[1])
+            op.eps = spec.bn["eps"]
+            mean, var = keep(spec.bn["mean"]), keep(spec.bn["var"])
+            op.bn_mean, op.bn_var = _data_ptr(mean), _data_ptr(var)
+        if spec.conv is not None:
+            op.conv = spec.conv
+        if spec.pool is not None:
+            op.pool = spec.pool
+        if spec.linear is not None:
+            op.rows, op.in_f, op.out_f = (spec.linear["rows"], spec.linear["in_features"],
+                                          spec.linear["out_features"])
+        op.aux = op.mid = op.dmid = NULL
+        out_shape = graph.shapes[spec.output]
+        if op.kind == _K_MAXPOOL:
+            aux = keep(np.empty(out_shape, np.int64))
+            op.aux = _data_ptr(aux)
+        elif op.kind == _K_RELU_POOL or op.kind == _K_CONV_RELU_POOL:
+            aux = keep(np.empty(out_shape, np.uint8))          # each winner's place in its window
+            op.aux = _data_ptr(aux)
+        if op.kind == _K_CONV_BN or op.kind == _K_CONV_BN_RELU:
+            fold = keep(np.empty(3 * op.conv.OC + op.conv.OC * (op.conv.C // op.conv.G) * op.conv.KH * op.conv.KW,
+                                 dtype))
+            op.fold = _data_ptr(fold)
+        if op.kind == _K_CONV_RELU_POOL:
+            mid = (op.conv.N, op.conv.OC, op.conv.OH, op.conv.OW)
+            mid_y, mid_dy = keep(np.empty(mid, dtype)), keep(np.empty(mid, dtype))
+            op.mid, op.dmid = _data_ptr(mid_y), _data_ptr(mid_dy)
+    tmp = keep(np.empty(max(tmp_size, 1), dtype))
+    plan.ex.tmp = _data_ptr(tmp)
+    for i in range(len(plan.params)):
+        plan.pdata[i] = None
+        plan.ex.wptr[i] = plan.ex.gptr[i] = NULL
+        plan.ex.gmode[i] = 0
+        plan.ex.sptr[i] = _data_ptr(plan.scratch[i])
+        plan.ex.ssize[i] = plan.scratch[i].size
+    plan.out_buf = values[graph.output].reshape(plan.out_shape)
+    plan.grad_buf = grads[graph.output].reshape(plan.out_shape)
+    plan.nops = len(ops)
+    return plan
+
+
+_FWD32[<int>_K_CONV] = _fw_conv[float]
+_FWD64[<int>_K_CONV] = _fw_conv[double]
+_FWD32[<int>_K_CONV_RELU] = _fw_conv_relu[float]
+_FWD64[<int>_K_CONV_RELU] = _fw_conv_relu[double]
+_FWD32[<int>_K_CONV_RELU_POOL] = _fw_conv_relu_pool[float]
+_FWD64[<int>_K_CONV_RELU_POOL] = _fw_conv_relu_pool[double]
+_FWD32[<int>_K_CONV_BN] = _fw_conv_bn[float]
+_FWD64[<int>_K_CONV_BN] = _fw_conv_bn[double]
+_FWD32[<int>_K_CONV_BN_RELU] = _fw_conv_bn_relu[float]
+_FWD64[<int>_K_CONV_BN_RELU] = _fw_conv_bn_relu[double]
+_FWD32[<int>_K_LINEAR] = _fw_linear[float]
+_FWD64[<int>_K_LINEAR] = _fw_linear[double]
+_FWD32[<int>_K_LINEAR_RELU] = _fw_linear_relu[float]
+_FWD64[<int>_K_LINEAR_RELU] = _fw_linear_relu[double]
+_FWD32[<int>_K_MAXPOOL] = _fw_maxpool[float]
+_FWD64[<int>_K_MAXPOOL] = _fw_maxpool[double]
+_FWD32[<int>_K_RELU] = _fw_relu[float]
+_FWD64[<int>_K_RELU] = _fw_relu[double]
+_FWD32[<int>_K_RELU_POOL] = _fw_relu_pool[float]
+_FWD64[<int>_K_RELU_POOL] = _fw_relu_pool[double]
+_FWD32[<int>_K_ADD] = _fw_add[float]
+_FWD64[<int>_K_ADD] = _fw_add[double]
+_BWD32[<int>_K_CONV] = _bw_conv[float]
+_BWD64[<int>_K_CONV] = _bw_conv[double]
+_BWD32[<int>_K_CONV_RELU] = _bw_conv_relu[float]
+_BWD64[<int>_K_CONV_RELU] = _bw_conv_relu[double]
+_BWD32[<int>_K_CONV_RELU_POOL] = _bw_conv_relu_pool[float]
+_BWD64[<int>_K_CONV_RELU_POOL] = _bw_conv_relu_pool[double]
+_BWD32[<int>_K_CONV_BN] = _bw_conv_bn[float]
+_BWD64[<int>_K_CONV_BN] = _bw_conv_bn[double]
+_BWD32[<int>_K_CONV_BN_RELU] = _bw_conv_bn_relu[float]
+_BWD64[<int>_K_CONV_BN_RELU] = _bw_conv_bn_relu[double]
+_BWD32[<int>_K_LINEAR] = _bw_linear[float]
+_BWD64[<int>_K_LINEAR] = _bw_linear[double]
+_BWD32[<int>_K_LINEAR_RELU] = _bw_linear_relu[float]
+_BWD64[<int>_K_LINEAR_RELU] = _bw_linear_relu[double]
+_BWD32[<int>_K_MAXPOOL] = _bw_maxpool[float]
+_BWD64[<int>_K_MAXPOOL] = _bw_maxpool[double]
+_BWD32[<int>_K_RELU] = _bw_relu[float]
+_BWD64[<int>_K_RELU] = _bw_relu[double]
+_BWD32[<int>_K_RELU_POOL] = _bw_relu_pool[float]
+_BWD64[<int>_K_RELU_POOL] = _bw_relu_pool[double]
+_BWD32[<int>_K_ADD] = _bw_add[float]
+_BWD64[<int>_K_ADD] = _bw_add[double]

@@ -2,28 +2,6 @@
 # Included by _kernels.pyx. Same arguments as conv2d_forward / conv2d_backward_input / conv2d_backward_weight
 # for the geometry winograd_applies accepts (3x3, stride 1, dilation 1, one group, padding 0..2 a side).
 
-cdef extern from "cnnx.h" nogil:
-    int CNNX_EGEOMETRY
-    int conv2d_winograd_forward_f32(float *y, const float *x, const float *w, const float *b, int64_t N,
-                                    int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL,
-                                    int64_t OH, int64_t OW)
-    int conv2d_winograd_forward_f64(double *y, const double *x, const double *w, const double *b, int64_t N,
-                                    int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL,
-                                    int64_t OH, int64_t OW)
-    int conv2d_winograd_backward_input_f32(float *dx, const float *dy, const float *w, int64_t N, int64_t C,
-                                           int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, int64_t OH,
-                                           int64_t OW)
-    int conv2d_winograd_backward_input_f64(double *dx, const double *dy, const double *w, int64_t N, int64_t C,
-                                           int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, int64_t OH,
-                                           int64_t OW)
-    int conv2d_winograd_backward_weight_f32(float *dw, float *db, const float *dy, const float *x, int64_t N,
-                                            int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL,
-                                            int64_t OH, int64_t OW)
-    int conv2d_winograd_backward_weight_f64(double *dw, double *db, const double *dy, const double *x,
-                                            int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT,
-                                            int64_t PL, int64_t OH, int64_t OW)
-
-
 def winograd_applies(weight_shape, stride, padding, dilation, groups):
     """True when the Winograd kernels take this (normalised) geometry: 3x3 kernels, stride 1, dilation 1,
     one group, padding between 0 and 2 on every side."""

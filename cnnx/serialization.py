@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _safetensors, nn
 from ._io import atomic_write, reading
-from .nn.module import Module, Sequential, StateDictError, _describe
+from .nn.module import Module, Residual, Sequential, StateDictError, _describe
 
 __all__ = ["save", "load", "load_checkpoint", "save_state_dict", "load_state_dict", "register_module"]
 
@@ -99,6 +99,9 @@ def build(desc):
                 raise ValueError(f"malformed Sequential entry {entry!r:.200}")
             modules[str(entry["name"])] = build(entry["module"])
         return Sequential(modules)
+    if cls is Residual:
+        shortcut = config.get("shortcut")
+        return Residual(build(config.get("block")), None if shortcut is None else build(shortcut))
     try:
         return cls(**config)
     except (TypeError, ValueError, MemoryError) as exc:     # MemoryError: a config declaring huge shapes

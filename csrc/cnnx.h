@@ -57,23 +57,34 @@ void cnnx_fpenv_leave(void);
 int cnnx_fp_flush_modes(int *out, int n);
 const char *cnnx_compiler(void);
 
-/* ---- conv2d (conv2d.c), cross-correlation ----
+/* ---- geometry, one struct per kernel family (mirrored in cnnx/_cnnx.pxd) ----
+ * Filled once by the caller (the door, or a compiled plan when it is built) and passed by pointer; the kernels
+ * unpack the fields into the glossary's letters. */
+typedef struct cnnx_conv2d_geom {
+    int64_t N, C, H, W;     /* input x (N, C, H, W) */
+    int64_t OC, KH, KW;     /* weight (OC, C/G, KH, KW) */
+    int64_t SH, SW;         /* stride */
+    int64_t PT, PB, PL, PR; /* zero padding: top, bottom, left, right (the kernels read PT and PL) */
+    int64_t DH, DW;         /* dilation */
+    int64_t G;              /* groups */
+    int64_t OH, OW;         /* output y (N, OC, OH, OW) */
+} cnnx_conv2d_geom;
+
+/* Pooling over NC independent (H, W) planes (NC = N*C); PH, PW are symmetric padding. */
+typedef struct cnnx_pool2d_geom {
+    int64_t NC, H, W;
+    int64_t KH, KW, SH, SW, PH, PW, DH, DW;
+    int64_t OH, OW;         /* output (NC, OH, OW) */
+} cnnx_pool2d_geom;
+
+/* ---- conv2d (conv2d.c), cross-correlation, geometry g ----
  * conv2d_forward: y (N, OC, OH, OW) is overwritten.
  *   y[n, oc, oh, ow] = b[oc] + sum_{c, kh, kw} w[oc, c, kh, kw] * x[n, g*C/G + c, ih, iw],  g = oc / (OC/G)
  *   b may be NULL (no bias). */
 #define CNNX_CONV2D_DECLARE(REAL, SUF)                                                              \
-int conv2d_forward_##SUF(REAL *y, const REAL *x, const REAL *w, const REAL *b,                      \
-                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,        \
-                         int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,    \
-                         int64_t DW, int64_t G, int64_t OH, int64_t OW);                            \
-int conv2d_backward_input_##SUF(REAL *dx, const REAL *dy, const REAL *w,                            \
-                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,        \
-                         int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,    \
-                         int64_t DW, int64_t G, int64_t OH, int64_t OW);                            \
-int conv2d_backward_weight_##SUF(REAL *dw, REAL *db, const REAL *dy, const REAL *x,                 \
-                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,        \
-                         int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,    \
-                         int64_t DW, int64_t G, int64_t OH, int64_t OW);
+int conv2d_forward_##SUF(REAL *y, const REAL *x, const REAL *w, const REAL *b, const cnnx_conv2d_geom *g); \
+int conv2d_backward_input_##SUF(REAL *dx, const REAL *dy, const REAL *w, const cnnx_conv2d_geom *g);      \
+int conv2d_backward_weight_##SUF(REAL *dw, REAL *db, const REAL *dy, const REAL *x, const cnnx_conv2d_geom *g);
 CNNX_CONV2D_DECLARE(float, f32)
 CNNX_CONV2D_DECLARE(double, f64)
 
@@ -114,25 +125,22 @@ CNNX_LOSS_DECLARE(float, f32)
 CNNX_LOSS_DECLARE(double, f64)
 
 /* ---- convolution, ReLU and 2x2 max pooling in one pass (conv2d.c) ----
- * conv2d_forward, then maxpool2x2_relu_forward on its output (pooled (N, OC, PH, PW), code as there): the same
- * bits. y (N, OC, OH, OW) is written only when the pass cannot run per image (groups, or an image too large for
- * one task), otherwise each task pools its image from a small per-thread buffer while it is in cache. */
+ * conv2d_forward, then maxpool2x2_relu_forward on its output (pool: NC = N*OC planes of (OH, OW) pooled to
+ * (pool->OH, pool->OW); code as there): the same bits. y (N, OC, OH, OW) is written only when the pass cannot run
+ * per image (groups, or an image too large for one task), otherwise each task pools its image from a small
+ * per-thread buffer while it is in cache. */
 #define CNNX_CONV_POOL_DECLARE(REAL, SUF)                                                           \
 int conv2d_relu_maxpool2x2_forward_##SUF(REAL *pooled, uint8_t *code, REAL *y, const REAL *x,        \
-                         const REAL *w, const REAL *b, int64_t N, int64_t C, int64_t H, int64_t W,   \
-                         int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,     \
-                         int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW,      \
-                         int64_t PH, int64_t PW);
+                         const REAL *w, const REAL *b, const cnnx_conv2d_geom *g,                    \
+                         const cnnx_pool2d_geom *pool);
 /* The weight and bias gradients of such a convolution from the pool's output gradient dyp, pooled yp and code:
  * only the windows' winners, where the ReLU let the gradient through (conv2d_impl.h). dh gets the convolution's
  * output gradient (maxpool2x2_relu_backward) when need_dh is set, or when the shortcut does not apply (groups, an
  * x that is not all finite), which then takes conv2d_backward_weight on dh. */
 #define CNNX_CONV_POOL_BACKWARD_DECLARE(REAL, SUF)                                                  \
 int conv2d_pooled_backward_weight_##SUF(REAL *dw, REAL *db, REAL *dh, const REAL *dyp,              \
-                         const uint8_t *code, const REAL *yp, const REAL *x, int64_t N, int64_t C,  \
-                         int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH,      \
-                         int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G,     \
-                         int64_t OH, int64_t OW, int64_t PH, int64_t PW, int need_dh);
+                         const uint8_t *code, const REAL *yp, const REAL *x, const cnnx_conv2d_geom *g, \
+                         const cnnx_pool2d_geom *pool, int need_dh);
 CNNX_CONV_POOL_BACKWARD_DECLARE(float, f32)
 CNNX_CONV_POOL_BACKWARD_DECLARE(double, f64)
 CNNX_CONV_POOL_DECLARE(float, f32)
@@ -140,24 +148,15 @@ CNNX_CONV_POOL_DECLARE(double, f64)
 
 /* ---- pooling (pool2d.c) ---- planes are (N*C) independent (H, W) images. */
 #define CNNX_POOL2D_DECLARE(REAL, SUF)                                                              \
-int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x,                               \
-                         int64_t NC, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,      \
-                         int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW,                \
-                         int64_t OH, int64_t OW);                                                   \
-int maxpool2x2_relu_forward_##SUF(REAL *y, uint8_t *code, const REAL *x,                           \
-                         int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
+int maxpool2d_forward_##SUF(REAL *y, int64_t *indices, const REAL *x, const cnnx_pool2d_geom *g);    \
+int maxpool2x2_relu_forward_##SUF(REAL *y, uint8_t *code, const REAL *x, const cnnx_pool2d_geom *g); \
 int maxpool2x2_relu_backward_##SUF(REAL *dx, const REAL *dy, const uint8_t *code, const REAL *y,     \
-                         int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
-int maxpool2d_backward_##SUF(REAL *dx, const REAL *dy, const int64_t *indices,                      \
-                         int64_t NC, int64_t H, int64_t W, int64_t OH, int64_t OW);                 \
-int avgpool2d_forward_##SUF(REAL *y, const REAL *x,                                                 \
-                         int64_t NC, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,      \
-                         int64_t SW, int64_t PH, int64_t PW, int count_include_pad,                 \
-                         int64_t divisor_override, int64_t OH, int64_t OW);                         \
-int avgpool2d_backward_##SUF(REAL *dx, const REAL *dy,                                              \
-                         int64_t NC, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t SH,      \
-                         int64_t SW, int64_t PH, int64_t PW, int count_include_pad,                 \
-                         int64_t divisor_override, int64_t OH, int64_t OW);
+                         const cnnx_pool2d_geom *g);                                                \
+int maxpool2d_backward_##SUF(REAL *dx, const REAL *dy, const int64_t *indices, const cnnx_pool2d_geom *g); \
+int avgpool2d_forward_##SUF(REAL *y, const REAL *x, const cnnx_pool2d_geom *g, int count_include_pad, \
+                         int64_t divisor_override);                                                 \
+int avgpool2d_backward_##SUF(REAL *dx, const REAL *dy, const cnnx_pool2d_geom *g,                   \
+                         int count_include_pad, int64_t divisor_override);
 CNNX_POOL2D_DECLARE(float, f32)
 CNNX_POOL2D_DECLARE(double, f64)
 

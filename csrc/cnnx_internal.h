@@ -135,6 +135,18 @@ void cnnx_gemm_gather_##S(int path, REAL *c, int64_t ldc, const REAL *src, const
 CNNX_GEMM_DECLARE(float, f32)
 CNNX_GEMM_DECLARE(double, f64)
 
+/* A kernel's geometry struct (cnnx.h) as the glossary's letters, at the top of its body (a part of the kernel may
+ * not need them all). */
+#define CNNX_CONV_GEOM(g)                                                                                    \
+    const int64_t N = (g)->N, C = (g)->C, H = (g)->H, W = (g)->W, OC = (g)->OC, KH = (g)->KH, KW = (g)->KW; \
+    const int64_t SH = (g)->SH, SW = (g)->SW, PT = (g)->PT, PL = (g)->PL, DH = (g)->DH, DW = (g)->DW;     \
+    const int64_t G = (g)->G, OH = (g)->OH, OW = (g)->OW;                                                 \
+    (void)(N + C + H + W + OC + KH + KW + SH + SW + PT + PL + DH + DW + G + OH + OW) /* not all used */
+#define CNNX_POOL_PLANES(g) const int64_t NC = (g)->NC, H = (g)->H, W = (g)->W, OH = (g)->OH, OW = (g)->OW
+#define CNNX_POOL_WINDOW(g)                                                                                  \
+    const int64_t KH = (g)->KH, KW = (g)->KW, SH = (g)->SH, SW = (g)->SW, PH = (g)->PH, PW = (g)->PW;     \
+    const int64_t DH = (g)->DH, DW = (g)->DW
+
 /* maxpool2x2_relu_forward's work on NC planes, single-threaded (pool2d.c, for the fused convolution). */
 void cnnx_max2x2_relu_planes_f32(float *y, uint8_t *code, const float *x, int64_t NC, int64_t H, int64_t W,
                                  int64_t OH, int64_t OW);

@@ -293,16 +293,16 @@ static int GLUE(is_fully_connected, SUF)(int64_t H, int64_t W, int64_t KH, int64
 /* conv2d_forward, or with pooled (conv2d_relu_maxpool2x2_forward) each image-task followed by the ReLU and 2x2
  * pooling of its output, computed into a per-thread buffer (y untouched) when one task is a whole image
  * (G == 1 and one chunk); otherwise into y, pooled afterwards. */
-static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N,
-                                          int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
-                                          int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH, int64_t DW,
-                                          int64_t G, int64_t OH, int64_t OW, REAL *pooled, uint8_t *code,
-                                          int64_t PH, int64_t PW)
+static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b,
+                                          const cnnx_conv2d_geom *geom, REAL *pooled, uint8_t *code,
+                                          const cnnx_pool2d_geom *pool)
 {
+    CNNX_CONV_GEOM(geom);
+    const int64_t PH = pooled ? pool->OH : 0, PW = pooled ? pool->OW : 0;
     if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW)) {
         const int status = GLUE(linear_forward, SUF)(y, x, w, b, N, C * H * W, OC);
         if (status != CNNX_OK || !pooled) return status;
-        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, N * OC, OH, OW, PH, PW);
+        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, pool);
     }
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
@@ -393,27 +393,23 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
     }
     free(apack);
     if (status == CNNX_OK && pooled && !fuse_pool)
-        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, N * OC, OH, OW, PH, PW);
+        return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, pool);
     return status;
 }
 
-int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N, int64_t C, int64_t H,
-                              int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,
-                              int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL *b, const cnnx_conv2d_geom *g)
 {
-    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G, OH, OW,
-                                          NULL, NULL, 0, 0);
+    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, g, NULL, NULL, NULL);
 }
 
+/* pool: the 2x2 pool's geometry, NC = N*OC planes of (OH, OW) pooled to (pool->OH, pool->OW). */
 int GLUE(conv2d_relu_maxpool2x2_forward, SUF)(REAL *pooled, uint8_t *code, REAL *y, const REAL *x, const REAL *w,
-                                              const REAL *b, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC,
-                                              int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PT,
-                                              int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW,
-                                              int64_t PH, int64_t PW)
+                                              const REAL *b, const cnnx_conv2d_geom *g, const cnnx_pool2d_geom *pool)
 {
-    if (2 * PH > OH || 2 * PW > OW) return CNNX_EGEOMETRY;
-    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G, OH, OW,
-                                          pooled, code, PH, PW);
+    if (2 * pool->OH > g->OH || 2 * pool->OW > g->OW || pool->NC != g->N * g->OC || pool->H != g->OH ||
+        pool->W != g->OW)
+        return CNNX_EGEOMETRY;
+    return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, g, pooled, code, pool);
 }
 
 /* ---------------------------------------------------------------- backward to the input */
@@ -422,96 +418,89 @@ int GLUE(conv2d_relu_maxpool2x2_forward, SUF)(REAL *pooled, uint8_t *code, REAL 
  * conv2d_backward_input: dy (N, OC, OH, OW), w (OC, C/G, KH, KW)  ->  dx (N, C, H, W), overwritten.
  * Differentiates  y[n, oc, oh, ow] += w[oc, c, kh, kw] * x[n, g*C/G + c, ih, iw]:
  *   dx[n, g*C/G + c, ih, iw] = sum_{oc in g, kh, kw, (oh, ow) reading (ih, iw)} w[oc, c, kh, kw] * dy[n, oc, oh, ow]
- * Stride 1, mostly: the rows path (rows_scatter), a GEMM over (kernel row, channel) x (output channel, kernel
- * column) whose store adds each row into the padded dx at its kernel row's offset.
- * Stride 1, wide layers: a direct convolution of dy, padded by (KH-1)*DH - PT on top and (KW-1)*DW - PL on the
- * left (cropped where that is negative), with w transposed to (C/G, OC/G) and flipped.
- * Otherwise dcol (K, chunk) = w[g]^T @ dy[n, g] followed by col2im.
- * Threads: (n, g) tasks (direct path: (n, g, row chunk)), which own disjoint slices of dx.
+ * A dispatcher (conv2d_backward_input, below) over three algorithms, each of which packs w for its GEMM, allocates
+ * its scratch once per thread, and runs tasks (image, group[, chunk of rows]) that own disjoint slices of dx; a
+ * thread count therefore never changes the bits. parallel: the dispatcher lets the tasks run on several threads.
  */
-int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, int64_t N, int64_t C,
-                                     int64_t H, int64_t W, int64_t OC, int64_t KH, int64_t KW,
-                                     int64_t SH, int64_t SW, int64_t PT, int64_t PL, int64_t DH,
-                                     int64_t DW, int64_t G, int64_t OH, int64_t OW)
+
+/* im2col, any stride: dcol (K, chunk) = w[g]^T @ dy[n, g], then col2im adds it into dx. */
+static int GLUE(bwd_input_im2col, SUF)(REAL *dx, const REAL *dy, const REAL *w, const cnnx_conv2d_geom *geom,
+                                       int parallel)
 {
-    if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
-        return GLUE(linear_backward_input, SUF)(dx, dy, w, N, C * H * W, OC);
+    CNNX_CONV_GEOM(geom);
+    const int path = cnnx_gemm_path();
+    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, ntasks = N * G;
+    const int64_t unit = GLUE(chunk_rows_im2col, SUF)(K, OH, OW), apg = cnnx_gemm_apack_size(K, OCg);
+    REAL *apack = ALLOC(G * apg); /* A = w^T (K, OCg) per group */
+    if (!apack) return CNNX_ENOMEM;
+    for (int64_t g = 0; g < G; g++) PACK_A(path, apack + g * apg, w + g * OCg * K, 1, K, K, OCg);
+    int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (parallel && ntasks > 1)
+    {
+        cnnx_fp_worker_enter();
+        REAL *img = ALLOC(K * unit * OW), *bpad = ALLOC(cnnx_gemm_bpad_size(OCg));
+        const int ok = img && bpad;
+        if (!ok) {
+#pragma omp critical(cnnx_status)
+            status = CNNX_ENOMEM;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < ntasks; t++) {
+            if (!ok) continue;
+            const int64_t g = t % G, n = t / G;
+            REAL *dxg = dx + (n * C + g * Cg) * H * W;
+            const REAL *dyg = dy + (n * OC + g * OCg) * P;
+            for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
+            for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+                const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, pc = rows * OW;
+                GEMM(path, img, pc, NULL, apack + g * apg, dyg + oh0 * OW, NULL, P, NULL, K, pc, OCg, 0, 0, 0, bpad);
+                GLUE(col2im, SUF)(dxg, img, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, oh0, rows);
+            }
+        }
+        free(img);
+        free(bpad);
+        cnnx_fp_worker_leave(fp);
+    }
+    free(apack);
+    return status;
+}
+
+/* direct, stride 1: a convolution of dy padded by the kernel's reach, (KH-1)*DH - PT on top and (KW-1)*DW - PL on
+ * the left (cropped where that is negative), with w transposed to (C/G, OC/G) and flipped; tasks (n, g, chunk of
+ * dx rows). */
+static int GLUE(bwd_input_direct, SUF)(REAL *dx, const REAL *dy, const REAL *w, const cnnx_conv2d_geom *geom,
+                                       int parallel)
+{
+    CNNX_CONV_GEOM(geom);
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, KK = KH * KW;
-    const int64_t T2 = (KH - 1) * DH - PT, L2 = (KW - 1) * DW - PL;
-    const int64_t span_w = (KW - 1) * DW, span_h = (KH - 1) * DH, Wz = OW + span_w, Hz = OH + span_h;
-    /* Three ways, by the work they waste (the first two at stride 1 only):
-     * rows: Wz/OW of the useful multiply-adds (dy padded along the width only), col2im done by the GEMM's store.
-     * im2col: no extra multiply-adds, but a GEMM whose inner dimension is only OCg (each tile's store costs as
-     * much as ~18 steps of it, measured) and a separate col2im pass. So rows when Wz/OW <= 1 + 18/OCg.
-     * Measured on one thread, float32, rows vs im2col: LeNet-5 conv2 (6 <- 16 channels, 14x14 from 10x10, 5x5)
-     * 60 vs 40 GFLOP/s; 64 <- 64 channels 32x32 3x3 pad 1, 93 vs 60; 128 <- 128 channels 8x8 3x3 pad 1
-     * (Wz/OW = 1.25 > 1 + 18/128), 77 vs 84.
-     * direct: a convolution of dy padded by the kernel's reach on every side, (H + span_h)(W + span_w)/(H*W) of
-     * the useful work, and a group needs enough input channels to fill the GEMM's 6-row tiles; for wide layers
-     * where that padding adds <= 30% (it was measured against im2col before the rows path existed).
-     * Both stride-1 paths multiply zeros with w, so they need w finite (0 * Inf would put NaNs where dx has
-     * none); otherwise im2col, which multiplies only the pairs the convolution does.
-     * Negative T2, L2 (padding past the kernel's reach) crop dy in the direct path. */
-    const int64_t padded_px = (H + span_h) * (W + span_w);
-    const int stride1 = SH == 1 && SW == 1;
-    const int w_finite = stride1 && GLUE(all_finite, SUF)(w, OC * K);
-    int mode = 0; /* 0 im2col, 1 direct, 2 rows */
-    if (w_finite && Wz * OCg <= OW * (OCg + 18))
-        mode = 2;
-    else if (w_finite && Cg >= 4 && 10 * padded_px <= 13 * H * W)
-        mode = 1;
-    const int direct = mode == 1, rows_mode = mode == 2;
-    const int z_in_place = PT == 0 && PL == 0 && Wz == W && Hz == H; /* rows: dx itself is Z */
-    const int64_t Wp = W + span_w;
-    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wp, H)
-                       : rows_mode ? GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wz, OH)
-                                   : GLUE(chunk_rows_im2col, SUF)(K, OH, OW);
-    const int64_t nchunks = direct ? (H + unit - 1) / unit : 1;
-    const int64_t ntasks = N * G * nchunks;
-    /* direct: A = flipped w^T (Cg, OCg*KH*KW); rows: A (KH*Cg, OCg*KW), row (kh, c); im2col: A = w^T (K, OCg) */
-    const int64_t apg = direct ? cnnx_gemm_apack_size(Cg, OCg * KK)
-                      : rows_mode ? cnnx_gemm_apack_size(KH * Cg, OCg * KW) : cnnx_gemm_apack_size(K, OCg);
-    REAL *apack = ALLOC(G * apg);
-    REAL *wt = direct || rows_mode ? ALLOC(Cg * OCg * KK) : NULL;
-    if (!apack || ((direct || rows_mode) && !wt)) {
+    const int64_t T2 = (KH - 1) * DH - PT, L2 = (KW - 1) * DW - PL, span_h = (KH - 1) * DH, Wp = W + (KW - 1) * DW;
+    const int64_t unit = GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wp, H), nchunks = (H + unit - 1) / unit;
+    const int64_t ntasks = N * G * nchunks, apg = cnnx_gemm_apack_size(Cg, OCg * KK);
+    REAL *apack = ALLOC(G * apg), *wt = ALLOC(Cg * OCg * KK); /* A = flipped w^T (Cg, OCg*KH*KW) per group */
+    if (!apack || !wt) {
         free(apack);
         free(wt);
         return CNNX_ENOMEM;
     }
     for (int64_t g = 0; g < G; g++) {
         const REAL *wg = w + g * OCg * K;
-        if (direct) {
-            for (int64_t c = 0; c < Cg; c++)
-                for (int64_t o = 0; o < OCg; o++)
-                    for (int64_t k = 0; k < KK; k++) wt[(c * OCg + o) * KK + k] = wg[(o * Cg + c) * KK + KK - 1 - k];
-            PACK_A(path, apack + g * apg, wt, OCg * KK, 1, Cg, OCg * KK);
-        } else if (rows_mode) {
-            for (int64_t kh = 0; kh < KH; kh++)
-                for (int64_t c = 0; c < Cg; c++)
-                    for (int64_t o = 0; o < OCg; o++)
-                        for (int64_t kw = 0; kw < KW; kw++)
-                            wt[((kh * Cg + c) * OCg + o) * KW + kw] = wg[((o * Cg + c) * KH + kh) * KW + kw];
-            PACK_A(path, apack + g * apg, wt, OCg * KW, 1, KH * Cg, OCg * KW);
-        } else {
-            PACK_A(path, apack + g * apg, wg, 1, K, K, OCg);
-        }
+        for (int64_t c = 0; c < Cg; c++)
+            for (int64_t o = 0; o < OCg; o++)
+                for (int64_t k = 0; k < KK; k++) wt[(c * OCg + o) * KK + k] = wg[(o * Cg + c) * KK + KK - 1 - k];
+        PACK_A(path, apack + g * apg, wt, OCg * KK, 1, Cg, OCg * KK);
     }
     free(wt);
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
+#pragma omp parallel num_threads(cnnx_threads()) if (parallel && ntasks > 1)
     {
         cnnx_fp_worker_enter();
-        const int64_t kd = direct ? OCg * KK : rows_mode ? OCg * KW : OCg;
-        const int64_t noff = rows_mode ? kd + KH * Cg : kd; /* rows: B's and Z's row offsets */
-        const int64_t img_n = direct ? OCg * (unit + span_h) * Wp
-                            : rows_mode ? span_w + OCg * unit * Wz : K * unit * OW;
-        REAL *img = ALLOC(img_n);
-        REAL *tmp = direct ? ALLOC(Cg * unit * Wp) : rows_mode && !z_in_place ? ALLOC(Cg * (unit + span_h) * Wz) : NULL;
-        REAL *bpad = ALLOC(cnnx_gemm_bpad_size(kd));
-        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(noff > 0 ? noff : 1));
-        const int ok = img && bpad && off && (tmp || !(direct || (rows_mode && !z_in_place)));
+        REAL *img = ALLOC(OCg * (unit + span_h) * Wp), *tmp = ALLOC(Cg * unit * Wp);
+        REAL *bpad = ALLOC(cnnx_gemm_bpad_size(OCg * KK));
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(OCg * KK > 0 ? OCg * KK : 1));
+        const int ok = img && tmp && bpad && off;
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -520,48 +509,10 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int64_t chunk = t % nchunks, ng = t / nchunks, g = ng % G, n = ng / G;
-            REAL *dxg = dx + (n * C + g * Cg) * H * W;
-            const REAL *dyg = dy + (n * OC + g * OCg) * P;
-            if (direct) {
-                const int64_t r0 = chunk * unit, r1 = r0 + unit < H ? r0 + unit : H;
-                GLUE(direct_rows, SUF)(path, dxg, dyg, apack + g * apg, NULL, OCg, OH, OW, Cg, KH, KW, DH, DW,
-                                       T2, L2, H, W, r0, r1, img, off, tmp, bpad, NULL, NULL, 0);
-                continue;
-            }
-            for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
-            for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
-                const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, pc = rows * OW;
-                if (!rows_mode) {
-                    GEMM(path, img, pc, NULL, apack + g * apg, dyg + oh0 * OW, NULL, P, NULL, K, pc, OCg, 0, 0, 0,
-                         bpad);
-                    GLUE(col2im, SUF)(dxg, img, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, oh0, rows);
-                    continue;
-                }
-                int64_t *zoff = off + kd;
-                if (z_in_place) {
-                    for (int64_t kh = 0; kh < KH; kh++)
-                        for (int64_t c = 0; c < Cg; c++) zoff[kh * Cg + c] = c * H * W + (oh0 + kh * DH) * W;
-                    GLUE(rows_scatter, SUF)(path, dxg, zoff, dyg, apack + g * apg, Cg, OCg, KH, KW, DW, OH, OW,
-                                            Wz, oh0, rows, img, off, bpad);
-                    continue;
-                }
-                /* Z rows [oh0, oh0 + R) in tmp, then added to the dx rows they pad */
-                const int64_t R = rows + span_h;
-                for (int64_t i = 0; i < Cg * R * Wz; i++) tmp[i] = 0;
-                for (int64_t kh = 0; kh < KH; kh++)
-                    for (int64_t c = 0; c < Cg; c++) zoff[kh * Cg + c] = (c * R + kh * DH) * Wz;
-                GLUE(rows_scatter, SUF)(path, tmp, zoff, dyg, apack + g * apg, Cg, OCg, KH, KW, DW, OH, OW, Wz,
-                                        oh0, rows, img, off, bpad);
-                const int64_t iw1 = Wz - PL < W ? Wz - PL : W;
-                for (int64_t c = 0; c < Cg; c++)
-                    for (int64_t r = 0; r < R; r++) {
-                        const int64_t ih = oh0 + r - PT;
-                        if (ih < 0 || ih >= H) continue;
-                        REAL *restrict d = dxg + (c * H + ih) * W;
-                        const REAL *restrict src = tmp + (c * R + r) * Wz + PL;
-                        for (int64_t iw = 0; iw < iw1; iw++) d[iw] += src[iw];
-                    }
-            }
+            const int64_t r0 = chunk * unit, r1 = r0 + unit < H ? r0 + unit : H;
+            GLUE(direct_rows, SUF)(path, dx + (n * C + g * Cg) * H * W, dy + (n * OC + g * OCg) * P, apack + g * apg,
+                                   NULL, OCg, OH, OW, Cg, KH, KW, DH, DW, T2, L2, H, W, r0, r1, img, off, tmp, bpad,
+                                   NULL, NULL, 0);
         }
         free(img);
         free(tmp);
@@ -573,6 +524,128 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     return status;
 }
 
+/* Rows [oh0, oh0 + rows) of one image-group by rows_scatter into Z, the input gradient zero-padded to (Cg, Hz, Wz):
+ * in place in dxg when dx itself is Z (z_in_place), else into the scratch tmp and then added to the dx rows it pads. */
+static void GLUE(bwd_input_rows_chunk, SUF)(int path, REAL *dxg, const REAL *dyg, const REAL *apack,
+                                            const cnnx_conv2d_geom *geom, int64_t oh0, int64_t rows, int z_in_place,
+                                            REAL *e, int64_t *off, int64_t *zoff, REAL *tmp, REAL *bpad)
+{
+    const int64_t Cg = geom->C / geom->G, OCg = geom->OC / geom->G, H = geom->H, W = geom->W, KH = geom->KH;
+    const int64_t DH = geom->DH, PT = geom->PT, PL = geom->PL, Wz = geom->OW + (geom->KW - 1) * geom->DW;
+    if (z_in_place) {
+        for (int64_t kh = 0; kh < KH; kh++)
+            for (int64_t c = 0; c < Cg; c++) zoff[kh * Cg + c] = c * H * W + (oh0 + kh * DH) * W;
+        GLUE(rows_scatter, SUF)(path, dxg, zoff, dyg, apack, Cg, OCg, KH, geom->KW, geom->DW, geom->OH, geom->OW,
+                                Wz, oh0, rows, e, off, bpad);
+        return;
+    }
+    const int64_t R = rows + (KH - 1) * DH;
+    for (int64_t i = 0; i < Cg * R * Wz; i++) tmp[i] = 0;
+    for (int64_t kh = 0; kh < KH; kh++)
+        for (int64_t c = 0; c < Cg; c++) zoff[kh * Cg + c] = (c * R + kh * DH) * Wz;
+    GLUE(rows_scatter, SUF)(path, tmp, zoff, dyg, apack, Cg, OCg, KH, geom->KW, geom->DW, geom->OH, geom->OW, Wz, oh0,
+                            rows, e, off, bpad);
+    const int64_t iw1 = Wz - PL < W ? Wz - PL : W;
+    for (int64_t c = 0; c < Cg; c++)
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t ih = oh0 + r - PT;
+            if (ih < 0 || ih >= H) continue;
+            REAL *restrict d = dxg + (c * H + ih) * W;
+            const REAL *restrict src = tmp + (c * R + r) * Wz + PL;
+            for (int64_t iw = 0; iw < iw1; iw++) d[iw] += src[iw];
+        }
+}
+
+/* rows, stride 1 (rows_scatter): a GEMM over (kernel row, channel) x (output channel, kernel column) whose store
+ * adds each row into the padded dx at its kernel row's offset; tasks (n, g). */
+static int GLUE(bwd_input_rows, SUF)(REAL *dx, const REAL *dy, const REAL *w, const cnnx_conv2d_geom *geom,
+                                     int parallel)
+{
+    CNNX_CONV_GEOM(geom);
+    const int path = cnnx_gemm_path();
+    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, ntasks = N * G;
+    const int64_t span_w = (KW - 1) * DW, span_h = (KH - 1) * DH, Wz = OW + span_w, Hz = OH + span_h;
+    const int z_in_place = PT == 0 && PL == 0 && Wz == W && Hz == H; /* dx itself is Z */
+    const int64_t unit = GLUE(chunk_rows, SUF)(OCg, Cg, span_h, Wz, OH), apg = cnnx_gemm_apack_size(KH * Cg, OCg * KW);
+    REAL *apack = ALLOC(G * apg), *wt = ALLOC(Cg * OCg * KH * KW); /* A (KH*Cg, OCg*KW), row (kh, c) per group */
+    if (!apack || !wt) {
+        free(apack);
+        free(wt);
+        return CNNX_ENOMEM;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const REAL *wg = w + g * OCg * K;
+        for (int64_t kh = 0; kh < KH; kh++)
+            for (int64_t c = 0; c < Cg; c++)
+                for (int64_t o = 0; o < OCg; o++)
+                    for (int64_t kw = 0; kw < KW; kw++)
+                        wt[((kh * Cg + c) * OCg + o) * KW + kw] = wg[((o * Cg + c) * KH + kh) * KW + kw];
+        PACK_A(path, apack + g * apg, wt, OCg * KW, 1, KH * Cg, OCg * KW);
+    }
+    free(wt);
+    int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
+#pragma omp parallel num_threads(cnnx_threads()) if (parallel && ntasks > 1)
+    {
+        cnnx_fp_worker_enter();
+        const int64_t kd = OCg * KW, noff = kd + KH * Cg; /* B's and Z's row offsets */
+        REAL *e = ALLOC(span_w + OCg * unit * Wz), *tmp = z_in_place ? NULL : ALLOC(Cg * (unit + span_h) * Wz);
+        REAL *bpad = ALLOC(cnnx_gemm_bpad_size(kd));
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(noff > 0 ? noff : 1));
+        const int ok = e && bpad && off && (tmp || z_in_place);
+        if (!ok) {
+#pragma omp critical(cnnx_status)
+            status = CNNX_ENOMEM;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < ntasks; t++) {
+            if (!ok) continue;
+            const int64_t g = t % G, n = t / G;
+            REAL *dxg = dx + (n * C + g * Cg) * H * W;
+            for (int64_t i = 0; i < Cg * H * W; i++) dxg[i] = 0;
+            for (int64_t oh0 = 0; oh0 < OH; oh0 += unit)
+                GLUE(bwd_input_rows_chunk, SUF)(path, dxg, dy + (n * OC + g * OCg) * P, apack + g * apg, geom, oh0,
+                                                OH - oh0 < unit ? OH - oh0 : unit, z_in_place, e, off, off + kd, tmp,
+                                                bpad);
+        }
+        free(e);
+        free(tmp);
+        free(bpad);
+        free(off);
+        cnnx_fp_worker_leave(fp);
+    }
+    free(apack);
+    return status;
+}
+
+int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, const cnnx_conv2d_geom *geom)
+{
+    CNNX_CONV_GEOM(geom);
+    if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
+        return GLUE(linear_backward_input, SUF)(dx, dy, w, N, C * H * W, OC);
+    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW;
+    const int64_t span_w = (KW - 1) * DW, span_h = (KH - 1) * DH, Wz = OW + span_w;
+    /* Which algorithm, by the work it wastes (the first two at stride 1 only):
+     * rows: Wz/OW of the useful multiply-adds (dy padded along the width only), col2im done by the GEMM's store.
+     * im2col: no extra multiply-adds, but a GEMM whose inner dimension is only OCg (each tile's store costs as
+     * much as ~18 steps of it, measured) and a separate col2im pass. So rows when Wz/OW <= 1 + 18/OCg.
+     * Measured on one thread, float32, rows vs im2col: LeNet-5 conv2 (6 <- 16 channels, 14x14 from 10x10, 5x5)
+     * 60 vs 40 GFLOP/s; 64 <- 64 channels 32x32 3x3 pad 1, 93 vs 60; 128 <- 128 channels 8x8 3x3 pad 1
+     * (Wz/OW = 1.25 > 1 + 18/128), 77 vs 84.
+     * direct: a convolution of dy padded by the kernel's reach on every side, (H + span_h)(W + span_w)/(H*W) of
+     * the useful work, and a group needs enough input channels to fill the GEMM's 6-row tiles; for wide layers
+     * where that padding adds <= 30% (it was measured against im2col before the rows path existed).
+     * Both stride-1 paths multiply zeros with w, so they need w finite (0 * Inf would put NaNs where dx has
+     * none); otherwise im2col, which multiplies only the pairs the convolution does. */
+    const int w_finite = SH == 1 && SW == 1 && GLUE(all_finite, SUF)(w, OC * K);
+    const int parallel = N * OC * OH * OW * K >= PARALLEL_MIN_MACS;
+    if (w_finite && Wz * OCg <= OW * (OCg + 18))
+        return GLUE(bwd_input_rows, SUF)(dx, dy, w, geom, parallel);
+    if (w_finite && Cg >= 4 && 10 * (H + span_h) * (W + span_w) <= 13 * H * W)
+        return GLUE(bwd_input_direct, SUF)(dx, dy, w, geom, parallel);
+    return GLUE(bwd_input_im2col, SUF)(dx, dy, w, geom, parallel);
+}
+
 /* ---------------------------------------------------------------- backward to the weight */
 
 /*
@@ -580,54 +653,211 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
  * NULL, db (OC,); both overwritten. Differentiates  y[n, oc, oh, ow] = b[oc] + w[oc, c, kh, kw] * x[...]:
  *   dw[oc, c, kh, kw] = sum_{n, oh, ow} dy[n, oc, oh, ow] * x[n, g*C/G + c, ih, iw]
  *   db[oc]            = sum_{n, oh, ow} dy[n, oc, oh, ow]
- * computed per image as dot products of dy's rows with the rows of B (the padded-image slices at stride 1,
- * im2col otherwise), or at stride 1 as the gather product dw^T (taps, OC/G) = B @ dy^T, whichever runs fewer
- * tile steps.
- * Threads: the batch is cut into S slices (S depends on the sizes only, never on the thread count), each
- * slice sums into its own partial dw, and the partials are added in slice order: the result is the same
- * bit for bit on 1 or many threads.
+ * A dispatcher (conv2d_backward_weight, below) picks one algorithm (wgrad_algorithm) and runs it over tasks
+ * (slice of the batch, group): each task sums its images into its slice's partial dw. The batch is cut into S
+ * slices (S depends on the sizes only, never on the thread count) and the partials are added in slice order: the
+ * result is the same bit for bit on 1 or many threads. The algorithms (wgrad_*: dwg (OCg, K) += images [n0, n1)
+ * of group g, by chunks of `unit` output rows, with the thread's scratch s):
+ *   im2col (any stride): dot products of dy's rows with im2col's rows;
+ *   spread, row_dots, gather (stride 1): with the padded input's slices as B's rows, read in place (see
+ *   wgrad_algorithm).
  */
-int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const REAL *x, int64_t N,
-                                      int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,
-                                      int64_t KW, int64_t SH, int64_t SW, int64_t PT, int64_t PL,
-                                      int64_t DH, int64_t DW, int64_t G, int64_t OH, int64_t OW)
+#ifndef CNNX_WGRAD_ALGORITHMS
+#define CNNX_WGRAD_ALGORITHMS
+enum { WGRAD_IM2COL, WGRAD_SPREAD, WGRAD_ROW_DOTS, WGRAD_GATHER };
+#endif
+
+/* One thread's scratch for a weight-gradient algorithm (wgrad_scratch_alloc). */
+typedef struct {
+    REAL *img;      /* im2col's columns, or GROUP padded input chunks */
+    REAL *dyx;      /* spread: dy at the padded width; gather: dy transposed into B panels */
+    int64_t *off;   /* B's row (tap) offsets */
+    int64_t *soff;  /* gather: the output pixels' offsets */
+} GLUE(wgrad_scratch, SUF);
+
+static int GLUE(wgrad_scratch_alloc, SUF)(GLUE(wgrad_scratch, SUF) *s, int algo, const cnnx_conv2d_geom *geom,
+                                          int64_t unit)
 {
+    const int64_t Cg = geom->C / geom->G, OCg = geom->OC / geom->G, K = Cg * geom->KH * geom->KW, OW = geom->OW;
+    const int64_t Wp = OW + (geom->KW - 1) * geom->DW, R = unit + (geom->KH - 1) * geom->DH;
+    s->img = ALLOC(algo == WGRAD_IM2COL ? K * unit * OW : GROUP * Cg * R * Wp);
+    s->dyx = algo == WGRAD_SPREAD ? ALLOC(GROUP * OCg * unit * Wp)
+           : algo == WGRAD_GATHER ? ALLOC(cnnx_gemm_bpack_size(OCg, GROUP * unit * OW)) : NULL;
+    s->off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
+    s->soff = algo == WGRAD_GATHER ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(GROUP * unit * OW)) : NULL;
+    return s->img && s->off && (s->dyx || algo == WGRAD_IM2COL || algo == WGRAD_ROW_DOTS) &&
+           (s->soff || algo != WGRAD_GATHER);
+}
+
+static void GLUE(wgrad_scratch_free, SUF)(GLUE(wgrad_scratch, SUF) *s)
+{
+    free(s->img);
+    free(s->dyx);
+    free(s->off);
+    free(s->soff);
+}
+
+/* im2col: per image and chunk of output rows, dwg += dy[n, g] (OCg, pc) @ col^T. */
+static void GLUE(wgrad_im2col, SUF)(int path, REAL *dwg, const REAL *dy, const REAL *x, const cnnx_conv2d_geom *geom,
+                                    int64_t g, int64_t n0, int64_t n1, int64_t unit, GLUE(wgrad_scratch, SUF) *s)
+{
+    CNNX_CONV_GEOM(geom);
+    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+            const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, pc = rows * OW;
+            GLUE(im2col, SUF)(s->img, x + (n * C + g * Cg) * H * W, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, oh0,
+                              rows);
+            for (int64_t k = 0; k < K; k++) s->off[k] = k * pc;
+            GEMM_NT(path, dwg, K, dy + (n * OC + g * OCg) * P + oh0 * OW, P, s->img, s->off, OCg, K, pc, 1, 1, 0, 0);
+        }
+}
+
+/* A stride-1 chunk of output rows [oh0, oh0 + rows): R padded input rows, and whether the input itself is its
+ * padded image (no padding, Wp == W); off gets the taps' offsets in it. Images [nb, nb + ng) of group g are padded
+ * into img unless so. */
+static int GLUE(wgrad_chunk, SUF)(const REAL *x, const cnnx_conv2d_geom *geom, int64_t g, int64_t nb, int64_t ng,
+                                  int64_t oh0, int64_t rows, REAL *img, int64_t *off)
+{
+    const int64_t C = geom->C, H = geom->H, W = geom->W, Cg = C / geom->G, DH = geom->DH;
+    const int64_t Wp = geom->OW + (geom->KW - 1) * geom->DW, R = rows + (geom->KH - 1) * DH;
+    const int x_in_place = geom->PT == 0 && geom->PL == 0 && Wp == W && oh0 + R <= H;
+    GLUE(tap_offsets, SUF)(off, Cg, geom->KH, geom->KW, DH, geom->DW, x_in_place ? H * W : R * Wp, Wp);
+    for (int64_t i = 0; i < ng && !x_in_place; i++)
+        GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H, W, geom->PT, geom->PL,
+                            oh0, R, Wp);
+    return x_in_place;
+}
+
+/* gather: dw^T (taps, OCg) += B @ dy^T through gemm_gather, the taps read in place from the padded input at
+ * (tap offset + pixel offset), over GROUP images' real output pixels at a time, dy transposed into B panels. */
+static void GLUE(wgrad_gather, SUF)(int path, REAL *dwg, const REAL *dy, const REAL *x, const cnnx_conv2d_geom *geom,
+                                    int64_t g, int64_t n0, int64_t n1, int64_t unit, GLUE(wgrad_scratch, SUF) *s)
+{
+    CNNX_CONV_GEOM(geom);
+    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, Wp = OW + (KW - 1) * DW;
+    int64_t NR, MRg;
+    cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &MRg, &NR);
+    for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+        const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, R = rows + (KH - 1) * DH;
+        for (int64_t nb = n0; nb < n1; nb += GROUP) {
+            const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP, steps = ng * rows * OW;
+            const int x_in_place = GLUE(wgrad_chunk, SUF)(x, geom, g, nb, ng, oh0, rows, s->img, s->off);
+            const int64_t istride = x_in_place ? C * H * W : Cg * R * Wp;
+            for (int64_t i = 0; i < ng; i++)
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t q = 0; q < OW; q++) s->soff[(i * rows + r) * OW + q] = i * istride + r * Wp + q;
+            /* dyx panel j0/NR, [steps][NR]: dy[nb + i, g*OCg + j0 + j, oh0 + r, q], 0 past OCg */
+            for (int64_t j0 = 0; j0 < OCg; j0 += NR)
+                for (int64_t i = 0; i < ng; i++)
+                    PACK_B(path, s->dyx + j0 * steps + i * rows * OW * NR,
+                           dy + ((nb + i) * OC + g * OCg + j0) * P + oh0 * OW, P, 1, OCg - j0 < NR ? OCg - j0 : NR,
+                           rows * OW);
+            const REAL *bsrc = x_in_place ? x + (nb * C + g * Cg) * H * W + oh0 * W : s->img;
+            GEMM_GATHER(path, dwg, K, bsrc, s->off, s->soff, s->dyx, NULL, K, OCg, steps, 1);
+        }
+    }
+}
+
+/* row_dots (AVX2): per image, one OW-long dot product per output row, dy's rows read in place. */
+static void GLUE(wgrad_row_dots, SUF)(int path, REAL *dwg, const REAL *dy, const REAL *x,
+                                      const cnnx_conv2d_geom *geom, int64_t g, int64_t n0, int64_t n1, int64_t unit,
+                                      GLUE(wgrad_scratch, SUF) *s)
+{
+    const int64_t C = geom->C, H = geom->H, W = geom->W, OC = geom->OC, OH = geom->OH, OW = geom->OW;
+    const int64_t Cg = C / geom->G, OCg = OC / geom->G, K = Cg * geom->KH * geom->KW, P = OH * OW;
+    const int64_t Wp = OW + (geom->KW - 1) * geom->DW;
+    for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+        const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, R = rows + (geom->KH - 1) * geom->DH;
+        for (int64_t nb = n0; nb < n1; nb += GROUP) {
+            const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
+            const int x_in_place = GLUE(wgrad_chunk, SUF)(x, geom, g, nb, ng, oh0, rows, s->img, s->off);
+            for (int64_t i = 0; i < ng; i++) {
+                const REAL *bsrc = x_in_place ? x + ((nb + i) * C + g * Cg) * H * W + oh0 * W : s->img + i * Cg * R * Wp;
+                GEMM_NT(path, dwg, K, dy + ((nb + i) * OC + g * OCg) * P + oh0 * OW, P, bsrc, s->off, OCg, K, OW, 1,
+                        rows, OW, Wp);
+            }
+        }
+    }
+}
+
+/* spread: GROUP images at a time, dy copied to the padded width Wp (zeros between its rows, none when Wp == OW), so
+ * that each weight is one long dot product over all of their pixels. */
+static void GLUE(wgrad_spread, SUF)(int path, REAL *dwg, const REAL *dy, const REAL *x, const cnnx_conv2d_geom *geom,
+                                    int64_t g, int64_t n0, int64_t n1, int64_t unit, GLUE(wgrad_scratch, SUF) *s)
+{
+    const int64_t C = geom->C, H = geom->H, W = geom->W, OC = geom->OC, OH = geom->OH, OW = geom->OW;
+    const int64_t Cg = C / geom->G, OCg = OC / geom->G, K = Cg * geom->KH * geom->KW, P = OH * OW;
+    const int64_t Wp = OW + (geom->KW - 1) * geom->DW;
+    const int dy_in_place = Wp == OW;
+    for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
+        const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, R = rows + (geom->KH - 1) * geom->DH;
+        const int64_t Nc = (rows - 1) * Wp + OW;
+        for (int64_t nb = n0; nb < n1; nb += GROUP) {
+            const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
+            const int x_in_place = GLUE(wgrad_chunk, SUF)(x, geom, g, nb, ng, oh0, rows, s->img, s->off);
+            for (int64_t i = 0; i < ng && !dy_in_place; i++)
+                for (int64_t o = 0; o < OCg; o++)
+                    for (int64_t r = 0; r < rows; r++) {
+                        REAL *restrict d = s->dyx + (i * OCg + o) * Nc + r * Wp;
+                        const REAL *restrict sr = dy + ((nb + i) * OC + g * OCg + o) * P + (oh0 + r) * OW;
+                        for (int64_t q = 0; q < OW; q++) d[q] = sr[q];
+                        if (r < rows - 1)
+                            for (int64_t q = OW; q < Wp; q++) d[q] = 0;
+                    }
+            const REAL *a = dy_in_place ? dy + (nb * OC + g * OCg) * P + oh0 * OW : s->dyx;
+            const REAL *bsrc = x_in_place ? x + (nb * C + g * Cg) * H * W + oh0 * W : s->img;
+            GEMM_NT(path, dwg, K, a, dy_in_place ? P : Nc, bsrc, s->off, OCg, K, Nc, 1, ng,
+                    dy_in_place ? OC * P : OCg * Nc, x_in_place ? C * H * W : Cg * R * Wp);
+        }
+    }
+}
+
+/* Which weight-gradient algorithm, by the vector or tile steps each runs. */
+static int GLUE(wgrad_algorithm, SUF)(int path, const cnnx_conv2d_geom *geom, const REAL *x)
+{
+    CNNX_CONV_GEOM(geom);
+    /* The stride-1 algorithms sum over the padded output grid, pairing the zeros they put in dy's extra columns
+     * with input pixels no output reads; 0 * Inf or 0 * NaN would leak into weights that never see such a pixel.
+     * An input that is not all finite takes im2col, which pairs only what the convolution pairs. */
+    if (!(SH == 1 && SW == 1 && GLUE(all_finite, SUF)(x, N * C * H * W))) return WGRAD_IM2COL;
+    const int64_t OCg = OC / G, K = C / G * KH * KW, P = OH * OW, Wp = OW + (KW - 1) * DW;
+    /* Spread or row dots: dy copied to the padded width Wp (zeros between its rows), so that each image is one
+     * dot product (rows-1)*Wp + OW long; or (AVX2 only, whose dot tiles end a row with one masked step) one
+     * OW-long dot product per output row, dy read in place, no copy. Chosen by vector steps per image and dot
+     * tile, the copy counted as 2/3 of a step per vector and each row's end as half a step (float) or one
+     * (double) (measured). LeNet-5's conv1 (28 wide, padded to 32) takes row dots, its conv2 (10 wide, padded to
+     * 14) the spread. */
+    const int64_t L = 32 / (int64_t)sizeof(REAL), ntiles = ((OCg + 3) / 4) * ((K + 2) / 3);
+    const int64_t row_end = sizeof(REAL) == sizeof(float) ? 1 : 2; /* half steps */
+    const int64_t cost_rows = ntiles * OH * (2 * ((OW + L - 1) / L) + row_end) / 2;
+    const int64_t cost_spread = ntiles * (((OH - 1) * Wp + OW + L - 1) / L)
+                              + (Wp != OW ? (2 * OCg * OH * Wp) / (3 * L) : 0);
+    const int row_dots = path && Wp != OW && cost_rows < cost_spread;
+    /* Or the gather product transposed (gemm_gather): dw^T (taps x output channels), the taps broadcast from
+     * the padded input at (tap offset + pixel offset), summed over the real output pixels only, against dy
+     * transposed into B panels (a scalar copy, ~1/6 of a step per element). Waste: taps rounded up to the
+     * tile's rows, channels to its columns. LeNet-5's conv2: 25 x 1 x 100 steps + 267 against 3587. Not on
+     * the portable double path (its gather tile spills, see conv2d_forward). */
+    int64_t tm, tn;
+    cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
+    const int64_t cost_gather = ((K + tm - 1) / tm) * ((OCg + tn - 1) / tn) * P + OCg * P / 6;
+    if (cost_gather < (row_dots ? cost_rows : cost_spread) && (path || sizeof(REAL) == sizeof(float)))
+        return WGRAD_GATHER;
+    return row_dots ? WGRAD_ROW_DOTS : WGRAD_SPREAD;
+}
+
+int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const REAL *x,
+                                      const cnnx_conv2d_geom *geom)
+{
+    CNNX_CONV_GEOM(geom);
     if (GLUE(is_fully_connected, SUF)(H, W, KH, KW, PT, PL, DH, DW, G, OH, OW))
         return GLUE(linear_backward_weight, SUF)(dw, db, dy, x, N, C * H * W, OC, 0);
     const int path = cnnx_gemm_path();
-    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
-    const int64_t wsize = OC * K;
-    /* The stride-1 path sums over the padded output grid, pairing the zeros it puts in dy's extra columns with
-     * input pixels no output reads; 0 * Inf or 0 * NaN would leak into weights that never see such a pixel.
-     * An input that is not all finite takes the im2col path, which pairs only what the convolution pairs. */
-    const int direct = SH == 1 && SW == 1 && GLUE(all_finite, SUF)(x, N * C * H * W);
-    const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
-    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH) : GLUE(chunk_rows_im2col, SUF)(K, OH, OW);
-    /* Stride 1 sums dy's rows against the padded input's rows in one of two ways. Spread: dy copied to the
-     * padded width Wp (zeros between its rows), so that each image is one dot product (rows-1)*Wp + OW long.
-     * Row dots (AVX2 only, whose dot tiles end a row with one masked step): one OW-long dot product per output
-     * row, dy read in place, no copy. Chosen by vector steps per image and dot tile, the copy counted as
-     * 2/3 of a step per vector and each row's end as half a step (float) or one (double) (measured).
-     * LeNet-5's conv1 (28 wide, padded to 32) takes row dots, its conv2 (10 wide, padded to 14) the spread. */
-    int row_dots = 0, wgather = 0;
-    if (direct) {
-        const int64_t L = 32 / (int64_t)sizeof(REAL), ntiles = ((OCg + 3) / 4) * ((K + 2) / 3);
-        const int64_t row_end = sizeof(REAL) == sizeof(float) ? 1 : 2; /* half steps */
-        const int64_t cost_rows = ntiles * OH * (2 * ((OW + L - 1) / L) + row_end) / 2;
-        const int64_t cost_spread = ntiles * (((OH - 1) * Wp + OW + L - 1) / L)
-                                  + (Wp != OW ? (2 * OCg * OH * Wp) / (3 * L) : 0);
-        row_dots = path && Wp != OW && cost_rows < cost_spread;
-        /* Or the gather product transposed (gemm_gather): dw^T (taps x output channels), the taps broadcast from
-         * the padded input at (tap offset + pixel offset), summed over the real output pixels only, against dy
-         * transposed into B panels (a scalar copy, ~1/6 of a step per element). Waste: taps rounded up to the
-         * tile's rows, channels to its columns. LeNet-5's conv2: 25 x 1 x 100 steps + 267 against 3587. Not on
-         * the portable double path (its gather tile spills, see conv2d_forward). */
-        int64_t tm, tn;
-        cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
-        const int64_t cost_gather = ((K + tm - 1) / tm) * ((OCg + tn - 1) / tn) * P + OCg * P / 6;
-        wgather = cost_gather < (row_dots ? cost_rows : cost_spread) && (path || sizeof(REAL) == sizeof(float));
-        if (wgather) row_dots = 0;
-    }
+    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, wsize = OC * K;
+    const int algo = GLUE(wgrad_algorithm, SUF)(path, geom, x);
+    const int64_t unit = algo == WGRAD_IM2COL ? GLUE(chunk_rows_im2col, SUF)(K, OH, OW)
+                                              : GLUE(chunk_rows, SUF)(Cg, OCg, (KH - 1) * DH, OW + (KW - 1) * DW, OH);
     int64_t S = N < 16 ? N : 16;
     while (S > 1 && S * wsize > ((int64_t)1 << 22)) S--;
     if (S < 1) S = 1;
@@ -639,13 +869,8 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 #pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
     {
         cnnx_fp_worker_enter();
-        REAL *img = ALLOC(direct ? GROUP * Cg * (unit + span_h) * Wp : K * unit * OW);
-        /* spread: dy at the padded width; gather: dy transposed into B panels, and the pixel offsets */
-        REAL *dyx = !direct || row_dots ? NULL
-                  : wgather ? ALLOC(cnnx_gemm_bpack_size(OCg, GROUP * unit * OW)) : ALLOC(GROUP * OCg * unit * Wp);
-        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
-        int64_t *soff = wgather ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(GROUP * unit * OW)) : NULL;
-        const int ok = img && off && (dyx || !direct || row_dots) && (soff || !wgather);
+        GLUE(wgrad_scratch, SUF) s;
+        const int ok = GLUE(wgrad_scratch_alloc, SUF)(&s, algo, geom, unit);
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -653,97 +878,22 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
-            const int64_t g = t % G, s = t / G;
-            const int64_t n0 = N * s / S, n1 = N * (s + 1) / S;
-            REAL *dwg = partial + s * wsize + g * OCg * K;
+            const int64_t g = t % G, sl = t / G, n0 = N * sl / S, n1 = N * (sl + 1) / S;
+            REAL *dwg = partial + sl * wsize + g * OCg * K;
             for (int64_t i = 0; i < OCg * K; i++) dwg[i] = 0;
-            if (!direct) {
-                for (int64_t n = n0; n < n1; n++)
-                    for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
-                        const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, pc = rows * OW;
-                        GLUE(im2col, SUF)(img, x + (n * C + g * Cg) * H * W, Cg, H, W, KH, KW, SH, SW, PT, PL,
-                                          DH, DW, OW, oh0, rows);
-                        for (int64_t k = 0; k < K; k++) off[k] = k * pc;
-                        GEMM_NT(path, dwg, K, dy + (n * OC + g * OCg) * P + oh0 * OW, P, img, off, OCg, K, pc, 1,
-                                1, 0, 0);
-                    }
-                continue;
-            }
-            for (int64_t oh0 = 0; oh0 < OH; oh0 += unit) {
-                const int64_t rows = OH - oh0 < unit ? OH - oh0 : unit, R = rows + span_h;
-                const int64_t Nc = (rows - 1) * Wp + OW;
-                const int x_in_place = PT == 0 && PL == 0 && Wp == W && oh0 + R <= H, dy_in_place = Wp == OW;
-                GLUE(tap_offsets, SUF)(off, Cg, KH, KW, DH, DW, x_in_place ? H * W : R * Wp, Wp);
-                if (wgather) {
-                    int64_t NR, MRg;
-                    cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &MRg, &NR);
-                    for (int64_t nb = n0; nb < n1; nb += GROUP) {
-                        const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP, steps = ng * rows * OW;
-                        const int64_t istride = x_in_place ? C * H * W : Cg * R * Wp;
-                        for (int64_t i = 0; i < ng && !x_in_place; i++)
-                            GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H,
-                                                W, PT, PL, oh0, R, Wp);
-                        for (int64_t i = 0; i < ng; i++)
-                            for (int64_t r = 0; r < rows; r++)
-                                for (int64_t q = 0; q < OW; q++)
-                                    soff[(i * rows + r) * OW + q] = i * istride + r * Wp + q;
-                        /* dyx panel j0/NR, [steps][NR]: dy[nb + i, g*OCg + j0 + j, oh0 + r, q], 0 past OCg */
-                        for (int64_t j0 = 0; j0 < OCg; j0 += NR)
-                            for (int64_t i = 0; i < ng; i++)
-                                PACK_B(path, dyx + j0 * steps + i * rows * OW * NR,
-                                       dy + ((nb + i) * OC + g * OCg + j0) * P + oh0 * OW, P, 1,
-                                       OCg - j0 < NR ? OCg - j0 : NR, rows * OW);
-                        const REAL *bsrc = x_in_place ? x + (nb * C + g * Cg) * H * W + oh0 * W : img;
-                        GEMM_GATHER(path, dwg, K, bsrc, off, soff, dyx, NULL, K, OCg, steps, 1);
-                    }
-                    continue;
-                }
-                if (row_dots) { /* per image, one segment per output row: dy's rows in place, OW long */
-                    for (int64_t nb = n0; nb < n1; nb += GROUP) {
-                        const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
-                        for (int64_t i = 0; i < ng && !x_in_place; i++)
-                            GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H,
-                                                W, PT, PL, oh0, R, Wp);
-                        for (int64_t i = 0; i < ng; i++) {
-                            const REAL *bsrc = x_in_place ? x + ((nb + i) * C + g * Cg) * H * W + oh0 * W
-                                                          : img + i * Cg * R * Wp;
-                            GEMM_NT(path, dwg, K, dy + ((nb + i) * OC + g * OCg) * P + oh0 * OW, P, bsrc, off, OCg,
-                                    K, OW, 1, rows, OW, Wp);
-                        }
-                    }
-                    continue;
-                }
-                /* GROUP images at a time: one long dot product per weight over all of their pixels */
-                for (int64_t nb = n0; nb < n1; nb += GROUP) {
-                    const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
-                    for (int64_t i = 0; i < ng && !x_in_place; i++)
-                        GLUE(pad_rows, SUF)(img + i * Cg * R * Wp, x + ((nb + i) * C + g * Cg) * H * W, Cg, H, W,
-                                            PT, PL, oh0, R, Wp);
-                    for (int64_t i = 0; i < ng && !dy_in_place; i++) /* dy spread to width Wp, zeros between */
-                        for (int64_t o = 0; o < OCg; o++)
-                            for (int64_t r = 0; r < rows; r++) {
-                                REAL *restrict d = dyx + (i * OCg + o) * Nc + r * Wp;
-                                const REAL *restrict sr = dy + ((nb + i) * OC + g * OCg + o) * P + (oh0 + r) * OW;
-                                for (int64_t q = 0; q < OW; q++) d[q] = sr[q];
-                                if (r < rows - 1)
-                                    for (int64_t q = OW; q < Wp; q++) d[q] = 0;
-                            }
-                    const REAL *a = dy_in_place ? dy + (nb * OC + g * OCg) * P + oh0 * OW : dyx;
-                    const REAL *bsrc = x_in_place ? x + (nb * C + g * Cg) * H * W + oh0 * W : img;
-                    GEMM_NT(path, dwg, K, a, dy_in_place ? P : Nc, bsrc, off, OCg, K, Nc, 1, ng,
-                            dy_in_place ? OC * P : OCg * Nc, x_in_place ? C * H * W : Cg * R * Wp);
-                }
+            switch (algo) {
+            case WGRAD_IM2COL: GLUE(wgrad_im2col, SUF)(path, dwg, dy, x, geom, g, n0, n1, unit, &s); break;
+            case WGRAD_SPREAD: GLUE(wgrad_spread, SUF)(path, dwg, dy, x, geom, g, n0, n1, unit, &s); break;
+            case WGRAD_ROW_DOTS: GLUE(wgrad_row_dots, SUF)(path, dwg, dy, x, geom, g, n0, n1, unit, &s); break;
+            default: GLUE(wgrad_gather, SUF)(path, dwg, dy, x, geom, g, n0, n1, unit, &s); break;
             }
         }
-        free(img);
-        free(dyx);
-        free(off);
-        free(soff);
+        GLUE(wgrad_scratch_free, SUF)(&s);
         if (S > 1) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < wsize; i++) {
                 REAL sum = partial[i];
-                for (int64_t s = 1; s < S; s++) sum += partial[s * wsize + i];
+                for (int64_t k = 1; k < S; k++) sum += partial[k * wsize + i];
                 dw[i] = sum;
             }
         }
@@ -803,23 +953,22 @@ static int64_t GLUE(pooled_winners, SUF)(REAL *v, int64_t *off, REAL *s, const R
  * would be NaN), in which case dw and db come from conv2d_backward_weight on it.
  */
 int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const REAL *dyp, const uint8_t *code,
-                                             const REAL *yp, const REAL *x, int64_t N, int64_t C, int64_t H,
-                                             int64_t W, int64_t OC, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
-                                             int64_t PT, int64_t PL, int64_t DH, int64_t DW, int64_t G, int64_t OH,
-                                             int64_t OW, int64_t PH, int64_t PW, int need_dh)
+                                             const REAL *yp, const REAL *x, const cnnx_conv2d_geom *geom,
+                                             const cnnx_pool2d_geom *pool, int need_dh)
 {
-    if (2 * PH > OH || 2 * PW > OW) return CNNX_EGEOMETRY;
+    CNNX_CONV_GEOM(geom);
+    const int64_t PH = pool->OH, PW = pool->OW; /* the pooled output's size */
+    if (2 * PH > OH || 2 * PW > OW || pool->NC != N * OC || pool->H != OH || pool->W != OW) return CNNX_EGEOMETRY;
     const int64_t Hq = (2 * PH - 1) * SH + (KH - 1) * DH + 1;
     const int64_t Wq = (2 * PW - 1) * SW + (KW - 1) * DW + 1 + 8; /* + the AVX2 taps' spare lanes */
     const int sparse = G == 1 && N > 0 && PH > 0 && PW > 0 && Hq * Wq <= INT32_MAX &&
                        GLUE(all_finite, SUF)(x, N * C * H * W);
     if (need_dh || !sparse) {
-        const int status = GLUE(maxpool2x2_relu_backward, SUF)(dh, dyp, code, yp, N * OC, OH, OW, PH, PW);
+        const int status = GLUE(maxpool2x2_relu_backward, SUF)(dh, dyp, code, yp, pool);
         if (status != CNNX_OK) return status;
     }
     if (!sparse)
-        return GLUE(conv2d_backward_weight, SUF)(dw, db, dh, x, N, C, H, W, OC, KH, KW, SH, SW, PT, PL, DH, DW, G,
-                                                 OH, OW);
+        return GLUE(conv2d_backward_weight, SUF)(dw, db, dh, x, geom);
     const int vec = GLUE(POOLED_VECTOR, SUF)(KW, DW);
     const int64_t ld = vec ? 8 : KW;                    /* acc row: one kernel row's columns (8 lanes: KW used) */
     const int64_t Q = PH * PW, rows = C * KH;

@@ -113,9 +113,9 @@ void GLUE(cnnx_max2x2_relu_planes, SUF)(REAL *y, uint8_t *code, const REAL *x, i
         GLUE(max2x2_plane, SUF)(y + p * OH * OW, NULL, code + p * OH * OW, x + p * H * W, W, OH, OW, 1);
 }
 
-int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, uint8_t *code, const REAL *x, int64_t NC, int64_t H, int64_t W,
-                                       int64_t OH, int64_t OW)
+int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, uint8_t *code, const REAL *x, const cnnx_pool2d_geom *g)
 {
+    CNNX_POOL_PLANES(g);
     if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
     const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
@@ -138,9 +138,10 @@ int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, uint8_t *code, const REAL *x, in
  * the same bits, in one pass that writes each 2x2 window once. Rows/columns that no window covers (odd H or
  * W) are zeroed.
  */
-int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const uint8_t *code, const REAL *y, int64_t NC,
-                                        int64_t H, int64_t W, int64_t OH, int64_t OW)
+int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const uint8_t *code, const REAL *y,
+                                        const cnnx_pool2d_geom *g)
 {
+    CNNX_POOL_PLANES(g);
     if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
     const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
@@ -179,10 +180,10 @@ int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const uint8_t 
  *   indices[p, oh, ow] = ih*W + iw of that maximum: the first one in row-major window order on ties
  *   (a later tap wins only when strictly greater); a NaN wins and propagates, as in PyTorch.
  */
-int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64_t NC, int64_t H,
-                                 int64_t W, int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH,
-                                 int64_t PW, int64_t DH, int64_t DW, int64_t OH, int64_t OW)
+int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, const cnnx_pool2d_geom *g)
 {
+    CNNX_POOL_PLANES(g);
+    CNNX_POOL_WINDOW(g);
     if (KH == 2 && KW == 2 && SH == 2 && SW == 2 && PH == 0 && PW == 0 && DH == 1 && DW == 1 &&
         2 * OH <= H && 2 * OW <= W) {
         const cnnx_fpenv fp = cnnx_fp_caller();
@@ -273,9 +274,9 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, int64
  * the plane for it): such an output took no input and sends no gradient. A negative index is an error:
  * CNNX_EINDEX, with dx partly written.
  */
-int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indices, int64_t NC,
-                                  int64_t H, int64_t W, int64_t OH, int64_t OW)
+int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indices, const cnnx_pool2d_geom *g)
 {
+    CNNX_POOL_PLANES(g);
     int status = CNNX_OK;
     const int64_t plane = H * W;
     const cnnx_fpenv fp = cnnx_fp_caller();
@@ -322,10 +323,11 @@ int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indic
  * divisor = divisor_override if > 0, else the window size counting padding (count_include_pad) or not.
  * A window holding no image pixel (possible with ceil_mode) gives 0.
  */
-int GLUE(avgpool2d_forward, SUF)(REAL *y, const REAL *x, int64_t NC, int64_t H, int64_t W, int64_t KH,
-                                 int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
-                                 int count_include_pad, int64_t divisor_override, int64_t OH, int64_t OW)
+int GLUE(avgpool2d_forward, SUF)(REAL *y, const REAL *x, const cnnx_pool2d_geom *g, int count_include_pad,
+                                 int64_t divisor_override)
 {
+    CNNX_POOL_PLANES(g);
+    const int64_t KH = g->KH, KW = g->KW, SH = g->SH, SW = g->SW, PH = g->PH, PW = g->PW;
     const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
     {
@@ -353,11 +355,11 @@ int GLUE(avgpool2d_forward, SUF)(REAL *y, const REAL *x, int64_t NC, int64_t H, 
  * Differentiates  y[p, oh, ow] = sum_window x[p, ih, iw] / divisor:
  *   dx[p, ih, iw] = sum over windows containing (ih, iw) of dy[p, oh, ow] / divisor
  */
-int GLUE(avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, int64_t NC, int64_t H, int64_t W,
-                                  int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH,
-                                  int64_t PW, int count_include_pad, int64_t divisor_override,
-                                  int64_t OH, int64_t OW)
+int GLUE(avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, const cnnx_pool2d_geom *g, int count_include_pad,
+                                  int64_t divisor_override)
 {
+    CNNX_POOL_PLANES(g);
+    const int64_t KH = g->KH, KW = g->KW, SH = g->SH, SW = g->SW, PH = g->PH, PW = g->PW;
     const cnnx_fpenv fp = cnnx_fp_caller();
 #pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
     {

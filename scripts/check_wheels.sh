@@ -108,7 +108,7 @@ sdist, src = sys.argv[1], pathlib.Path(sys.argv[2])
 with tarfile.open(sdist) as t:
     names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
 need = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "cnnx/_kernels.pyx"}
-for pattern in ("csrc/*.c", "csrc/*.h", "cnnx/**/*.py", "cnnx/*.pyx", "cnnx/*.pxi", "cnnx/_embedded/*", "tests/**/*.py",
+for pattern in ("csrc/*.c", "csrc/*.h", "cnnx/**/*.py", "cnnx/*.pyx", "cnnx/*.pxi", "cnnx/*.pxd", "cnnx/_embedded/*", "tests/**/*.py",
                 "benchmarks/**/*.py", "examples/**/*.py"):
     need |= {p.relative_to(src).as_posix() for p in src.glob(pattern) if p.is_file()}
 need -= {"cnnx/_build_info.py"}

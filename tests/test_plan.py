@@ -438,3 +438,198 @@ def test_a_module_set_to_none_falls_back():
     model.__setattr__("1", None)             # allowed by Module.__setattr__; the chain cannot run
     with pytest.raises(TypeError):
         model(rand((2, 3)))
+
+
+# ---------------------------------------------------------------- residual blocks (nn.Residual): an add with two inputs
+
+RESIDUAL_CHAINS = {
+    "basic blocks": lambda dt: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, dtype=dt), nn.ReLU(),
+        nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, dtype=dt), nn.ReLU(),
+                                  nn.Conv2d(4, 4, 3, padding=1, dtype=dt))), nn.ReLU(),
+        nn.Residual(nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, dtype=dt), nn.ReLU(),
+                                  nn.Conv2d(6, 6, 3, padding=1, dtype=dt)), nn.Conv2d(4, 6, 1, stride=2, dtype=dt)),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 3, dtype=dt)),
+    # the input itself read by both branches (its gradient: the shortcut's + the block's), nested blocks, x + x
+    "on the input, nested": lambda dt: nn.Sequential(
+        nn.Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, dtype=dt), nn.ReLU(),
+                                  nn.Residual(nn.Conv2d(2, 2, 1, dtype=dt)))),
+        nn.Residual(nn.Identity()), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 2, dtype=dt)),
+    "mlp": lambda dt: nn.Sequential(
+        nn.Linear(5, 5, dtype=dt), nn.Residual(nn.Sequential(nn.ReLU(), nn.Linear(5, 5, dtype=dt))),
+        nn.Residual(nn.Linear(5, 3, dtype=dt), nn.Linear(5, 3, bias=False, dtype=dt))),
+}
+RESIDUAL_SHAPES = {"basic blocks": (3, 3, 8, 8), "on the input, nested": (2, 2, 6, 7), "mlp": (4, 5)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(RESIDUAL_CHAINS))
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_residual_plan_matches_layer_by_layer(name, dtype, input_grad):
+    """The plan's forward, dx and every parameter gradient equal Residual's own forward/backward bit for bit."""
+    model = RESIDUAL_CHAINS[name](dtype)
+    for step in range(2):
+        assert_same_step(model, rand(RESIDUAL_SHAPES[name], dtype, seed=step), input_grad, seed=step)
+
+
+def test_residual_gradients_against_finite_differences(numerical_grad):
+    """float64: Residual layer by layer (Residual.backward) and through the plan, against central differences of
+    sum(y * dy) for the input and every parameter."""
+    for planned in (False, True):
+        model = RESIDUAL_CHAINS["on the input, nested"](np.float64)
+        x = rand(RESIDUAL_SHAPES["on the input, nested"], np.float64, seed=3)
+        dy = rand((2, 2), np.float64, seed=4)
+        run = model if planned else (lambda a: eager_forward(model, a))
+        model.zero_grad()
+        if planned:
+            model(x)
+            assert used_plan(model)
+            dx = model.backward(dy)
+        else:
+            eager_forward(model, x)
+            dx = eager_backward(model, dy)
+        numeric = numerical_grad(lambda: float(np.sum(run(x) * dy)), x)
+        np.testing.assert_allclose(dx, numeric, rtol=1e-6, atol=1e-8)
+        for name, p in model.named_parameters():
+            numeric = numerical_grad(lambda: float(np.sum(run(x) * dy)), p.data)
+            np.testing.assert_allclose(p.grad, numeric, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_residual_matches_torch():
+    torch = pytest.importorskip("torch")
+    tnn = torch.nn
+    model = RESIDUAL_CHAINS["basic blocks"](np.float64)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    lin = model[-1]
+
+    class Block(tnn.Module):
+        def __init__(self, block, shortcut=None):
+            super().__init__()
+            self.block, self.shortcut = block, shortcut
+
+        def forward(self, t):
+            return self.block(t) + (t if self.shortcut is None else self.shortcut(t))
+
+    def tconv(m):
+        c = tnn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                       dtype=torch.float64)
+        with torch.no_grad():
+            c.weight.copy_(torch.from_numpy(m.weight.data))
+            c.bias.copy_(torch.from_numpy(m.bias.data))
+        return c
+
+    t = [tconv(c) for c in convs]
+    tlin = tnn.Linear(24, 3, dtype=torch.float64)
+    with torch.no_grad():
+        tlin.weight.copy_(torch.from_numpy(lin.weight.data))
+        tlin.bias.copy_(torch.from_numpy(lin.bias.data))
+    tmodel = tnn.Sequential(t[0], tnn.ReLU(), Block(tnn.Sequential(t[1], tnn.ReLU(), t[2])), tnn.ReLU(),
+                            Block(tnn.Sequential(t[3], tnn.ReLU(), t[4]), t[5]), tnn.ReLU(), tnn.MaxPool2d(2),
+                            tnn.Flatten(), tlin)
+    x = rand((3, 3, 8, 8), np.float64, seed=5)
+    dy = rand((3, 3), np.float64, seed=6)
+    y = model(x)
+    assert used_plan(model)
+    dx = model.backward(dy)
+    tx = torch.from_numpy(x.copy()).requires_grad_(True)
+    ty = tmodel(tx)
+    ty.backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for m, tm in zip(convs + [lin], t + [tlin]):
+        np.testing.assert_allclose(m.weight.grad, tm.weight.grad.numpy(), rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(m.bias.grad, tm.bias.grad.numpy(), rtol=1e-9, atol=1e-11)
+
+
+def test_residual_layer_errors():
+    with pytest.raises(TypeError, match="block must be a Module"):
+        nn.Residual(lambda x: x)
+    res = nn.Residual(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        res(rand((4, 3)))
+    with pytest.raises(RuntimeError, match="before forward"):
+        nn.Residual(nn.Identity()).backward(np.ones((2, 2), np.float32))
+
+
+def test_residual_save_and_load(tmp_path):
+    model = RESIDUAL_CHAINS["basic blocks"](np.float32)
+    path = cnnx.save(model, tmp_path / "residual.npz")
+    clone = cnnx.load(path)
+    x = rand(RESIDUAL_SHAPES["basic blocks"])
+    np.testing.assert_array_equal(clone(x), model(x))
+    assert isinstance(clone[2], nn.Residual) and clone[2].shortcut is None
+    assert isinstance(clone[4].shortcut, nn.Conv2d)
+
+
+# ---------------------------------------------------------------- eval-mode BatchNorm2d folded into the convolution
+
+BN_CHAINS = {
+    "conv-bn-relu, conv-bn": lambda dt: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, dtype=dt), nn.BatchNorm2d(4, dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, bias=False, dtype=dt), nn.BatchNorm2d(5, dtype=dt), nn.Flatten(),
+        nn.Linear(5 * 2 * 2, 3, dtype=dt)),
+    "no affine, no bias, groups, in a residual": lambda dt: nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, dtype=dt), nn.BatchNorm2d(3, affine=False, dtype=dt),
+        nn.Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3, dtype=dt),
+                                  nn.BatchNorm2d(3, bias=False, dtype=dt), nn.ReLU())),
+        nn.Flatten(), nn.Linear(3 * 6 * 6, 2, dtype=dt)),
+}
+BN_SHAPES = {"conv-bn-relu, conv-bn": (3, 3, 8, 8), "no affine, no bias, groups, in a residual": (2, 2, 6, 6)}
+
+
+def _with_statistics(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean[...] = rng.standard_normal(m.num_features)
+            m.running_var[...] = rng.uniform(0.3, 3.0, m.num_features)
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.data[...] = rng.standard_normal(m.num_features)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(BN_CHAINS))
+def test_batchnorm_folded_matches_layer_by_layer(name, dtype):
+    """The plan folds each eval-mode BatchNorm2d into the convolution before it (conv_bn, conv_bn_relu): the output,
+    dx and every gradient (the batch norms' included) agree with the layers to rounding."""
+    from cnnx import _planner
+    model = _with_statistics(BN_CHAINS[name](dtype))
+    x = rand(BN_SHAPES[name], dtype, seed=2)
+    kinds = [op.kind for op in _planner.lower(model, x).ops]
+    assert "conv_bn" in kinds or "conv_bn_relu" in kinds, kinds
+    assert "batchnorm" not in kinds
+    tol = 2e-5 if dtype == np.float32 else 1e-11
+    for step in range(2):
+        twin = copy.deepcopy(model)
+        y = model(x)
+        assert used_plan(model)
+        y_ref = eager_forward(twin, x)
+        np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol * np.max(np.abs(y_ref)))
+        dy = rand(y.shape, dtype, seed=step + 5)
+        dx = model.backward(dy)
+        dx_ref = eager_backward(twin, dy)
+        np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol * np.max(np.abs(dx_ref)))
+        for (pname, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+            np.testing.assert_allclose(p.grad, q.grad, rtol=tol, atol=tol * np.max(np.abs(q.grad)), err_msg=pname)
+
+
+def test_batchnorm_statistics_are_read_at_each_call():
+    model = _with_statistics(BN_CHAINS["conv-bn-relu, conv-bn"](np.float64))
+    x = rand((2, 3, 8, 8), np.float64)
+    model(x)
+    bn = model[1]
+    bn.running_var *= 4.0                   # in place: the same arrays, new values
+    bn.running_mean += 1.0
+    y = model(x)
+    assert used_plan(model)
+    np.testing.assert_allclose(y, eager_forward(copy.deepcopy(model), x), rtol=1e-11, atol=1e-12)
+
+
+def test_batchnorm_not_after_a_convolution_runs_layer_by_layer():
+    for model in (nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 2, 3)),
+                  nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2))):
+        model.eval()
+        model(rand((2, 1, 6, 6)))
+        assert not used_plan(model)

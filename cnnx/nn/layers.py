@@ -17,7 +17,7 @@ import numpy as np
 from .. import _backend
 from .. import functional as F
 from .. import init
-from .._geometry import pair, flops_conv2d, conv_padding
+from .._geometry import pair, flops_conv2d, conv_padding, conv2d_output_shape, pool2d_output_shape
 from .module import Module, Parameter
 
 __all__ = ["Identity", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d",
@@ -154,6 +154,9 @@ class Identity(Module):
         self._cache_shape = None
         return dy
 
+    def plan_op(self, shape, dtype):
+        return {"kind": "identity"}
+
     def get_config(self):
         return {}
 
@@ -273,6 +276,21 @@ class Conv2d(Module):
             bias.accumulate_grad(db)
         self._cache_x = None
 
+    def plan_op(self, shape, dtype):
+        """The convolution as a plan's op (Module.plan_op): geometry named as csrc/cnnx.h's cnnx_conv2d_geom."""
+        ws = self._param_shapes["weight"]
+        if self.dtype != dtype or len(shape) != 4 or shape[1] != self.in_channels or self.weight is None:
+            return None
+        if ("bias" in self._param_shapes) != (self.bias is not None):
+            return None
+        pad = self._padding4(shape[2:])
+        out = conv2d_output_shape(shape, ws, self.stride, pad, self.dilation, self.groups)
+        conv = dict(N=shape[0], C=shape[1], H=shape[2], W=shape[3], OC=ws[0], KH=ws[2], KW=ws[3],
+                    SH=self.stride[0], SW=self.stride[1], PT=pad[0], PB=pad[1], PL=pad[2], PR=pad[3],
+                    DH=self.dilation[0], DW=self.dilation[1], G=self.groups, OH=out[2], OW=out[3])
+        bias = (self.bias, (ws[0],)) if self.bias is not None else None
+        return {"kind": "conv", "conv": conv, "params": [(self.weight, ws), bias], "out": out}
+
     def flops(self, input_shape, output_shape):
         return flops_conv2d(output_shape, self.weight.shape)
 
@@ -351,6 +369,16 @@ class MaxPool2d(Module):
         dx = _backend.ops().maxpool2d_backward(dy, self._cache_indices, x_shape)
         self._cache_x_shape = self._cache_indices = None
         return dx
+
+    def plan_op(self, shape, dtype):
+        """The pooling as a plan's op (Module.plan_op): geometry named as csrc/cnnx.h's cnnx_pool2d_geom."""
+        if self.return_indices or len(shape) != 4:
+            return None
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self._geometry()
+        out = pool2d_output_shape(shape, (kh, kw), (sh, sw), (ph, pw), (dh, dw), self.ceil_mode)
+        pool = dict(NC=shape[0] * shape[1], H=shape[2], W=shape[3], KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw,
+                    DH=dh, DW=dw, OH=out[2], OW=out[3])
+        return {"kind": "maxpool", "pool": pool, "out": out}
 
     def flops(self, input_shape, output_shape):
         kh, kw = pair(self.kernel_size, "kernel_size")
@@ -590,6 +618,21 @@ class Linear(Module):
         self._cache_x_shape = x.shape
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
+    def plan_op(self, shape, dtype):
+        """The layer as a plan's op (Module.plan_op): x (rows, in_features) -> y (rows, out_features)."""
+        if self.dtype != dtype or len(shape) < 1 or shape[-1] != self.in_features or self.weight is None:
+            return None
+        if ("bias" in self._param_shapes) != (self.bias is not None):
+            return None
+        rows = math.prod(shape[:-1])
+        if rows == 0:
+            return None
+        linear = {"rows": rows, "in_features": self.in_features, "out_features": self.out_features}
+        bias = (self.bias, (self.out_features,)) if self.bias is not None else None
+        weight = (self.weight, (self.out_features, self.in_features))
+        return {"kind": "linear", "linear": linear, "params": [weight, bias],
+                "out": tuple(shape[:-1]) + (self.out_features,)}
+
     def backward(self, dy):
         x_shape = self.__dict__.get("_cache_x_shape")
         dy2 = self._backward_params_only(dy)
@@ -668,6 +711,15 @@ class Flatten(Module):
         self._cache_x_shape = None
         return dy.reshape(x_shape)
 
+    def plan_op(self, shape, dtype):
+        nd = len(shape)
+        start = self.start_dim + nd if self.start_dim < 0 else self.start_dim
+        end = self.end_dim + nd if self.end_dim < 0 else self.end_dim
+        if not (0 <= start <= end < nd):
+            return None
+        out = tuple(shape[:start]) + (math.prod(shape[start:end + 1]),) + tuple(shape[end + 1:])
+        return {"kind": "reshape", "out": out}
+
     def extra_repr(self):
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
@@ -716,6 +768,9 @@ class ReLU(_Elementwise):
     def backward(self, dy):
         dy, y = self._begin_backward(dy)
         return dy * (y > 0)            # bool mask multiply: several times faster than np.where here
+
+    def plan_op(self, shape, dtype):
+        return {"kind": "relu", "inplace": self.inplace, "out": tuple(shape)}
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""
@@ -936,6 +991,9 @@ class Dropout(Module):
         self._cache_shape = self._cache_mask = None
         return dy if mask is None else dy * mask
 
+    def plan_op(self, shape, dtype):
+        return None if self.training else {"kind": "identity"}     # (eval mode: the identity)
+
     def extra_repr(self):
         return f"p={self.p}, inplace={self.inplace}"
 
@@ -1086,6 +1144,18 @@ class _BatchNorm(Module):
                 self.bias.accumulate_grad(dbias)
         self._cache_xhat = self._cache_x = self._cache_scale = None
         return dx
+
+    def plan_op(self, shape, dtype):
+        """Eval mode with running statistics: an affine map per channel (a plan folds it into the convolution
+        before it, see cnnx/_planner.py), the statistics read at each call."""
+        if self.training or not self.track_running_stats or len(shape) != 4 or 4 not in self._ndims:
+            return None
+        if self.dtype != dtype or shape[1] != self.num_features or (self.affine and self.weight is None):
+            return None
+        c = (self.num_features,)
+        params = [(p, c) if p is not None else None for p in (self.weight, self.bias)]
+        bn = {"eps": self.eps, "mean": self.running_mean, "var": self.running_var, "params": params}
+        return {"kind": "batchnorm", "bn": bn, "out": tuple(shape)}
 
     def flops(self, input_shape, output_shape):
         return 2 * math.prod(output_shape)

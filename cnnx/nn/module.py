@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from .. import _backend
+from .. import _backend, _planner
 
 __all__ = ["Parameter", "Module", "Sequential", "StateDictError"]
 
@@ -250,6 +250,18 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    def plan_op(self, shape, dtype):
+        """How a Sequential's compiled plan (cnnx/_planner.py) runs this module on an input of `shape` and
+        `dtype`, or None (the default): the Sequential then runs layer by layer, which raises the usual errors.
+
+        A dict: "kind" ("conv", "linear", "maxpool", "relu"; "reshape" and "identity", which move no data;
+        "sequence" and "residual" for containers), "out" (the output shape), and what the kind needs: "conv" /
+        "pool" (the geometry, named as csrc/cnnx.h's cnnx_conv2d_geom / cnnx_pool2d_geom), "linear" (rows,
+        in_features, out_features), "params" ([(weight Parameter, its expected shape), (bias, shape) or None]),
+        "inplace" (relu). It is used only when the class that defines it also defines forward and backward.
+        """
+        return None
 
     def _no_forward(self):
         return RuntimeError(f"{type(self).__name__}.backward called before forward (or twice after one "
@@ -626,14 +638,15 @@ class Sequential(Module):
         except TypeError:
             raise TypeError(f"Sequential indices must be int or slice, got {type(index).__name__}") from None
 
-    # A chain of Conv2d, ReLU, MaxPool2d, Flatten, Linear, Identity and eval-mode Dropout runs as one compiled
-    # plan per input shape (cnnx/_plan.pxi): the same kernels on the same values, without the per-layer
-    # Python work that dominates small batches. The layers inside then keep no forward state of their own:
-    # backward goes through the Sequential. Anything else runs layer by layer.
+    # A chain of modules that describe themselves (Module.plan_op: Conv2d, ReLU, MaxPool2d, Flatten, Linear,
+    # Identity, eval-mode Dropout, Residual) runs as one compiled plan per input shape (cnnx/_planner.py lowers
+    # it, cnnx/_plan.pxi runs it): the same kernels on the same values, without the per-layer Python work that
+    # dominates small batches. The layers inside then keep no forward state of their own: backward goes through
+    # the Sequential. Anything else runs layer by layer.
     def _plan(self, x):
         if type(x) is not np.ndarray:
             return None
-        build = getattr(_backend.ops(), "sequential_plan", None)
+        build = getattr(_backend.ops(), "compile_plan", None)
         if build is None:
             return None
         d = self.__dict__
@@ -645,8 +658,13 @@ class Sequential(Module):
         if plan is None or not plan.valid():
             if len(plans) >= 8:
                 plans.clear()
-            plan = plans[key] = build(self, x)
+            plan = plans[key] = build(_planner.lower(self, x))
         return plan
+
+    def plan_op(self, shape, dtype):
+        # A Sequential inside another plan's chain runs as one layer, through its own plan; a Residual's block
+        # or shortcut that is a Sequential is lowered into the plan that holds it.
+        return {"kind": "sequence", "modules": list(self._modules.values())}
 
     def forward(self, x):
         plan = self._plan(x)
@@ -671,6 +689,8 @@ class Sequential(Module):
         if state is not None:
             if state is False:
                 raise self._no_forward()
+            if state.pending:
+                dy = state.last._check_dy(dy, state.out_shape, state.dtype)
             dx = state.backward(dy, input_grad)
             self.__dict__["_plan_state"] = False
             return dx
@@ -693,3 +713,49 @@ class Sequential(Module):
 def _describe(module):
     """{"type": class name, "config": get_config()} for one module (see cnnx.serialization)."""
     return {"type": type(module).__name__, "config": module.get_config()}
+
+
+class Residual(Module):
+    """y = block(x) + shortcut(x): a residual connection (shortcut=None: the identity, y = block(x) + x).
+
+    block and shortcut are modules (a Sequential for several layers) whose outputs have one shape and dtype.
+    backward(dy) runs dy through both paths and returns the sum of their input gradients. Inside a Sequential the
+    compiled plan runs it as ops over buffer ids: the branches, then an add with two inputs.
+    """
+
+    def __init__(self, block, shortcut=None):
+        super().__init__()
+        for name, m in (("block", block), ("shortcut", shortcut)):
+            if not isinstance(m, Module) and not (name == "shortcut" and m is None):
+                raise TypeError(f"Residual: {name} must be a Module{' or None' if name == 'shortcut' else ''}, "
+                                f"got {type(m).__name__}")
+        self.block = block
+        self.shortcut = shortcut
+        self._cache_shape = None
+
+    def forward(self, x):
+        y = self.block(x)
+        s = x if self.shortcut is None else self.shortcut(x)
+        if not isinstance(y, np.ndarray) or not isinstance(s, np.ndarray) or y.shape != s.shape \
+                or y.dtype != s.dtype:
+            raise ValueError(f"Residual: block and shortcut must give arrays of one shape and dtype, got "
+                             f"{getattr(y, 'shape', type(y).__name__)} {getattr(y, 'dtype', '')} and "
+                             f"{getattr(s, 'shape', type(s).__name__)} {getattr(s, 'dtype', '')}")
+        self._cache_shape, self._cache_dtype = y.shape, y.dtype
+        return y + s
+
+    def backward(self, dy):
+        if self._cache_shape is None:
+            raise self._no_forward()
+        dy = self._check_dy(dy, self._cache_shape, self._cache_dtype)
+        self._cache_shape = None
+        dx = self.block.backward(dy)
+        ds = dy if self.shortcut is None else self.shortcut.backward(dy)
+        return dx + ds
+
+    def plan_op(self, shape, dtype):
+        return {"kind": "residual", "block": self.block, "shortcut": self.shortcut}
+
+    def get_config(self):
+        return {"block": _describe(self.block),
+                "shortcut": None if self.shortcut is None else _describe(self.shortcut)}
