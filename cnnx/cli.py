@@ -26,7 +26,19 @@ _DATASETS = {
     "kmnist": ("KMNIST", (0.1918,), (0.3483,)),
     "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-_MODELS = {"lenet5": "modern", "lenet5-1998": "1998"}
+# --model NAME -> (class name, variant shown beside it or None, a factory of (num_classes, in_channels))
+_MODELS = {
+    "lenet5": ("LeNet5", "modern", lambda k, c: _models().LeNet5(num_classes=k, variant="modern", in_channels=c)),
+    "lenet5-1998": ("LeNet5", "1998", lambda k, c: _models().LeNet5(num_classes=k, variant="1998", in_channels=c)),
+    "resnet20": ("ResNet20", None, lambda k, c: _models().ResNet20(num_classes=k, in_channels=c)),
+    "vgg11": ("VGG", "vgg11, batch norm", lambda k, c: _models().VGG("vgg11", num_classes=k, in_channels=c)),
+    "vgg-small": ("VGG", "small, batch norm", lambda k, c: _models().VGG("small", num_classes=k, in_channels=c)),
+}
+
+
+def _models():
+    from . import models
+    return models
 _OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 _DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 
@@ -90,8 +102,8 @@ def build_parser():
                            "MNIST subset embedded in cnnx, 6,000 train / 1,000 test images) and report "
                            "accuracy per epoch.")
     train.add_argument("--model", choices=sorted(_MODELS), default="lenet5",
-                       help="lenet5 (modern: ReLU, max pooling; default) or lenet5-1998 (scaled tanh, average "
-                            "pooling, 32x32 input)")
+                       help="lenet5 (modern: ReLU, max pooling; default), lenet5-1998 (scaled tanh, average "
+                            "pooling, 32x32 input), or for 32x32 images (cifar10): resnet20, vgg11, vgg-small")
     data_options(train, "the embedded MNIST subset")
     train.add_argument("--epochs", type=_positive(int, "--epochs"), default=10, metavar="N",
                        help="passes over the training set (default 10)")
@@ -105,7 +117,9 @@ def build_parser():
                        help="weight decay (default: 0.01 for adamw, else 0)")
     train.add_argument("--scheduler", choices=("cosine", "step", "none"), default="cosine",
                        help="learning-rate schedule over the epochs (default: cosine annealing to 0)")
-    train.add_argument("--augment", action="store_true", help="random shifts of up to 2 pixels")
+    train.add_argument("--augment", action="store_true",
+                       help="random shifts of up to 2 pixels; on cifar10: random crops of the image padded by 4 "
+                            "pixels and horizontal flips (the standard CIFAR-10 augmentation)")
     train.add_argument("--seed", type=_non_negative_int, default=0,
                        help="seed for weights, shuffling and augmentation (default 0)")
     train.add_argument("--train-samples", type=_positive(int, "--train-samples"), default=None, metavar="N",
@@ -168,11 +182,14 @@ def _load_split(args, train):
 
 def _transform(dataset_key, data_shape, model_size, train, augment=False):
     """uint8 batch -> normalised float32 (N, C, H, W) sized for the model (pad 28->32, crop 32->28)."""
-    from .data import CenterCrop, Compose, Normalize, Pad, RandomCrop, RandomShift, ToFloat
+    from .data import CenterCrop, Compose, Normalize, Pad, RandomCrop, RandomHorizontalFlip, RandomShift, ToFloat
     _, mean, std = _DATASETS[dataset_key]
     steps = []
     if augment and train:
-        steps.append(RandomShift(2))
+        if dataset_key == "cifar10":
+            steps += [RandomCrop(32, padding=4), RandomHorizontalFlip()]
+        else:
+            steps.append(RandomShift(2))
     steps += [ToFloat(), Normalize(mean, std)]
     size = tuple(data_shape[-2:])
     if size == (28, 28) and tuple(model_size) == (32, 32):
@@ -244,7 +261,6 @@ def cmd_train(args):
     import cnnx
     from . import nn
     from .data import DataLoader
-    from .models import LeNet5
     from .optim import lr_scheduler
     from .train import fit
 
@@ -276,7 +292,8 @@ def cmd_train(args):
         x_test, y_test = x_test[:args.test_samples], y_test[:args.test_samples]
 
     cnnx.manual_seed(args.seed)
-    model = LeNet5(num_classes=10, variant=_MODELS[args.model], in_channels=_channels(x_train))
+    model_name, variant, make_model = _MODELS[args.model]
+    model = make_model(10, _channels(x_train))
     lr = args.lr if args.lr is not None else _DEFAULT_LR[args.optimizer]
     optimizer = _make_optimizer(args.optimizer, model.parameters(), lr, args.momentum, args.weight_decay)
     scheduler = None
@@ -290,7 +307,8 @@ def cmd_train(args):
                               transform=_transform(key, x_train.shape, model.input_size, True, args.augment))
     test_loader = DataLoader((x_test, y_test), batch_size=500,
                              transform=_transform(key, x_test.shape, model.input_size, False))
-    say(f"cnnx train: LeNet5 ({model.variant}, {_count_parameters(model):,} parameters) on {train_desc}: "
+    say(f"cnnx train: {model_name} ({variant + ', ' if variant else ''}{_count_parameters(model):,} parameters) "
+        f"on {train_desc}: "
         f"{len(y_train):,} train / {len(y_test):,} test images")
     per_process = ""
     if args.distributed:

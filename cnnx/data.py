@@ -22,7 +22,7 @@ import numpy as np
 from ._random import default_generator
 
 __all__ = ["DataLoader", "ArrayDataset", "Compose", "ToFloat", "Normalize", "Pad", "CenterCrop", "RandomCrop",
-           "RandomShift"]
+           "RandomHorizontalFlip", "RandomShift"]
 
 
 def _generator(generator, name):
@@ -394,6 +394,27 @@ class RandomCrop:
 
     def __repr__(self):
         return f"RandomCrop(size={self.size}, padding={self.padding!r})"
+
+
+class RandomHorizontalFlip:
+    """Mirror each image left-right with probability p (torchvision's ``RandomHorizontalFlip``), per sample."""
+
+    def __init__(self, p=0.5, generator=None):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"RandomHorizontalFlip: p must be a probability in [0, 1], got {p!r}")
+        self.p = float(p)
+        self.generator = None if generator is None else _generator(generator, "RandomHorizontalFlip")
+
+    def __call__(self, x):
+        x = _check_batch(x, "RandomHorizontalFlip")
+        rng = _generator(self.generator, "RandomHorizontalFlip")
+        flip = rng.random(x.shape[0]) < self.p
+        out = x.copy()
+        out[flip] = x[flip][..., ::-1]
+        return out
+
+    def __repr__(self):
+        return f"RandomHorizontalFlip(p={self.p})"
 
 
 class RandomShift:

@@ -47,6 +47,8 @@ def _register_builtins():
         obj = getattr(nn, name)
         if isinstance(obj, type) and issubclass(obj, Module) and obj is not Module:
             _REGISTRY.setdefault(name, obj)
+    for name in ("ResNet20", "VGG"):
+        _REGISTRY.setdefault(name, getattr(models, name))
     _REGISTRY.setdefault("LeNet5", models.LeNet5)
 
 

@@ -187,3 +187,24 @@ def test_train_and_evaluate_on_cifar10_binary_files(tmp_path, capsys):
     assert main(["evaluate", str(ckpt), "--dataset", "cifar10", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "/20)" in out and "0=airplane" in out
+
+
+@pytest.mark.parametrize("model", ["resnet20", "vgg-small"])
+def test_train_cifar10_models_with_augmentation(tmp_path, capsys, model):
+    """cnnx train --dataset cifar10 --model resnet20 --augment on synthetic files in CIFAR-10's binary format."""
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records = rng.integers(0, 256, size=(8, 3073), dtype=np.uint8)
+        records[:, 0] = np.arange(8) % 10
+        (folder / name).write_bytes(records.tobytes())
+    ckpt = tmp_path / f"{model}.npz"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--model", model, "--augment",
+                 "--epochs", "1", "--batch-size", "16", "--optimizer", "sgd", "--no-progress",
+                 "--save", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    name = {"resnet20": "ResNet20 (272,474 parameters)", "vgg-small": "VGG (small, batch norm, "}[model]
+    assert f"cnnx train: {name}" in out and "40 train / 8 test" in out and "epoch 1/1" in out
+    assert type(cnnx.load(str(ckpt))).__name__ == {"resnet20": "ResNet20", "vgg-small": "VGG"}[model]
+    assert main(["evaluate", str(ckpt), "--dataset", "cifar10", "--data-dir", str(tmp_path)]) == 0

@@ -181,3 +181,16 @@ def test_compose_pipeline():
     np.testing.assert_allclose(y, -0.1307 / 0.3081, rtol=1e-6)
     with pytest.raises(TypeError, match="transform 1 must be callable"):
         Compose([ToFloat(), None])
+
+
+def test_random_horizontal_flip():
+    from cnnx.data import RandomHorizontalFlip
+    x = np.arange(200 * 2 * 3 * 4, dtype=np.float32).reshape(200, 2, 3, 4)
+    out = RandomHorizontalFlip(generator=0)(x)
+    flipped = np.array([np.array_equal(o, i[..., ::-1]) for o, i in zip(out, x)])
+    kept = np.array([np.array_equal(o, i) for o, i in zip(out, x)])
+    assert (flipped ^ kept).all() and 60 < flipped.sum() < 140        # each image one or the other, about half
+    assert np.array_equal(RandomHorizontalFlip(p=1.0)(x), x[..., ::-1])
+    assert np.array_equal(RandomHorizontalFlip(p=0.0)(x), x)
+    with pytest.raises(ValueError, match=r"RandomHorizontalFlip: p must be a probability in \[0, 1\], got 2"):
+        RandomHorizontalFlip(p=2)

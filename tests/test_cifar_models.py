@@ -1,0 +1,96 @@
+"""ResNet-20 and VGG (cnnx.models) against PyTorch twins built the same way: the same state_dict keys and
+shapes, the same outputs, and, after one training step (batch-statistics BatchNorm, cross-entropy), the same
+gradient for every parameter; and a save/load round trip."""
+import collections
+
+import numpy as np
+import pytest
+
+import cnnx
+from cnnx import models, nn
+
+
+def _torch_twin(torch, model):
+    """The same architecture in torch.nn, module for module (names included), from cnnx's description."""
+    tn = torch.nn
+
+    class Residual(tn.Module):
+        def __init__(self, block, shortcut):
+            super().__init__()
+            self.block, self.shortcut = block, shortcut
+
+        def forward(self, x):
+            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+
+    def twin(m):
+        if isinstance(m, nn.Sequential):
+            return tn.Sequential(collections.OrderedDict((k, twin(v)) for k, v in m._modules.items()))
+        if isinstance(m, nn.Residual):
+            return Residual(twin(m.block), None if m.shortcut is None else twin(m.shortcut))
+        if isinstance(m, nn.Conv2d):
+            return tn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                             bias=m.bias is not None)
+        if isinstance(m, nn.BatchNorm2d):
+            return tn.BatchNorm2d(m.num_features)
+        if isinstance(m, nn.Linear):
+            return tn.Linear(m.in_features, m.out_features)
+        return {nn.ReLU: tn.ReLU, nn.MaxPool2d: lambda: tn.MaxPool2d(2), nn.Flatten: tn.Flatten,
+                nn.AdaptiveAvgPool2d: lambda: tn.AdaptiveAvgPool2d(1)}[type(m)]()
+    return twin(model)
+
+
+MODELS = {"resnet20": lambda dt: models.ResNet20(dtype=dt),
+          "vgg-small-bn": lambda dt: models.VGG("small", batch_norm=True, dtype=dt),
+          "vgg-small": lambda dt: models.VGG("small", batch_norm=False, dtype=dt),
+          "vgg11-bn": lambda dt: models.VGG("vgg11", dtype=dt)}
+TOL = {np.float32: 2e-4, np.float64: 1e-10}
+
+
+def test_resnet20_shape_and_parameters():
+    m = models.ResNet20()
+    assert sum(p.data.size for p in m.parameters()) == 272474
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert m(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="VGG: config must be one of"):
+        models.VGG("vgg99")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_save_load_round_trip(tmp_path, name):
+    cnnx.manual_seed(0)
+    m = MODELS[name](np.float32)
+    m.eval()
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    m2 = cnnx.load(cnnx.save(m, tmp_path / "m.npz"))
+    m2.eval()
+    assert type(m2) is type(m) and np.array_equal(m(x), m2(x))
+
+
+@pytest.mark.parametrize("dt", [np.float64, np.float32])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_training_step_matches_pytorch(name, dt):
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    cnnx.manual_seed(0)
+    model = MODELS[name](dt)
+    tmodel = _torch_twin(torch, model).to(torch.float64 if dt == np.float64 else torch.float32)
+    assert list(model.state_dict()) == list(tmodel.state_dict())
+    model.load_state_dict(tmodel.state_dict())
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 3, 32, 32)).astype(dt)
+    y = rng.integers(0, 10, 4)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    tmodel.train()
+    loss = loss_fn(model(x), y)
+    model.backward(loss_fn.backward())
+    tloss = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(x)), torch.from_numpy(y))
+    tloss.backward()
+    assert abs(float(loss) - tloss.item()) <= TOL[dt] * max(1.0, abs(tloss.item()))
+    tparams = dict(tmodel.named_parameters())
+    for key, p in model.named_parameters():
+        g, tg = p.grad, tparams[key].grad.numpy()
+        err = np.abs(g - tg).max() / max(np.abs(tg).max(), 1e-12)
+        assert err <= TOL[dt] * 10, (key, err)
+    for key, buf in model.named_buffers():
+        tb = dict(tmodel.named_buffers())[key].numpy()
+        assert np.allclose(buf, tb, rtol=TOL[dt], atol=TOL[dt]), key
