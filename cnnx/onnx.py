@@ -15,7 +15,8 @@ Adding a layer is one entry; ``register_emitter(cls, fn)`` adds your own. A two-
 
 | cnnx layer | ONNX |
 | --- | --- |
-| Sequential (and LeNet5) | its layers in order |
+| Sequential (and LeNet5, ResNet20, VGG) | its layers in order |
+| Residual | its block and shortcut, then Add |
 | Conv2d | Conv (groups, dilations, strides; every padding, 'same' included, as explicit pads) |
 | MaxPool2d | MaxPool (pads, dilations, ceil_mode); return_indices=True refused |
 | AvgPool2d | AveragePool (pads, ceil_mode, count_include_pad); divisor_override, and ceil_mode windows AveragePool counts differently, as a depthwise Conv of ones / a constant map of PyTorch's divisors |
@@ -165,6 +166,13 @@ def _sequential(g, seq, x, name):
     for child_name, child in seq.named_children():
         x = g.emit(child, x, f"{name}.{child_name}" if name else child_name)
     return x
+
+
+def _residual(g, res, x, name):
+    """nn.Residual: block(x) + shortcut(x) (the identity when shortcut is None), an ONNX Add."""
+    y = g.emit(res.block, x, f"{name}.block")
+    s = x if res.shortcut is None else g.emit(res.shortcut, x, f"{name}.shortcut")
+    return g.add(y, s, name)
 
 
 def _conv2d(g, conv, x, name):
@@ -337,6 +345,7 @@ def _batchnorm(g, bn, x, name):
 
 EMITTERS = {
     nn.Sequential: _sequential,
+    nn.Residual: _residual,
     nn.Conv2d: _conv2d,
     nn.MaxPool2d: _maxpool2d,
     nn.AvgPool2d: _avgpool2d,

@@ -41,21 +41,36 @@ def compare(model, x, check, what, batch=None, **kwargs):
 
 
 # -- whole models -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["modern", "1998"])
-def test_every_model_in_cnnx_models_runs_in_onnxruntime(variant, tmp_path, check):
+MODELS = {
+    "LeNet5 modern": lambda: cnnx.models.LeNet5(variant="modern"),
+    "LeNet5 1998": lambda: cnnx.models.LeNet5(variant="1998"),
+    "ResNet20": lambda: cnnx.models.ResNet20(),
+    "VGG small": lambda: cnnx.models.VGG("small", batch_norm=False),
+    "VGG small bn": lambda: cnnx.models.VGG("small"),
+    "VGG vgg11": lambda: cnnx.models.VGG("vgg11"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_in_cnnx_models_runs_in_onnxruntime(name, tmp_path, check):
     cnnx.manual_seed(0)
-    model = cnnx.models.LeNet5(variant=variant)
-    x = np.random.default_rng(0).random((2, 1) + model.input_size, dtype=np.float32)
-    path = cx_onnx.export(model, x[:1], tmp_path / "lenet5.onnx")
+    model = MODELS[name]()
+    channels = 1 if name.startswith("LeNet5") else 3
+    rng = np.random.default_rng(0)
+    x = rng.random((2, channels) + model.input_size, dtype=np.float32)
+    model.train()
+    for _ in range(3):                           # BatchNorm's running statistics away from their start
+        model(rng.standard_normal((4, channels) + model.input_size).astype(np.float32) * 2 + 0.5)
+    path = cx_onnx.export(model, x[:1], tmp_path / "model.onnx")
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
     assert proto.opset_import[0].version == 17
     assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == \
-        ["batch", 1] + list(model.input_size)
+        ["batch", channels] + list(model.input_size)
     for batch in (x[:1], x, np.concatenate([x] * 5)):                # the batch dimension is dynamic
-        check(run_onnx(path, batch), model.eval()(batch), np.float32, "onnxruntime vs cnnx", f"LeNet5 {variant}",
-              rtol=TOL)
-    assert sorted(cnnx.models.__all__) == ["LeNet5"], "a new model in cnnx.models: add it to this test"
+        check(run_onnx(path, batch), model.eval()(batch), np.float32, "onnxruntime vs cnnx", name, rtol=TOL)
+    assert sorted(n for n in cnnx.models.__all__ if n != "VGG_CONFIGS") == ["LeNet5", "ResNet20", "VGG"], \
+        "a new model in cnnx.models: add it to this test"
 
 
 def test_bn_model_in_train_mode_exports_eval_and_keeps_its_mode(check):
