@@ -102,3 +102,12 @@ def test_bench_states_quick():
     for ln in rows:
         if "batch 1" in ln:
             assert ln.split()[-1] in ("PASS", "FAIL") and ln.count("x ") >= 3, ln
+
+
+@needs_kernels
+def test_bench_cifar_quick():
+    pytest.importorskip("torch")
+    out = run("bench_cifar.py", "--batches", "1", "--models", "resnet20,desai", "--train-batch", "2")
+    assert "resnet20: cnnx C, numpy and torch agree" in out and "desai: cnnx C, numpy and torch agree" in out
+    lines = [ln for ln in summary(out).splitlines() if ln.startswith(("resnet20,", "desai,"))]
+    assert len(lines) == 4 and all(ln.split()[-1] in ("PASS", "FAIL") for ln in lines), lines
