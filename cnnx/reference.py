@@ -20,6 +20,7 @@ one per output position, form the strided slice
 of the padded input xp. Forward passes gather through it; backward passes scatter-add through it, which is
 where overlapping windows accumulate.
 """
+import functools
 import math
 
 import numpy as np
@@ -400,6 +401,15 @@ def cross_entropy_forward(x, target, ignore_index, mean):
 _BN_AXES = (0, 2, 3)
 
 
+def _bn_quiet(fn):
+    """Run fn with numpy's floating-point warnings off: NaN and inf flow through silently, as in C."""
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return fn(*args, **kwargs)
+    return quiet
+
+
 def _bn_channel(v):
     """A (C,) vector as (1, C, 1, 1), to broadcast against (N, C, H, W)."""
     return v.reshape(1, -1, 1, 1)
@@ -412,6 +422,7 @@ def _bn_apply(x, mean, scale, bias, relu):
     return np.maximum(y, 0, out=y) if relu else y
 
 
+@_bn_quiet
 def batchnorm_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
     """Batch normalisation with the batch's statistics; returns (y, save_mean, save_invstd).
 
@@ -443,6 +454,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, momentum, eps,
     return _bn_apply(x, mean.astype(dt), scale, bias, relu), mean.astype(dt), invstd.astype(dt)
 
 
+@_bn_quiet
 def _bn_backward(dy, y, x, weight, mean, invstd, batch_stats, with_weight, with_bias):
     """The two backwards (see batchnorm_backward); invstd in float64."""
     n, c, h, w = x.shape
@@ -480,6 +492,7 @@ def batchnorm_backward(dy, x, weight, save_mean, save_invstd, with_weight, with_
     return _bn_backward(dy, y, x, weight, save_mean, save_invstd.astype(np.float64), True, with_weight, with_bias)
 
 
+@_bn_quiet
 def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps, relu=False):
     """y = (x - running_mean) * (weight * invstd) + bias per channel, invstd = 1 / sqrt(running_var + eps)
     (weight * invstd in float64, rounded once; max(y, 0) when relu)."""
@@ -488,6 +501,7 @@ def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps, relu
     return _bn_apply(x, running_mean, scale, bias, relu)
 
 
+@_bn_quiet
 def batchnorm_eval_backward(dy, x, weight, running_mean, running_var, eps, with_weight, with_bias, y=None):
     """The gradients of batchnorm_eval_forward, the statistics constant: with g as in batchnorm_backward and
     invstd = 1 / sqrt(running_var + eps): dx = g * (weight * invstd), dweight = sum(g * (x - running_mean)) *
