@@ -16,6 +16,16 @@
 
 /* Below this many values a call runs on one thread: a parallel region costs more than the work. */
 #define BN_PARALLEL_MIN ((int64_t)1 << 15)
+/* Channels are processed in blocks of at most BN_MAX_BLOCK whose values (of one array) fit in BN_BLOCK_BYTES, a
+ * conservative share of a core's L2 (batchnorm_impl.h, block_channels). */
+#define BN_MAX_BLOCK 64
+#define BN_BLOCK_BYTES ((int64_t)256 << 10)
+#define BN_LINE (64 / (int64_t)sizeof(REAL))   /* values per 64-byte cache line */
+#if defined(__GNUC__) || defined(__clang__)
+#define BN_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define BN_PREFETCH(p) ((void)0)
+#endif
 
 /* The 8 lanes of every sum as one vector value where the compiler has vector extensions (batchnorm_impl.h). */
 #if defined(__GNUC__) || defined(__clang__)

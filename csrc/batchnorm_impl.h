@@ -38,8 +38,9 @@ TARGET static inline bn_v4d GLUE(load4, SUF)(const REAL *p)
 }
 #endif
 
-/* s[i % 8] += x[i] */
-TARGET static inline void GLUE(plane_sum, SUF)(double *restrict s, const REAL *restrict p, int64_t L)
+/* s[i % 8] += x[i]; ahead != 0: prefetch the plane ahead elements further on (the next image's), one request per
+ * cache line, while this one is summed (the first pass over a channel reads from memory, plane by plane) */
+TARGET static inline void GLUE(plane_sum, SUF)(double *restrict s, const REAL *restrict p, int64_t L, int64_t ahead)
 {
     int64_t i = 0;
 #if BN_VECTOR
@@ -47,14 +48,17 @@ TARGET static inline void GLUE(plane_sum, SUF)(double *restrict s, const REAL *r
     memcpy(&a0, s, sizeof a0);
     memcpy(&a1, s + 4, sizeof a1);
     for (; i + 8 <= L; i += 8) {
+        if (ahead && i % BN_LINE == 0) BN_PREFETCH(p + ahead + i);
         a0 += BN_LOAD4(p + i);
         a1 += BN_LOAD4(p + i + 4);
     }
     memcpy(s, &a0, sizeof a0);
     memcpy(s + 4, &a1, sizeof a1);
 #else
-    for (; i + 8 <= L; i += 8)
+    for (; i + 8 <= L; i += 8) {
+        if (ahead && i % BN_LINE == 0) BN_PREFETCH(p + ahead + i);
         for (int k = 0; k < 8; k++) s[k] += (double)p[i + k];
+    }
 #endif
     for (int k = 0; i + k < L; k++) s[k] += (double)p[i + k];
 }
@@ -97,10 +101,10 @@ TARGET static inline void GLUE(plane_centred, SUF)(double *restrict d, double *r
 }
 
 /* g = dy[i] (relu: dy[i] * (y[i] > 0 ? 1 : 0), in REAL): a[i % 8] += g, b[i % 8] += g * (x[i] - md). relu is a
- * constant after inlining, so each case is its own loop. */
+ * constant after inlining, so each case is its own loop. ahead: as in plane_sum, for dy and x. */
 TARGET static inline void GLUE(plane_grad_sums, SUF)(double *restrict a, double *restrict b, const REAL *restrict gp,
                                                      const REAL *restrict yp, const REAL *restrict xp, double md,
-                                                     int64_t L, const int relu)
+                                                     int64_t L, const int relu, int64_t ahead)
 {
     int64_t i = 0;
 #if BN_VECTOR
@@ -111,6 +115,10 @@ TARGET static inline void GLUE(plane_grad_sums, SUF)(double *restrict a, double 
     memcpy(&b1, b + 4, sizeof b1);
     for (; i + 8 <= L; i += 8) {
         bn_v4d g0, g1;
+        if (ahead && i % BN_LINE == 0) {
+            BN_PREFETCH(gp + ahead + i);
+            BN_PREFETCH(xp + ahead + i);
+        }
         if (relu) {
             BN_V4R gv0, gv1, yv0, yv1;
             memcpy(&gv0, gp + i, sizeof gv0);
@@ -151,63 +159,88 @@ TARGET static inline void GLUE(plane_grad_sums, SUF)(double *restrict a, double 
 }
 
 /*
- * The moments of one channel, two passes as PyTorch's CPU kernel (robust when |mean| >> std):
+ * A block of nc adjacent channels (c0 .. c0 + nc - 1; x, y, dy, dx point at channel c0 of image 0, per-channel
+ * arrays hold nc values). Its planes are visited image by image (n outer, channel inner), so each image's block is
+ * nc*L contiguous values. Each channel's sums still run over its planes n = 0..N-1 and lanes i % 8: the blocking
+ * changes no bit. BN_MAX_BLOCK bounds nc (the sums live on the stack).
+ */
+
+/*
+ * The moments of each channel, two passes as PyTorch's CPU kernel (robust when |mean| >> std):
  *   mean = sum(x) / M;   var = (sum((x - mean)^2) - sum(x - mean)^2 / M) / M     (biased; >= 0)
  * The second term of var is the corrected two-pass algorithm's (Chan, Golub, LeVeque 1983): it removes the
- * rounding error left in mean.
+ * rounding error left in mean. The second pass finds the block in cache.
  */
-TARGET static void GLUE(channel_moments, SUF)(double *mean_out, double *var_out, const REAL *x, int64_t N,
-                                              int64_t L, int64_t CL)
+TARGET static void GLUE(block_moments, SUF)(double *mean, double *var, const REAL *x, int64_t N, int64_t L,
+                                            int64_t CL, int64_t nc)
 {
-    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t n = 0; n < N; n++)
-        GLUE(plane_sum, SUF)(s, x + n * CL, L);
+    double s[BN_MAX_BLOCK][8], q[BN_MAX_BLOCK][8];
     const double M = (double)(N * L);
-    const double mean = GLUE(lanes_total, SUF)(s) / M;
-    double d[8] = {0, 0, 0, 0, 0, 0, 0, 0}, q[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memset(s, 0, (size_t)nc * sizeof s[0]);
     for (int64_t n = 0; n < N; n++)
-        GLUE(plane_centred, SUF)(d, q, x + n * CL, L, mean);
-    const double sd = GLUE(lanes_total, SUF)(d);
-    const double var = (GLUE(lanes_total, SUF)(q) - sd * sd / M) / M;
-    *mean_out = mean;
-    *var_out = var < 0 ? 0 : var; /* rounding can leave -0.0 or a tiny negative; NaN stays NaN */
-}
-
-/* y = (x - m) * s + b over one channel's N planes (in REAL), then max(y, 0) when relu (NaN propagates, -0 -> +0:
- * numpy's maximum(y, 0), the ReLU layer's). */
-TARGET static void GLUE(channel_apply, SUF)(REAL *y, const REAL *x, int64_t N, int64_t L, int64_t CL, REAL m,
-                                            REAL s, REAL b, int relu)
-{
-    for (int64_t n = 0; n < N; n++) {
-        const REAL *restrict p = x + n * CL;
-        REAL *restrict o = y + n * CL;
-        if (relu)
-            for (int64_t i = 0; i < L; i++) {
-                const REAL v = (p[i] - m) * s + b;
-                o[i] = v > 0 || v != v ? v : 0;
-            }
-        else
-            for (int64_t i = 0; i < L; i++) o[i] = (p[i] - m) * s + b;
+        for (int64_t j = 0; j < nc; j++)
+            GLUE(plane_sum, SUF)(s[j], x + n * CL + j * L, L, n + 1 < N ? CL : 0);
+    for (int64_t j = 0; j < nc; j++)
+        mean[j] = GLUE(lanes_total, SUF)(s[j]) / M;
+    memset(s, 0, (size_t)nc * sizeof s[0]);
+    memset(q, 0, (size_t)nc * sizeof q[0]);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t j = 0; j < nc; j++)
+            GLUE(plane_centred, SUF)(s[j], q[j], x + n * CL + j * L, L, mean[j]);
+    for (int64_t j = 0; j < nc; j++) {
+        const double sd = GLUE(lanes_total, SUF)(s[j]);
+        const double v = (GLUE(lanes_total, SUF)(q[j]) - sd * sd / M) / M;
+        var[j] = v < 0 ? 0 : v; /* rounding can leave -0.0 or a tiny negative; NaN stays NaN */
     }
 }
 
-/* One channel's gradient sums, in double: *sg = sum(g), *sgx = sum(g * (x - m)), g = dy, or dy * (y > 0 ? 1 : 0)
+/* y = (x - m) * s + b over one plane (in REAL), then max(y, 0) when relu (NaN propagates, -0 -> +0: numpy's
+ * maximum(y, 0), the ReLU layer's). */
+TARGET static void GLUE(plane_apply, SUF)(REAL *restrict o, const REAL *restrict p, int64_t L, REAL m, REAL s, REAL b,
+                                          int relu)
+{
+    if (relu)
+        for (int64_t i = 0; i < L; i++) {
+            const REAL v = (p[i] - m) * s + b;
+            o[i] = v > 0 || v != v ? v : 0;
+        }
+    else
+        for (int64_t i = 0; i < L; i++) o[i] = (p[i] - m) * s + b;
+}
+
+TARGET static void GLUE(block_apply, SUF)(REAL *y, const REAL *x, int64_t N, int64_t L, int64_t CL, int64_t nc,
+                                          const REAL *m, const REAL *s, const REAL *b, int relu)
+{
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t j = 0; j < nc; j++)
+            GLUE(plane_apply, SUF)(y + n * CL + j * L, x + n * CL + j * L, L, m[j], s[j], b[j], relu);
+}
+
+/* Each channel's gradient sums, in double: sg = sum(g), sgx = sum(g * (x - m)), g = dy, or dy * (y > 0 ? 1 : 0)
  * behind a fused ReLU when y is given (ReLU.backward's dy * (y > 0)). */
-TARGET static void GLUE(channel_grad_sums, SUF)(double *sg, double *sgx, const REAL *dy, const REAL *y,
-                                                const REAL *x, REAL m, int64_t N, int64_t L, int64_t CL)
+TARGET static void GLUE(block_grad_sums, SUF)(double *sg, double *sgx, const REAL *dy, const REAL *y, const REAL *x,
+                                              const REAL *m, int64_t N, int64_t L, int64_t CL, int64_t nc)
 {
-    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double a[BN_MAX_BLOCK][8], b[BN_MAX_BLOCK][8];
+    memset(a, 0, (size_t)nc * sizeof a[0]);
+    memset(b, 0, (size_t)nc * sizeof b[0]);
     for (int64_t n = 0; n < N; n++) {
-        if (y)
-            GLUE(plane_grad_sums, SUF)(a, b, dy + n * CL, y + n * CL, x + n * CL, (double)m, L, 1);
-        else
-            GLUE(plane_grad_sums, SUF)(a, b, dy + n * CL, NULL, x + n * CL, (double)m, L, 0);
+        const int64_t ahead = n + 1 < N ? CL : 0;
+        for (int64_t j = 0; j < nc; j++) {
+            const int64_t o = n * CL + j * L;
+            if (y)
+                GLUE(plane_grad_sums, SUF)(a[j], b[j], dy + o, y + o, x + o, (double)m[j], L, 1, ahead);
+            else
+                GLUE(plane_grad_sums, SUF)(a[j], b[j], dy + o, NULL, x + o, (double)m[j], L, 0, ahead);
+        }
     }
-    *sg = GLUE(lanes_total, SUF)(a);
-    *sgx = GLUE(lanes_total, SUF)(b);
+    for (int64_t j = 0; j < nc; j++) {
+        sg[j] = GLUE(lanes_total, SUF)(a[j]);
+        sgx[j] = GLUE(lanes_total, SUF)(b[j]);
+    }
 }
 
-/* One plane's dx (in REAL), g as in channel_grad_sums: (g - mg - (x - m) * k) * s with batch statistics, g * s
+/* One plane's dx (in REAL), g as in block_grad_sums: (g - mg - (x - m) * k) * s with batch statistics, g * s
  * with fixed ones. relu and batch_stats are constants after inlining: four loops. With BN_VECTOR the ReLU mask
  * is an explicit select per lane (gcc turns the scalar form into a branch and gives up vectorising it). */
 TARGET static inline void GLUE(plane_dx, SUF)(REAL *restrict o, const REAL *restrict gp, const REAL *restrict yp,
@@ -235,20 +268,34 @@ TARGET static inline void GLUE(plane_dx, SUF)(REAL *restrict o, const REAL *rest
     }
 }
 
-TARGET static void GLUE(channel_dx, SUF)(REAL *dx, const REAL *dy, const REAL *y, const REAL *x, int64_t N,
-                                         int64_t L, int64_t CL, REAL m, REAL mg, REAL k, REAL s, int batch_stats)
+TARGET static void GLUE(block_dx, SUF)(REAL *dx, const REAL *dy, const REAL *y, const REAL *x, int64_t N, int64_t L,
+                                       int64_t CL, int64_t nc, const REAL *m, const REAL *mg, const REAL *k,
+                                       const REAL *s, int batch_stats)
 {
-    for (int64_t n = 0; n < N; n++) {
-        const int64_t o = n * CL;
-        if (y && batch_stats)
-            GLUE(plane_dx, SUF)(dx + o, dy + o, y + o, x + o, L, m, mg, k, s, 1, 1);
-        else if (batch_stats)
-            GLUE(plane_dx, SUF)(dx + o, dy + o, NULL, x + o, L, m, mg, k, s, 0, 1);
-        else if (y)
-            GLUE(plane_dx, SUF)(dx + o, dy + o, y + o, x + o, L, m, mg, k, s, 1, 0);
-        else
-            GLUE(plane_dx, SUF)(dx + o, dy + o, NULL, x + o, L, m, mg, k, s, 0, 0);
-    }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t j = 0; j < nc; j++) {
+            const int64_t o = n * CL + j * L;
+            if (y && batch_stats)
+                GLUE(plane_dx, SUF)(dx + o, dy + o, y + o, x + o, L, m[j], mg[j], k[j], s[j], 1, 1);
+            else if (batch_stats)
+                GLUE(plane_dx, SUF)(dx + o, dy + o, NULL, x + o, L, m[j], mg[j], k[j], s[j], 0, 1);
+            else if (y)
+                GLUE(plane_dx, SUF)(dx + o, dy + o, y + o, x + o, L, m[j], mg[j], k[j], s[j], 1, 0);
+            else
+                GLUE(plane_dx, SUF)(dx + o, dy + o, NULL, x + o, L, m[j], mg[j], k[j], s[j], 0, 0);
+        }
+}
+
+/* Channels per block: as many as keep a block of one array (N*L values per channel) within BN_BLOCK_BYTES, so the
+ * passes after the first find it in the thread's cache; at least 1, at most BN_MAX_BLOCK, and at most C / threads
+ * (rounded up) so that every thread gets work. Any choice gives the same bits. */
+static int64_t GLUE(block_channels, SUF)(int64_t N, int64_t L, int64_t C)
+{
+    const int64_t bytes = N * L * (int64_t)sizeof(REAL), threads = cnnx_threads();
+    int64_t nc = bytes > 0 ? BN_BLOCK_BYTES / bytes : BN_MAX_BLOCK;
+    if (nc > BN_MAX_BLOCK) nc = BN_MAX_BLOCK;
+    if (nc > (C + threads - 1) / threads) nc = (C + threads - 1) / threads;
+    return nc < 1 ? 1 : nc;
 }
 
 /*
@@ -261,8 +308,8 @@ TARGET static void GLUE(channel_dx, SUF)(REAL *dx, const REAL *dy, const REAL *y
  *   running_mean = (1 - momentum) * running_mean + momentum * mean
  *   running_var  = (1 - momentum) * running_var  + momentum * var * M / (M - 1)     (unbiased; M / 1 if M = 1)
  * momentum is the layer's, or 1 / num_batches_tracked for a cumulative average (momentum=None). Statistics and
- * updates in double, rounded to REAL once. M >= 1 (CNNX_EGEOMETRY otherwise). Threads split whole channels; each
- * channel's y is written right after its statistics, while its x is still in the thread's cache.
+ * updates in double, rounded to REAL once. M >= 1 (CNNX_EGEOMETRY otherwise). Threads split blocks of whole
+ * channels; a block's y is written right after its statistics, while its x is still in the thread's cache.
  */
 TARGET static int GLUE(batchnorm_forward, SUF)(REAL *y, REAL *save_mean, REAL *save_invstd, REAL *running_mean,
                                                REAL *running_var, const REAL *x, const REAL *weight,
@@ -273,23 +320,29 @@ TARGET static int GLUE(batchnorm_forward, SUF)(REAL *y, REAL *save_mean, REAL *s
     if (M < 1 || C < 1) return CNNX_EGEOMETRY;
     const double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (C > 1 && M * C >= BN_PARALLEL_MIN)
+    const int64_t cb = GLUE(block_channels, SUF)(N, L, C), blocks = (C + cb - 1) / cb;
+#pragma omp parallel num_threads(cnnx_threads()) if (blocks > 1 && M * C >= BN_PARALLEL_MIN)
     {
         cnnx_fp_worker_enter();
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < C; c++) {
-            double mean, var;
-            GLUE(channel_moments, SUF)(&mean, &var, x + c * L, N, L, C * L);
-            const double invstd = 1.0 / sqrt(var + eps);
-            save_mean[c] = (REAL)mean;
-            save_invstd[c] = (REAL)invstd;
-            if (running_mean)
-                running_mean[c] = (REAL)((1.0 - momentum) * (double)running_mean[c] + momentum * mean);
-            if (running_var)
-                running_var[c] = (REAL)((1.0 - momentum) * (double)running_var[c] + momentum * var * unbias);
-            const REAL s = (REAL)((weight ? (double)weight[c] : 1.0) * invstd);
-            GLUE(channel_apply, SUF)(y + c * L, x + c * L, N, L, C * L, (REAL)mean, s, bias ? bias[c] : (REAL)0,
-                                     relu);
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t c0 = blk * cb, nc = C - c0 < cb ? C - c0 : cb;
+            double mean[BN_MAX_BLOCK], var[BN_MAX_BLOCK];
+            REAL m[BN_MAX_BLOCK], s[BN_MAX_BLOCK], b[BN_MAX_BLOCK];
+            GLUE(block_moments, SUF)(mean, var, x + c0 * L, N, L, C * L, nc);
+            for (int64_t j = 0; j < nc; j++) {
+                const int64_t c = c0 + j;
+                const double invstd = 1.0 / sqrt(var[j] + eps);
+                save_mean[c] = m[j] = (REAL)mean[j];
+                save_invstd[c] = (REAL)invstd;
+                if (running_mean)
+                    running_mean[c] = (REAL)((1.0 - momentum) * (double)running_mean[c] + momentum * mean[j]);
+                if (running_var)
+                    running_var[c] = (REAL)((1.0 - momentum) * (double)running_var[c] + momentum * var[j] * unbias);
+                s[j] = (REAL)((weight ? (double)weight[c] : 1.0) * invstd);
+                b[j] = bias ? bias[c] : (REAL)0;
+            }
+            GLUE(block_apply, SUF)(y + c0 * L, x + c0 * L, N, L, C * L, nc, m, s, b, relu);
         }
         cnnx_fp_worker_leave(fp);
     }
@@ -315,8 +368,7 @@ TARGET static int GLUE(batchnorm_eval_forward, SUF)(REAL *y, const REAL *x, cons
             const int64_t c = p % C;
             const double invstd = 1.0 / sqrt((double)running_var[c] + eps);
             const REAL s = (REAL)((weight ? (double)weight[c] : 1.0) * invstd);
-            GLUE(channel_apply, SUF)(y + p * L, x + p * L, 1, L, L, running_mean[c], s, bias ? bias[c] : (REAL)0,
-                                     relu);
+            GLUE(plane_apply, SUF)(y + p * L, x + p * L, L, running_mean[c], s, bias ? bias[c] : (REAL)0, relu);
         }
         cnnx_fp_worker_leave(fp);
     }
@@ -330,7 +382,7 @@ TARGET static int GLUE(batchnorm_eval_forward, SUF)(REAL *y, const REAL *x, cons
  *   dbias[c] = sum(g),   dweight[c] = sum(g * (x - m)) * i          (NULL: not computed)
  *   batch statistics:  dx = (g - sum(g) / M - (x - m) * (sum(g * (x - m)) * i * i / M)) * (weight[c] * i)
  *   running ones:      dx = g * (weight[c] * i)
- * Sums in double; per-channel constants rounded to REAL once, dx in REAL. Threads split whole channels.
+ * Sums in double; per-channel constants rounded to REAL once, dx in REAL. Threads split blocks of whole channels.
  */
 TARGET static int GLUE(bn_backward, SUF)(REAL *dx, REAL *dweight, REAL *dbias, const REAL *dy, const REAL *y,
                                          const REAL *x, const REAL *weight, const REAL *mean, const REAL *invstd,
@@ -340,23 +392,32 @@ TARGET static int GLUE(bn_backward, SUF)(REAL *dx, REAL *dweight, REAL *dbias, c
     if (M < 1 || C < 1) return CNNX_EGEOMETRY;
     const int batch_stats = invstd != NULL;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (C > 1 && M * C >= BN_PARALLEL_MIN)
+    const int64_t cb = GLUE(block_channels, SUF)(N, L, C), blocks = (C + cb - 1) / cb;
+#pragma omp parallel num_threads(cnnx_threads()) if (blocks > 1 && M * C >= BN_PARALLEL_MIN)
     {
         cnnx_fp_worker_enter();
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < C; c++) {
-            const double i = batch_stats ? (double)invstd[c] : 1.0 / sqrt((double)var[c] + eps);
-            const REAL m = mean[c];
-            double sg = 0, sgx = 0;
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t c0 = blk * cb, nc = C - c0 < cb ? C - c0 : cb;
+            const int64_t o = c0 * L;
+            double sg[BN_MAX_BLOCK], sgx[BN_MAX_BLOCK];
+            REAL m[BN_MAX_BLOCK], mg[BN_MAX_BLOCK], k[BN_MAX_BLOCK], s[BN_MAX_BLOCK];
+            for (int64_t j = 0; j < nc; j++) {
+                m[j] = mean[c0 + j];
+                sg[j] = sgx[j] = 0;
+            }
             if (batch_stats || dweight || dbias)
-                GLUE(channel_grad_sums, SUF)(&sg, &sgx, dy + c * L, y ? y + c * L : NULL, x + c * L, m, N, L,
-                                             C * L);
-            if (dbias) dbias[c] = (REAL)sg;
-            if (dweight) dweight[c] = (REAL)(sgx * i);
-            const REAL s = (REAL)((weight ? (double)weight[c] : 1.0) * i);
-            const REAL mg = (REAL)(sg / (double)M), k = (REAL)(sgx * i * i / (double)M);
-            GLUE(channel_dx, SUF)(dx + c * L, dy + c * L, y ? y + c * L : NULL, x + c * L, N, L, C * L, m, mg, k,
-                                  s, batch_stats);
+                GLUE(block_grad_sums, SUF)(sg, sgx, dy + o, y ? y + o : NULL, x + o, m, N, L, C * L, nc);
+            for (int64_t j = 0; j < nc; j++) {
+                const int64_t c = c0 + j;
+                const double i = batch_stats ? (double)invstd[c] : 1.0 / sqrt((double)var[c] + eps);
+                if (dbias) dbias[c] = (REAL)sg[j];
+                if (dweight) dweight[c] = (REAL)(sgx[j] * i);
+                s[j] = (REAL)((weight ? (double)weight[c] : 1.0) * i);
+                mg[j] = (REAL)(sg[j] / (double)M);
+                k[j] = (REAL)(sgx[j] * i * i / (double)M);
+            }
+            GLUE(block_dx, SUF)(dx + o, dy + o, y ? y + o : NULL, x + o, N, L, C * L, nc, m, mg, k, s, batch_stats);
         }
         cnnx_fp_worker_leave(fp);
     }
@@ -397,7 +458,7 @@ TARGET static int GLUE(global_avgpool2d_forward, SUF)(REAL *y, const REAL *x, in
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < NC; p++) {
             double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            GLUE(plane_sum, SUF)(s, x + p * L, L);
+            GLUE(plane_sum, SUF)(s, x + p * L, L, 0);
             y[p] = (REAL)(GLUE(lanes_total, SUF)(s) / (double)L);
         }
         cnnx_fp_worker_leave(fp);

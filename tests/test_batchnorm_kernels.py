@@ -502,3 +502,25 @@ def test_layers_reject_bad_input_on_both_backends(backend):
     pool = nn.AdaptiveAvgPool2d(1)
     with pytest.raises(ValueError, match="input spatial size must be >= 1"):
         pool(np.zeros((2, 3, 0, 4), np.float32))
+
+
+# -- the benchmark ------------------------------------------------------------------------------------------------
+def test_benchmark_runs_and_validates():
+    """benchmarks/bench_batchnorm.py --quick on tiny settings: exits 0, validates, prints its summary (no timing is
+    asserted)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "bench_batchnorm.py")
+    if not os.path.isfile(script):
+        pytest.skip("benchmarks/ is not next to tests/ (out-of-tree test run)")
+    proc = subprocess.run([sys.executable, script, "--quick", "--threads", "1", "--repeat", "1", "--target",
+                           "0.0005", "--batches", "2"], cwd=root, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "VALIDATION FAILED" not in out and "=== summary" in out, out[-4000:]
+    for row in ("BatchNorm2d forward+backward", "BatchNorm2d eval forward", "BatchNorm2d +ReLU forward+backward",
+                "AdaptiveAvgPool2d(1) f+b"):
+        assert row in out
+    assert "BatchNorm2d (2, 16, 32, 32) train forward+backward, 1 thread" in out.split("=== summary", 1)[1]
