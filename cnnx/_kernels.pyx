@@ -704,23 +704,17 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, momentum, eps,
     return y, mean, invstd
 
 
-def batchnorm_backward(dy, x, weight, save_mean, save_invstd, with_weight, with_bias, y=None):
-    """The gradients of batchnorm_forward: (dx, dweight or None, dbias or None).
-
-    dy, x (N, C, H, W); weight (C,) or None; save_mean, save_invstd (C,) from the forward; y its output when it
-    ran with relu=True (the gradient then passes where y > 0), else None. With g = dy (or dy * (y > 0)),
-    xhat = (x - mean) * invstd and M = N*H*W:
-    dx = weight * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M), dweight = sum(g * xhat), dbias = sum(g).
-    """
-    fn = "batchnorm_backward"
+cdef tuple _bn_grads(str fn, dy, x, weight, mean, stat, str mean_name, str stat_name, bint batch_stats, double eps,
+                     with_weight, with_bias, y):
+    """The door of both backwards: stat is save_invstd (batch statistics) or running_var (running ones)."""
     _check(x, "x", fn, 4)
     _bn_like(dy, "dy", fn, x)
     if y is not None:
         _bn_like(y, "y", fn, x)
     cdef int64_t N = x.shape[0], C = x.shape[1], L = x.shape[2] * x.shape[3]
     _bn_channels(weight, "weight", fn, x.dtype, C)
-    _bn_channels(save_mean, "save_mean", fn, x.dtype, C, False, False)
-    _bn_channels(save_invstd, "save_invstd", fn, x.dtype, C, False, False)
+    _bn_channels(mean, mean_name, fn, x.dtype, C, False, False)
+    _bn_channels(stat, stat_name, fn, x.dtype, C, False, False)
     dx = np.empty(x.shape, dtype=x.dtype)
     dweight = np.zeros(C, dtype=x.dtype) if with_weight else None
     dbias = np.zeros(C, dtype=x.dtype) if with_bias else None
@@ -734,22 +728,42 @@ def batchnorm_backward(dy, x, weight, save_mean, save_invstd, with_weight, with_
     cdef void *yp = _bn_ptr(y)
     cdef void *xp = _bn_ptr(x)
     cdef void *wp = _bn_ptr(weight)
-    cdef void *mp = _bn_ptr(save_mean)
-    cdef void *ip = _bn_ptr(save_invstd)
+    cdef void *mp = _bn_ptr(mean)
+    cdef void *sp = _bn_ptr(stat)
     cdef bint f32 = x.dtype == np.float32
     with nogil:
         cnnx_fpenv_enter()
-        if f32:
+        if f32 and batch_stats:
             code = batchnorm_backward_f32(<float *>dxp, <float *>dwp, <float *>dbp, <const float *>dyp,
                                           <const float *>yp, <const float *>xp, <const float *>wp,
-                                          <const float *>mp, <const float *>ip, N, C, L)
-        else:
+                                          <const float *>mp, <const float *>sp, N, C, L)
+        elif batch_stats:
             code = batchnorm_backward_f64(<double *>dxp, <double *>dwp, <double *>dbp, <const double *>dyp,
                                           <const double *>yp, <const double *>xp, <const double *>wp,
-                                          <const double *>mp, <const double *>ip, N, C, L)
+                                          <const double *>mp, <const double *>sp, N, C, L)
+        elif f32:
+            code = batchnorm_eval_backward_f32(<float *>dxp, <float *>dwp, <float *>dbp, <const float *>dyp,
+                                               <const float *>yp, <const float *>xp, <const float *>wp,
+                                               <const float *>mp, <const float *>sp, N, C, L, eps)
+        else:
+            code = batchnorm_eval_backward_f64(<double *>dxp, <double *>dwp, <double *>dbp, <const double *>dyp,
+                                               <const double *>yp, <const double *>xp, <const double *>wp,
+                                               <const double *>mp, <const double *>sp, N, C, L, eps)
         cnnx_fpenv_leave()
     _status(code, fn)
     return dx, dweight, dbias
+
+
+def batchnorm_backward(dy, x, weight, save_mean, save_invstd, with_weight, with_bias, y=None):
+    """The gradients of batchnorm_forward: (dx, dweight or None, dbias or None).
+
+    dy, x (N, C, H, W); weight (C,) or None; save_mean, save_invstd (C,) from the forward; y its output when it
+    ran with relu=True (the gradient then passes where y > 0), else None. With g = dy (or dy * (y > 0)),
+    xhat = (x - mean) * invstd and M = N*H*W:
+    dx = weight * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M), dweight = sum(g * xhat), dbias = sum(g).
+    """
+    return _bn_grads("batchnorm_backward", dy, x, weight, save_mean, save_invstd, "save_mean", "save_invstd", True,
+                     0.0, with_weight, with_bias, y)
 
 
 def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps, relu=False):
@@ -795,44 +809,8 @@ def batchnorm_eval_backward(dy, x, weight, running_mean, running_var, eps, with_
     With g = dy (or dy * (y > 0) after relu=True), invstd = 1 / sqrt(running_var + eps):
     dx = g * weight * invstd, dweight = sum(g * (x - running_mean) * invstd), dbias = sum(g)."""
     fn = "batchnorm_eval_backward"
-    _check(x, "x", fn, 4)
-    _bn_like(dy, "dy", fn, x)
-    if y is not None:
-        _bn_like(y, "y", fn, x)
-    cdef int64_t N = x.shape[0], C = x.shape[1], L = x.shape[2] * x.shape[3]
-    _bn_channels(weight, "weight", fn, x.dtype, C)
-    _bn_channels(running_mean, "running_mean", fn, x.dtype, C, False, False)
-    _bn_channels(running_var, "running_var", fn, x.dtype, C, False, False)
-    cdef double e = _bn_eps(eps, fn)
-    dx = np.empty(x.shape, dtype=x.dtype)
-    dweight = np.zeros(C, dtype=x.dtype) if with_weight else None
-    dbias = np.zeros(C, dtype=x.dtype) if with_bias else None
-    if N * L == 0 or C == 0:
-        return dx, dweight, dbias
-    cdef int code = CNNX_OK
-    cdef void *dxp = _bn_ptr(dx)
-    cdef void *dwp = _bn_ptr(dweight)
-    cdef void *dbp = _bn_ptr(dbias)
-    cdef void *dyp = _bn_ptr(dy)
-    cdef void *yp = _bn_ptr(y)
-    cdef void *xp = _bn_ptr(x)
-    cdef void *wp = _bn_ptr(weight)
-    cdef void *rmp = _bn_ptr(running_mean)
-    cdef void *rvp = _bn_ptr(running_var)
-    cdef bint f32 = x.dtype == np.float32
-    with nogil:
-        cnnx_fpenv_enter()
-        if f32:
-            code = batchnorm_eval_backward_f32(<float *>dxp, <float *>dwp, <float *>dbp, <const float *>dyp,
-                                               <const float *>yp, <const float *>xp, <const float *>wp,
-                                               <const float *>rmp, <const float *>rvp, N, C, L, e)
-        else:
-            code = batchnorm_eval_backward_f64(<double *>dxp, <double *>dwp, <double *>dbp, <const double *>dyp,
-                                               <const double *>yp, <const double *>xp, <const double *>wp,
-                                               <const double *>rmp, <const double *>rvp, N, C, L, e)
-        cnnx_fpenv_leave()
-    _status(code, fn)
-    return dx, dweight, dbias
+    return _bn_grads(fn, dy, x, weight, running_mean, running_var, "running_mean", "running_var", False,
+                     _bn_eps(eps, fn), with_weight, with_bias, y)
 
 
 def global_avgpool2d_forward(x):

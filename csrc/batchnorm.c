@@ -27,9 +27,12 @@
 #define BN_PREFETCH(p) ((void)0)
 #endif
 
-/* The 8 lanes of every sum as one vector value where the compiler has vector extensions (batchnorm_impl.h). */
-#if defined(__GNUC__) || defined(__clang__)
+/* The 8 lanes of every sum as vector values where the compiler has vector extensions (batchnorm_impl.h); plain
+ * loops elsewhere (-DBN_VECTOR=0 builds them with GCC too, for comparison: the same bits). */
+#if !defined(BN_VECTOR) && (defined(__GNUC__) || defined(__clang__))
 #define BN_VECTOR 1
+#endif
+#if BN_VECTOR
 typedef double bn_v4d __attribute__((vector_size(32)));
 typedef float bn_v4f __attribute__((vector_size(16)));
 typedef float bn_v8f __attribute__((vector_size(32)));
@@ -38,8 +41,6 @@ typedef float bn_v8f __attribute__((vector_size(32)));
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-#else
-#define BN_VECTOR 0
 #endif
 
 #define TARGET

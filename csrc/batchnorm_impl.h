@@ -23,10 +23,10 @@ static inline double GLUE(lanes_total, SUF)(const double *l)
 }
 
 /*
- * Lane sums over one plane of L values: value i feeds lane i % 8 (whole blocks of 8, then the tail into lanes
- * 0..). With BN_VECTOR (GCC, Clang) lanes 0-3 and 4-7 are two vector values of 4 doubles, so the compiler keeps
- * them in registers and cannot fall back to scalar code; otherwise plain arrays. Either way the same operations
- * lane by lane. BN_LOAD4(p) is 4 REALs from p as 4 doubles.
+ * Lane sums over one plane of L values: value i feeds lane i % 8. With BN_VECTOR (GCC, Clang) the whole blocks of
+ * 8 run with lanes 0-3 and 4-7 as two vector values of 4 doubles, so the compiler keeps them in registers and
+ * cannot fall back to scalar code; the scalar loop after them takes the tail (or, without BN_VECTOR, everything).
+ * Either way the same operations lane by lane. BN_LOAD4(p) is 4 REALs from p as 4 doubles.
  */
 #if BN_VECTOR
 #define BN_LOAD4(p) GLUE(load4, SUF)(p)
@@ -54,13 +54,8 @@ TARGET static inline void GLUE(plane_sum, SUF)(double *restrict s, const REAL *r
     }
     memcpy(s, &a0, sizeof a0);
     memcpy(s + 4, &a1, sizeof a1);
-#else
-    for (; i + 8 <= L; i += 8) {
-        if (ahead && i % BN_LINE == 0) BN_PREFETCH(p + ahead + i);
-        for (int k = 0; k < 8; k++) s[k] += (double)p[i + k];
-    }
 #endif
-    for (int k = 0; i + k < L; k++) s[k] += (double)p[i + k];
+    for (; i < L; i++) s[i % 8] += (double)p[i];
 }
 
 /* e = x[i] - mean: d[i % 8] += e, q[i % 8] += e * e */
@@ -85,18 +80,11 @@ TARGET static inline void GLUE(plane_centred, SUF)(double *restrict d, double *r
     memcpy(d + 4, &d1, sizeof d1);
     memcpy(q, &q0, sizeof q0);
     memcpy(q + 4, &q1, sizeof q1);
-#else
-    for (; i + 8 <= L; i += 8)
-        for (int k = 0; k < 8; k++) {
-            const double e = (double)p[i + k] - mean;
-            d[k] += e;
-            q[k] += e * e;
-        }
 #endif
-    for (int k = 0; i + k < L; k++) {
-        const double e = (double)p[i + k] - mean;
-        d[k] += e;
-        q[k] += e * e;
+    for (; i < L; i++) {
+        const double e = (double)p[i] - mean;
+        d[i % 8] += e;
+        q[i % 8] += e * e;
     }
 }
 
@@ -143,18 +131,11 @@ TARGET static inline void GLUE(plane_grad_sums, SUF)(double *restrict a, double 
     memcpy(a + 4, &a1, sizeof a1);
     memcpy(b, &b0, sizeof b0);
     memcpy(b + 4, &b1, sizeof b1);
-#else
-    for (; i + 8 <= L; i += 8)
-        for (int k = 0; k < 8; k++) {
-            const double g = (double)(relu ? gp[i + k] * (REAL)(yp[i + k] > 0) : gp[i + k]);
-            a[k] += g;
-            b[k] += g * ((double)xp[i + k] - md);
-        }
 #endif
-    for (int k = 0; i + k < L; k++) {
-        const double g = (double)(relu ? gp[i + k] * (REAL)(yp[i + k] > 0) : gp[i + k]);
-        a[k] += g;
-        b[k] += g * ((double)xp[i + k] - md);
+    for (; i < L; i++) {
+        const double g = (double)(relu ? gp[i] * (REAL)(yp[i] > 0) : gp[i]);
+        a[i % 8] += g;
+        b[i % 8] += g * ((double)xp[i] - md);
     }
 }
 

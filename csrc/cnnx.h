@@ -165,7 +165,7 @@ CNNX_POOL2D_DECLARE(double, f64)
  * x, y, dy, dx are (N, C, L), L = H*W (BatchNorm1d: L = 1 or its length); weight, bias and the statistics (C,).
  * weight NULL means 1 and bias NULL means 0 (affine=False); y in the backwards is the forward's output when it ran
  * with relu (the gradient passes where y > 0), else NULL; dweight / dbias NULL are not computed. Outputs are
- * overwritten. Sums run in double, in an order that does not depend on the thread count or the CPU path.
+ * overwritten and must not overlap the inputs. Sums run in double, in an order that does not depend on the thread count or the CPU path.
  * batchnorm_forward: batch statistics (biased variance), y = (x - mean) * (weight * invstd) + bias, then
  *   max(y, 0) when relu; save_mean / save_invstd (C,) for the backward; running_mean / running_var (may be
  *   NULL) updated in place with factor momentum (the unbiased variance into running_var). N*L >= 1.
