@@ -7,6 +7,7 @@ calls the C kernel with the GIL released. Geometry arrives normalised (see cnnx/
 stride (sh, sw), conv padding (top, bottom, left, right), pool padding (ph, pw), dilation (dh, dw).
 """
 import math
+import numbers
 
 import numpy as np
 cimport numpy as cnp
@@ -642,8 +643,14 @@ cdef _bn_channels(a, str name, str fn, dtype, int64_t C, bint writable=False, bi
         raise ValueError(f"{fn}: {name} must be writable (it is updated in place)")
 
 
+cdef double _bn_real(value, str name, str fn) except? -1:
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}")
+
+
 cdef double _bn_eps(eps, str fn) except -1:
-    e = float(eps)
+    cdef double e = _bn_real(eps, "eps", fn)
     if not (e >= 0 and math.isfinite(e)):
         raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
     return e
@@ -672,7 +679,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, momentum, eps,
     _bn_channels(bias, "bias", fn, x.dtype, C)
     _bn_channels(running_mean, "running_mean", fn, x.dtype, C, True)
     _bn_channels(running_var, "running_var", fn, x.dtype, C, True)
-    cdef double e = _bn_eps(eps, fn), f = float(momentum)
+    cdef double e = _bn_eps(eps, fn), f = _bn_real(momentum, "momentum", fn)
     cdef int r = bool(relu), code = CNNX_OK
     y = np.empty(x.shape, dtype=x.dtype)
     mean = np.empty(C, dtype=x.dtype)

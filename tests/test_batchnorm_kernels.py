@@ -466,6 +466,10 @@ def test_kernels_reject_bad_input():
         K.batchnorm_forward(x[:, :, ::2], None, None, None, None, 0.1, EPS)
     with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1"):
         K.batchnorm_forward(x, None, None, None, None, 0.1, -1)
+    with pytest.raises(TypeError, match="batchnorm_forward: momentum must be a real number, got NoneType None"):
+        K.batchnorm_forward(x, None, None, c3.copy(), c3.copy(), None, EPS)
+    with pytest.raises(TypeError, match="batchnorm_eval_forward: eps must be a real number, got str"):
+        K.batchnorm_eval_forward(x, None, None, c3, c3, "1e-5")
     y, mean, invstd = K.batchnorm_forward(x, None, None, None, None, 0.1, EPS)
     with pytest.raises(ValueError, match=r"batchnorm_backward: dy must have the shape of x \(2, 3, 4, 4\), got "
                                          r"\(2, 3, 4, 5\)"):
