@@ -112,3 +112,33 @@ cdef extern from "cnnx.h" nogil:
     int conv2d_winograd_backward_weight_f64(double *dw, double *db, const double *dy, const double *x,
                                             int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT,
                                             int64_t PL, int64_t OH, int64_t OW)
+
+    # batch normalisation, global average pooling (csrc/batchnorm.c)
+    int batchnorm_forward_f32(float *y, float *save_mean, float *save_invstd, float *running_mean,
+                              float *running_var, const float *x, const float *weight, const float *bias,
+                              int64_t N, int64_t C, int64_t L, double eps, double momentum, int relu)
+    int batchnorm_forward_f64(double *y, double *save_mean, double *save_invstd, double *running_mean,
+                              double *running_var, const double *x, const double *weight, const double *bias,
+                              int64_t N, int64_t C, int64_t L, double eps, double momentum, int relu)
+    int batchnorm_backward_f32(float *dx, float *dweight, float *dbias, const float *dy, const float *y,
+                               const float *x, const float *weight, const float *save_mean,
+                               const float *save_invstd, int64_t N, int64_t C, int64_t L)
+    int batchnorm_backward_f64(double *dx, double *dweight, double *dbias, const double *dy, const double *y,
+                               const double *x, const double *weight, const double *save_mean,
+                               const double *save_invstd, int64_t N, int64_t C, int64_t L)
+    int batchnorm_eval_forward_f32(float *y, const float *x, const float *running_mean, const float *running_var,
+                                   const float *weight, const float *bias, int64_t N, int64_t C, int64_t L,
+                                   double eps, int relu)
+    int batchnorm_eval_forward_f64(double *y, const double *x, const double *running_mean,
+                                   const double *running_var, const double *weight, const double *bias, int64_t N,
+                                   int64_t C, int64_t L, double eps, int relu)
+    int batchnorm_eval_backward_f32(float *dx, float *dweight, float *dbias, const float *dy, const float *y,
+                                    const float *x, const float *weight, const float *running_mean,
+                                    const float *running_var, int64_t N, int64_t C, int64_t L, double eps)
+    int batchnorm_eval_backward_f64(double *dx, double *dweight, double *dbias, const double *dy, const double *y,
+                                    const double *x, const double *weight, const double *running_mean,
+                                    const double *running_var, int64_t N, int64_t C, int64_t L, double eps)
+    int global_avgpool2d_forward_f32(float *y, const float *x, int64_t NC, int64_t L)
+    int global_avgpool2d_forward_f64(double *y, const double *x, int64_t NC, int64_t L)
+    int global_avgpool2d_backward_f32(float *dx, const float *dy, int64_t NC, int64_t L)
+    int global_avgpool2d_backward_f64(double *dx, const double *dy, int64_t NC, int64_t L)

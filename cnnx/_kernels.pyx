@@ -7,6 +7,7 @@ calls the C kernel with the GIL released. Geometry arrives normalised (see cnnx/
 stride (sh, sw), conv padding (top, bottom, left, right), pool padding (ph, pw), dilation (dh, dw).
 """
 import math
+import numbers
 
 import numpy as np
 cimport numpy as cnp
@@ -478,6 +479,262 @@ def avgpool2d_backward(dy, x_shape, kernel_size, stride, padding, ceil_mode, cou
         code = _avg_bwd[float](dx, dy, &g, cip, div)
     else:
         code = _avg_bwd[double](dx, dy, &g, cip, div)
+    _status(code, fn)
+    return dx
+
+
+# ---------------------------------------------------------------- batch normalisation, global average pooling
+# (csrc/batchnorm.c) x, y, dy, dx are (N, C, H, W); the C core sees them as (N, C, L = H*W). BatchNorm1d's (N, C)
+# and (N, C, L) inputs arrive viewed as (N, C, 1, 1) and (N, C, L, 1). Raw pointers, not memoryviews: weight and
+# bias may be None (NULL), and BatchNorm sits on the per-step path.
+
+
+cdef inline void *_bn_ptr(object a):
+    """The data of a checked ndarray, NULL for None."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef _bn_channels(a, str name, str fn, dtype, int64_t C, bint writable=False, bint optional=True):
+    """a is None (when optional) or a C-contiguous (C,) array of dtype (writable when asked)."""
+    if a is None:
+        if optional:
+            return
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray of shape ({C},), got None")
+    _check(a, name, fn, 1, dtype)
+    if a.shape[0] != C:
+        raise ValueError(f"{fn}: {name} must have shape ({C},) (one value per channel of x), got {a.shape}")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{fn}: {name} must be writable (it is updated in place)")
+
+
+cdef double _bn_real(value, str name, str fn) except? -1:
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+cdef double _bn_eps(eps, str fn) except -1:
+    cdef double e = _bn_real(eps, "eps", fn)
+    if not (e >= 0 and math.isfinite(e)):
+        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
+    return e
+
+
+cdef _bn_like(a, str name, str fn, x):
+    """a (dy, or the forward's y) has x's shape and dtype."""
+    _check(a, name, fn, 4, x.dtype)
+    if a.shape != x.shape:
+        raise ValueError(f"{fn}: {name} must have the shape of x {x.shape}, got {a.shape}")
+
+
+def batchnorm_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
+    """Batch normalisation with the batch's statistics (training; evaluation without running statistics).
+
+    x (N, C, H, W); weight, bias (C,) or None (1 and 0); running_mean, running_var (C,) or None, updated in place:
+    running = (1 - momentum) * running + momentum * statistic (the unbiased variance into running_var).
+    Returns (y, save_mean, save_invstd): y = (x - mean) * weight * invstd + bias with the biased variance,
+    max(y, 0) when relu; mean and invstd = 1 / sqrt(var + eps) per channel, for batchnorm_backward.
+    N*H*W = 0: y is empty, mean and invstd NaN, the running statistics unchanged.
+    """
+    fn = "batchnorm_forward"
+    _check(x, "x", fn, 4)
+    cdef int64_t N = x.shape[0], C = x.shape[1], L = x.shape[2] * x.shape[3]
+    _bn_channels(weight, "weight", fn, x.dtype, C)
+    _bn_channels(bias, "bias", fn, x.dtype, C)
+    _bn_channels(running_mean, "running_mean", fn, x.dtype, C, True)
+    _bn_channels(running_var, "running_var", fn, x.dtype, C, True)
+    cdef double e = _bn_eps(eps, fn), f = _bn_real(momentum, "momentum", fn)
+    cdef int r = bool(relu), code = CNNX_OK
+    y = np.empty(x.shape, dtype=x.dtype)
+    mean = np.empty(C, dtype=x.dtype)
+    invstd = np.empty(C, dtype=x.dtype)
+    if N * L == 0 or C == 0:
+        mean.fill(np.nan)
+        invstd.fill(np.nan)
+        return y, mean, invstd
+    cdef void *yp = _bn_ptr(y)
+    cdef void *mp = _bn_ptr(mean)
+    cdef void *ip = _bn_ptr(invstd)
+    cdef void *rmp = _bn_ptr(running_mean)
+    cdef void *rvp = _bn_ptr(running_var)
+    cdef void *xp = _bn_ptr(x)
+    cdef void *wp = _bn_ptr(weight)
+    cdef void *bp = _bn_ptr(bias)
+    cdef bint f32 = x.dtype == np.float32
+    with nogil:
+        cnnx_fpenv_enter()
+        if f32:
+            code = batchnorm_forward_f32(<float *>yp, <float *>mp, <float *>ip, <float *>rmp, <float *>rvp,
+                                         <const float *>xp, <const float *>wp, <const float *>bp, N, C, L, e, f, r)
+        else:
+            code = batchnorm_forward_f64(<double *>yp, <double *>mp, <double *>ip, <double *>rmp, <double *>rvp,
+                                         <const double *>xp, <const double *>wp, <const double *>bp, N, C, L, e, f,
+                                         r)
+        cnnx_fpenv_leave()
+    _status(code, fn)
+    return y, mean, invstd
+
+
+cdef tuple _bn_grads(str fn, dy, x, weight, mean, stat, str mean_name, str stat_name, bint batch_stats, double eps,
+                     with_weight, with_bias, y):
+    """The door of both backwards: stat is save_invstd (batch statistics) or running_var (running ones)."""
+    _check(x, "x", fn, 4)
+    _bn_like(dy, "dy", fn, x)
+    if y is not None:
+        _bn_like(y, "y", fn, x)
+    cdef int64_t N = x.shape[0], C = x.shape[1], L = x.shape[2] * x.shape[3]
+    _bn_channels(weight, "weight", fn, x.dtype, C)
+    _bn_channels(mean, mean_name, fn, x.dtype, C, False, False)
+    _bn_channels(stat, stat_name, fn, x.dtype, C, False, False)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    dweight = np.zeros(C, dtype=x.dtype) if with_weight else None
+    dbias = np.zeros(C, dtype=x.dtype) if with_bias else None
+    if N * L == 0 or C == 0:
+        return dx, dweight, dbias
+    cdef int code = CNNX_OK
+    cdef void *dxp = _bn_ptr(dx)
+    cdef void *dwp = _bn_ptr(dweight)
+    cdef void *dbp = _bn_ptr(dbias)
+    cdef void *dyp = _bn_ptr(dy)
+    cdef void *yp = _bn_ptr(y)
+    cdef void *xp = _bn_ptr(x)
+    cdef void *wp = _bn_ptr(weight)
+    cdef void *mp = _bn_ptr(mean)
+    cdef void *sp = _bn_ptr(stat)
+    cdef bint f32 = x.dtype == np.float32
+    with nogil:
+        cnnx_fpenv_enter()
+        if f32 and batch_stats:
+            code = batchnorm_backward_f32(<float *>dxp, <float *>dwp, <float *>dbp, <const float *>dyp,
+                                          <const float *>yp, <const float *>xp, <const float *>wp,
+                                          <const float *>mp, <const float *>sp, N, C, L)
+        elif batch_stats:
+            code = batchnorm_backward_f64(<double *>dxp, <double *>dwp, <double *>dbp, <const double *>dyp,
+                                          <const double *>yp, <const double *>xp, <const double *>wp,
+                                          <const double *>mp, <const double *>sp, N, C, L)
+        elif f32:
+            code = batchnorm_eval_backward_f32(<float *>dxp, <float *>dwp, <float *>dbp, <const float *>dyp,
+                                               <const float *>yp, <const float *>xp, <const float *>wp,
+                                               <const float *>mp, <const float *>sp, N, C, L, eps)
+        else:
+            code = batchnorm_eval_backward_f64(<double *>dxp, <double *>dwp, <double *>dbp, <const double *>dyp,
+                                               <const double *>yp, <const double *>xp, <const double *>wp,
+                                               <const double *>mp, <const double *>sp, N, C, L, eps)
+        cnnx_fpenv_leave()
+    _status(code, fn)
+    return dx, dweight, dbias
+
+
+def batchnorm_backward(dy, x, weight, save_mean, save_invstd, with_weight, with_bias, y=None):
+    """The gradients of batchnorm_forward: (dx, dweight or None, dbias or None).
+
+    dy, x (N, C, H, W); weight (C,) or None; save_mean, save_invstd (C,) from the forward; y its output when it
+    ran with relu=True (the gradient then passes where y > 0), else None. With g = dy (or dy * (y > 0)),
+    xhat = (x - mean) * invstd and M = N*H*W:
+    dx = weight * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M), dweight = sum(g * xhat), dbias = sum(g).
+    """
+    return _bn_grads("batchnorm_backward", dy, x, weight, save_mean, save_invstd, "save_mean", "save_invstd", True,
+                     0.0, with_weight, with_bias, y)
+
+
+def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps, relu=False):
+    """Batch normalisation with fixed (running) statistics: y = (x - running_mean) * weight * invstd + bias,
+    invstd = 1 / sqrt(running_var + eps), per channel (max(y, 0) when relu). x (N, C, H, W); weight, bias (C,) or
+    None; running_mean, running_var (C,)."""
+    fn = "batchnorm_eval_forward"
+    _check(x, "x", fn, 4)
+    cdef int64_t N = x.shape[0], C = x.shape[1], L = x.shape[2] * x.shape[3]
+    _bn_channels(weight, "weight", fn, x.dtype, C)
+    _bn_channels(bias, "bias", fn, x.dtype, C)
+    _bn_channels(running_mean, "running_mean", fn, x.dtype, C, False, False)
+    _bn_channels(running_var, "running_var", fn, x.dtype, C, False, False)
+    cdef double e = _bn_eps(eps, fn)
+    cdef int r = bool(relu), code = CNNX_OK
+    y = np.empty(x.shape, dtype=x.dtype)
+    if y.size == 0:
+        return y
+    cdef void *yp = _bn_ptr(y)
+    cdef void *xp = _bn_ptr(x)
+    cdef void *rmp = _bn_ptr(running_mean)
+    cdef void *rvp = _bn_ptr(running_var)
+    cdef void *wp = _bn_ptr(weight)
+    cdef void *bp = _bn_ptr(bias)
+    cdef bint f32 = x.dtype == np.float32
+    with nogil:
+        cnnx_fpenv_enter()
+        if f32:
+            code = batchnorm_eval_forward_f32(<float *>yp, <const float *>xp, <const float *>rmp,
+                                              <const float *>rvp, <const float *>wp, <const float *>bp, N, C, L,
+                                              e, r)
+        else:
+            code = batchnorm_eval_forward_f64(<double *>yp, <const double *>xp, <const double *>rmp,
+                                              <const double *>rvp, <const double *>wp, <const double *>bp, N, C,
+                                              L, e, r)
+        cnnx_fpenv_leave()
+    _status(code, fn)
+    return y
+
+
+def batchnorm_eval_backward(dy, x, weight, running_mean, running_var, eps, with_weight, with_bias, y=None):
+    """The gradients of batchnorm_eval_forward (the statistics constant): (dx, dweight or None, dbias or None).
+    With g = dy (or dy * (y > 0) after relu=True), invstd = 1 / sqrt(running_var + eps):
+    dx = g * weight * invstd, dweight = sum(g * (x - running_mean) * invstd), dbias = sum(g)."""
+    fn = "batchnorm_eval_backward"
+    return _bn_grads(fn, dy, x, weight, running_mean, running_var, "running_mean", "running_var", False,
+                     _bn_eps(eps, fn), with_weight, with_bias, y)
+
+
+def global_avgpool2d_forward(x):
+    """y (N, C, 1, 1): the mean of each (H, W) plane of x (N, C, H, W) (AdaptiveAvgPool2d(1)), summed in
+    float64."""
+    fn = "global_avgpool2d_forward"
+    _check(x, "x", fn, 4)
+    cdef int64_t NC = x.shape[0] * x.shape[1], L = x.shape[2] * x.shape[3]
+    if L == 0:
+        raise ValueError(f"{fn}: x must have H, W >= 1 (a plane to average), got shape {x.shape}")
+    y = np.empty((x.shape[0], x.shape[1], 1, 1), dtype=x.dtype)
+    if NC == 0:
+        return y
+    cdef int code = CNNX_OK
+    cdef void *yp = _bn_ptr(y)
+    cdef void *xp = _bn_ptr(x)
+    cdef bint f32 = x.dtype == np.float32
+    with nogil:
+        cnnx_fpenv_enter()
+        if f32:
+            code = global_avgpool2d_forward_f32(<float *>yp, <const float *>xp, NC, L)
+        else:
+            code = global_avgpool2d_forward_f64(<double *>yp, <const double *>xp, NC, L)
+        cnnx_fpenv_leave()
+    _status(code, fn)
+    return y
+
+
+def global_avgpool2d_backward(dy, x_shape):
+    """dx (x_shape) of global_avgpool2d_forward given dy (N, C, 1, 1): dx[n, c] = dy[n, c] / (H*W)."""
+    fn = "global_avgpool2d_backward"
+    _check(dy, "dy", fn, 4)
+    xs = _shape4(x_shape, "x_shape", fn)
+    if xs[2] * xs[3] == 0:
+        raise ValueError(f"{fn}: x_shape must have H, W >= 1, got {xs}")
+    expected = (xs[0], xs[1], 1, 1)
+    if dy.shape != expected:
+        raise ValueError(f"{fn}: dy must have the output shape {expected}, got {dy.shape}")
+    dx = np.empty(xs, dtype=dy.dtype)
+    cdef int64_t NC = xs[0] * xs[1], L = xs[2] * xs[3]
+    if NC == 0:
+        return dx
+    cdef int code = CNNX_OK
+    cdef void *dxp = _bn_ptr(dx)
+    cdef void *dyp = _bn_ptr(dy)
+    cdef bint f32 = dy.dtype == np.float32
+    with nogil:
+        cnnx_fpenv_enter()
+        if f32:
+            code = global_avgpool2d_backward_f32(<float *>dxp, <const float *>dyp, NC, L)
+        else:
+            code = global_avgpool2d_backward_f64(<double *>dxp, <const double *>dyp, NC, L)
+        cnnx_fpenv_leave()
     _status(code, fn)
     return dx
 

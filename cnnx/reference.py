@@ -20,6 +20,7 @@ one per output position, form the strided slice
 of the padded input xp. Forward passes gather through it; backward passes scatter-add through it, which is
 where overlapping windows accumulate.
 """
+import functools
 import math
 
 import numpy as np
@@ -30,7 +31,8 @@ __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
            "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward", "avgpool2d_backward",
            "linear_forward", "linear_backward_input", "linear_backward_weight", "sgd_update", "adam_update",
            "cross_entropy_forward", "conv2d_winograd_forward", "conv2d_winograd_backward_input",
-           "conv2d_winograd_backward_weight"]
+           "conv2d_winograd_backward_weight", "batchnorm_forward", "batchnorm_backward", "batchnorm_eval_forward",
+           "batchnorm_eval_backward", "global_avgpool2d_forward", "global_avgpool2d_backward"]
 
 
 def _offset_view(xp, i, j, oh, ow, stride, dilation):
@@ -465,3 +467,134 @@ def conv2d_winograd_backward_weight(dy, x, weight_shape, padding, with_bias):
     dw = np.einsum("ji,ocjk,kl->ocil", _WINO_G, du.astype(np.float64), _WINO_G).astype(dt)
     db = dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dt) if with_bias else None
     return dw.reshape(weight_shape), db
+# -- batch normalisation, global average pooling -------------------------------------------------------
+# x, y, dy, dx are (N, C, H, W) (BatchNorm1d's inputs viewed as (N, C, L, 1)); per-channel vectors are (C,).
+# Sums run in float64, per-channel constants are rounded to x's dtype once, and the elementwise passes run in
+# x's dtype in the C kernels' order (csrc/batchnorm_impl.h).
+
+_BN_AXES = (0, 2, 3)
+
+
+def _bn_quiet(fn):
+    """Run fn with numpy's floating-point warnings off: NaN and inf flow through silently, as in C."""
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return fn(*args, **kwargs)
+    return quiet
+
+
+def _bn_channel(v):
+    """A (C,) vector as (1, C, 1, 1), to broadcast against (N, C, H, W)."""
+    return v.reshape(1, -1, 1, 1)
+
+
+def _bn_apply(x, mean, scale, bias, relu):
+    """y = (x - mean) * scale + bias per channel (bias None: 0), then max(y, 0) when relu."""
+    y = (x - _bn_channel(mean)) * _bn_channel(scale)
+    y += _bn_channel(bias) if bias is not None else x.dtype.type(0)
+    return np.maximum(y, 0, out=y) if relu else y
+
+
+@_bn_quiet
+def batchnorm_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
+    """Batch normalisation with the batch's statistics; returns (y, save_mean, save_invstd).
+
+    Per channel over its M = N*H*W values (in float64, two passes):
+        mean = sum(x) / M,  var = (sum((x - mean)^2) - sum(x - mean)^2 / M) / M  (biased),  invstd = 1/sqrt(var + eps)
+        y = (x - mean) * (weight * invstd) + bias        (weight None: 1, bias None: 0; max(y, 0) when relu)
+    running_mean / running_var (when not None) are updated in place:
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var = (1 - momentum) * running_var + momentum * var * M / (M - 1)     (M / 1 when M = 1)
+    M = 0: y empty, mean and invstd NaN, the running statistics unchanged.
+    """
+    n, c, h, w = x.shape
+    m = n * h * w
+    dt = x.dtype
+    if m == 0 or c == 0:
+        return np.empty_like(x), np.full(c, np.nan, dt), np.full(c, np.nan, dt)
+    x64 = x.astype(np.float64)
+    mean = x64.sum(axis=_BN_AXES) / m
+    d = x64 - _bn_channel(mean)
+    sd = d.sum(axis=_BN_AXES)
+    var = np.maximum((np.square(d).sum(axis=_BN_AXES) - sd * sd / m) / m, 0)       # NaN stays NaN
+    invstd = 1.0 / np.sqrt(var + eps)
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    if running_var is not None:
+        running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
+                            + momentum * var * (m / (m - 1) if m > 1 else 1.0))
+    scale = (invstd if weight is None else weight.astype(np.float64) * invstd).astype(dt)
+    return _bn_apply(x, mean.astype(dt), scale, bias, relu), mean.astype(dt), invstd.astype(dt)
+
+
+@_bn_quiet
+def _bn_backward(dy, y, x, weight, mean, invstd, batch_stats, with_weight, with_bias):
+    """The two backwards (see batchnorm_backward); invstd in float64."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    dt = x.dtype
+    dweight = np.zeros(c, dt) if with_weight else None
+    dbias = np.zeros(c, dt) if with_bias else None
+    if m == 0 or c == 0:
+        return np.empty_like(x), dweight, dbias
+    g = dy if y is None else dy * (y > 0)
+    g64 = g.astype(np.float64)
+    sg = g64.sum(axis=_BN_AXES)
+    sgx = (g64 * (x.astype(np.float64) - _bn_channel(mean.astype(np.float64)))).sum(axis=_BN_AXES)
+    if with_bias:
+        dbias[...] = sg
+    if with_weight:
+        dweight[...] = sgx * invstd
+    scale = (invstd if weight is None else weight.astype(np.float64) * invstd).astype(dt)
+    if not batch_stats:
+        return g * _bn_channel(scale), dweight, dbias
+    mg = (sg / m).astype(dt)
+    k = (sgx * invstd * invstd / m).astype(dt)
+    dx = (g - _bn_channel(mg) - (x - _bn_channel(mean)) * _bn_channel(k)) * _bn_channel(scale)
+    return dx, dweight, dbias
+
+
+def batchnorm_backward(dy, x, weight, save_mean, save_invstd, with_weight, with_bias, y=None):
+    """The gradients of batchnorm_forward: (dx, dweight or None, dbias or None).
+
+    g = dy, or dy * (y > 0) when y (the forward's output with relu=True) is given; xhat = (x - mean) * invstd:
+        dbias = sum(g),  dweight = sum(g * xhat),
+        dx = (g - sum(g) / M - (x - mean) * (sum(g * (x - mean)) * invstd^2 / M)) * (weight * invstd)
+    Forward line: y = (x - mean) * (weight * invstd) + bias, mean and invstd functions of x.
+    """
+    return _bn_backward(dy, y, x, weight, save_mean, save_invstd.astype(np.float64), True, with_weight, with_bias)
+
+
+@_bn_quiet
+def batchnorm_eval_forward(x, weight, bias, running_mean, running_var, eps, relu=False):
+    """y = (x - running_mean) * (weight * invstd) + bias per channel, invstd = 1 / sqrt(running_var + eps)
+    (weight * invstd in float64, rounded once; max(y, 0) when relu)."""
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    scale = (invstd if weight is None else weight.astype(np.float64) * invstd).astype(x.dtype)
+    return _bn_apply(x, running_mean, scale, bias, relu)
+
+
+@_bn_quiet
+def batchnorm_eval_backward(dy, x, weight, running_mean, running_var, eps, with_weight, with_bias, y=None):
+    """The gradients of batchnorm_eval_forward, the statistics constant: with g as in batchnorm_backward and
+    invstd = 1 / sqrt(running_var + eps): dx = g * (weight * invstd), dweight = sum(g * (x - running_mean)) *
+    invstd, dbias = sum(g). Forward line: y = (x - running_mean) * (weight * invstd) + bias."""
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    return _bn_backward(dy, y, x, weight, running_mean, invstd, False, with_weight, with_bias)
+
+
+def global_avgpool2d_forward(x):
+    """y (N, C, 1, 1) = the mean of each (H, W) plane of x, summed in float64, rounded once."""
+    if x.shape[2] * x.shape[3] == 0:
+        raise ValueError(f"global_avgpool2d_forward: x must have H, W >= 1 (a plane to average), got shape {x.shape}")
+    return x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(x.dtype)
+
+
+def global_avgpool2d_backward(dy, x_shape):
+    """dx (x_shape): dx[n, c, :, :] = dy[n, c, 0, 0] / (H*W), divided in float64, rounded once."""
+    n, c, h, w = x_shape
+    if h * w == 0:
+        raise ValueError(f"global_avgpool2d_backward: x_shape must have H, W >= 1, got {tuple(x_shape)}")
+    g = (dy.astype(np.float64) / (h * w)).astype(dy.dtype)
+    return np.broadcast_to(g, tuple(x_shape)).copy()

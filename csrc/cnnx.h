@@ -175,6 +175,34 @@ int conv2d_winograd_backward_weight_##S(REAL *dw, REAL *db, const REAL *dy, cons
                                         int64_t OH, int64_t OW);
 CNNX_WINOGRAD_DECLARE(float, f32)
 CNNX_WINOGRAD_DECLARE(double, f64)
+/* ---- batch normalisation and global average pooling (batchnorm.c) ----
+ * x, y, dy, dx are (N, C, L), L = H*W (BatchNorm1d: L = 1 or its length); weight, bias and the statistics (C,).
+ * weight NULL means 1 and bias NULL means 0 (affine=False); y in the backwards is the forward's output when it ran
+ * with relu (the gradient passes where y > 0), else NULL; dweight / dbias NULL are not computed. Outputs are
+ * overwritten and must not overlap the inputs. Sums run in double, in an order that does not depend on the thread count or the CPU path.
+ * batchnorm_forward: batch statistics (biased variance), y = (x - mean) * (weight * invstd) + bias, then
+ *   max(y, 0) when relu; save_mean / save_invstd (C,) for the backward; running_mean / running_var (may be
+ *   NULL) updated in place with factor momentum (the unbiased variance into running_var). N*L >= 1.
+ * batchnorm_eval_forward: the same map with running_mean and invstd = 1 / sqrt(running_var + eps).
+ * global_avgpool2d_forward: y (NC,) = mean of each of the NC planes of L values of x; backward dx = dy / L. */
+#define CNNX_BATCHNORM_DECLARE(REAL, SUF)                                                           \
+int batchnorm_forward_##SUF(REAL *y, REAL *save_mean, REAL *save_invstd, REAL *running_mean,        \
+                            REAL *running_var, const REAL *x, const REAL *weight, const REAL *bias, \
+                            int64_t N, int64_t C, int64_t L, double eps, double momentum, int relu); \
+int batchnorm_backward_##SUF(REAL *dx, REAL *dweight, REAL *dbias, const REAL *dy, const REAL *y,   \
+                             const REAL *x, const REAL *weight, const REAL *save_mean,              \
+                             const REAL *save_invstd, int64_t N, int64_t C, int64_t L);             \
+int batchnorm_eval_forward_##SUF(REAL *y, const REAL *x, const REAL *running_mean,                  \
+                                 const REAL *running_var, const REAL *weight, const REAL *bias,     \
+                                 int64_t N, int64_t C, int64_t L, double eps, int relu);            \
+int batchnorm_eval_backward_##SUF(REAL *dx, REAL *dweight, REAL *dbias, const REAL *dy,             \
+                                  const REAL *y, const REAL *x, const REAL *weight,                 \
+                                  const REAL *running_mean, const REAL *running_var, int64_t N,     \
+                                  int64_t C, int64_t L, double eps);                                \
+int global_avgpool2d_forward_##SUF(REAL *y, const REAL *x, int64_t NC, int64_t L);                  \
+int global_avgpool2d_backward_##SUF(REAL *dx, const REAL *dy, int64_t NC, int64_t L);
+CNNX_BATCHNORM_DECLARE(float, f32)
+CNNX_BATCHNORM_DECLARE(double, f64)
 
 #ifdef __cplusplus
 }

@@ -501,8 +501,9 @@ class AdaptiveAvgPool2d(_AdaptivePool2d):
     def forward(self, x):
         x, oh, ow = self._geometry(x)
         h, w = x.shape[-2:]
-        if (oh, ow) == (1, 1):
-            y = x.mean(axis=(-2, -1), keepdims=True)
+        if (oh, ow) == (1, 1):          # global average pooling: one kernel over the (N*C) planes
+            x4 = _c_array(x if x.ndim == 4 else x[None])
+            y = _backend.ops().global_avgpool2d_forward(x4).reshape(x.shape[:-2] + (1, 1))
         else:
             y = np.empty(x.shape[:-2] + (oh, ow), dtype=x.dtype)
             for i, (h0, h1) in enumerate(_adaptive_windows(h, oh)):
@@ -520,8 +521,9 @@ class AdaptiveAvgPool2d(_AdaptivePool2d):
         dy = self._check_dy(dy, x_shape[:-2] + (oh, ow), self._cache_dtype)
         h, w = x_shape[-2:]
         if (oh, ow) == (1, 1):
-            dx = np.empty(x_shape, dtype=dy.dtype)
-            dx[...] = dy * (1.0 / (h * w))
+            shape4 = x_shape if len(x_shape) == 4 else (1,) + x_shape
+            dx = _backend.ops().global_avgpool2d_backward(_c_array(dy).reshape(shape4[:2] + (1, 1)), shape4)
+            dx = dx.reshape(x_shape)
         else:
             dx = np.zeros(x_shape, dtype=dy.dtype)
             for i, (h0, h1) in enumerate(_adaptive_windows(h, oh)):
@@ -1036,8 +1038,8 @@ class _BatchNorm(Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        self._cache_xhat = None
         self._cache_x = None
+        self._cache_stats = None
 
     _check_parameters = _check_parameters
 
@@ -1054,13 +1056,20 @@ class _BatchNorm(Module):
         if self.bias is not None:
             init.zeros_(self.bias)
 
-    def _layout(self, x):
-        """(reduction axes, broadcast shape of a per-channel vector)."""
-        if x.ndim == 2:
-            return (0,), (1, self.num_features)
-        if x.ndim == 3:
-            return (0, 2), (1, self.num_features, 1)
-        return (0, 2, 3), (1, self.num_features, 1, 1)
+    def _running(self, name):
+        """The running statistic `name` as the kernels take it: the buffer itself when it is a C-contiguous,
+        writable (C,) array of the layer's dtype, else (a buffer the user replaced) a converted copy, which
+        _store_running writes back."""
+        a = getattr(self, name)
+        if (type(a) is np.ndarray and a.dtype == self.dtype and a.shape == (self.num_features,)
+                and a.flags.c_contiguous and a.flags.aligned and a.flags.writeable):
+            return a
+        return np.array(a, dtype=self.dtype).reshape(self.num_features)
+
+    def _store_running(self, name, value):
+        a = getattr(self, name)
+        if a is not value:
+            a[...] = value
 
     def forward(self, x):
         fn = self._name
@@ -1069,81 +1078,60 @@ class _BatchNorm(Module):
             raise ValueError(f"{fn}: input has {x.shape[1]} channels (shape {x.shape}), expected "
                              f"num_features={self.num_features}")
         self._check_parameters()
-        axes, bshape = self._layout(x)
         n = x.size // self.num_features
         use_batch_stats = self.training or not self.track_running_stats
-        self._cache_y_shape = x.shape
+        if use_batch_stats and n <= 1 and self.training:
+            raise ValueError(f"{fn}: expected more than 1 value per channel when training, got input "
+                             f"shape {x.shape}")
+        # the kernels take (N, C, H, W): (N, C) and (N, C, L) are the same values as (N, C, 1, 1) and (N, C, L, 1)
+        x4 = _c_array(x).reshape(x.shape if x.ndim == 4 else x.shape[:2] + (x.shape[2] if x.ndim == 3 else 1, 1))
+        weight = None if self.weight is None else _c_array(self.weight.data)
+        bias = None if self.bias is None else _c_array(self.bias.data)
+        ops = _backend.ops()
         if use_batch_stats:
-            if n <= 1 and self.training:
-                raise ValueError(f"{fn}: expected more than 1 value per channel when training, got input "
-                                 f"shape {x.shape}")
-            mean = x.mean(axis=axes, keepdims=True)
-            xhat = x - mean
-            var = np.mean(np.square(xhat), axis=axes, keepdims=True)          # biased: normalises
-            invstd = 1.0 / np.sqrt(var + x.dtype.type(self.eps))
-            xhat *= invstd
+            running_mean = running_var = None
+            factor = 0.0
             if self.training and self.track_running_stats:
                 self.num_batches_tracked += 1
-                f = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
-                rm, rv = self.running_mean, self.running_var
-                rm *= 1.0 - f
-                rm += f * mean.reshape(-1)
-                rv *= 1.0 - f
-                rv += (f * n / max(n - 1, 1)) * var.reshape(-1)               # unbiased in running_var
-            self._cache_xhat = xhat
-            self._cache_scale = invstd if not self.affine else invstd * self.weight.data.reshape(bshape)
-            self._cache_x = None
-            if not self.affine:
-                return xhat.copy()
-            y = xhat * self.weight.data.reshape(bshape)
-            if self.bias is not None:
-                y += self.bias.data.reshape(bshape)
-            return y
-        # eval with running statistics: an affine map per channel
-        invstd = 1.0 / np.sqrt(self.running_var + self.running_var.dtype.type(self.eps))
-        scale = invstd if not self.affine else invstd * self.weight.data
-        shift = -self.running_mean * scale
-        if self.bias is not None:
-            shift += self.bias.data
-        y = x * scale.reshape(bshape)
-        y += shift.reshape(bshape)
-        self._cache_x = x
-        self._cache_xhat = None
-        self._cache_scale = scale.reshape(bshape)
-        return y
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                running_mean, running_var = self._running("running_mean"), self._running("running_var")
+            y, mean, invstd = ops.batchnorm_forward(x4, weight, bias, running_mean, running_var, factor, self.eps)
+            if running_mean is not None:
+                self._store_running("running_mean", running_mean)
+                self._store_running("running_var", running_var)
+            self._cache_stats = (mean, invstd)
+        else:       # eval with running statistics: an affine map per channel
+            y = ops.batchnorm_eval_forward(x4, weight, bias, self._running("running_mean"),
+                                           self._running("running_var"), self.eps)
+            self._cache_stats = None
+        self._cache_x = x4
+        self._cache_y_shape = x.shape
+        return y.reshape(x.shape)
 
     def backward(self, dy):
-        xhat, x = self._cache_xhat, self._cache_x
-        if xhat is None and x is None:
+        x4 = self._cache_x
+        if x4 is None:
             raise self._no_forward()
         dy = self._check_dy(dy, self._cache_y_shape, self.dtype)
         self._check_parameters()
-        axes, bshape = self._layout(dy)
-        scale = self._cache_scale
-        if xhat is None:       # eval mode: y = x * scale + shift with constant statistics
-            dx = dy * scale
-            if self.affine and self.weight.requires_grad:
-                invstd = 1.0 / np.sqrt(self.running_var + self.running_var.dtype.type(self.eps))
-                xhat = (x - self.running_mean.reshape(bshape)) * invstd.reshape(bshape)
-                self.weight.accumulate_grad((dy * xhat).sum(axis=axes))
-            if self.bias is not None:
-                self.bias.accumulate_grad(dy.sum(axis=axes))
-        else:
-            # y = w * xhat + b, xhat = (x - mean) * invstd over the batch:
-            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
-            n = dy.size // self.num_features
-            dbias = dy.sum(axis=axes)
-            dweight = (dy * xhat).sum(axis=axes)
-            dx = xhat * (dweight / n).reshape(bshape)
-            np.subtract(dy, dx, out=dx)
-            dx -= (dbias / n).reshape(bshape)
-            dx *= scale
-            if self.affine:
-                self.weight.accumulate_grad(dweight)
-            if self.bias is not None:
-                self.bias.accumulate_grad(dbias)
-        self._cache_xhat = self._cache_x = self._cache_scale = None
-        return dx
+        dy4 = _c_array(dy).reshape(x4.shape)
+        weight = None if self.weight is None else _c_array(self.weight.data)
+        with_weight = self.weight is not None and self.weight.requires_grad
+        with_bias = self.bias is not None and self.bias.requires_grad
+        ops = _backend.ops()
+        if self._cache_stats is not None:       # batch statistics: dx goes through mean and var too
+            mean, invstd = self._cache_stats
+            dx, dweight, dbias = ops.batchnorm_backward(dy4, x4, weight, mean, invstd, with_weight, with_bias)
+        else:                                   # running statistics: constants
+            dx, dweight, dbias = ops.batchnorm_eval_backward(dy4, x4, weight, self._running("running_mean"),
+                                                             self._running("running_var"), self.eps, with_weight,
+                                                             with_bias)
+        if dweight is not None:
+            self.weight.accumulate_grad(dweight)
+        if dbias is not None:
+            self.bias.accumulate_grad(dbias)
+        self._cache_x = self._cache_stats = None
+        return dx.reshape(self._cache_y_shape)
 
     def plan_op(self, shape, dtype):
         """Eval mode with running statistics: an affine map per channel (a plan folds it into the convolution
