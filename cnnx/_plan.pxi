@@ -41,10 +41,7 @@ cdef enum:
     _K_ADD
     _NKINDS
 
-_KINDS = {"conv": _K_CONV, "conv_relu": _K_CONV_RELU, "conv_relu_pool": _K_CONV_RELU_POOL, "conv_bn": _K_CONV_BN,
-          "conv_bn_relu": _K_CONV_BN_RELU, "linear": _K_LINEAR,
-          "linear_relu": _K_LINEAR_RELU, "maxpool": _K_MAXPOOL, "relu": _K_RELU, "relu_pool": _K_RELU_POOL,
-          "add": _K_ADD}
+_KINDS = {}         # name in the graph -> kind (_register, at the end of this file)
 
 
 cdef struct _Op:
@@ -509,6 +506,40 @@ cdef _bwd32_t _BWD32[<int>_NKINDS]
 cdef _bwd64_t _BWD64[<int>_NKINDS]
 
 
+cdef _register(int kind, str name, _fwd32_t fwd32, _fwd64_t fwd64, _bwd32_t bwd32, _bwd64_t bwd64):
+    _KINDS[name] = kind
+    _FWD32[kind], _FWD64[kind], _BWD32[kind], _BWD64[kind] = fwd32, fwd64, bwd32, bwd64
+
+
+# Per kind, the arrays of its own an op needs besides its buffers ({field: array}, see _Op).
+def _conv_output(spec, dtype):
+    g = spec.conv
+    return np.empty((g["N"], g["OC"], g["OH"], g["OW"]), dtype)
+
+
+def _fold_array(spec, dtype):
+    g = spec.conv
+    return np.empty(3 * g["OC"] + g["OC"] * g["C"] // g["G"] * g["KH"] * g["KW"], dtype)
+
+
+_OP_ARRAYS = {
+    _K_MAXPOOL: lambda spec, out, dtype: {"aux": np.empty(out, np.int64)},        # the winners' flat positions
+    _K_RELU_POOL: lambda spec, out, dtype: {"aux": np.empty(out, np.uint8)},      # each winner's place in its window
+    _K_CONV_RELU_POOL: lambda spec, out, dtype: {"aux": np.empty(out, np.uint8), "mid": _conv_output(spec, dtype),
+                                                 "dmid": _conv_output(spec, dtype)},
+    _K_CONV_BN: lambda spec, out, dtype: {"fold": _fold_array(spec, dtype)},
+    _K_CONV_BN_RELU: lambda spec, out, dtype: {"fold": _fold_array(spec, dtype)},
+}
+
+
+cdef char *_kept(_SequentialPlan plan, a):
+    """a's data (NULL for None), a kept alive with the plan."""
+    if a is None:
+        return NULL
+    plan.keep.append(a)
+    return _data_ptr(a)
+
+
 cdef int _run_forward(const _Op *ops, int nops, const _Exec *ex, floating *dtype_tag) noexcept nogil:
     cdef int i, code
     cdef const _Op *op
@@ -745,10 +776,6 @@ def compile_plan(graph):
         plan.keep.append(s)
         return len(plan.params) - 1
 
-    def keep(a):
-        plan.keep.append(a)
-        return a
-
     cdef _Op *op
     cdef int64_t tmp_size = 0
     for i, spec in enumerate(ops):
@@ -766,13 +793,12 @@ def compile_plan(graph):
         params = list(spec.params) + [None, None]
         op.wslot, op.bslot = slot(params[0]), slot(params[1])
         op.gslot = op.betaslot = -1
-        op.bn_mean = op.bn_var = op.fold = NULL
+        op.bn_mean = op.bn_var = NULL
         if spec.bn is not None:
             params = list(spec.bn["params"]) + [None, None]
             op.gslot, op.betaslot = slot(params[0]), slot(params[1])
             op.eps = spec.bn["eps"]
-            mean, var = keep(spec.bn["mean"]), keep(spec.bn["var"])
-            op.bn_mean, op.bn_var = _data_ptr(mean), _data_ptr(var)
+            op.bn_mean, op.bn_var = _kept(plan, spec.bn["mean"]), _kept(plan, spec.bn["var"])
         if spec.conv is not None:
             op.conv = spec.conv
         if spec.pool is not None:
@@ -780,24 +806,11 @@ def compile_plan(graph):
         if spec.linear is not None:
             op.rows, op.in_f, op.out_f = (spec.linear["rows"], spec.linear["in_features"],
                                           spec.linear["out_features"])
-        op.aux = op.mid = op.dmid = NULL
-        out_shape = graph.shapes[spec.output]
-        if op.kind == _K_MAXPOOL:
-            aux = keep(np.empty(out_shape, np.int64))
-            op.aux = _data_ptr(aux)
-        elif op.kind == _K_RELU_POOL or op.kind == _K_CONV_RELU_POOL:
-            aux = keep(np.empty(out_shape, np.uint8))          # each winner's place in its window
-            op.aux = _data_ptr(aux)
-        if op.kind == _K_CONV_BN or op.kind == _K_CONV_BN_RELU:
-            fold = keep(np.empty(3 * op.conv.OC + op.conv.OC * (op.conv.C // op.conv.G) * op.conv.KH * op.conv.KW,
-                                 dtype))
-            op.fold = _data_ptr(fold)
-        if op.kind == _K_CONV_RELU_POOL:
-            mid = (op.conv.N, op.conv.OC, op.conv.OH, op.conv.OW)
-            mid_y, mid_dy = keep(np.empty(mid, dtype)), keep(np.empty(mid, dtype))
-            op.mid, op.dmid = _data_ptr(mid_y), _data_ptr(mid_dy)
-    tmp = keep(np.empty(max(tmp_size, 1), dtype))
-    plan.ex.tmp = _data_ptr(tmp)
+        arrays = _OP_ARRAYS[op.kind](spec, graph.shapes[spec.output], dtype) if op.kind in _OP_ARRAYS else {}
+        op.aux, op.mid, op.dmid = _kept(plan, arrays.get("aux")), _kept(plan, arrays.get("mid")), \
+            _kept(plan, arrays.get("dmid"))
+        op.fold = _kept(plan, arrays.get("fold"))
+    plan.ex.tmp = _kept(plan, np.empty(max(tmp_size, 1), dtype))
     for i in range(len(plan.params)):
         plan.pdata[i] = None
         plan.ex.wptr[i] = plan.ex.gptr[i] = NULL
@@ -810,47 +823,20 @@ def compile_plan(graph):
     return plan
 
 
-_FWD32[<int>_K_CONV] = _fw_conv[float]
-_FWD64[<int>_K_CONV] = _fw_conv[double]
-_FWD32[<int>_K_CONV_RELU] = _fw_conv_relu[float]
-_FWD64[<int>_K_CONV_RELU] = _fw_conv_relu[double]
-_FWD32[<int>_K_CONV_RELU_POOL] = _fw_conv_relu_pool[float]
-_FWD64[<int>_K_CONV_RELU_POOL] = _fw_conv_relu_pool[double]
-_FWD32[<int>_K_CONV_BN] = _fw_conv_bn[float]
-_FWD64[<int>_K_CONV_BN] = _fw_conv_bn[double]
-_FWD32[<int>_K_CONV_BN_RELU] = _fw_conv_bn_relu[float]
-_FWD64[<int>_K_CONV_BN_RELU] = _fw_conv_bn_relu[double]
-_FWD32[<int>_K_LINEAR] = _fw_linear[float]
-_FWD64[<int>_K_LINEAR] = _fw_linear[double]
-_FWD32[<int>_K_LINEAR_RELU] = _fw_linear_relu[float]
-_FWD64[<int>_K_LINEAR_RELU] = _fw_linear_relu[double]
-_FWD32[<int>_K_MAXPOOL] = _fw_maxpool[float]
-_FWD64[<int>_K_MAXPOOL] = _fw_maxpool[double]
-_FWD32[<int>_K_RELU] = _fw_relu[float]
-_FWD64[<int>_K_RELU] = _fw_relu[double]
-_FWD32[<int>_K_RELU_POOL] = _fw_relu_pool[float]
-_FWD64[<int>_K_RELU_POOL] = _fw_relu_pool[double]
-_FWD32[<int>_K_ADD] = _fw_add[float]
-_FWD64[<int>_K_ADD] = _fw_add[double]
-_BWD32[<int>_K_CONV] = _bw_conv[float]
-_BWD64[<int>_K_CONV] = _bw_conv[double]
-_BWD32[<int>_K_CONV_RELU] = _bw_conv_relu[float]
-_BWD64[<int>_K_CONV_RELU] = _bw_conv_relu[double]
-_BWD32[<int>_K_CONV_RELU_POOL] = _bw_conv_relu_pool[float]
-_BWD64[<int>_K_CONV_RELU_POOL] = _bw_conv_relu_pool[double]
-_BWD32[<int>_K_CONV_BN] = _bw_conv_bn[float]
-_BWD64[<int>_K_CONV_BN] = _bw_conv_bn[double]
-_BWD32[<int>_K_CONV_BN_RELU] = _bw_conv_bn_relu[float]
-_BWD64[<int>_K_CONV_BN_RELU] = _bw_conv_bn_relu[double]
-_BWD32[<int>_K_LINEAR] = _bw_linear[float]
-_BWD64[<int>_K_LINEAR] = _bw_linear[double]
-_BWD32[<int>_K_LINEAR_RELU] = _bw_linear_relu[float]
-_BWD64[<int>_K_LINEAR_RELU] = _bw_linear_relu[double]
-_BWD32[<int>_K_MAXPOOL] = _bw_maxpool[float]
-_BWD64[<int>_K_MAXPOOL] = _bw_maxpool[double]
-_BWD32[<int>_K_RELU] = _bw_relu[float]
-_BWD64[<int>_K_RELU] = _bw_relu[double]
-_BWD32[<int>_K_RELU_POOL] = _bw_relu_pool[float]
-_BWD64[<int>_K_RELU_POOL] = _bw_relu_pool[double]
-_BWD32[<int>_K_ADD] = _bw_add[float]
-_BWD64[<int>_K_ADD] = _bw_add[double]
+# One line per kind: its name in the graph (cnnx/_planner.py) and its forward and backward entry points.
+_register(_K_CONV, "conv", _fw_conv[float], _fw_conv[double], _bw_conv[float], _bw_conv[double])
+_register(_K_CONV_RELU, "conv_relu", _fw_conv_relu[float], _fw_conv_relu[double], _bw_conv_relu[float],
+          _bw_conv_relu[double])
+_register(_K_CONV_RELU_POOL, "conv_relu_pool", _fw_conv_relu_pool[float], _fw_conv_relu_pool[double],
+          _bw_conv_relu_pool[float], _bw_conv_relu_pool[double])
+_register(_K_CONV_BN, "conv_bn", _fw_conv_bn[float], _fw_conv_bn[double], _bw_conv_bn[float], _bw_conv_bn[double])
+_register(_K_CONV_BN_RELU, "conv_bn_relu", _fw_conv_bn_relu[float], _fw_conv_bn_relu[double],
+          _bw_conv_bn_relu[float], _bw_conv_bn_relu[double])
+_register(_K_LINEAR, "linear", _fw_linear[float], _fw_linear[double], _bw_linear[float], _bw_linear[double])
+_register(_K_LINEAR_RELU, "linear_relu", _fw_linear_relu[float], _fw_linear_relu[double], _bw_linear_relu[float],
+          _bw_linear_relu[double])
+_register(_K_MAXPOOL, "maxpool", _fw_maxpool[float], _fw_maxpool[double], _bw_maxpool[float], _bw_maxpool[double])
+_register(_K_RELU, "relu", _fw_relu[float], _fw_relu[double], _bw_relu[float], _bw_relu[double])
+_register(_K_RELU_POOL, "relu_pool", _fw_relu_pool[float], _fw_relu_pool[double], _bw_relu_pool[float],
+          _bw_relu_pool[double])
+_register(_K_ADD, "add", _fw_add[float], _fw_add[double], _bw_add[float], _bw_add[double])

@@ -288,8 +288,54 @@ static int GLUE(is_fully_connected, SUF)(int64_t H, int64_t W, int64_t KH, int64
  * conv2d_forward: x (N, C, H, W), w (OC, C/G, KH, KW), b (OC,) or NULL  ->  y (N, OC, OH, OW), overwritten.
  *   y[n, oc, oh, ow] = b[oc] + sum_{c < C/G, kh, kw} w[oc, c, kh, kw] * x[n, g*C/G + c, ih, iw]
  *   with g = oc / (OC/G), ih = oh*SH - PT + kh*DH, iw = ow*SW - PL + kw*DW (zero outside the image).
- * Threads: independent (n, g, chunk of output rows or pixels) tasks.
+ * A dispatcher (conv2d_forward_impl, below) picks an algorithm (fwd_algorithm), packs the weights for it once,
+ * and runs independent (n, g, chunk of output rows) tasks, each computed by the algorithm's function:
+ *   im2col (any stride): fwd_im2col;
+ *   direct, direct with the GEMM's wrapped store, gather (stride 1): direct_rows (see there and fwd_algorithm).
  */
+#ifndef CNNX_FWD_ALGORITHMS
+#define CNNX_FWD_ALGORITHMS
+enum { FWD_IM2COL, FWD_DIRECT, FWD_DIRECT_WRAP, FWD_GATHER };
+#endif
+
+/* Which forward algorithm. */
+static int GLUE(fwd_algorithm, SUF)(int path, const cnnx_conv2d_geom *geom)
+{
+    CNNX_CONV_GEOM(geom);
+    if (SH != 1 || SW != 1) return FWD_IM2COL;
+    const int64_t OCg = OC / G, K = C / G * KH * KW, P = OH * OW, Wp = OW + (KW - 1) * DW;
+    /* Stride 1 runs one of two products. direct_rows: (output channel) x (padded-grid column) tiles, so
+     * Wp/OW of the useful columns, OCg rounded up to the tile's rows, then a copy that drops the extra columns
+     * (none when Wp == OW). gather: (output pixel) x (output channel) tiles, no extra pixels, OCg rounded up
+     * to the tile's columns, a transposed store (as much as ~10 steps of the tile's k loop). Chosen by the tile
+     * steps each runs per image; LeNet-5's conv2 (16 channels, 10x10 from 14x14) is 17 x 1 x (150 + 10)
+     * against 3 x 9 x 150 and a copy; its conv1 (6 channels, 28x28 padded to 32 wide) stays direct. */
+    int64_t tm, tn;
+    cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
+    /* When the padded width is a whole number of column panels no tile straddles two rows, and the GEMM
+     * stores the output rows in place, dropping the extra columns, bias included (wrap): no copy
+     * (LeNet-5's conv1: 28 columns padded to 32, 62 -> 66 GFLOP/s; float64 31 -> 39). Straddling tiles
+     * go through a stack buffer, slower than the copy (8->24 channels 20x20 5x5: 81 -> 64). */
+    const int wrap = Wp != OW && Wp % tn == 0;
+    const int64_t Nc = (OH - 1) * Wp + OW;
+    const int64_t cost_direct = ((OCg + tm - 1) / tm) * ((Nc + tn - 1) / tn) * (K + 2)
+                              + (Wp != OW && !wrap ? (OCg * P) / (tm * tn) : 0);
+    const int64_t cost_gather = ((P + tm - 1) / tm) * ((OCg + tn - 1) / tn) * (K + 10);
+    /* the portable double tile's 4 x 8 accumulators do not fit SSE2's registers: half direct_rows' speed */
+    if (cost_gather < cost_direct && (path || sizeof(REAL) == sizeof(float))) return FWD_GATHER;
+    return wrap ? FWD_DIRECT_WRAP : FWD_DIRECT;
+}
+
+/* im2col: output rows [u0, u1) of one image-group, yg (OCg, OH*OW) = w[g] (packed) @ col + bias. */
+static void GLUE(fwd_im2col, SUF)(int path, REAL *yg, const REAL *xg, const REAL *apack, const REAL *bg,
+                                  const cnnx_conv2d_geom *geom, int64_t u0, int64_t u1, REAL *img, REAL *bpad)
+{
+    CNNX_CONV_GEOM(geom);
+    const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, pc = (u1 - u0) * OW;
+    GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, u1 - u0);
+    GEMM(path, yg + u0 * OW, OH * OW, NULL, apack, img, NULL, pc, bg, OCg, pc, K, 0, 0, 0, bpad);
+}
+
 /* conv2d_forward, or with pooled (conv2d_relu_maxpool2x2_forward) each image-task followed by the ReLU and 2x2
  * pooling of its output, computed into a per-thread buffer (y untouched) when one task is a whole image
  * (G == 1 and one chunk); otherwise into y, pooled afterwards. */
@@ -305,39 +351,17 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
         return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, pool);
     }
     const int path = cnnx_gemm_path();
+    const int algo = GLUE(fwd_algorithm, SUF)(path, geom);
+    const int direct = algo != FWD_IM2COL, gather = algo == FWD_GATHER, wrap = algo == FWD_DIRECT_WRAP;
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
-    const int direct = SH == 1 && SW == 1;
     const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
     const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH)
                                 : GLUE(chunk_rows_im2col, SUF)(K, OH, OW); /* output rows per task */
     const int64_t nchunks = (OH + unit - 1) / unit;
     const int64_t ntasks = N * G * nchunks;
     const int fuse_pool = pooled && G == 1 && nchunks == 1;
-    /* Stride 1 runs one of two products. direct_rows: (output channel) x (padded-grid column) tiles, so
-     * Wp/OW of the useful columns, OCg rounded up to the tile's rows, then a copy that drops the extra columns
-     * (none when Wp == OW). gather: (output pixel) x (output channel) tiles, no extra pixels, OCg rounded up
-     * to the tile's columns, a transposed store (as much as ~10 steps of the tile's k loop). Chosen by the tile
-     * steps each runs per image; LeNet-5's conv2 (16 channels, 10x10 from 14x14) is 17 x 1 x (150 + 10)
-     * against 3 x 9 x 150 and a copy; its conv1 (6 channels, 28x28 padded to 32 wide) stays direct. */
-    int gather = 0, wrap = 0;
-    if (direct) {
-        int64_t tm, tn;
-        cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
-        /* When the padded width is a whole number of column panels no tile straddles two rows, and the GEMM
-         * stores the output rows in place, dropping the extra columns, bias included (wrap): no copy
-         * (LeNet-5's conv1: 28 columns padded to 32, 62 -> 66 GFLOP/s; float64 31 -> 39). Straddling tiles
-         * go through a stack buffer, slower than the copy (8->24 channels 20x20 5x5: 81 -> 64). */
-        wrap = Wp != OW && Wp % tn == 0;
-        const int64_t Nc = (OH - 1) * Wp + OW;
-        const int64_t cost_direct = ((OCg + tm - 1) / tm) * ((Nc + tn - 1) / tn) * (K + 2)
-                                  + (Wp != OW && !wrap ? (OCg * P) / (tm * tn) : 0);
-        const int64_t cost_gather = ((P + tm - 1) / tm) * ((OCg + tn - 1) / tn) * (K + 10);
-        /* the portable double tile's 4 x 8 accumulators do not fit SSE2's registers: half direct_rows' speed */
-        gather = cost_gather < cost_direct && (path || sizeof(REAL) == sizeof(float));
-        if (gather) wrap = 0;
-    }
     const int64_t apg = gather ? cnnx_gemm_bpack_size(OCg, K) : cnnx_gemm_apack_size(OCg, K);
-    REAL *apack = ALLOC(G * apg);
+    REAL *apack = ALLOC(G * apg); /* gather: w[g] packed as the B of the gather GEMM; otherwise as the A */
     if (!apack) return CNNX_ENOMEM;
     for (int64_t g = 0; g < G; g++) {
         if (gather)
@@ -351,13 +375,12 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
     {
         cnnx_fp_worker_enter();
         const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit * OW;
-        REAL *img = ALLOC(img_n), *tmp = direct && !gather && !wrap ? ALLOC(OCg * unit * Wp) : NULL;
+        REAL *img = ALLOC(img_n), *tmp = algo == FWD_DIRECT ? ALLOC(OCg * unit * Wp) : NULL;
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(K));
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
         int64_t *qoff = gather ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(unit * OW > 0 ? unit * OW : 1)) : NULL;
         REAL *ys = fuse_pool ? ALLOC(OC * P) : NULL; /* one image's output, pooled before the next */
-        const int ok = img && bpad && off && (tmp || !direct || gather || wrap) && (qoff || !gather)
-                    && (ys || !fuse_pool);
+        const int ok = img && bpad && off && (tmp || algo != FWD_DIRECT) && (qoff || !gather) && (ys || !fuse_pool);
         if (!ok) {
 #pragma omp critical(cnnx_status)
             status = CNNX_ENOMEM;
@@ -370,15 +393,11 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
             const REAL *xg = x + (n * C + g * Cg) * H * W;
             REAL *yg = fuse_pool ? ys : y + (n * OC + g * OCg) * P;
             const REAL *bg = b ? b + g * OCg : NULL;
-            if (direct) {
-                GLUE(direct_rows, SUF)(path, yg, xg, apack + g * apg, bg, Cg, H, W, OCg, KH, KW, DH, DW, PT,
-                                       PL, OH, OW, u0, u1, img, off, tmp, bpad, gather ? apack + g * apg : NULL,
-                                       qoff, wrap);
-            } else {
-                const int64_t pc = (u1 - u0) * OW, p0 = u0 * OW;
-                GLUE(im2col, SUF)(img, xg, Cg, H, W, KH, KW, SH, SW, PT, PL, DH, DW, OW, u0, u1 - u0);
-                GEMM(path, yg + p0, P, NULL, apack + g * apg, img, NULL, pc, bg, OCg, pc, K, 0, 0, 0, bpad);
-            }
+            if (direct)
+                GLUE(direct_rows, SUF)(path, yg, xg, apack + g * apg, bg, Cg, H, W, OCg, KH, KW, DH, DW, PT, PL, OH,
+                                       OW, u0, u1, img, off, tmp, bpad, gather ? apack + g * apg : NULL, qoff, wrap);
+            else
+                GLUE(fwd_im2col, SUF)(path, yg, xg, apack + g * apg, bg, geom, u0, u1, img, bpad);
             if (fuse_pool)
                 GLUE(cnnx_max2x2_relu_planes, SUF)(pooled + n * OC * PH * PW, code + n * OC * PH * PW, ys, OC, OH,
                                                    OW, PH, PW);
@@ -773,7 +792,8 @@ static void GLUE(wgrad_row_dots, SUF)(int path, REAL *dwg, const REAL *dy, const
             const int64_t ng = n1 - nb < GROUP ? n1 - nb : GROUP;
             const int x_in_place = GLUE(wgrad_chunk, SUF)(x, geom, g, nb, ng, oh0, rows, s->img, s->off);
             for (int64_t i = 0; i < ng; i++) {
-                const REAL *bsrc = x_in_place ? x + ((nb + i) * C + g * Cg) * H * W + oh0 * W : s->img + i * Cg * R * Wp;
+                const REAL *bsrc = x_in_place ? x + ((nb + i) * C + g * Cg) * H * W + oh0 * W
+                                              : s->img + i * Cg * R * Wp;
                 GEMM_NT(path, dwg, K, dy + ((nb + i) * OC + g * OCg) * P + oh0 * OW, P, bsrc, s->off, OCg, K, OW, 1,
                         rows, OW, Wp);
             }

@@ -210,3 +210,10 @@ def test_the_extension_does_not_import_cnnx_nn():
     for path in sources:
         text = path.read_text()
         assert "cnnx.nn" not in text.replace("no cnnx.nn import", "") and "from .nn" not in text, path
+
+
+def test_every_fused_kind_has_an_entry_point(kernels):
+    """What FUSIONS can produce, and every layer kind that runs on its own, the executor can run."""
+    fused = {kind for _, kind in _planner.FUSIONS}
+    assert fused | {"conv", "linear", "maxpool", "relu", "add"} <= set(kernels._KINDS)
+    assert "batchnorm" not in kernels._KINDS        # (only folded into a convolution)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _backend, _planner
 
-__all__ = ["Parameter", "Module", "Sequential", "StateDictError"]
+__all__ = ["Parameter", "Module", "Sequential", "Residual", "StateDictError"]
 
 
 class Parameter:
@@ -255,11 +255,12 @@ class Module:
         """How a Sequential's compiled plan (cnnx/_planner.py) runs this module on an input of `shape` and
         `dtype`, or None (the default): the Sequential then runs layer by layer, which raises the usual errors.
 
-        A dict: "kind" ("conv", "linear", "maxpool", "relu"; "reshape" and "identity", which move no data;
-        "sequence" and "residual" for containers), "out" (the output shape), and what the kind needs: "conv" /
-        "pool" (the geometry, named as csrc/cnnx.h's cnnx_conv2d_geom / cnnx_pool2d_geom), "linear" (rows,
-        in_features, out_features), "params" ([(weight Parameter, its expected shape), (bias, shape) or None]),
-        "inplace" (relu). It is used only when the class that defines it also defines forward and backward.
+        A dict: "kind" ("conv", "linear", "maxpool", "relu", "batchnorm"; "reshape" and "identity", which move
+        no data; "sequence" and "residual" for containers), "out" (the output shape), and what the kind needs:
+        "conv" / "pool" (the geometry, named as csrc/cnnx.h's cnnx_conv2d_geom / cnnx_pool2d_geom), "linear"
+        (rows, in_features, out_features), "params" ([(weight Parameter, its expected shape), (bias, shape) or
+        None]), "inplace" (relu), "bn" (eps, running mean and variance, params). It is used only when the class
+        that defines it also defines forward and backward.
         """
         return None
 
