@@ -163,3 +163,27 @@ def test_winograd_refuses_other_geometry():
     assert not k.winograd_applies((4, 4, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1)
     assert not k.winograd_applies((4, 2, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2)
     assert not k.winograd_applies((4, 4, 3, 3), (1, 1), (1, 1, 1, 1), (2, 2), 1)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_conv2d_dispatches_to_winograd_where_it_pays(dt):
+    """conv2d_forward / backward_input / backward_weight run the Winograd kernels for 3x3 stride-1 convolutions
+    with 32 or more channels (the same bits as calling them), the direct ones otherwise; and any NaN, infinity
+    or huge value sends them to the direct algorithms, where each output sees only its own window."""
+    x, wt, b, dy, pad = _case((2, 32, 9, 10, 33, (1, 1, 1, 1)), dt, seed=5)
+    geo = ((1, 1), pad, (1, 1), 1)
+    assert np.array_equal(k.conv2d_forward(x, wt, b, *geo), k.conv2d_winograd_forward(x, wt, b, pad))
+    assert np.array_equal(k.conv2d_backward_input(dy, wt, x.shape, *geo),
+                          k.conv2d_winograd_backward_input(dy, wt, x.shape, pad))
+    for a, c in zip(k.conv2d_backward_weight(dy, x, wt.shape, *geo, True),
+                    k.conv2d_winograd_backward_weight(dy, x, wt.shape, pad, True)):
+        assert np.array_equal(a, c)
+    small = _case((2, 16, 9, 10, 16, (1, 1, 1, 1)), dt, seed=6)
+    assert not np.array_equal(k.conv2d_forward(small[0], small[1], small[2], *geo),
+                              k.conv2d_winograd_forward(small[0], small[1], small[2], pad))
+    for bad in (np.inf, np.nan, 1e35 if dt == np.float32 else 1e305):
+        xb = x.copy()
+        xb[0, 0, 0, 0] = bad
+        y = k.conv2d_forward(xb, wt, b, *geo)
+        assert np.isfinite(y[1]).all() and np.isfinite(y[0, :, 3:, 3:]).all(), bad     # outside (0, 0)'s window
+        assert np.allclose(y[1], k.conv2d_winograd_forward(x, wt, b, pad)[1], rtol=1e-4, atol=1e-3)
