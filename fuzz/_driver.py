@@ -101,7 +101,9 @@ def run(one_input, allowed, description, default_max_len=4096):
     limit = f", at most {args.seconds:g}s" if args.seconds is not None else ""
     how = ("atheris; libFuzzer saves a finding as crash-*, replay it with --replay" if use_atheris
            else f"random; replay: {name} --no-atheris --seed {seed}")
-    print(f"{name}: seed {seed}, up to {args.runs} inputs{limit} ({how})", flush=True)
+    cnnx = sys.modules.get("cnnx")
+    where = f", cnnx from {os.path.dirname(cnnx.__file__)}" if cnnx is not None else ""
+    print(f"{name}: seed {seed}, up to {args.runs} inputs{limit}{where} ({how})", flush=True)
     t0 = time.time()
     if use_atheris:
         atheris.instrument_all()        # coverage feedback from every loaded Python function (cnnx included)

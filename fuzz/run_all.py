@@ -71,7 +71,7 @@ def main():
             status = f"killed after {args.seconds + args.grace:g}s"
         report = [line for line in output.splitlines() if line.startswith(f"{name}: ") and " inputs (" in line]
         passed = status == 0 and bool(report)
-        print(output if not passed else report[-1], flush=True)
+        print(output if not passed else "\n".join(output.splitlines()[:1] + report[-1:]), flush=True)
         results.append((name, seed, time.time() - t0, "ok" if passed else f"FAILED (exit {status})"))
     print("run_all: summary")
     for name, seed, seconds, verdict in results:
