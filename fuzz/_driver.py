@@ -52,6 +52,13 @@ class Provider:
     def pick(self, options):
         return options[self.int(0, len(options) - 1)]
 
+    def flipped(self, blob, most=16):
+        """blob with 1..most of its bytes XORed with fuzz-chosen nonzero values."""
+        blob = bytearray(blob)
+        for _ in range(self.int(1, most)):
+            blob[self.int(0, len(blob) - 1)] ^= self.int(1, 255)
+        return bytes(blob)
+
 
 def _parse(description):
     parser = argparse.ArgumentParser(description=description)

@@ -86,10 +86,7 @@ def build(p):
     if form == 0:
         return p.bytes(p.remaining())
     if form == 1:                                         # byte flips in a good checkpoint
-        blob = bytearray(_GOOD)
-        for _ in range(p.int(1, 16)):
-            blob[p.int(0, len(blob) - 1)] ^= p.int(1, 255)
-        return bytes(blob)
+        return p.flipped(_GOOD)
     if form == 2:                                         # JSON built from fuzz-chosen tokens
         tokens = [p.pick(_WORDS) for _ in range(p.int(0, 64))]
         return archive(_ARRAYS, b"".join(tokens))

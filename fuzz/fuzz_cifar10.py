@@ -98,10 +98,7 @@ def build(p):
         return gzip.compress(_raw_header(p) + (_raw_header(p) if p.bool() else b""), mtime=0)
     blob = gzip.compress(_archive(p), mtime=0)
     if form == 2:
-        blob = bytearray(blob)
-        for _ in range(p.int(1, 8)):
-            blob[p.int(0, len(blob) - 1)] ^= p.int(1, 255)
-        return bytes(blob)
+        return p.flipped(blob, 8)
     if form == 3:
         return blob[:p.int(0, len(blob))]
     if form == 4:

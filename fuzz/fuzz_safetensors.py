@@ -71,10 +71,7 @@ def build(p):
     if form == 0:
         return p.bytes(p.remaining())
     if form == 1:                                           # byte flips in a good file
-        blob = bytearray(_GOOD)
-        for _ in range(p.int(1, 16)):
-            blob[p.int(0, len(blob) - 1)] ^= p.int(1, 255)
-        return bytes(blob)
+        return p.flipped(_GOOD)
     if form == 2:                                           # the header-length field replaced
         return struct.pack("<Q", p.pick([0, 1, 2, _HLEN - 1, _HLEN + 1, len(_GOOD), 2**63, 2**64 - 1,
                                          p.int(0, 2**64 - 1)])) + _GOOD[8:]
