@@ -20,6 +20,10 @@ CNNX_PATH = os.path.dirname(os.path.dirname(os.path.abspath(cnnx.__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
+# a tests/ directory copied without the examples beside it (as from an sdist or a wheel's test copy)
+pytestmark = pytest.mark.skipif(not os.path.isdir(EXAMPLES),
+                                reason=f"examples/ is not next to tests/ ({EXAMPLES} not found)")
+
 
 def data_dir(folder):
     for root in filter(None, (os.environ.get("CNNX_DATA"), SHARED_DATA)):
