@@ -94,24 +94,16 @@ cdef extern from "cnnx.h" nogil:
                                int64_t divisor_override)
 
     # 3x3 convolution by Winograd F(4x4, 3x3) (csrc/winograd.c)
-    int conv2d_winograd_forward_f32(float *y, const float *x, const float *w, const float *b, int64_t N,
-                                    int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL,
-                                    int64_t OH, int64_t OW)
-    int conv2d_winograd_forward_f64(double *y, const double *x, const double *w, const double *b, int64_t N,
-                                    int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL,
-                                    int64_t OH, int64_t OW)
-    int conv2d_winograd_backward_input_f32(float *dx, const float *dy, const float *w, int64_t N, int64_t C,
-                                           int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, int64_t OH,
-                                           int64_t OW)
-    int conv2d_winograd_backward_input_f64(double *dx, const double *dy, const double *w, int64_t N, int64_t C,
-                                           int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, int64_t OH,
-                                           int64_t OW)
-    int conv2d_winograd_backward_weight_f32(float *dw, float *db, const float *dy, const float *x, int64_t N,
-                                            int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL,
-                                            int64_t OH, int64_t OW)
+    int conv2d_winograd_forward_f32(float *y, const float *x, const float *w, const float *b,
+                                    const cnnx_conv2d_geom *g)
+    int conv2d_winograd_forward_f64(double *y, const double *x, const double *w, const double *b,
+                                    const cnnx_conv2d_geom *g)
+    int conv2d_winograd_backward_input_f32(float *dx, const float *dy, const float *w, const cnnx_conv2d_geom *g)
+    int conv2d_winograd_backward_input_f64(double *dx, const double *dy, const double *w, const cnnx_conv2d_geom *g)
+    int conv2d_winograd_backward_weight_f32(float *dw, float *db, const float *dy, const float *x,
+                                            const cnnx_conv2d_geom *g)
     int conv2d_winograd_backward_weight_f64(double *dw, double *db, const double *dy, const double *x,
-                                            int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT,
-                                            int64_t PL, int64_t OH, int64_t OW)
+                                            const cnnx_conv2d_geom *g)
 
     # batch normalisation, global average pooling (csrc/batchnorm.c)
     int batchnorm_forward_f32(float *y, float *save_mean, float *save_invstd, float *running_mean,

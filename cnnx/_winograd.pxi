@@ -17,18 +17,14 @@ cdef _wino_geometry(tuple xs, tuple ws, padding, str fn):
 
 
 cdef int _wino_fwd(floating[:, :, :, ::1] y, const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
-                   const floating *b, int64_t PT, int64_t PL):
+                   const floating *b, const cnnx_conv2d_geom *g):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = conv2d_winograd_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0],
-                                               x.shape[1], x.shape[2], x.shape[3], w.shape[0], PT, PL, y.shape[2],
-                                               y.shape[3])
+            code = conv2d_winograd_forward_f32(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, g)
         else:
-            code = conv2d_winograd_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, x.shape[0],
-                                               x.shape[1], x.shape[2], x.shape[3], w.shape[0], PT, PL, y.shape[2],
-                                               y.shape[3])
+            code = conv2d_winograd_forward_f64(&y[0, 0, 0, 0], &x[0, 0, 0, 0], &w[0, 0, 0, 0], b, g)
         cnnx_fpenv_leave()
     return code
 
@@ -48,31 +44,28 @@ def conv2d_winograd_forward(x, weight, bias, padding):
     if y.size == 0:
         return y
     cdef int code
+    cdef cnnx_conv2d_geom g = _conv_geom(x.shape, weight.shape, (1, 1), tuple(padding), (1, 1), 1, oh, ow)
     cdef const float[::1] b32
     cdef const double[::1] b64
     if x.dtype == np.float32:
         b32 = bias if bias is not None else None
-        code = _wino_fwd[float](y, x, weight, &b32[0] if b32 is not None else NULL, padding[0], padding[2])
+        code = _wino_fwd[float](y, x, weight, &b32[0] if b32 is not None else NULL, &g)
     else:
         b64 = bias if bias is not None else None
-        code = _wino_fwd[double](y, x, weight, &b64[0] if b64 is not None else NULL, padding[0], padding[2])
+        code = _wino_fwd[double](y, x, weight, &b64[0] if b64 is not None else NULL, &g)
     _status(code, fn)
     return y
 
 
 cdef int _wino_bwd_input(floating[:, :, :, ::1] dx, const floating[:, :, :, ::1] dy,
-                         const floating[:, :, :, ::1] w, int64_t PT, int64_t PL):
+                         const floating[:, :, :, ::1] w, const cnnx_conv2d_geom *g):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = conv2d_winograd_backward_input_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0],
-                                                      dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3],
-                                                      w.shape[0], PT, PL, dy.shape[2], dy.shape[3])
+            code = conv2d_winograd_backward_input_f32(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], g)
         else:
-            code = conv2d_winograd_backward_input_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0],
-                                                      dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3],
-                                                      w.shape[0], PT, PL, dy.shape[2], dy.shape[3])
+            code = conv2d_winograd_backward_input_f64(&dx[0, 0, 0, 0], &dy[0, 0, 0, 0], &w[0, 0, 0, 0], g)
         cnnx_fpenv_leave()
     return code
 
@@ -94,27 +87,24 @@ def conv2d_winograd_backward_input(dy, weight, x_shape, padding):
         dx.fill(0)
         return dx
     cdef int code
+    cdef cnnx_conv2d_geom g = _conv_geom(xs, weight.shape, (1, 1), tuple(padding), (1, 1), 1, oh, ow)
     if dy.dtype == np.float32:
-        code = _wino_bwd_input[float](dx, dy, weight, padding[0], padding[2])
+        code = _wino_bwd_input[float](dx, dy, weight, &g)
     else:
-        code = _wino_bwd_input[double](dx, dy, weight, padding[0], padding[2])
+        code = _wino_bwd_input[double](dx, dy, weight, &g)
     _status(code, fn)
     return dx
 
 
 cdef int _wino_bwd_weight(floating[:, :, :, ::1] dw, floating *db, const floating[:, :, :, ::1] dy,
-                          const floating[:, :, :, ::1] x, int64_t PT, int64_t PL):
+                          const floating[:, :, :, ::1] x, const cnnx_conv2d_geom *g):
     cdef int code
     with nogil:
         cnnx_fpenv_enter()
         if floating is float:
-            code = conv2d_winograd_backward_weight_f32(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0],
-                                                       x.shape[0], x.shape[1], x.shape[2], x.shape[3], dw.shape[0],
-                                                       PT, PL, dy.shape[2], dy.shape[3])
+            code = conv2d_winograd_backward_weight_f32(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], g)
         else:
-            code = conv2d_winograd_backward_weight_f64(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0],
-                                                       x.shape[0], x.shape[1], x.shape[2], x.shape[3], dw.shape[0],
-                                                       PT, PL, dy.shape[2], dy.shape[3])
+            code = conv2d_winograd_backward_weight_f64(&dw[0, 0, 0, 0], db, &dy[0, 0, 0, 0], &x[0, 0, 0, 0], g)
         cnnx_fpenv_leave()
     return code
 
@@ -137,13 +127,14 @@ def conv2d_winograd_backward_weight(dy, x, weight_shape, padding, with_bias):
             db[...] = dy.sum(axis=(0, 2, 3))
         return dw, db
     cdef int code
+    cdef cnnx_conv2d_geom g = _conv_geom(x.shape, ws, (1, 1), tuple(padding), (1, 1), 1, oh, ow)
     cdef float[::1] db32
     cdef double[::1] db64
     if dy.dtype == np.float32:
         db32 = db
-        code = _wino_bwd_weight[float](dw, &db32[0] if db32 is not None else NULL, dy, x, padding[0], padding[2])
+        code = _wino_bwd_weight[float](dw, &db32[0] if db32 is not None else NULL, dy, x, &g)
     else:
         db64 = db
-        code = _wino_bwd_weight[double](dw, &db64[0] if db64 is not None else NULL, dy, x, padding[0], padding[2])
+        code = _wino_bwd_weight[double](dw, &db64[0] if db64 is not None else NULL, dy, x, &g)
     _status(code, fn)
     return dw, db

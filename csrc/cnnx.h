@@ -160,19 +160,15 @@ int avgpool2d_backward_##SUF(REAL *dx, const REAL *dy, const cnnx_pool2d_geom *g
 CNNX_POOL2D_DECLARE(float, f32)
 CNNX_POOL2D_DECLARE(double, f64)
 
-/* ---- 3x3 convolution by Winograd F(4x4, 3x3) (winograd.c): stride 1, dilation 1, groups 1, padding
- * PT, PL in [0, 2] (bottom/right implied by OH, OW). Same buffers and results (to rounding) as conv2d_forward,
- * conv2d_backward_input and conv2d_backward_weight with KH = KW = 3; CNNX_EGEOMETRY for other padding. */
+/* ---- 3x3 convolution by Winograd F(4x4, 3x3) (winograd.c): the geometry of conv2d_forward with KH = KW = 3,
+ * stride 1, dilation 1, one group and PT, PL in [0, 2] (CNNX_EGEOMETRY otherwise). Same buffers and results
+ * (to rounding) as conv2d_forward, conv2d_backward_input and conv2d_backward_weight, which call them where they
+ * pay (conv2d_impl.h, winograd_pays). */
 #define CNNX_WINOGRAD_DECLARE(REAL, S)                                                                      \
-int conv2d_winograd_forward_##S(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N, int64_t C,   \
-                                int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, int64_t OH,        \
-                                int64_t OW);                                                                \
-int conv2d_winograd_backward_input_##S(REAL *dx, const REAL *dy, const REAL *w, int64_t N, int64_t C,       \
-                                       int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, int64_t OH, \
-                                       int64_t OW);                                                         \
-int conv2d_winograd_backward_weight_##S(REAL *dw, REAL *db, const REAL *dy, const REAL *x, int64_t N,        \
-                                        int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, \
-                                        int64_t OH, int64_t OW);
+int conv2d_winograd_forward_##S(REAL *y, const REAL *x, const REAL *w, const REAL *b, const cnnx_conv2d_geom *g); \
+int conv2d_winograd_backward_input_##S(REAL *dx, const REAL *dy, const REAL *w, const cnnx_conv2d_geom *g);     \
+int conv2d_winograd_backward_weight_##S(REAL *dw, REAL *db, const REAL *dy, const REAL *x,                 \
+                                        const cnnx_conv2d_geom *g);
 CNNX_WINOGRAD_DECLARE(float, f32)
 CNNX_WINOGRAD_DECLARE(double, f64)
 /* ---- batch normalisation and global average pooling (batchnorm.c) ----

@@ -138,7 +138,7 @@ static int GLUE(winograd_pays, SUF)(const cnnx_conv2d_geom *geom)
 {
     CNNX_CONV_GEOM(geom);
     return KH == 3 && KW == 3 && SH == 1 && SW == 1 && DH == 1 && DW == 1 && G == 1 && PT <= 2 && PL <= 2 &&
-           C >= 32 && OC >= 32 && OH * OW >= 16;
+           C >= 32 && OC >= 32 && OH * OW >= 16;   /* (the geometry conv2d_winograd_* take, and where they pay) */
 }
 
 static int GLUE(winograd_safe, SUF)(const REAL *restrict a, int64_t n)
@@ -441,8 +441,7 @@ int GLUE(conv2d_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
 {
     if (GLUE(winograd_pays, SUF)(g) && GLUE(winograd_safe, SUF)(w, g->OC * g->C * 9) &&
         GLUE(winograd_safe, SUF)(x, g->N * g->C * g->H * g->W))
-        return GLUE(conv2d_winograd_forward, SUF)(y, x, w, b, g->N, g->C, g->H, g->W, g->OC, g->PT, g->PL, g->OH,
-                                                  g->OW);
+        return GLUE(conv2d_winograd_forward, SUF)(y, x, w, b, g);
     return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, g, NULL, NULL, NULL);
 }
 
@@ -455,8 +454,7 @@ int GLUE(conv2d_relu_maxpool2x2_forward, SUF)(REAL *pooled, uint8_t *code, REAL 
         return CNNX_EGEOMETRY;
     if (GLUE(winograd_pays, SUF)(g) && GLUE(winograd_safe, SUF)(w, g->OC * g->C * 9) &&
         GLUE(winograd_safe, SUF)(x, g->N * g->C * g->H * g->W)) {   /* the same y as conv2d_forward, then pooled */
-        const int status = GLUE(conv2d_winograd_forward, SUF)(y, x, w, b, g->N, g->C, g->H, g->W, g->OC, g->PT,
-                                                              g->PL, g->OH, g->OW);
+        const int status = GLUE(conv2d_winograd_forward, SUF)(y, x, w, b, g);
         return status != CNNX_OK ? status : GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, pool);
     }
     return GLUE(conv2d_forward_impl, SUF)(y, x, w, b, g, pooled, code, pool);
@@ -675,7 +673,7 @@ int GLUE(conv2d_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, co
         return GLUE(linear_backward_input, SUF)(dx, dy, w, N, C * H * W, OC);
     if (GLUE(winograd_pays, SUF)(geom) && GLUE(winograd_safe, SUF)(w, OC * C * 9) &&
         GLUE(winograd_safe, SUF)(dy, N * OC * OH * OW))
-        return GLUE(conv2d_winograd_backward_input, SUF)(dx, dy, w, N, C, H, W, OC, PT, PL, OH, OW);
+        return GLUE(conv2d_winograd_backward_input, SUF)(dx, dy, w, geom);
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW;
     const int64_t span_w = (KW - 1) * DW, span_h = (KH - 1) * DH, Wz = OW + span_w;
     /* Which algorithm, by the work it wastes (the first two at stride 1 only):
@@ -909,7 +907,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         return GLUE(linear_backward_weight, SUF)(dw, db, dy, x, N, C * H * W, OC, 0);
     if (GLUE(winograd_pays, SUF)(geom) && GLUE(winograd_safe, SUF)(x, N * C * H * W) &&
         GLUE(winograd_safe, SUF)(dy, N * OC * OH * OW))
-        return GLUE(conv2d_winograd_backward_weight, SUF)(dw, db, dy, x, N, C, H, W, OC, PT, PL, OH, OW);
+        return GLUE(conv2d_winograd_backward_weight, SUF)(dw, db, dy, x, geom);
     const int path = cnnx_gemm_path();
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW, wsize = OC * K;
     const int algo = GLUE(wgrad_algorithm, SUF)(path, geom, x);

@@ -67,6 +67,14 @@ static const double WINO_G[6][3] = {{1.0 / 4, 0, 0},
 #define WINO_SLICE_BYTES (64 << 20)
 #define WINO_PARALLEL_MIN_MACS (1 << 18)
 
+/* The geometry these kernels take: 3x3, stride 1, dilation 1, one group, top and left padding 0..2 (any
+ * bottom/right: rows and columns past the input read as 0). */
+static int wino_geometry(const cnnx_conv2d_geom *g)
+{
+    return g->KH == 3 && g->KW == 3 && g->SH == 1 && g->SW == 1 && g->DH == 1 && g->DW == 1 && g->G == 1 &&
+           g->PT >= 0 && g->PL >= 0 && g->PT <= 2 && g->PL <= 2;
+}
+
 static void wino_blocks(int64_t N, int64_t OH, int64_t OW, int64_t min_tiles, int64_t *TH, int64_t *TW, int64_t *nb,
                         int64_t *nblocks)
 {
@@ -156,32 +164,29 @@ _Pragma("omp parallel num_threads(cnnx_threads()) if (nblocks > 1 && N * OC * OH
     return status;                                                                                          \
 }                                                                                                           \
                                                                                                             \
-int conv2d_winograd_forward_##S(REAL *y, const REAL *x, const REAL *w, const REAL *b, int64_t N, int64_t C,   \
-                                int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, int64_t OH,        \
-                                int64_t OW)                                                                 \
+int conv2d_winograd_forward_##S(REAL *y, const REAL *x, const REAL *w, const REAL *b, const cnnx_conv2d_geom *g) \
 {                                                                                                           \
-    if (PT < 0 || PL < 0 || PT > 2 || PL > 2) return CNNX_EGEOMETRY;                                        \
-    return wino_conv_##S(y, x, w, b, N, C, H, W, OC, PT, PL, OH, OW, 0);                                    \
+    if (!wino_geometry(g)) return CNNX_EGEOMETRY;                                                           \
+    return wino_conv_##S(y, x, w, b, g->N, g->C, g->H, g->W, g->OC, g->PT, g->PL, g->OH, g->OW, 0);         \
 }                                                                                                           \
                                                                                                             \
 /* conv2d_forward's y[n, oc, oh, ow] += x[n, c, oh - PT + i, ow - PL + j] * w[oc, c, i, j], differentiated:  \
  * dx[n, c, h, w] = sum dy[n, oc, h + PT - i, w + PL - j] * w[oc, c, i, j], the correlation of dy (padded by \
  * 2 - PT, 2 - PL) with the kernels rotated by 180 degrees and transposed. */                               \
-int conv2d_winograd_backward_input_##S(REAL *dx, const REAL *dy, const REAL *w, int64_t N, int64_t C,       \
-                                       int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, int64_t OH, \
-                                       int64_t OW)                                                          \
+int conv2d_winograd_backward_input_##S(REAL *dx, const REAL *dy, const REAL *w, const cnnx_conv2d_geom *g)   \
 {                                                                                                           \
-    if (PT < 0 || PL < 0 || PT > 2 || PL > 2) return CNNX_EGEOMETRY;                                        \
-    return wino_conv_##S(dx, dy, w, NULL, N, OC, OH, OW, C, 2 - PT, 2 - PL, H, W, 1);                       \
+    if (!wino_geometry(g)) return CNNX_EGEOMETRY;                                                           \
+    return wino_conv_##S(dx, dy, w, NULL, g->N, g->OC, g->OH, g->OW, g->C, 2 - g->PT, 2 - g->PL, g->H, g->W, 1); \
 }                                                                                                           \
                                                                                                             \
 /* dw[oc, c, i, j] = sum_{n, oh, ow} dy[n, oc, oh, ow] * x[n, c, oh - PT + i, ow - PL + j] (overwritten), as  \
  * G^T (sum over tiles of (A dY A^T) . (B^T d B)) G; db[oc] = sum dy[n, oc, :, :] (overwritten; NULL: none). */ \
-int conv2d_winograd_backward_weight_##S(REAL *dw, REAL *db, const REAL *dy, const REAL *x, int64_t N,        \
-                                        int64_t C, int64_t H, int64_t W, int64_t OC, int64_t PT, int64_t PL, \
-                                        int64_t OH, int64_t OW)                                             \
+int conv2d_winograd_backward_weight_##S(REAL *dw, REAL *db, const REAL *dy, const REAL *x,                 \
+                                        const cnnx_conv2d_geom *geom)                                       \
 {                                                                                                           \
-    if (PT < 0 || PL < 0 || PT > 2 || PL > 2) return CNNX_EGEOMETRY;                                        \
+    if (!wino_geometry(geom)) return CNNX_EGEOMETRY;                                                        \
+    const int64_t N = geom->N, C = geom->C, H = geom->H, W = geom->W, OC = geom->OC, PT = geom->PT;           \
+    const int64_t PL = geom->PL, OH = geom->OH, OW = geom->OW;                                              \
     const int path = cnnx_gemm_path();                                                                      \
     int64_t TH, TW, nb, nblocks;                                                                            \
     wino_blocks(N, OH, OW, WINO_MIN_TILES_DW, &TH, &TW, &nb, &nblocks);                                     \
