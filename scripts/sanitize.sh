@@ -86,7 +86,8 @@ cd "$WORK"
 TESTS=()
 for f in test_kernel_parity.py test_validation.py test_gradcheck.py test_threads.py test_properties.py \
          test_concurrency_stress.py test_layer_misuse.py test_nn_layers.py test_linear_kernels.py \
-         test_optim_kernels.py test_optim.py test_plan.py test_losses.py; do
+         test_optim_kernels.py test_optim.py test_plan.py test_losses.py test_winograd.py test_batchnorm_kernels.py \
+         test_cifar_models.py; do
     [ -f "tests/$f" ] && TESTS+=("tests/$f")
 done
 T1=$SECONDS
