@@ -27,10 +27,9 @@ The prediction for K nodes (one process per node, each as fast as this machine o
 with compute(b) the single-process step time at batch b measured here (the fastest step: the uninterrupted
 arithmetic), alpha the link latency (--latency,
 an assumption: measured loopback latency is not a network's) and beta the link bandwidth (10/25/100 Gb/s).
-ResNet-20 (not in cnnx): 0.27 M parameters and about 41 M multiply-adds per 32x32 image forward (He et al.
-2016), trained at 3x the forward's FLOPs, at the effective GFLOP/s LeNet-5 training reaches here (an
-assumption, stated in the output; larger convolutions usually run faster, which only makes communication
-matter more).
+ResNet-20's compute(b) is cnnx.models.ResNet20's single-process training step measured the same way (batch norm
+with per-rank statistics, as the distributed run would have), and its all-reduce carries its 272,474 float32
+parameters' gradients.
 """
 import argparse
 import json
@@ -49,8 +48,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402  (puts a checkout's built cnnx first on sys.path)
 from _common import cnnx  # noqa: E402
 
-RESNET20_PARAMS = 272_474          # CIFAR-10 ResNet-20 (He et al. 2016), float32 gradients
-RESNET20_MACS = 40.8e6             # multiply-adds of one 32x32 forward
 TRAIN_FLOPS_PER_FORWARD = 3        # forward + backward (input and weight gradients) ~ 3x the forward
 
 
@@ -169,23 +166,24 @@ def _training(comm, rank, world, global_batch, steps):
             "identical": identical, "images_per_step": global_batch}
 
 
-def _compute_times(batches, steps):
-    """Single-process LeNet-5 training step time (no communication) at each local batch size: the fastest of
-    `steps` steps, the batch sizes taken in turn 10 steps at a time (other processes only ever add time, and a
-    busy spell then hits every size alike)."""
+def _compute_times(batches, steps, make_model=None, shape=(1, 28, 28), per_round=10):
+    """Single-process training step time (no communication) of make_model() (LeNet-5 by default) at each local
+    batch size: the fastest of `steps` steps, the batch sizes taken in turn `per_round` steps at a time (other
+    processes only ever add time, and a busy spell then hits every size alike)."""
     from cnnx import nn, optim
     from cnnx.models import LeNet5
+    make_model = make_model or LeNet5
     rng = np.random.default_rng(0)
     nets = {}
     for b in batches:
         cnnx.manual_seed(0)
-        model = LeNet5()
+        model = make_model()
         nets[b] = (model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                   rng.standard_normal((b, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, size=b))
+                   rng.standard_normal((b,) + shape).astype(np.float32), rng.integers(0, 10, size=b))
     best = {b: float("inf") for b in batches}
-    for round_ in range(max(1, steps // 10) + 1):
+    for round_ in range(max(1, steps // per_round) + 1):
         for b, (model, loss_fn, opt, x, y) in nets.items():
-            for _ in range(10):
+            for _ in range(per_round):
                 t0 = time.perf_counter()
                 opt.zero_grad()
                 loss_fn.forward(model.forward(x), y)
@@ -210,6 +208,10 @@ def worker(args):
     if world == 1:
         locals_ = sorted({args.global_batch // k for k in args.nodes if args.global_batch % k == 0})
         result["compute"] = _compute_times(locals_, args.steps)
+        resnet = cnnx.models.ResNet20()
+        result["resnet20_compute"] = _compute_times(locals_, 2 if args.quick else 4, cnnx.models.ResNet20,
+                                                    (3, 32, 32), per_round=2)
+        result["resnet20_params"] = sum(p.data.size for p in resnet.parameters())
         result["lenet_forward_flops"] = cnnx.models.LeNet5().summary((1, 1, 28, 28), print_summary=False)[
             "total_flops"]
     if rank == 0:
@@ -337,10 +339,11 @@ def main(argv=None):
     fwd = results[1]["lenet_forward_flops"]
     b0 = args.global_batch
     gflops = TRAIN_FLOPS_PER_FORWARD * fwd * b0 / compute[b0] / 1e9
-    resnet_image = TRAIN_FLOPS_PER_FORWARD * 2 * RESNET20_MACS / (gflops * 1e9)
+    resnet = {int(b): t for b, t in results[1]["resnet20_compute"].items()}
+    resnet_params = results[1]["resnet20_params"]
     nets = {
         "LeNet-5": (results[1]["train"]["buffer_bytes"] - 4, lambda b: compute[b]),
-        "ResNet-20": (4 * RESNET20_PARAMS, lambda b: compute[b] + resnet_image * b),
+        "ResNet-20": (4 * resnet_params, lambda b: resnet[b]),
     }
     print(f"\n=== predicted strong scaling, global batch {b0}: step(K) = compute({b0}/K) + "
           f"2(K-1) alpha + 2(K-1)/K bytes/beta, alpha = {args.latency * 1e6:g} us")
@@ -348,9 +351,9 @@ def main(argv=None):
           f"thread(s)); "
           f"training runs at {gflops:.2f} GFLOP/s effective ({TRAIN_FLOPS_PER_FORWARD} x {fwd:,} forward FLOPs "
           f"per image).")
-    print(f"ResNet-20 compute(b) (assumption): {RESNET20_MACS / 1e6:.1f} M multiply-adds per forward x "
-          f"{TRAIN_FLOPS_PER_FORWARD} at the same {gflops:.2f} GFLOP/s = {resnet_image * 1e3:.2f} ms per image "
-          f"(+ LeNet-5's per-step overhead); {RESNET20_PARAMS:,} parameters = {4 * RESNET20_PARAMS:,} bytes.")
+    print(f"ResNet-20 compute(b): cnnx.models.ResNet20's fastest single-process training step measured here "
+          f"(CIFAR-10-sized random data): " + ", ".join(f"{resnet[b] * 1e3:.1f} ms at batch {b}" for b in sorted(resnet))
+          + f"; {resnet_params:,} parameters = {4 * resnet_params:,} bytes.")
     nodes = [k for k in args.nodes if b0 % k == 0]
     print("| network | link | " + " | ".join(f"K={k}" for k in nodes) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in nodes) + " |")
