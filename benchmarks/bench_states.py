@@ -30,7 +30,9 @@ import numpy as np
 
 import _common as C
 from _common import cnnx
-from bench_lenet5 import CnnxNet, TorchNet, batch
+import statistics
+
+from bench_lenet5 import PHASES, CnnxNet, TorchNet, batch
 
 STATES = ("fresh", "trained", "converged")
 TARGETS = {("train", 64): 5.0, ("train", 1): 10.0, ("infer", 1): 10.0}       # issue 16's targets
@@ -131,6 +133,18 @@ def main(argv=None):
                                  f"{C.fmt_rate(ips['torch'])} ({C.fmt_stat(stats['torch'])})" if "torch" in ips
                                  else "-", C.fmt_ratio(ips["c"], ips.get("torch"))])
             C.print_table(["mode", "threads", "cnnx img/s (step)", "torch img/s (step)", "cnnx/torch"], rows)
+            phase_rows = []
+            for t in args.threads:        # where a training step's time goes, in this state
+                C.set_threads(t, torch)
+                phases = {name: {} for name in nets}
+                C.measure({name: net.phased_fn(x, y, phases[name]) for name, net in nets.items()}, args.repeat,
+                          args.target)
+                for name in nets:
+                    med = {ph: statistics.median(v) for ph, v in phases[name].items()}
+                    phase_rows.append([C.threads_label(t), {"c": "cnnx", "torch": "torch"}[name]]
+                                      + [C.fmt_time(med[ph]) for ph in PHASES] + [C.fmt_time(sum(med.values()))])
+            print("training step by phase (medians):")
+            C.print_table(["threads", "library"] + list(PHASES) + ["sum"], phase_rows)
 
     C.section("summary: cnnx / torch in each state (issue 16's targets)")
     rows = []
