@@ -302,10 +302,9 @@ TARGET static int GLUE(batchnorm_forward, SUF)(REAL *y, REAL *save_mean, REAL *s
     const double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
     const cnnx_fpenv fp = cnnx_fp_caller();
     const int64_t cb = GLUE(block_channels, SUF)(N, L, C), blocks = (C + cb - 1) / cb;
-#pragma omp parallel num_threads(cnnx_threads()) if (blocks > 1 && M * C >= BN_PARALLEL_MIN)
-    {
+    CNNX_PARALLEL(blocks > 1 && M * C >= BN_PARALLEL_MIN, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t c0 = blk * cb, nc = C - c0 < cb ? C - c0 : cb;
             double mean[BN_MAX_BLOCK], var[BN_MAX_BLOCK];
@@ -326,7 +325,7 @@ TARGET static int GLUE(batchnorm_forward, SUF)(REAL *y, REAL *save_mean, REAL *s
             GLUE(block_apply, SUF)(y + c0 * L, x + c0 * L, N, L, C * L, nc, m, s, b, relu);
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 
@@ -341,10 +340,9 @@ TARGET static int GLUE(batchnorm_eval_forward, SUF)(REAL *y, const REAL *x, cons
                                                     int64_t N, int64_t C, int64_t L, double eps, int relu)
 {
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (N * C * L >= BN_PARALLEL_MIN)
-    {
+    CNNX_PARALLEL(N * C * L >= BN_PARALLEL_MIN, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < N * C; p++) {
             const int64_t c = p % C;
             const double invstd = 1.0 / sqrt((double)running_var[c] + eps);
@@ -352,7 +350,7 @@ TARGET static int GLUE(batchnorm_eval_forward, SUF)(REAL *y, const REAL *x, cons
             GLUE(plane_apply, SUF)(y + p * L, x + p * L, L, running_mean[c], s, bias ? bias[c] : (REAL)0, relu);
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 
@@ -374,10 +372,9 @@ TARGET static int GLUE(bn_backward, SUF)(REAL *dx, REAL *dweight, REAL *dbias, c
     const int batch_stats = invstd != NULL;
     const cnnx_fpenv fp = cnnx_fp_caller();
     const int64_t cb = GLUE(block_channels, SUF)(N, L, C), blocks = (C + cb - 1) / cb;
-#pragma omp parallel num_threads(cnnx_threads()) if (blocks > 1 && M * C >= BN_PARALLEL_MIN)
-    {
+    CNNX_PARALLEL(blocks > 1 && M * C >= BN_PARALLEL_MIN, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t c0 = blk * cb, nc = C - c0 < cb ? C - c0 : cb;
             const int64_t o = c0 * L;
@@ -401,7 +398,7 @@ TARGET static int GLUE(bn_backward, SUF)(REAL *dx, REAL *dweight, REAL *dbias, c
             GLUE(block_dx, SUF)(dx + o, dy + o, y ? y + o : NULL, x + o, N, L, C * L, nc, m, mg, k, s, batch_stats);
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 
@@ -433,17 +430,16 @@ TARGET static int GLUE(batchnorm_eval_backward, SUF)(REAL *dx, REAL *dweight, RE
 TARGET static int GLUE(global_avgpool2d_forward, SUF)(REAL *y, const REAL *x, int64_t NC, int64_t L)
 {
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC > 1 && NC * L >= BN_PARALLEL_MIN)
-    {
+    CNNX_PARALLEL(NC > 1 && NC * L >= BN_PARALLEL_MIN, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < NC; p++) {
             double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             GLUE(plane_sum, SUF)(s, x + p * L, L, 0);
             y[p] = (REAL)(GLUE(lanes_total, SUF)(s) / (double)L);
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 
@@ -455,17 +451,16 @@ TARGET static int GLUE(global_avgpool2d_forward, SUF)(REAL *y, const REAL *x, in
 TARGET static int GLUE(global_avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, int64_t NC, int64_t L)
 {
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC > 1 && NC * L >= BN_PARALLEL_MIN)
-    {
+    CNNX_PARALLEL(NC > 1 && NC * L >= BN_PARALLEL_MIN, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < NC; p++) {
             const REAL g = (REAL)((double)dy[p] / (double)L);
             REAL *restrict o = dx + p * L;
             for (int64_t i = 0; i < L; i++) o[i] = g;
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 

@@ -30,18 +30,55 @@ extern int cnnx_avx2_active;
  * not per calling thread as omp_set_num_threads would be). */
 int cnnx_threads(void);
 
+/*
+ * Every parallel region is written
+ *     CNNX_PARALLEL(worth_it, {
+ *         ...
+ *         CNNX_OMP_FOR
+ *         for (int64_t t = 0; t < ntasks; t++) ...
+ *     });
+ * The block runs as an OpenMP parallel region on cnnx_threads() threads when worth_it holds and more than one
+ * thread is set; otherwise it is called directly on this thread, where its worksharing constructs bind to this
+ * thread alone (an orphaned `omp for` runs every iteration, an orphaned barrier is a no-op): the same
+ * iterations in the same order as a one-thread team, so the same bits. Why: entering a region costs ~0.4 us
+ * even when the `if` clause makes it run on one thread (libgomp starts a team of one and ends it through two
+ * barriers, each a futex system call), and a batch-1 LeNet-5 training step runs ~15 kernels, each too small to
+ * share. A macro argument cannot hold a #pragma line, so the constructs inside are the _Pragma forms below, and
+ * the team's size and this thread's place in it are cnnx_team_size() and cnnx_team_rank().
+ */
+#ifdef _OPENMP
+#define CNNX_PARALLEL(worth_it, ...)                                                     \
+    do {                                                                                 \
+        if ((worth_it) && cnnx_threads() > 1) {                                          \
+            _Pragma("omp parallel num_threads(cnnx_threads())") __VA_ARGS__              \
+        } else {                                                                         \
+            __VA_ARGS__                                                                  \
+        }                                                                                \
+    } while (0)
+static inline int64_t cnnx_team_size(void) { return omp_get_num_threads(); }
+static inline int64_t cnnx_team_rank(void) { return omp_get_thread_num(); }
+#else
+#define CNNX_PARALLEL(worth_it, ...) do { __VA_ARGS__ } while (0)
+static inline int64_t cnnx_team_size(void) { return 1; }
+static inline int64_t cnnx_team_rank(void) { return 0; }
+#endif
+#define CNNX_OMP_FOR _Pragma("omp for schedule(static)")
+#define CNNX_OMP_FOR_NOWAIT _Pragma("omp for schedule(static) nowait")
+#define CNNX_OMP_SINGLE _Pragma("omp single")
+/* A status set from inside a region: CNNX_OMP_CRITICAL_STATUS status = CNNX_ENOMEM; */
+#define CNNX_OMP_CRITICAL_STATUS _Pragma("omp critical(cnnx_status)")
+
 /* Subnormals (cnnx_set_flush_denormal). On x86 each float operation with a subnormal operand or result costs
  * a microcode assist, ~100x a normal one: a converged model's decaying momentum buffers and small gradients
  * are full of them. With the setting on (the default), every kernel call flushes them on each thread that runs
  * it. The door brackets the call with cnnx_fpenv_enter/leave on the calling thread, and every parallel region
  * is written
  *     const cnnx_fpenv fp = cnnx_fp_caller();
- *     #pragma omp parallel ...
- *     {
+ *     CNNX_PARALLEL(worth_it, {
  *         cnnx_fp_worker_enter();
  *         ...
  *         cnnx_fp_worker_leave(fp);
- *     }
+ *     });
  * An OpenMP worker is a thread of its own, with its own MXCSR/FPCR, and one the runtime creates inside a
  * kernel call inherits the caller's flushing mode: so a worker leaves with the caller's own bits (fp, taken
  * before the call set anything), not with the ones it found. Thread 0 is the caller: the door restores it.
@@ -83,12 +120,8 @@ static inline void cnnx_fp_worker_enter(void)
 }
 static inline void cnnx_fp_worker_leave(cnnx_fpenv caller)
 {
-#ifdef _OPENMP
-    if (omp_get_thread_num() != 0)
+    if (cnnx_team_rank() != 0)
         cnnx_fp_set_flush(caller);
-#else
-    (void)caller;
-#endif
 }
 
 #define CNNX_GEMM_MR_MAX 6

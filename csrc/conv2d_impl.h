@@ -392,8 +392,7 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
     }
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
-    {
+    CNNX_PARALLEL(ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS, {
         cnnx_fp_worker_enter();
         const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit * OW;
         REAL *img = ALLOC(img_n), *tmp = algo == FWD_DIRECT ? ALLOC(OCg * unit * Wp) : NULL;
@@ -403,10 +402,10 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
         REAL *ys = fuse_pool ? ALLOC(OC * P) : NULL; /* one image's output, pooled before the next */
         const int ok = img && bpad && off && (tmp || algo != FWD_DIRECT) && (qoff || !gather) && (ys || !fuse_pool);
         if (!ok) {
-#pragma omp critical(cnnx_status)
+            CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
         }
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int64_t chunk = t % nchunks, ng = t / nchunks, g = ng % G, n = ng / G;
@@ -430,7 +429,7 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
         free(off);
         free(qoff);
         cnnx_fp_worker_leave(fp);
-    }
+    });
     free(apack);
     if (status == CNNX_OK && pooled && !fuse_pool)
         return GLUE(maxpool2x2_relu_forward, SUF)(pooled, code, y, pool);
@@ -484,16 +483,15 @@ static int GLUE(bwd_input_im2col, SUF)(REAL *dx, const REAL *dy, const REAL *w, 
     for (int64_t g = 0; g < G; g++) PACK_A(path, apack + g * apg, w + g * OCg * K, 1, K, K, OCg);
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (parallel && ntasks > 1)
-    {
+    CNNX_PARALLEL(parallel && ntasks > 1, {
         cnnx_fp_worker_enter();
         REAL *img = ALLOC(K * unit * OW), *bpad = ALLOC(cnnx_gemm_bpad_size(OCg));
         const int ok = img && bpad;
         if (!ok) {
-#pragma omp critical(cnnx_status)
+            CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
         }
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int64_t g = t % G, n = t / G;
@@ -509,7 +507,7 @@ static int GLUE(bwd_input_im2col, SUF)(REAL *dx, const REAL *dy, const REAL *w, 
         free(img);
         free(bpad);
         cnnx_fp_worker_leave(fp);
-    }
+    });
     free(apack);
     return status;
 }
@@ -542,18 +540,17 @@ static int GLUE(bwd_input_direct, SUF)(REAL *dx, const REAL *dy, const REAL *w, 
     free(wt);
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (parallel && ntasks > 1)
-    {
+    CNNX_PARALLEL(parallel && ntasks > 1, {
         cnnx_fp_worker_enter();
         REAL *img = ALLOC(OCg * (unit + span_h) * Wp), *tmp = ALLOC(Cg * unit * Wp);
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(OCg * KK));
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(OCg * KK > 0 ? OCg * KK : 1));
         const int ok = img && tmp && bpad && off;
         if (!ok) {
-#pragma omp critical(cnnx_status)
+            CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
         }
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int64_t chunk = t % nchunks, ng = t / nchunks, g = ng % G, n = ng / G;
@@ -567,7 +564,7 @@ static int GLUE(bwd_input_direct, SUF)(REAL *dx, const REAL *dy, const REAL *w, 
         free(bpad);
         free(off);
         cnnx_fp_worker_leave(fp);
-    }
+    });
     free(apack);
     return status;
 }
@@ -633,8 +630,7 @@ static int GLUE(bwd_input_rows, SUF)(REAL *dx, const REAL *dy, const REAL *w, co
     free(wt);
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (parallel && ntasks > 1)
-    {
+    CNNX_PARALLEL(parallel && ntasks > 1, {
         cnnx_fp_worker_enter();
         const int64_t kd = OCg * KW, noff = kd + KH * Cg; /* B's and Z's row offsets */
         REAL *e = ALLOC(span_w + OCg * unit * Wz), *tmp = z_in_place ? NULL : ALLOC(Cg * (unit + span_h) * Wz);
@@ -642,10 +638,10 @@ static int GLUE(bwd_input_rows, SUF)(REAL *dx, const REAL *dy, const REAL *w, co
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(noff > 0 ? noff : 1));
         const int ok = e && bpad && off && (tmp || z_in_place);
         if (!ok) {
-#pragma omp critical(cnnx_status)
+            CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
         }
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int64_t g = t % G, n = t / G;
@@ -661,7 +657,7 @@ static int GLUE(bwd_input_rows, SUF)(REAL *dx, const REAL *dy, const REAL *w, co
         free(bpad);
         free(off);
         cnnx_fp_worker_leave(fp);
-    }
+    });
     free(apack);
     return status;
 }
@@ -921,16 +917,15 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     if (!partial) return CNNX_ENOMEM;
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS)
-    {
+    CNNX_PARALLEL(ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS, {
         cnnx_fp_worker_enter();
         GLUE(wgrad_scratch, SUF) s;
         const int ok = GLUE(wgrad_scratch_alloc, SUF)(&s, algo, geom, unit);
         if (!ok) {
-#pragma omp critical(cnnx_status)
+            CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
         }
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t t = 0; t < ntasks; t++) {
             if (!ok) continue;
             const int64_t g = t % G, sl = t / G, n0 = N * sl / S, n1 = N * (sl + 1) / S;
@@ -945,7 +940,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         }
         GLUE(wgrad_scratch_free, SUF)(&s);
         if (S > 1) {
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
             for (int64_t i = 0; i < wsize; i++) {
                 REAL sum = partial[i];
                 for (int64_t k = 1; k < S; k++) sum += partial[k * wsize + i];
@@ -953,7 +948,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
             }
         }
         if (db) {
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
             for (int64_t oc = 0; oc < OC; oc++) {
                 /* running sums by lane (sum_into: vectorised, AVX2 on that path); a fixed order, so the result
                  * does not depend on the thread count */
@@ -964,7 +959,7 @@ int GLUE(conv2d_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
             }
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     if (S > 1) free(partial);
     return status;
 }
@@ -1043,20 +1038,15 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
     for (int64_t o = 0; o < OC; o++) bsum[o] = 0;
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (OC > 1 && N * OC * Q * rows * KW >= PARALLEL_MIN_MACS / 4)
-    {
+    CNNX_PARALLEL(OC > 1 && N * OC * Q * rows * KW >= PARALLEL_MIN_MACS / 4, {
         cnnx_fp_worker_enter();
-#ifdef _OPENMP
-        const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-        const int64_t T = 1, t = 0;
-#endif
+        const int64_t T = cnnx_team_size(), t = cnnx_team_rank();
         const int64_t o0 = OC * t / T, o1 = OC * (t + 1) / T;
         REAL *xq = ALLOC(C * Hq * Wq), *v = ALLOC(Q + 8), *part = vec ? NULL : ALLOC(rows * KW);
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(Q + 8)); /* + a vector step's spare stores */
         const int ok = xq && v && off && (vec || part);
         if (!ok) {
-#pragma omp critical(cnnx_status)
+            CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
         }
         for (int64_t n = 0; ok && o0 < o1 && n < N; n++) {
@@ -1089,7 +1079,7 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
         free(part);
         free(off);
         cnnx_fp_worker_leave(fp);
-    }
+    });
     if (status == CNNX_OK) {
         for (int64_t o = 0; o < OC; o++) {
             for (int64_t r = 0; r < rows; r++)

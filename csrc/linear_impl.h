@@ -21,10 +21,9 @@ int GLUE(linear_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
     for (int64_t o = 0; o < OUT; o++) off[o] = o * IN;
     const int64_t blocks = (N + 3) / 4;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
-    {
+    CNNX_PARALLEL(N * IN * OUT >= PARALLEL_MIN_MACS, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t n0 = blk * 4, rows = N - n0 < 4 ? N - n0 : 4;
             GLUE(cnnx_gemm_nt, SUF)(path, y + n0 * OUT, OUT, x + n0 * IN, IN, w, off, rows, OUT, IN, 0, 1, 0, 0);
@@ -33,7 +32,7 @@ int GLUE(linear_forward, SUF)(REAL *y, const REAL *x, const REAL *w, const REAL 
                     for (int64_t o = 0; o < OUT; o++) y[(n0 + r) * OUT + o] += b[o];
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     free(off);
     return CNNX_OK;
 }
@@ -52,15 +51,14 @@ int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     const int64_t panels = (IN + 63) / 64;
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
-    {
+    CNNX_PARALLEL(N * IN * OUT >= PARALLEL_MIN_MACS, {
         cnnx_fp_worker_enter();
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(OUT));
         if (!bpad) {
-#pragma omp critical(cnnx_status)
+            CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
         }
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < panels; p++) {
             if (!bpad) continue;
             const int64_t j0 = p * 64, cols = IN - j0 < 64 ? IN - j0 : 64;
@@ -68,7 +66,7 @@ int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
         }
         free(bpad);
         cnnx_fp_worker_leave(fp);
-    }
+    });
     free(apack);
     return status;
 }
@@ -89,15 +87,14 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     const int64_t panels = (IN + 63) / 64;
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (N * IN * OUT >= PARALLEL_MIN_MACS)
-    {
+    CNNX_PARALLEL(N * IN * OUT >= PARALLEL_MIN_MACS, {
         cnnx_fp_worker_enter();
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(N));
         if (!bpad) {
-#pragma omp critical(cnnx_status)
+            CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
         }
-#pragma omp for schedule(static) nowait
+        CNNX_OMP_FOR_NOWAIT
         for (int64_t p = 0; p < panels; p++) {
             if (!bpad) continue;
             const int64_t j0 = p * 64, cols = IN - j0 < 64 ? IN - j0 : 64;
@@ -105,7 +102,7 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
                                  bpad);
         }
         if (db) {
-#pragma omp single
+            CNNX_OMP_SINGLE
             { /* row by row, so the adds run along contiguous memory and vectorise */
                 if (!accumulate)
                     for (int64_t o = 0; o < OUT; o++) db[o] = 0;
@@ -115,7 +112,7 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         }
         free(bpad);
         cnnx_fp_worker_leave(fp);
-    }
+    });
     free(apack);
     return status;
 }

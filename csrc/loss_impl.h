@@ -35,10 +35,9 @@ int GLUE(cross_entropy_forward, SUF)(REAL *restrict losses, REAL *restrict dx, d
     /* as numpy's `grad *= dtype(1.0 / denom) if denom != 0 else dtype(nan)` */
     const REAL scale = !mean ? (REAL)1 : counted ? (REAL)(1.0 / (double)counted) : (REAL)NAN;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (N * C >= PARALLEL_MIN_LOGITS)
-    {
+    CNNX_PARALLEL(N * C >= PARALLEL_MIN_LOGITS, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t i = 0; i < N; i++) {
             const REAL *restrict xi = x + i * C;
             REAL *restrict gi = dx + i * C;
@@ -62,7 +61,7 @@ int GLUE(cross_entropy_forward, SUF)(REAL *restrict losses, REAL *restrict dx, d
             gi[t] = gt * scale;
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     double sum = 0;
     for (int64_t i = 0; i < N; i++)
         sum += losses[i];

@@ -118,14 +118,13 @@ int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, uint8_t *code, const REAL *x, co
     CNNX_POOL_PLANES(g);
     if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
-    {
+    CNNX_PARALLEL(NC * OH * OW > FUSED_PARALLEL_MIN, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < NC; p++)
             GLUE(max2x2_plane, SUF)(y + p * OH * OW, NULL, code + p * OH * OW, x + p * H * W, W, OH, OW, 1);
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 
@@ -144,10 +143,9 @@ int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const uint8_t 
     CNNX_POOL_PLANES(g);
     if (2 * OH > H || 2 * OW > W) return CNNX_EGEOMETRY;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > FUSED_PARALLEL_MIN)
-    {
+    CNNX_PARALLEL(NC * OH * OW > FUSED_PARALLEL_MIN, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < NC; p++) {
             REAL *restrict dxp = dx + p * H * W;
             const REAL *restrict yp = y + p * OH * OW;
@@ -170,7 +168,7 @@ int GLUE(maxpool2x2_relu_backward, SUF)(REAL *dx, const REAL *dy, const uint8_t 
             }
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 
@@ -187,14 +185,13 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, const
     if (KH == 2 && KW == 2 && SH == 2 && SW == 2 && PH == 0 && PW == 0 && DH == 1 && DW == 1 &&
         2 * OH <= H && 2 * OW <= W) {
         const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-        {
+        CNNX_PARALLEL(NC * OH * OW > 32768, {
             cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+            CNNX_OMP_FOR
             for (int64_t p = 0; p < NC; p++)
                 GLUE(max2x2_plane, SUF)(y + p * OH * OW, indices + p * OH * OW, NULL, x + p * H * W, W, OH, OW, 0);
             cnnx_fp_worker_leave(fp);
-        }
+        });
         return CNNX_OK;
     }
     /* output columns whose window lies wholly inside the image need no bounds checks */
@@ -203,10 +200,9 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, const
     if (ow_in1 > OW) ow_in1 = OW;
     if (ow_in0 > ow_in1) ow_in0 = ow_in1;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-    {
+    CNNX_PARALLEL(NC * OH * OW > 32768, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < NC; p++) {
             const REAL *restrict xp = x + p * H * W;
             REAL *restrict yp = y + p * OH * OW;
@@ -262,7 +258,7 @@ int GLUE(maxpool2d_forward, SUF)(REAL *y, int64_t *indices, const REAL *x, const
             }
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 
@@ -280,10 +276,9 @@ int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indic
     int status = CNNX_OK;
     const int64_t plane = H * W;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-    {
+    CNNX_PARALLEL(NC * OH * OW > 32768, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < NC; p++) {
             REAL *restrict dxp = dx + p * plane;
             const REAL *restrict dyp = dy + p * OH * OW;
@@ -293,7 +288,7 @@ int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indic
                 const int64_t i = ip[o];
                 if (i >= plane) continue; /* a window wholly in the padding: its -inf output has no input */
                 if (i < 0) {
-    #pragma omp critical(cnnx_status)
+    CNNX_OMP_CRITICAL_STATUS
                     status = CNNX_EINDEX;
                     break;
                 }
@@ -301,7 +296,7 @@ int GLUE(maxpool2d_backward, SUF)(REAL *dx, const REAL *dy, const int64_t *indic
             }
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return status;
 }
 
@@ -329,10 +324,9 @@ int GLUE(avgpool2d_forward, SUF)(REAL *y, const REAL *x, const cnnx_pool2d_geom 
     CNNX_POOL_PLANES(g);
     const int64_t KH = g->KH, KW = g->KW, SH = g->SH, SW = g->SW, PH = g->PH, PW = g->PW;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-    {
+    CNNX_PARALLEL(NC * OH * OW > 32768, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < NC; p++) {
             const REAL *restrict xp = x + p * H * W;
             REAL *restrict yp = y + p * OH * OW;
@@ -346,7 +340,7 @@ int GLUE(avgpool2d_forward, SUF)(REAL *y, const REAL *x, const cnnx_pool2d_geom 
                 }
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 
@@ -361,10 +355,9 @@ int GLUE(avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, const cnnx_pool2d_ge
     CNNX_POOL_PLANES(g);
     const int64_t KH = g->KH, KW = g->KW, SH = g->SH, SW = g->SW, PH = g->PH, PW = g->PW;
     const cnnx_fpenv fp = cnnx_fp_caller();
-#pragma omp parallel num_threads(cnnx_threads()) if (NC * OH * OW > 32768)
-    {
+    CNNX_PARALLEL(NC * OH * OW > 32768, {
         cnnx_fp_worker_enter();
-#pragma omp for schedule(static)
+        CNNX_OMP_FOR
         for (int64_t p = 0; p < NC; p++) {
             REAL *restrict dxp = dx + p * H * W;
             const REAL *restrict dyp = dy + p * OH * OW;
@@ -379,7 +372,7 @@ int GLUE(avgpool2d_backward, SUF)(REAL *dx, const REAL *dy, const cnnx_pool2d_ge
                 }
         }
         cnnx_fp_worker_leave(fp);
-    }
+    });
     return CNNX_OK;
 }
 

@@ -132,22 +132,21 @@ static int wino_conv_##S(REAL *y, const REAL *x, const REAL *w, const REAL *b, i
     free(U);                                                                                                \
     int status = CNNX_OK;                                                                                   \
     const cnnx_fpenv fp = cnnx_fp_caller();                                                                 \
-_Pragma("omp parallel num_threads(cnnx_threads()) if (nblocks > 1 && N * OC * OH * OW * C * 9 >= WINO_PARALLEL_MIN_MACS)") \
-    {                                                                                                       \
+    CNNX_PARALLEL(nblocks > 1 && N * OC * OH * OW * C * 9 >= WINO_PARALLEL_MIN_MACS, {                      \
         cnnx_fp_worker_enter();                                                                             \
         REAL *V = ALLOC(36 * C * TB), *M = ALLOC(36 * OC * TB), *d = ALLOC(36 * TB), *u = ALLOC(36 * TB);   \
         REAL *plane = ALLOC((4 * TH + 2) * (4 * TW + 2)), *bpad = ALLOC(cnnx_gemm_bpad_size(C));            \
         if (!V || !M || !d || !u || !plane || !bpad) {                                                      \
-            _Pragma("omp critical(cnnx_status)") status = CNNX_ENOMEM;                                      \
+            CNNX_OMP_CRITICAL_STATUS status = CNNX_ENOMEM;                                                  \
         }                                                                                                   \
-        _Pragma("omp for schedule(static)")                                                                 \
+        CNNX_OMP_FOR                                                                                        \
         for (int64_t blk = 0; blk < nblocks; blk++) {                                                       \
             if (!V || !M || !d || !u || !plane || !bpad) continue;                                          \
             const int64_t n0 = blk * nb, nbb = N - n0 < nb ? N - n0 : nb, cols = nbb * TH * TW;             \
-            if (path) wino_input_##S##_avx2(V, x, n0, nbb, C, H, W, PT, PL, TH, TW, TB, plane, d, u);        \
-            else wino_input_##S##_portable(V, x, n0, nbb, C, H, W, PT, PL, TH, TW, TB, plane, d, u);         \
+            if (path) wino_input_##S##_avx2(V, x, n0, nbb, C, H, W, PT, PL, TH, TW, TB, plane, d, u);       \
+            else wino_input_##S##_portable(V, x, n0, nbb, C, H, W, PT, PL, TH, TW, TB, plane, d, u);        \
             for (int64_t xi = 0; xi < 36; xi++)                                                             \
-                cnnx_gemm_##S(path, M + xi * OC * TB, TB, NULL, apack + xi * aps, V + xi * C * TB, NULL, TB, \
+                cnnx_gemm_##S(path, M + xi * OC * TB, TB, NULL, apack + xi * aps, V + xi * C * TB, NULL, TB,\
                               NULL, OC, cols, C, 0, 0, 0, bpad);                                            \
             if (path) wino_output_##S##_avx2(y, M, b, n0, nbb, OC, OH, OW, TH, TW, TB, d, u);               \
             else wino_output_##S##_portable(y, M, b, n0, nbb, OC, OH, OW, TH, TW, TB, d, u);                \
@@ -159,7 +158,7 @@ _Pragma("omp parallel num_threads(cnnx_threads()) if (nblocks > 1 && N * OC * OH
         free(plane);                                                                                        \
         free(bpad);                                                                                         \
         cnnx_fp_worker_leave(fp);                                                                           \
-    }                                                                                                       \
+    });                                                                                                     \
     free(apack);                                                                                            \
     return status;                                                                                          \
 }                                                                                                           \
@@ -203,43 +202,42 @@ int conv2d_winograd_backward_weight_##S(REAL *dw, REAL *db, const REAL *dy, cons
     for (int64_t c = 0; c < C; c++) boff[c] = c * TB;                                                       \
     int status = CNNX_OK;                                                                                   \
     const cnnx_fpenv fp = cnnx_fp_caller();                                                                 \
-_Pragma("omp parallel num_threads(cnnx_threads()) if (slices > 1 && N * OC * OH * OW * C * 9 >= WINO_PARALLEL_MIN_MACS)") \
-    {                                                                                                       \
+    CNNX_PARALLEL(slices > 1 && N * OC * OH * OW * C * 9 >= WINO_PARALLEL_MIN_MACS, {                       \
         cnnx_fp_worker_enter();                                                                             \
         REAL *V = ALLOC(36 * C * TB), *dM = ALLOC(36 * OC * TB), *d = ALLOC(36 * TB), *u = ALLOC(36 * TB);  \
         REAL *plane = ALLOC((4 * TH + 2) * (4 * TW + 2));                                                   \
         const int ok = V && dM && d && u && plane;                                                          \
         if (!ok) {                                                                                          \
-            _Pragma("omp critical(cnnx_status)") status = CNNX_ENOMEM;                                      \
+            CNNX_OMP_CRITICAL_STATUS status = CNNX_ENOMEM;                                                  \
         }                                                                                                   \
-        _Pragma("omp for schedule(static)")                                                                 \
+        CNNX_OMP_FOR                                                                                        \
         for (int64_t s = 0; s < slices; s++) {                                                              \
             if (!ok) continue;                                                                              \
             REAL *dUs = dU + s * usize;                                                                     \
-            const int64_t b0 = nblocks * s / slices, b1 = nblocks * (s + 1) / slices;                                 \
+            const int64_t b0 = nblocks * s / slices, b1 = nblocks * (s + 1) / slices;                       \
             for (int64_t blk = b0; blk < b1; blk++) {                                                       \
                 const int64_t n0 = blk * nb, nbb = N - n0 < nb ? N - n0 : nb, cols = nbb * TH * TW;         \
                 if (path) {                                                                                 \
-                    wino_input_##S##_avx2(V, x, n0, nbb, C, H, W, PT, PL, TH, TW, TB, plane, d, u);          \
+                    wino_input_##S##_avx2(V, x, n0, nbb, C, H, W, PT, PL, TH, TW, TB, plane, d, u);         \
                     wino_dy_##S##_avx2(dM, dy, n0, nbb, OC, OH, OW, TH, TW, TB, d, u);                      \
                 } else {                                                                                    \
-                    wino_input_##S##_portable(V, x, n0, nbb, C, H, W, PT, PL, TH, TW, TB, plane, d, u);      \
+                    wino_input_##S##_portable(V, x, n0, nbb, C, H, W, PT, PL, TH, TW, TB, plane, d, u);     \
                     wino_dy_##S##_portable(dM, dy, n0, nbb, OC, OH, OW, TH, TW, TB, d, u);                  \
                 }                                                                                           \
                 for (int64_t xi = 0; xi < 36; xi++)                                                         \
-                    cnnx_gemm_nt_##S(path, dUs + xi * OC * C, C, dM + xi * OC * TB, TB, V + xi * C * TB, boff, \
+                    cnnx_gemm_nt_##S(path, dUs + xi * OC * C, C, dM + xi * OC * TB, TB, V + xi * C * TB, boff,\
                                      OC, C, cols, blk > b0, 1, 0, 0);                                       \
             }                                                                                               \
         }                                                                                                   \
         /* the slices' sum, in slice order, then dw = G^T dU G */                                           \
-        _Pragma("omp for schedule(static)")                                                                 \
+        CNNX_OMP_FOR                                                                                        \
         for (int64_t oc = 0; oc < OC; oc++) {                                                               \
             if (!ok) continue;                                                                              \
             for (int64_t c = 0; c < C; c++) {                                                               \
                 double m[6][6], t[3][6];                                                                    \
                 for (int xi = 0; xi < 36; xi++) {                                                           \
                     double v = 0;                                                                           \
-                    for (int64_t s = 0; s < slices; s++) v += (double)dU[s * usize + (xi * OC + oc) * C + c];     \
+                    for (int64_t s = 0; s < slices; s++) v += (double)dU[s * usize + (xi * OC + oc) * C + c];\
                     m[xi / 6][xi % 6] = v;                                                                  \
                 }                                                                                           \
                 for (int i = 0; i < 3; i++)                                                                 \
@@ -255,7 +253,7 @@ _Pragma("omp parallel num_threads(cnnx_threads()) if (slices > 1 && N * OC * OH 
                         dw[(oc * C + c) * 9 + i * 3 + j] = (REAL)v;                                         \
                     }                                                                                       \
             }                                                                                               \
-            if (db) {   /* by lane (cnnx_sum_into), the lanes added in order */                               \
+            if (db) {   /* by lane (cnnx_sum_into), the lanes added in order */                             \
                 REAL part[33] = {0}, sum = 0;                                                               \
                 for (int64_t n = 0; n < N; n++)                                                             \
                     cnnx_sum_into_##S(path, part, dy + (n * OC + oc) * OH * OW, OH * OW);                   \
@@ -269,7 +267,7 @@ _Pragma("omp parallel num_threads(cnnx_threads()) if (slices > 1 && N * OC * OH 
         free(u);                                                                                            \
         free(plane);                                                                                        \
         cnnx_fp_worker_leave(fp);                                                                           \
-    }                                                                                                       \
+    });                                                                                                     \
     free(dU);                                                                                               \
     free(boff);                                                                                             \
     return status;                                                                                          \

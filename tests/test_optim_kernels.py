@@ -105,7 +105,7 @@ GROUP_CASES = [("SGD", dict(lr=0.05)),
 def _model_params(seed):
     """float32 and float64 parameters of several shapes in one list, one frozen, one without a grad."""
     rng = np.random.default_rng(seed)
-    shapes = [((6, 1, 5, 5), np.float32), ((6,), np.float32), ((120, 400), np.float32), ((10,), np.float64),
+    shapes = [((6, 1, 5, 5), np.float32), ((6,), np.float32), ((700, 400), np.float32), ((10,), np.float64),
               ((), np.float64), ((3, 4), np.float32), ((0, 3), np.float32)]
     params = [cnnx.nn.Parameter(rng.standard_normal(s).astype(d)) for s, d in shapes]
     params[5].requires_grad = False
@@ -133,8 +133,8 @@ def _run(name, kwargs, monkeypatch, group_kernels, steps=4):
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: c[0] + "-" + "-".join(f"{k}{v}" for k, v in c[1].items()))
 def test_group_step_matches_per_parameter_path_bit_for_bit(case, threads, monkeypatch):
-    """The group kernels (threaded over parts of every parameter once the group is large, as here: 48,179
-    elements) give the per-parameter path's bits on any thread count."""
+    """The group kernels (threaded over parts of every parameter once the group is large, as here: 280,179
+    elements, above csrc/optim.c's GROUP_PARALLEL_MIN) give the per-parameter path's bits on any thread count."""
     name, kwargs = case
     before = cnnx.get_num_threads()
     cnnx.set_num_threads(threads)
