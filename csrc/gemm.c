@@ -268,6 +268,46 @@ TARGET static void dot_tile_alt_##S(REAL *restrict c, int64_t ldc, const REAL *r
             c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0) + sums[i][j];                         \
 }
 
+/* The same for 1 x 8 tiles (one row of A: a GEMV, as in a batch-1 Linear layer's forward), where the 4 x 3 tile
+ * would repeat that row four times (four times the multiply-adds and loads): one load of A per 8 FMAs. Each
+ * product's lanes are summed as in the tiles above (the same per-lane order, the same hsum4 tree), so a product
+ * has the same bits whichever tile computes it. */
+#define ROW_DC 8
+#define DOT_ROW(REAL, S, VEC, LOADU, FMADD, ZERO, HSUM, LANES, MASK, MASKLOAD)                     \
+TARGET static void dot_row_##S(REAL *restrict c, const REAL *restrict a, const REAL *restrict b,     \
+                               const int64_t *boff, int64_t K, int64_t nc, int accumulate, int64_t nseg, \
+                               int64_t sa, int64_t sb)                                               \
+{                                                                                                    \
+    VEC s0 = ZERO(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;                   \
+    for (int64_t seg = 0; seg < nseg; seg++) {                                                       \
+    const REAL *x = a + seg * sa, *bs = b + seg * sb;                                                \
+    const REAL *y[ROW_DC];                                                                           \
+    for (int j = 0; j < ROW_DC; j++) y[j] = bs + boff[j < nc ? j : nc - 1];                          \
+    const REAL *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3], *y4 = y[4], *y5 = y[5], *y6 = y[6];   \
+    const REAL *y7 = y[7];                                                                           \
+    int64_t k = 0;                                                                                   \
+    for (; k + LANES <= K; k += LANES) {                                                             \
+        VEC u = LOADU(x + k); IN_REG(u);                                                             \
+        s0 = FMADD(u, LOADU(y0 + k), s0); s1 = FMADD(u, LOADU(y1 + k), s1);                          \
+        s2 = FMADD(u, LOADU(y2 + k), s2); s3 = FMADD(u, LOADU(y3 + k), s3);                          \
+        s4 = FMADD(u, LOADU(y4 + k), s4); s5 = FMADD(u, LOADU(y5 + k), s5);                          \
+        s6 = FMADD(u, LOADU(y6 + k), s6); s7 = FMADD(u, LOADU(y7 + k), s7);                          \
+    }                                                                                                \
+    if (k < K) { /* the last K - k < LANES elements: one masked step (masked-out lanes read as 0) */ \
+        const __m256i m = MASK(K - k);                                                               \
+        const VEC u = MASKLOAD(x + k, m);                                                            \
+        s0 = FMADD(u, MASKLOAD(y0 + k, m), s0); s1 = FMADD(u, MASKLOAD(y1 + k, m), s1);              \
+        s2 = FMADD(u, MASKLOAD(y2 + k, m), s2); s3 = FMADD(u, MASKLOAD(y3 + k, m), s3);              \
+        s4 = FMADD(u, MASKLOAD(y4 + k, m), s4); s5 = FMADD(u, MASKLOAD(y5 + k, m), s5);              \
+        s6 = FMADD(u, MASKLOAD(y6 + k, m), s6); s7 = FMADD(u, MASKLOAD(y7 + k, m), s7);              \
+    }                                                                                                \
+    }                                                                                                \
+    REAL sums[ROW_DC];                                                                               \
+    HSUM(sums, s0, s1, s2, s3);                                                                      \
+    HSUM(sums + 4, s4, s5, s6, s7);                                                                  \
+    for (int64_t j = 0; j < nc; j++) c[j] = (accumulate ? c[j] : 0) + sums[j];                       \
+}
+
 /* One k step of a 6 x 2-vector register tile: row i's element of A (broadcast from p_i) times b0, b1 into the
  * accumulators cI0, cI1 (named, so that the compiler keeps them in registers). */
 #define STEP_6X2(VEC, BROADCAST, FMADD, p0, p1, p2, p3, p4, p5)                                      \
@@ -354,6 +394,8 @@ DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setze
          _mm256_maskload_ps)
 DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8, MASK_F32,
              _mm256_maskload_ps)
+DOT_ROW(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8, MASK_F32,
+        _mm256_maskload_ps)
 #define REAL float
 #define SUF f32_avx2
 #include "gemm_impl.h"
@@ -370,6 +412,8 @@ DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_set
          _mm256_maskload_pd)
 DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4, MASK_F64,
              _mm256_maskload_pd)
+DOT_ROW(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4, MASK_F64,
+        _mm256_maskload_pd)
 #define REAL double
 #define SUF f64_avx2
 #include "gemm_impl.h"
@@ -381,6 +425,7 @@ DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256
 #undef DC
 #undef ALT_DR
 #undef ALT_DC
+#undef ROW_DC
 #undef TARGET
 #else
 #define pack_a_f32_avx2 pack_a_f32_portable

@@ -189,9 +189,17 @@ TARGET static void GLUE(gemm_nt, SUF)(REAL *c, int64_t ldc, const REAL *a, int64
                                       int64_t nseg, int64_t sa, int64_t sb)
 {
 #ifdef ALT_DR
-    /* the alternative tile when it wastes fewer of its dot products on rows/columns past M, N */
+    /* the tile that wastes the fewest of its dot products on rows/columns past M, N (the same bits whichever) */
     const int64_t main_tiles = ((M + DR - 1) / DR) * ((N + DC - 1) / DC) * (DR * DC);
     const int64_t alt_tiles = ((M + ALT_DR - 1) / ALT_DR) * ((N + ALT_DC - 1) / ALT_DC) * (ALT_DR * ALT_DC);
+    const int64_t row_tiles = M * ((N + ROW_DC - 1) / ROW_DC) * ROW_DC;
+    if (row_tiles < main_tiles && row_tiles < alt_tiles) {
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j0 = 0; j0 < N; j0 += ROW_DC)
+                GLUE(dot_row, SUF)(c + i * ldc + j0, a + i * lda, b, boff + j0, K, N - j0 < ROW_DC ? N - j0 : ROW_DC,
+                                   accumulate, nseg, sa, sb);
+        return;
+    }
     if (alt_tiles < main_tiles) {
         for (int64_t i0 = 0; i0 < M; i0 += ALT_DR) {
             const int64_t mr = M - i0 < ALT_DR ? M - i0 : ALT_DR;
