@@ -47,6 +47,24 @@ def test_linear_kernels_match_reference(shape, dtype, portable):
         K.force_portable(before)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_out", [(400, 120), (120, 84), (84, 10), (9, 7), (17, 1), (1, 9)], ids=str)
+def test_linear_rows_do_not_depend_on_the_batch_around_them(in_out, dtype):
+    """A sample's output and input gradient are the same bits alone (batch 1, where the kernels take their
+    one-row tiles) as inside a batch of 12 (the 4 x 3 / 6 x 16 tiles): the tile changes which products are
+    computed together, never how each one is summed."""
+    i, o = in_out
+    rng = np.random.default_rng(i * 100 + o)
+    x, w = rng.standard_normal((12, i)).astype(dtype), rng.standard_normal((o, i)).astype(dtype)
+    b, dy = rng.standard_normal(o).astype(dtype), rng.standard_normal((12, o)).astype(dtype)
+    y, dx = K.linear_forward(x, w, b), K.linear_backward_input(dy, w)
+    for n in (1, 2, 3, 5):
+        for r in range(0, 12, n):
+            rows = slice(r, min(r + n, 12))
+            assert np.array_equal(K.linear_forward(x[rows].copy(), w, b), y[rows]), (n, r)
+            assert np.array_equal(K.linear_backward_input(dy[rows].copy(), w), dx[rows]), (n, r)
+
+
 def test_linear_gradients_by_central_differences():
     rng = np.random.default_rng(0)
     x, w, b = rng.standard_normal((3, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
