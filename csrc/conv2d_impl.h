@@ -131,14 +131,19 @@ static int GLUE(all_finite, SUF)(const REAL *restrict x, int64_t n)
 /* Winograd F(4x4, 3x3) (winograd.c) runs a 3x3, stride-1, dilation-1, ungrouped convolution where it pays:
  * 32 or more input and output channels (measured on one thread, float32, 16x16 and 8x8 images: forward and
  * backward to the input 1.3-1.9x the direct algorithms' speed, weight gradient 1.0-1.3x; at 16 channels the
- * transforms cost what the multiplies save). Its transforms mix a tile's values, so a NaN or infinity (or a
+ * transforms cost what the multiplies save), and 4,096 or more output pixels per channel pair over the batch:
+ * each call transforms and packs the weights (36 x OC x C values), ~0.1-0.2 us per channel pair, which the
+ * multiplies saved pay back only over enough pixels (measured, one thread, 3x3 pad 1, direct vs Winograd:
+ * 32 channels 16x16 at batch 1 63 vs 236 us, batch 8 397 vs 655, batch 32 1,615 vs 1,338; 64 channels 8x8 at
+ * batch 1 68 vs 437 us, batch 16 788 vs 928; ResNet-20's batch-1 inference 5.8 -> 1.2 ms). Its transforms mix a tile's values, so a NaN or infinity (or a
  * value so large that the transforms' factors, up to 8 x 5 x 5, would overflow it) would spread over the
  * whole 4x4 tile: such inputs go to the direct algorithms, which keep each output to its own window. */
 static int GLUE(winograd_pays, SUF)(const cnnx_conv2d_geom *geom)
 {
     CNNX_CONV_GEOM(geom);
     return KH == 3 && KW == 3 && SH == 1 && SW == 1 && DH == 1 && DW == 1 && G == 1 && PT <= 2 && PL <= 2 &&
-           C >= 32 && OC >= 32 && OH * OW >= 16;   /* (the geometry conv2d_winograd_* take, and where they pay) */
+           C >= 32 && OC >= 32 && OH * OW >= 16 && N * OH * OW >= 4096; /* (the geometry conv2d_winograd_* take,
+                                                                             * and where they pay) */
 }
 
 static int GLUE(winograd_safe, SUF)(const REAL *restrict a, int64_t n)

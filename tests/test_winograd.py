@@ -168,9 +168,10 @@ def test_winograd_refuses_other_geometry():
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_conv2d_dispatches_to_winograd_where_it_pays(dt):
     """conv2d_forward / backward_input / backward_weight run the Winograd kernels for 3x3 stride-1 convolutions
-    with 32 or more channels (the same bits as calling them), the direct ones otherwise; and any NaN, infinity
-    or huge value sends them to the direct algorithms, where each output sees only its own window."""
-    x, wt, b, dy, pad = _case((2, 32, 9, 10, 33, (1, 1, 1, 1)), dt, seed=5)
+    with 32 or more channels and 4,096 or more output pixels per channel pair (the same bits as calling them),
+    the direct ones otherwise; and any NaN, infinity or huge value sends them to the direct algorithms, where
+    each output sees only its own window."""
+    x, wt, b, dy, pad = _case((46, 32, 9, 10, 33, (1, 1, 1, 1)), dt, seed=5)     # 46 x 9 x 10 = 4,140 pixels
     geo = ((1, 1), pad, (1, 1), 1)
     assert np.array_equal(k.conv2d_forward(x, wt, b, *geo), k.conv2d_winograd_forward(x, wt, b, pad))
     assert np.array_equal(k.conv2d_backward_input(dy, wt, x.shape, *geo),
@@ -178,9 +179,13 @@ def test_conv2d_dispatches_to_winograd_where_it_pays(dt):
     for a, c in zip(k.conv2d_backward_weight(dy, x, wt.shape, *geo, True),
                     k.conv2d_winograd_backward_weight(dy, x, wt.shape, pad, True)):
         assert np.array_equal(a, c)
-    small = _case((2, 16, 9, 10, 16, (1, 1, 1, 1)), dt, seed=6)
+    small = _case((46, 16, 9, 10, 16, (1, 1, 1, 1)), dt, seed=6)       # too few channels
     assert not np.array_equal(k.conv2d_forward(small[0], small[1], small[2], *geo),
                               k.conv2d_winograd_forward(small[0], small[1], small[2], pad))
+    few = x[:2], dy[:2]                                                   # too few pixels: 2 x 9 x 10
+    assert not np.array_equal(k.conv2d_forward(few[0], wt, b, *geo), k.conv2d_winograd_forward(few[0], wt, b, pad))
+    assert not np.array_equal(k.conv2d_backward_input(few[1], wt, few[0].shape, *geo),
+                              k.conv2d_winograd_backward_input(few[1], wt, few[0].shape, pad))
     for bad in (np.inf, np.nan, 1e35 if dt == np.float32 else 1e305):
         xb = x.copy()
         xb[0, 0, 0, 0] = bad
