@@ -108,6 +108,14 @@ def _state_array(value):
     return np.asarray(value)
 
 
+def _overflow_count(value, dtype):
+    """How many finite entries of the floating array value become infinite when cast to the floating dtype."""
+    if value.dtype.kind != "f" or np.dtype(dtype).kind != "f" or value.dtype.itemsize <= np.dtype(dtype).itemsize:
+        return 0
+    with np.errstate(over="ignore"):
+        return int(np.count_nonzero(np.isinf(value.astype(dtype)) & np.isfinite(value)))
+
+
 def _same_kind(value_dtype, target_dtype):
     """A value may be loaded into a state array of target_dtype: floating into floating (any width: the
     copy casts), integer into integer; never complex, bool, strings or objects."""
@@ -479,6 +487,11 @@ class Module:
             elif not _same_kind(value.dtype, target.dtype):
                 errors.append(f"dtype error for {key}: expected a {_kind_name(target.dtype)} array (the model "
                               f"holds {target.dtype}), got dtype {value.dtype}.")
+            elif _overflow_count(value, target.dtype):
+                errors.append(f"value error for {key}: {_overflow_count(value, target.dtype)} finite value(s) "
+                              f"of the {value.dtype} array, up to {float(np.nanmax(np.abs(value))):.4g} in "
+                              f"magnitude, exceed the model's {target.dtype} (largest "
+                              f"{float(np.finfo(target.dtype).max):.4g}): they would load as inf.")
             else:
                 values[key] = value
         if errors:
