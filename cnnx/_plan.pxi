@@ -13,13 +13,15 @@
 # layer's backward does not need its output, so nothing is lost); relu_pool pools relu(x) as it reads
 # (maxpool2x2_relu_forward) and writes dx masked by the pooled output in its backward; conv_relu_pool runs the
 # pooling inside the convolution (conv2d_relu_maxpool2x2_forward: each image pooled from a small per-thread buffer
-# while it is in cache, the convolution's output never written) and sums its weight gradient over the pool's
-# winners only (conv2d_pooled_backward_weight). Such pools keep each winner's place in its 2x2 window (a byte).
+# while it is in cache, the convolution's output never written) and sums its weight gradient and its input
+# gradient over the pool's winners only (conv2d_pooled_backward_weight, conv2d_pooled_backward_input: a quarter
+# of the dense kernels' multiply-adds, fewer where the ReLU is closed). Such pools keep each winner's place in its
+# 2x2 window (a byte).
 # conv_bn and conv_bn_relu fold an eval-mode batch norm into the convolution's weights and bias at each call.
 #
 # The results are the layers' own, bit for bit: the same kernels in the same order on the same values, except
-# conv_relu_pool's weight and bias gradients (the same sums in another order, a quarter of the work) and the
-# folded batch norms (to rounding). Sequential
+# conv_relu_pool's weight, bias and input gradients (the same sums in another order, a quarter of the work), and
+# so every gradient its input gradient reaches, and the folded batch norms (to rounding). Sequential
 # decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input that is
 # not a C-contiguous array of the parameters' dtype, a parameter array replaced by something unusual) falls back
 # to the layer-by-layer path, which raises the usual errors.
@@ -303,35 +305,37 @@ cdef int _bw_conv_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept no
 
 
 cdef int _bw_conv_relu_pool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
-    # The weight gradient from the pooled gradient directly; the convolution's output gradient (dmid) is written
-    # only when dx needs it.
+    # The weight gradient and dx from the pooled gradient directly, each over the pool's winners only; the
+    # convolution's output gradient (dmid) is written only where a kernel cannot take that shortcut.
     cdef const floating *x = <const floating *>ex.val[op.inp[0]]
     cdef const floating *yp = <const floating *>ex.val[op.out]
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
     cdef floating *dmid = <floating *>op.dmid
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
     cdef floating *sw
     cdef floating *sb
-    cdef bint need_dx = ex.grad[op.inp[0]] != NULL
     cdef int code = 0
     if _wants(ex, op.wslot) or _wants(ex, op.bslot):
         sw, sb = _scratch(ex, op.wslot, dy), _scratch(ex, op.bslot, dy)
         if floating is float:
             code = conv2d_pooled_backward_weight_f32(sw, sb, dmid, dy, <uint8_t *>op.aux, yp, x, &op.conv, &op.pool,
-                                                     need_dx)
+                                                     0)
         else:
             code = conv2d_pooled_backward_weight_f64(sw, sb, dmid, dy, <uint8_t *>op.aux, yp, x, &op.conv, &op.pool,
-                                                     need_dx)
+                                                     0)
         if code:
             return code
         _collect(ex, op.wslot, sw)
         _collect(ex, op.bslot, sb)
-    elif need_dx:
-        if floating is float:
-            code = maxpool2x2_relu_backward_f32(dmid, dy, <uint8_t *>op.aux, yp, &op.pool)
-        else:
-            code = maxpool2x2_relu_backward_f64(dmid, dy, <uint8_t *>op.aux, yp, &op.pool)
-        if code:
-            return code
-    return _conv_input_grad(op, ex, dmid)
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = conv2d_pooled_backward_input_f32(dx, dmid, dy, <uint8_t *>op.aux, yp, w, &op.conv, &op.pool)
+    else:
+        code = conv2d_pooled_backward_input_f64(dx, dmid, dy, <uint8_t *>op.aux, yp, w, &op.conv, &op.pool)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
+    return code
 
 
 cdef int _bw_conv_bn(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:

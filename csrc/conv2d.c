@@ -54,6 +54,38 @@ static void pooled_taps_avx2(float *acc, const float *xq, const float *v, const 
 }
 
 /*
+ * The inner loop of conv2d_pooled_backward_input (conv2d_impl.h) for float with AVX2, for one window position
+ * that nw winners share: for every input channel c and kernel row kh (in blocks of up to 6 rows, one register
+ * each),
+ *   z[c*cs + kh*rs + j] += sum_i v[i] * wr[wo[i] + (c*KH + kh)*8 + j],  j < 8
+ * (wr's rows are 8 wide, zero past KW: those lanes add +0), the sum over the winners in registers, in order,
+ * and added once. z has at least 7 writable elements past every row it reaches.
+ */
+__attribute__((target("avx2,fma")))
+static void pooled_scatter_avx2(float *z, const float *wr, const float *v, const int64_t *wo, int64_t nw,
+                                int64_t Cin, int64_t KH, int64_t rs, int64_t cs)
+{
+#define SCATTER_TAP(i) \
+    if (nb > i) a##i = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + i * 8), a##i);
+    for (int64_t c = 0; c < Cin; c++)
+        for (int64_t k0 = 0; k0 < KH; k0 += 6) {
+            const int64_t nb = KH - k0 < 6 ? KH - k0 : 6;
+            const int64_t row = (c * KH + k0) * 8;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+            for (int64_t i = 0; i < nw; i++) {
+                const __m256 vi = _mm256_set1_ps(v[i]);
+                const float *p = wr + wo[i] + row;
+                SCATTER_TAP(0) SCATTER_TAP(1) SCATTER_TAP(2) SCATTER_TAP(3) SCATTER_TAP(4) SCATTER_TAP(5)
+            }
+            const __m256 part[6] = {a0, a1, a2, a3, a4, a5};
+            float *zc = z + c * cs + k0 * rs;
+            for (int64_t i = 0; i < nb; i++)
+                _mm256_storeu_ps(zc + i * rs, _mm256_add_ps(_mm256_loadu_ps(zc + i * rs), part[i]));
+        }
+#undef SCATTER_TAP
+}
+
+/*
  * WINNERS_LUT[m], for an 8-bit mask m: the positions of m's set bits, lowest first, 3 bits each (bits 0..23;
  * the unused lanes 0), and their count in bits 24..27. A permutation that moves the lanes m selects to the front.
  */
@@ -117,7 +149,10 @@ static int64_t pooled_winners_avx2(float *v, int64_t *off, float *s, const float
 #define POOLED_WINNERS_FAST_f32(v, off, s, dyp, code, yp, qoff, coff, Q, q) \
     (CNNX_USE_AVX2 ? pooled_winners_avx2(v, off, s, dyp, code, yp, qoff, coff, Q, q) : (*(q) = 0, 0))
 #define POOLED_VECTOR_f32(KW, DW) (CNNX_USE_AVX2 && (KW) <= 8 && (DW) == 1)
+#define POOLED_SCATTER_FAST_f32(vec, z, wr, v, wo, nw, Cin, KH, rs, cs) \
+    ((vec) ? (pooled_scatter_avx2(z, wr, v, wo, nw, Cin, KH, rs, cs), 1) : 0)
 #else
+#define POOLED_SCATTER_FAST_f32(vec, z, wr, v, wo, nw, Cin, KH, rs, cs) 0
 #define POOLED_TAPS_FAST_f32(vec, acc, xq, v, off, nw, Cin, KH, rs, cs) 0
 #define POOLED_WINNERS_FAST_f32(v, off, s, dyp, code, yp, qoff, coff, Q, q) (*(q) = 0, 0)
 #define POOLED_VECTOR_f32(KW, DW) 0
@@ -125,6 +160,7 @@ static int64_t pooled_winners_avx2(float *v, int64_t *off, float *s, const float
 #define POOLED_TAPS_FAST_f64(vec, acc, xq, v, off, nw, Cin, KH, rs, cs) 0
 #define POOLED_WINNERS_FAST_f64(v, off, s, dyp, code, yp, qoff, coff, Q, q) (*(q) = 0, 0)
 #define POOLED_VECTOR_f64(KW, DW) 0
+#define POOLED_SCATTER_FAST_f64(vec, z, wr, v, wo, nw, Cin, KH, rs, cs) 0
 
 #define REAL float
 #define SUF f32
