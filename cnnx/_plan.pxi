@@ -665,7 +665,7 @@ cdef class _SequentialPlan:
             _status(code, "Sequential.forward")
             self.x_ref = x
             self.pending = True
-            return self.out_buf.copy()
+            return cnp.PyArray_NewCopy(<cnp.ndarray>self.out_buf, cnp.NPY_CORDER)   # (.copy() parses its arguments)
         finally:
             self.busy = False
 
