@@ -587,7 +587,7 @@ cdef class _SequentialPlan:
     cdef list pdata             # the array last validated per slot
     cdef list pshape
     cdef list scratch           # per slot: the scratch array its gradient goes through
-    cdef list hold              # parameter copies alive during one backward
+    cdef list hold              # parameter copies alive during one backward (None: none, the usual case)
     cdef list stamps            # (module, version) of every module of the Sequential
     cdef object x_ref           # the input of the pending forward
     cdef public bint pending    # a forward ran and its backward has not
@@ -633,6 +633,8 @@ cdef class _SequentialPlan:
             if not copy.flags.aligned:
                 copy = copy.copy()
             self.pdata[i] = None
+            if self.hold is None:
+                self.hold = []
             self.hold.append(copy)
             self.ex.wptr[i] = _data_ptr(copy)
         return True
@@ -683,7 +685,7 @@ cdef class _SequentialPlan:
             raise RuntimeError("Sequential.backward: this model is running in another thread; one model "
                                "cannot train in two threads at once")
         self.busy = True
-        self.hold = []
+        self.hold = None
         try:
             self._params_ready(False)
         except BaseException:
@@ -726,7 +728,7 @@ cdef class _SequentialPlan:
             self.x_ref = None
             return dx
         finally:
-            self.hold = []
+            self.hold = None
             self.busy = False
 
 
