@@ -306,6 +306,15 @@ def test_plan_cache_is_reused_until_any_module_changes():
     assert [type(m) for m in block] == [nn.Conv2d, nn.MaxPool2d]
 
 
+def test_plan_runs_after_summary():
+    # summary() probes the layers with their forward replaced: the plans compiled then run layer by layer and
+    # must not outlive it
+    model = models.LeNet5()
+    x = rand((1, 1, 28, 28))
+    model.summary(x.shape, print_summary=False)
+    assert_same_step(model, x)
+
+
 def test_backward_takes_dy_in_any_layout():
     # dy that the plan reads as it is skips Sequential's checks; any other layout goes through them and is
     # copied in: the same gradients

@@ -564,6 +564,9 @@ class Module:
             for m in self.modules():        # drop the caches the probe forward left behind
                 for key in [k for k in m.__dict__ if k.startswith("_cache")]:
                     m.__dict__[key] = None
+                # and the plans compiled while the layers' forward was the recorder (they run layer by layer, and
+                # restoring `training` above stamps no change, so they would stay valid)
+                m.__dict__.pop("_plans", None)
         y = out[0] if isinstance(out, tuple) else out
         result = {"input_shape": input_shape, "output_shape": tuple(np.shape(y)), "layers": rows,
                   "total_params": self.num_parameters(),
