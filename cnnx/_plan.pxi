@@ -83,19 +83,20 @@ cdef inline char *_data_ptr(a):
     return <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef bint _usable(a, dtype, shape, bint writable):
-    """a is an ndarray the kernels can use directly: exact dtype and shape, C-contiguous, aligned."""
-    if type(a) is not np.ndarray:
+cdef bint _usable(a, int typenum, tuple shape, bint writable):
+    """a is an ndarray the kernels can use directly: exact dtype (typenum, native byte order) and shape,
+    C-contiguous, aligned (and writable if asked). All in C, without building a.shape or a.dtype: a plan call
+    checks its input and every parameter (and, in backward, every gradient) this way."""
+    if not _plain(a, typenum, writable):
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>a
-    if arr.dtype is not dtype and arr.dtype != dtype:
+    cdef int k, nd = cnp.PyArray_NDIM(arr)
+    if nd != len(shape):
         return False
-    if a.shape != shape:
-        return False
-    cdef int flags = cnp.PyArray_FLAGS(arr)
-    if not (flags & cnp.NPY_ARRAY_C_CONTIGUOUS) or not (flags & cnp.NPY_ARRAY_ALIGNED):
-        return False
-    return not writable or (flags & cnp.NPY_ARRAY_WRITEABLE) != 0
+    for k in range(nd):
+        if cnp.PyArray_DIM(arr, k) != <cnp.npy_intp>shape[k]:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- elementwise pieces
@@ -577,6 +578,7 @@ cdef class _SequentialPlan:
     cdef _Op *ops
     cdef int nops
     cdef int f64
+    cdef int typenum            # dtype's (NPY_FLOAT32 or NPY_FLOAT64)
     cdef _Exec ex
     cdef readonly tuple in_shape
     cdef readonly object dtype
@@ -589,7 +591,7 @@ cdef class _SequentialPlan:
     cdef list pdata             # the array last validated per slot
     cdef list pshape
     cdef list scratch           # per slot: the scratch array its gradient goes through
-    cdef list hold              # parameter copies alive during one backward
+    cdef list hold              # parameter copies alive during one backward (None: none, the usual case)
     cdef list stamps            # (module, version) of every module of the Sequential
     cdef object x_ref           # the input of the pending forward
     cdef public bint pending    # a forward ran and its backward has not
@@ -620,7 +622,7 @@ cdef class _SequentialPlan:
             data = self.params[i].data
             if data is self.pdata[i]:
                 continue
-            if _usable(data, self.dtype, self.pshape[i], False):
+            if _usable(data, self.typenum, self.pshape[i], False):
                 self.pdata[i] = data
                 self.ex.wptr[i] = _data_ptr(data)
                 continue
@@ -635,6 +637,8 @@ cdef class _SequentialPlan:
             if not copy.flags.aligned:
                 copy = copy.copy()
             self.pdata[i] = None
+            if self.hold is None:
+                self.hold = []
             self.hold.append(copy)
             self.ex.wptr[i] = _data_ptr(copy)
         return True
@@ -654,7 +658,7 @@ cdef class _SequentialPlan:
         self.busy = True
         cdef int code = 0
         try:
-            if not _usable(x, self.dtype, self.in_shape, False) or not self._params_ready(True):
+            if not _usable(x, self.typenum, self.in_shape, False) or not self._params_ready(True):
                 return None
             self.ex.val[0] = _data_ptr(x)
             with nogil:
@@ -667,9 +671,14 @@ cdef class _SequentialPlan:
             _status(code, "Sequential.forward")
             self.x_ref = x
             self.pending = True
-            return self.out_buf.copy()
+            return cnp.PyArray_NewCopy(<cnp.ndarray>self.out_buf, cnp.NPY_CORDER)   # (.copy() parses its arguments)
         finally:
             self.busy = False
+
+    def takes(self, dy):
+        """dy is an array of the output's shape and dtype that backward can read as it is (Sequential.backward
+        then has nothing to check or convert)."""
+        return _usable(dy, self.typenum, self.out_shape, False)
 
     def backward(self, dy, bint input_grad):
         """Backward of the pending forward from dy (the output's shape and dtype: Sequential.backward checks it):
@@ -680,7 +689,7 @@ cdef class _SequentialPlan:
             raise RuntimeError("Sequential.backward: this model is running in another thread; one model "
                                "cannot train in two threads at once")
         self.busy = True
-        self.hold = []
+        self.hold = None
         try:
             self._params_ready(False)
         except BaseException:
@@ -689,13 +698,16 @@ cdef class _SequentialPlan:
         cdef int nslots = len(self.params), i, code = 0
         dx = None
         try:
-            np.copyto(self.grad_buf, dy)
+            if _usable(dy, self.typenum, self.out_shape, False):    # the usual case: a plain copy
+                memcpy(_data_ptr(self.grad_buf), _data_ptr(dy), cnp.PyArray_NBYTES(<cnp.ndarray>dy))
+            else:
+                np.copyto(self.grad_buf, dy)
             for i in range(nslots):
                 p = self.params[i]
                 self.ex.gptr[i] = NULL
                 if not p.requires_grad:
                     self.ex.gmode[i] = 0
-                elif _usable(p.grad, self.dtype, self.pshape[i], True):
+                elif _usable(p.grad, self.typenum, self.pshape[i], True):
                     self.ex.gmode[i] = 1
                     self.ex.gptr[i] = _data_ptr(p.grad)
                 else:
@@ -720,7 +732,7 @@ cdef class _SequentialPlan:
             self.x_ref = None
             return dx
         finally:
-            self.hold = []
+            self.hold = None
             self.busy = False
 
 
@@ -735,10 +747,11 @@ def compile_plan(graph):
         return plan         # (a kind with no entry point here: layer by layer)
     dtype = np.dtype(graph.dtype)
     for spec in graph.ops:
-        if spec.bn is not None and not all(_usable(spec.bn[k], dtype, (spec.conv["OC"],), False)
+        if spec.bn is not None and not all(_usable(spec.bn[k], dtype.num, (spec.conv["OC"],), False)
                                            for k in ("mean", "var")):
             return plan     # (running statistics the kernels cannot read in place)
     plan.dtype, plan.in_shape, plan.f64 = dtype, tuple(graph.in_shape), dtype == np.float64
+    plan.typenum = dtype.num
     plan.out_shape, plan.last = tuple(graph.out_shape), graph.last
     plan.params, plan.pdata, plan.pshape, plan.scratch, plan.keep = [], [], [], [], []
     ops = graph.ops

@@ -332,6 +332,58 @@ def test_reconfiguring_a_layer_rebuilds_the_plan():
         model(x)
 
 
+def test_plan_cache_is_reused_until_any_module_changes():
+    # Sequential._plan skips comparing every module's stamp while no module anywhere was reconfigured; a change
+    # anywhere (here: deep inside a Residual, or in an unrelated model) sends it back to the full comparison.
+    block = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(nn.Residual(block), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    other = nn.Linear(2, 2)
+    x = rand((2, 2, 6, 6))
+    assert_same_step(model, x)
+    plan = model._plan(x)
+    assert model._plan(x) is plan                   # nothing changed: the same plan, without a rebuild
+    other.in_features = 2                           # a change elsewhere: the full comparison keeps the plan
+    assert model._plan(x) is plan
+    block[0].padding = (0, 0)                       # deep inside: rebuilt, and 4x4 no longer adds to 6x6
+    assert model._plan(x) is not plan
+    with pytest.raises(ValueError, match="Residual"):
+        model(x)
+    block[0].padding = (1, 1)
+    assert_same_step(model, x)
+    block.add_module("2", nn.MaxPool2d(1))          # a module added to a nested Sequential: rebuilt too
+    assert_same_step(model, x)
+    delattr(block, "1")                             # and one deleted
+    assert_same_step(model, x)
+    assert [type(m) for m in block] == [nn.Conv2d, nn.MaxPool2d]
+
+
+def test_plan_runs_after_summary():
+    # summary() probes the layers with their forward replaced: the plans compiled then run layer by layer and
+    # must not outlive it
+    model = models.LeNet5()
+    x = rand((1, 1, 28, 28))
+    model.summary(x.shape, print_summary=False)
+    assert_same_step(model, x)
+
+
+def test_backward_takes_dy_in_any_layout():
+    # dy that the plan reads as it is skips Sequential's checks; any other layout goes through them and is
+    # copied in: the same gradients
+    model = models.LeNet5()
+    x = rand((3, 1, 28, 28))
+    results = []
+    for make in (np.ascontiguousarray, np.asfortranarray, lambda a: np.repeat(a, 2, axis=1)[:, ::2], list):
+        for p in model.parameters():
+            p.grad[...] = 0
+        y = model(x)
+        dy = rand(y.shape, seed=2)
+        dx = model.backward(make(dy))
+        results.append([dx] + [p.grad.copy() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_parameters_replaced_or_frozen():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
     x = rand((3, 1, 6, 6))

@@ -577,6 +577,9 @@ class Module:
             for m in self.modules():        # drop the caches the probe forward left behind
                 for key in [k for k in m.__dict__ if k.startswith("_cache")]:
                     m.__dict__[key] = None
+                # and the plans compiled while the layers' forward was the recorder (they run layer by layer, and
+                # restoring `training` above stamps no change, so they would stay valid)
+                m.__dict__.pop("_plans", None)
         y = out[0] if isinstance(out, tuple) else out
         result = {"input_shape": input_shape, "output_shape": tuple(np.shape(y)), "layers": rows,
                   "total_params": self.num_parameters(),
@@ -668,11 +671,18 @@ class Sequential(Module):
         if plans is None:
             plans = d["_plans"] = {}
         key = (x.shape, x.dtype)
-        plan = plans.get(key)
+        entry = plans.get(key)      # (plan, the global change stamp when its modules' stamps were last compared)
+        # No module anywhere was reconfigured since then (the usual case in a training loop): the plan is valid
+        # without comparing each module's stamp (plan.valid(), a Python loop over the modules).
+        if entry is not None and entry[1] == _changes[0]:
+            return entry[0]
+        changes = _changes[0]       # (read before the comparison: a change made during it forces the next one)
+        plan = None if entry is None else entry[0]
         if plan is None or not plan.valid():
             if len(plans) >= 8:
                 plans.clear()
-            plan = plans[key] = build(_planner.lower(self, x))
+            plan = build(_planner.lower(self, x))
+        plans[key] = (plan, changes)
         return plan
 
     def plan_op(self, shape, dtype):
@@ -703,7 +713,7 @@ class Sequential(Module):
         if state is not None:
             if state is False:
                 raise self._no_forward()
-            if state.pending:
+            if state.pending and not state.takes(dy):     # (an array it takes as it is needs no checks)
                 dy = state.last._check_dy(dy, state.out_shape, state.dtype)
             dx = state.backward(dy, input_grad)
             self.__dict__["_plan_state"] = False
