@@ -1106,8 +1106,10 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
  *                      of v[n, o, ph, pw] * w[o, c, kh, kw],   v = (0 + dyp) * (yp > 0 ? 1 : 0)
  * dx (N, C, H, W) overwritten. conv2d_backward_input on the dense gradient dh multiplies every output position;
  * here only the windows' winners (a quarter of them), and only those the ReLU let through. Per image and window,
- * the winners that share a position (r, s) are summed over their output channels first (in channel order) and
- * added once into a zero-padded copy of the image's gradient, windows in order: the same values as the dense
+ * the winners are summed over their output channels first (in channel order; AVX2: the window's 4 positions at
+ * once, its rows in registers) and added once into a zero-padded copy of the image's gradient, windows in order
+ * (adding into one buffer row by row, as each position came, stalled on loads that half-overlap the store just
+ * before them: a 2x slower kernel on LeNet-5's conv2): the same values as the dense
  * kernel up to rounding (another order of the same sums), not its bits; one thread per image, so the result does
  * not depend on the thread count. When the shortcut does not apply (groups; a weight or dyp that is not all
  * finite: the dense kernel's 0 * inf terms would be NaN) dh (N, OC, OH, OW) gets the dense gradient
@@ -1129,8 +1131,10 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         if (status != CNNX_OK) return status;
         return GLUE(conv2d_backward_input, SUF)(dx, dh, w, geom);
     }
-    const int vec = GLUE(POOLED_VECTOR, SUF)(KW, DW);
-    const int64_t ld = vec ? 8 : KW, rows = C * KH;     /* wr: w's rows (o, c, kh), ld wide (lanes past KW: 0) */
+    /* vec (AVX2 float, stride 1, no dilation, KW <= 7): a window's 4 positions together, its (KH + 1) rows of 8
+     * lanes in registers, w's rows stored 8 lanes wide twice: as they are (s = 0) and one lane right (s = 1) */
+    const int vec = GLUE(POOLED_WINDOW_VECTOR, SUF)(KH, KW, SH, SW, DH, DW);
+    const int64_t ld = vec ? 16 : KW, rows = C * KH;    /* wr: w's rows (o, c, kh), ld wide */
     REAL *wr = ALLOC(OC * rows * ld);
     int32_t *qoff = (int32_t *)malloc(sizeof(int32_t) * (size_t)Q);
     if (!wr || !qoff) {
@@ -1139,7 +1143,13 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         return CNNX_ENOMEM;
     }
     for (int64_t i = 0; i < OC * rows; i++)
-        for (int64_t kw = 0; kw < ld; kw++) wr[i * ld + kw] = kw < KW ? w[i * KW + kw] : 0;
+        if (vec)
+            for (int64_t j = 0; j < 8; j++) {
+                wr[i * 16 + j] = j < KW ? w[i * KW + j] : 0;
+                wr[i * 16 + 8 + j] = j >= 1 && j <= KW ? w[i * KW + j - 1] : 0;
+            }
+        else
+            for (int64_t kw = 0; kw < KW; kw++) wr[i * KW + kw] = w[i * KW + kw];
     for (int64_t ph = 0, q = 0; ph < PH; ph++)          /* window q's top left corner in the padded image */
         for (int64_t pw = 0; pw < PW; pw++, q++) qoff[q] = (int32_t)(2 * ph * SH * Wq + 2 * pw * SW);
     const int32_t coff[4] = {0, (int32_t)SW, (int32_t)(SH * Wq), (int32_t)(SH * Wq + SW)}; /* code = 2r + s */
@@ -1147,9 +1157,10 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
     const cnnx_fpenv fp = cnnx_fp_caller();
     CNNX_PARALLEL(N > 1 && N * OC * Q * rows * KW >= PARALLEL_MIN_MACS / 4, {
         cnnx_fp_worker_enter();
-        REAL *z = ALLOC(C * Hq * Wq), *v = ALLOC(4 * OC), *acc = vec ? NULL : ALLOC(rows * KW);
-        int64_t *wo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * OC)); /* per position: w rows of its winners */
-        const int ok = z && v && wo && (vec || acc);
+        REAL *z = ALLOC(C * Hq * Wq), *v = ALLOC(4 * Q * OC), *acc = vec ? NULL : ALLOC(rows * KW);
+        int64_t *wo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * Q * OC)); /* per winner: its w rows */
+        int64_t *cnt = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * Q));
+        const int ok = z && v && wo && cnt && (vec || acc);
         if (!ok) {
             CNNX_OMP_CRITICAL_STATUS
             status = CNNX_ENOMEM;
@@ -1157,28 +1168,37 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         CNNX_OMP_FOR
         for (int64_t n = 0; n < N; n++) {
             if (!ok) continue;
-            for (int64_t i = 0; i < C * Hq * Wq; i++) z[i] = 0;
+            memset(z, 0, sizeof(REAL) * (size_t)(C * Hq * Wq));
+            /* each window's winners whose gradient is not 0, grouped by position p = 2r + s: cnt[4q + p] of them,
+             * gradients from v[(4q + p)*OC], w's rows at wr + wo[...] (vec: + 8 for s = 1); channel by channel,
+             * windows inner (along memory, and each count bumped once per channel) */
+            for (int64_t i = 0; i < 4 * Q; i++) cnt[i] = 0;
+            for (int64_t o = 0; o < OC; o++) {
+                const int64_t base = (n * OC + o) * Q, wrow = o * rows * ld;
+                for (int64_t q = 0; q < Q; q++) {
+                    const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[base + q], yp[base + q]);
+                    const int r = code[base + q] & 3;
+                    const int64_t slot = 4 * q + r, at = slot * OC + cnt[slot];
+                    v[at] = g;
+                    wo[at] = wrow + (vec && (r & 1) ? 8 : 0);
+                    cnt[slot] += g != 0;
+                }
+            }
             for (int64_t q = 0; q < Q; q++) {
-                int64_t cnt[4] = {0, 0, 0, 0};          /* the winners at each of the window's 4 positions */
-                for (int64_t o = 0; o < OC; o++) {
-                    const int64_t i = (n * OC + o) * Q + q;
-                    const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[i], yp[i]);
-                    const int r = code[i] & 3;
-                    v[r * OC + cnt[r]] = g;
-                    wo[r * OC + cnt[r]] = o * rows * ld;
-                    cnt[r] += g != 0;
+                if (vec) {
+                    GLUE(POOLED_WINDOW_FAST, SUF)(z + qoff[q], wr, v + 4 * q * OC, wo + 4 * q * OC, cnt + 4 * q, OC, C,
+                                                  KH, Wq, Hq * Wq);
+                    continue;
                 }
                 for (int r = 0; r < 4; r++) {
-                    if (!cnt[r]) continue;
-                    REAL *zq = z + qoff[q] + coff[r];
-                    if (GLUE(POOLED_SCATTER_FAST, SUF)(vec, zq, wr, v + r * OC, wo + r * OC, cnt[r], C, KH, DH * Wq,
-                                                       Hq * Wq))
-                        continue;
+                    const int64_t slot = 4 * q + r;
+                    if (!cnt[slot]) continue;
                     for (int64_t i = 0; i < rows * KW; i++) acc[i] = 0;
-                    for (int64_t j = 0; j < cnt[r]; j++) {
-                        const REAL vj = v[r * OC + j], *wj = wr + wo[r * OC + j];
+                    for (int64_t j = 0; j < cnt[slot]; j++) {
+                        const REAL vj = v[slot * OC + j], *wj = wr + wo[slot * OC + j];
                         for (int64_t i = 0; i < rows * KW; i++) acc[i] += vj * wj[i];
                     }
+                    REAL *zq = z + qoff[q] + coff[r];
                     for (int64_t c = 0; c < C; c++)
                         for (int64_t kh = 0; kh < KH; kh++) {
                             REAL *zr = zq + c * Hq * Wq + kh * DH * Wq;
@@ -1189,20 +1209,20 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
             }
             /* dx[n, c, ih, iw] = z[c, ih + PT, iw + PL]; rows and columns z does not reach (past the last window's
              * reach, or the padding's) get 0 */
+            const int64_t wcopy = Wq - 8 - PL < W ? (Wq - 8 - PL > 0 ? Wq - 8 - PL : 0) : W;
             for (int64_t c = 0; c < C; c++)
                 for (int64_t ih = 0; ih < H; ih++) {
                     REAL *d = dx + ((n * C + c) * H + ih) * W;
-                    const int64_t zh = ih + PT;
-                    for (int64_t iw = 0; iw < W; iw++) {
-                        const int64_t zw = iw + PL;
-                        d[iw] = zh < Hq && zw < Wq - 8 ? z[(c * Hq + zh) * Wq + zw] : 0;
-                    }
+                    const int64_t zh = ih + PT, m = zh < Hq ? wcopy : 0;
+                    if (m) memcpy(d, z + (c * Hq + zh) * Wq + PL, sizeof(REAL) * (size_t)m);
+                    for (int64_t iw = m; iw < W; iw++) d[iw] = 0;
                 }
         }
         free(z);
         free(v);
         free(acc);
         free(wo);
+        free(cnt);
         cnnx_fp_worker_leave(fp);
     });
     free(wr);
