@@ -1153,13 +1153,14 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
     for (int64_t ph = 0, q = 0; ph < PH; ph++)          /* window q's top left corner in the padded image */
         for (int64_t pw = 0; pw < PW; pw++, q++) qoff[q] = (int32_t)(2 * ph * SH * Wq + 2 * pw * SW);
     const int32_t coff[4] = {0, (int32_t)SW, (int32_t)(SH * Wq), (int32_t)(SH * Wq + SW)}; /* code = 2r + s */
+    const int64_t QB = 64; /* windows grouped at a time (4 x QB x OC winners' room per thread) */
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
     CNNX_PARALLEL(N > 1 && N * OC * Q * rows * KW >= PARALLEL_MIN_MACS / 4, {
         cnnx_fp_worker_enter();
-        REAL *z = ALLOC(C * Hq * Wq), *v = ALLOC(4 * Q * OC), *acc = vec ? NULL : ALLOC(rows * KW);
-        int64_t *wo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * Q * OC)); /* per winner: its w rows */
-        int64_t *cnt = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * Q));
+        REAL *z = ALLOC(C * Hq * Wq), *v = ALLOC(4 * QB * OC), *acc = vec ? NULL : ALLOC(rows * KW);
+        int64_t *wo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * QB * OC)); /* per winner: its w rows */
+        int64_t *cnt = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * QB));
         const int ok = z && v && wo && cnt && (vec || acc);
         if (!ok) {
             CNNX_OMP_CRITICAL_STATUS
@@ -1169,42 +1170,46 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         for (int64_t n = 0; n < N; n++) {
             if (!ok) continue;
             memset(z, 0, sizeof(REAL) * (size_t)(C * Hq * Wq));
-            /* each window's winners whose gradient is not 0, grouped by position p = 2r + s: cnt[4q + p] of them,
-             * gradients from v[(4q + p)*OC], w's rows at wr + wo[...] (vec: + 8 for s = 1); channel by channel,
-             * windows inner (along memory, and each count bumped once per channel) */
-            for (int64_t i = 0; i < 4 * Q; i++) cnt[i] = 0;
-            for (int64_t o = 0; o < OC; o++) {
-                const int64_t base = (n * OC + o) * Q, wrow = o * rows * ld;
-                for (int64_t q = 0; q < Q; q++) {
-                    const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[base + q], yp[base + q]);
-                    const int r = code[base + q] & 3;
-                    const int64_t slot = 4 * q + r, at = slot * OC + cnt[slot];
-                    v[at] = g;
-                    wo[at] = wrow + (vec && (r & 1) ? 8 : 0);
-                    cnt[slot] += g != 0;
-                }
-            }
-            for (int64_t q = 0; q < Q; q++) {
-                if (vec) {
-                    GLUE(POOLED_WINDOW_FAST, SUF)(z + qoff[q], wr, v + 4 * q * OC, wo + 4 * q * OC, cnt + 4 * q, OC, C,
-                                                  KH, Wq, Hq * Wq);
-                    continue;
-                }
-                for (int r = 0; r < 4; r++) {
-                    const int64_t slot = 4 * q + r;
-                    if (!cnt[slot]) continue;
-                    for (int64_t i = 0; i < rows * KW; i++) acc[i] = 0;
-                    for (int64_t j = 0; j < cnt[slot]; j++) {
-                        const REAL vj = v[slot * OC + j], *wj = wr + wo[slot * OC + j];
-                        for (int64_t i = 0; i < rows * KW; i++) acc[i] += vj * wj[i];
+            /* each window's winners whose gradient is not 0, grouped by position p = 2r + s: cnt[4j + p] of them
+             * for window q0 + j of a block of QB, gradients from v[(4j + p)*OC], w's rows at wr + wo[...] (vec: + 8
+             * for s = 1); channel by channel, windows inner (along memory, each count bumped once per channel) */
+            for (int64_t q0 = 0; q0 < Q; q0 += QB) {
+                const int64_t nq = Q - q0 < QB ? Q - q0 : QB;
+                for (int64_t i = 0; i < 4 * nq; i++) cnt[i] = 0;
+                for (int64_t o = 0; o < OC; o++) {
+                    const int64_t base = (n * OC + o) * Q + q0, wrow = o * rows * ld;
+                    for (int64_t j = 0; j < nq; j++) {
+                        const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[base + j], yp[base + j]);
+                        const int r = code[base + j] & 3;
+                        const int64_t slot = 4 * j + r, at = slot * OC + cnt[slot];
+                        v[at] = g;
+                        wo[at] = wrow + (vec && (r & 1) ? 8 : 0);
+                        cnt[slot] += g != 0;
                     }
-                    REAL *zq = z + qoff[q] + coff[r];
-                    for (int64_t c = 0; c < C; c++)
-                        for (int64_t kh = 0; kh < KH; kh++) {
-                            REAL *zr = zq + c * Hq * Wq + kh * DH * Wq;
-                            const REAL *ar = acc + (c * KH + kh) * KW;
-                            for (int64_t kw = 0; kw < KW; kw++) zr[kw * DW] += ar[kw];
+                }
+                for (int64_t j = 0; j < nq; j++) {
+                    const int64_t q = q0 + j;
+                    if (vec) {
+                        GLUE(POOLED_WINDOW_FAST, SUF)(z + qoff[q], wr, v + 4 * j * OC, wo + 4 * j * OC, cnt + 4 * j, OC,
+                                                      C, KH, Wq, Hq * Wq);
+                        continue;
+                    }
+                    for (int r = 0; r < 4; r++) {
+                        const int64_t slot = 4 * j + r;
+                        if (!cnt[slot]) continue;
+                        for (int64_t i = 0; i < rows * KW; i++) acc[i] = 0;
+                        for (int64_t k = 0; k < cnt[slot]; k++) {
+                            const REAL vk = v[slot * OC + k], *wk = wr + wo[slot * OC + k];
+                            for (int64_t i = 0; i < rows * KW; i++) acc[i] += vk * wk[i];
                         }
+                        REAL *zq = z + qoff[q] + coff[r];
+                        for (int64_t c = 0; c < C; c++)
+                            for (int64_t kh = 0; kh < KH; kh++) {
+                                REAL *zr = zq + c * Hq * Wq + kh * DH * Wq;
+                                const REAL *ar = acc + (c * KH + kh) * KW;
+                                for (int64_t kw = 0; kw < KW; kw++) zr[kw * DW] += ar[kw];
+                            }
+                    }
                 }
             }
             /* dx[n, c, ih, iw] = z[c, ih + PT, iw + PL]; rows and columns z does not reach (past the last window's
