@@ -61,6 +61,13 @@ def _bn(op, z):
     return y if beta is None else y + beta.reshape(1, -1, 1, 1)
 
 
+def _bn_batch(op, x, relu=False):
+    """Batch-statistics batch norm (its running statistics left alone here)."""
+    bt = op.bn_train
+    w, b = (p[0].data if p is not None else None for p in (op.params + [None, None])[:2])
+    return ref.batchnorm_forward(x.reshape(bt["N"], bt["C"], -1, 1), w, b, None, None, 0.0, bt["eps"], relu)[0]
+
+
 STEPS = {
     "conv": lambda op, x: _conv(op, x, op.params),
     "conv_relu": lambda op, x: _relu(_conv(op, x, op.params)),
@@ -72,6 +79,8 @@ STEPS = {
     "maxpool": _pool,
     "relu": lambda op, x: _relu(x),
     "relu_pool": lambda op, x: _pool(op, _relu(x)),
+    "batchnorm_train": _bn_batch,
+    "batchnorm_train_relu": lambda op, x: _bn_batch(op, x, relu=True),
 }
 
 
@@ -79,9 +88,9 @@ def run_graph(graph, x):
     """The graph's forward, op by op, each fused kind as the layers it replaces (numpy reference kernels)."""
     values = {0: x}
     for op in graph.ops:
-        if op.kind == "add":
+        if op.kind in ("add", "add_relu"):
             a, b = (values[i].reshape(-1) for i in op.inputs)
-            y = a + b
+            y = a + b if op.kind == "add" else _relu(a + b)
         else:
             y = STEPS[op.kind](op, values[op.inputs[0]])
         values[op.output] = y.reshape(graph.shapes[op.output])
@@ -104,6 +113,11 @@ MODELS = {
     "batch norms": (lambda: _statistics(nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
         nn.BatchNorm2d(4, affine=False), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))), (2, 2, 6, 6)),
+    "untracked batch norms": (lambda: nn.Sequential(       # batch statistics in eval too
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False,
+                                                                                track_running_stats=False))),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), (2, 2, 6, 6)),
 }
 
 
@@ -142,6 +156,15 @@ def test_fusions_match_longest_first():
     assert kinds(ceil, (1, 1, 5, 5)) == ["conv_relu_pool"]      # (4x4 conv output: no partial window)
     # eval-mode batch norm after a convolution: folded into it
     assert kinds(MODELS["batch norms"][0]().eval(), (2, 2, 6, 6)) == ["conv_bn_relu", "conv_bn", "linear"]
+    # batch statistics (training): the convolution stays whole, the ReLU joins the batch norm; a residual's add
+    # takes the ReLU after it
+    assert kinds(MODELS["batch norms"][0]().train(), (2, 2, 6, 6)) == \
+        ["conv", "batchnorm_train_relu", "conv", "batchnorm_train", "linear"]
+    assert kinds(MODELS["untracked batch norms"][0]().eval(), (2, 2, 6, 6)) == \
+        ["conv", "batchnorm_train_relu", "conv", "batchnorm_train", "add_relu", "linear"]
+    assert kinds(models.VGG("small", batch_norm=True), (2, 3, 32, 32)) == \
+        ["conv", "batchnorm_train_relu"] * 2 + ["maxpool"] + ["conv", "batchnorm_train_relu"] * 2 + \
+        ["maxpool", "linear"]
 
 
 def test_a_fusion_is_a_table_entry():
@@ -171,10 +194,10 @@ def test_residual_lowers_to_branches_and_a_two_input_add():
     block = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
     model = nn.Sequential(nn.Residual(block, nn.Conv2d(3, 4, 1, stride=2)), nn.ReLU())
     graph = _planner.lower(model, np.zeros((2, 3, 8, 8), np.float32))
-    assert [op.kind for op in graph.ops] == ["conv_relu", "conv", "conv", "add", "relu"]
-    c1, c2, short, add, relu = graph.ops
+    assert [op.kind for op in graph.ops] == ["conv_relu", "conv", "conv", "add_relu"]
+    c1, c2, short, add = graph.ops
     assert c1.inputs == [0] and short.inputs == [0] and c2.inputs == [c1.output]
-    assert add.inputs == [c2.output, short.output] and relu.inputs == [add.output]
+    assert add.inputs == [c2.output, short.output] and graph.output == add.output
     assert short.accumulate == [False] and c1.accumulate == [True]     # x's gradient: shortcut's, then + block's
     assert graph.shapes[add.output] == (2, 4, 4, 4)
     identity = _planner.lower(nn.Sequential(nn.Residual(nn.Identity())), np.zeros((2, 3), np.float32))
@@ -215,5 +238,5 @@ def test_the_extension_does_not_import_cnnx_nn():
 def test_every_fused_kind_has_an_entry_point(kernels):
     """What FUSIONS can produce, and every layer kind that runs on its own, the executor can run."""
     fused = {kind for _, kind in _planner.FUSIONS}
-    assert fused | {"conv", "linear", "maxpool", "relu", "add"} <= set(kernels._KINDS)
+    assert fused | {"conv", "linear", "maxpool", "relu", "add", "batchnorm_train"} <= set(kernels._KINDS)
     assert "batchnorm" not in kernels._KINDS        # (only folded into a convolution)

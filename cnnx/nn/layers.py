@@ -1135,13 +1135,27 @@ class _BatchNorm(Module):
 
     def plan_op(self, shape, dtype):
         """Eval mode with running statistics: an affine map per channel (a plan folds it into the convolution
-        before it, see cnnx/_planner.py), the statistics read at each call."""
-        if self.training or not self.track_running_stats or len(shape) != 4 or 4 not in self._ndims:
+        before it, see cnnx/_planner.py), the statistics read at each call. Batch statistics (training, or eval
+        without running statistics): "batchnorm_train", the forward's kernels with the running statistics and
+        num_batches_tracked updated in place as forward does (none of them when not tracked or in eval)."""
+        if len(shape) != 4 or 4 not in self._ndims:
             return None
         if self.dtype != dtype or shape[1] != self.num_features or (self.affine and self.weight is None):
             return None
         c = (self.num_features,)
         params = [(p, c) if p is not None else None for p in (self.weight, self.bias)]
+        if self.training or not self.track_running_stats:
+            n, length = shape[0], shape[2] * shape[3]
+            if n * length <= 1:
+                return None     # (forward raises in training; an empty batch: the layer's own path)
+            update = self.training and self.track_running_stats
+            if update and any(getattr(self, name) is None for name in ("running_mean", "running_var",
+                                                                       "num_batches_tracked")):
+                return None
+            bn = {"eps": self.eps, "N": n, "C": self.num_features, "L": length, "momentum": self.momentum,
+                  "mean": self.running_mean if update else None, "var": self.running_var if update else None,
+                  "count": self.num_batches_tracked if update else None}
+            return {"kind": "batchnorm_train", "bn_train": bn, "params": params, "out": tuple(shape)}
         bn = {"eps": self.eps, "mean": self.running_mean, "var": self.running_var, "params": params}
         return {"kind": "batchnorm", "bn": bn, "out": tuple(shape)}
 
