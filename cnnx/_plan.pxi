@@ -1,10 +1,10 @@
 # Included by _kernels.pyx: the executor of Sequential's compiled plan.
 #
-# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity / Residual / BatchNorm2d (and Dropout in
-# eval mode) run layer by layer costs a Python call, argument checks, an output allocation and a cache update per layer:
-# about 6 us each, 80 us for a batch-1 LeNet-5 forward whose arithmetic takes 20 us. A plan does the checks
-# once per (input shape, dtype), keeps every activation and gradient buffer, and runs the whole graph of C
-# kernels in one call without the GIL.
+# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity / Residual / BatchNorm2d /
+# AdaptiveAvgPool2d(1) / Sequential (and Dropout in eval mode) run layer by layer costs a Python call, argument
+# checks, an output allocation and a cache update per layer: about 6 us each, 80 us for a batch-1 LeNet-5 forward
+# whose arithmetic takes 20 us. A plan does the checks once per (input shape, dtype), keeps every activation and
+# gradient buffer, and runs the whole graph of C kernels in one call without the GIL.
 #
 # cnnx/_planner.py (pure Python) lowers the Sequential to a graph: ops over buffer ids, fused by its FUSIONS
 # table. Here each op kind has one forward and one backward entry point (the _fw_* / _bw_* functions, in the
@@ -47,6 +47,7 @@ cdef enum:
     _K_BN_TRAIN
     _K_BN_TRAIN_RELU
     _K_ADD_RELU
+    _K_GLOBAL_AVGPOOL
     _NKINDS
 
 _KINDS = {}         # name in the graph -> kind (_register, at the end of this file)
@@ -78,6 +79,7 @@ cdef struct _Op:
     int64_t *count          # batchnorm_train kinds: num_batches_tracked, counted in place (NULL: not tracked; then
     #                         bn_mean, bn_var are NULL too and nothing is updated)
     char *saved             # batchnorm_train kinds: the forward's save_mean (C) | save_invstd (C)
+    int64_t planes, plane   # global_avgpool: x is (planes = N*C, plane = H*W), y (planes,)
 
 
 cdef struct _Exec:
@@ -283,6 +285,13 @@ cdef int _fw_add_relu(const _Op *op, const _Exec *ex, const floating *x, floatin
         v = x[i] + x2[i]
         y[i] = v if (v > 0 or v != v) else 0
     return 0
+
+
+cdef int _fw_global_avgpool(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    if floating is float:
+        return global_avgpool2d_forward_f32(y, x, op.planes, op.plane)
+    else:
+        return global_avgpool2d_forward_f64(y, x, op.planes, op.plane)
 
 
 cdef int _bn_train_forward(const _Op *op, const _Exec *ex, const floating *x, floating *y, int relu) noexcept nogil:
@@ -548,6 +557,20 @@ cdef int _bw_add(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
 cdef int _bw_add_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
     _relu_back(dy, dy, <const floating *>ex.val[op.out], op.n_out)
     return _bw_add(op, ex, dy)
+
+
+cdef int _bw_global_avgpool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    cdef int code = 0
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = global_avgpool2d_backward_f32(dx, dy, op.planes, op.plane)
+    else:
+        code = global_avgpool2d_backward_f64(dx, dy, op.planes, op.plane)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
+    return code
 
 
 cdef int _bn_train_backward(const _Op *op, const _Exec *ex, floating *dy, int relu) noexcept nogil:
@@ -916,6 +939,8 @@ def compile_plan(graph):
             op.conv = spec.conv
         if spec.pool is not None:
             op.pool = spec.pool
+        if spec.planes is not None:
+            op.planes, op.plane = spec.planes["NC"], spec.planes["L"]
         if spec.linear is not None:
             op.rows, op.in_f, op.out_f = (spec.linear["rows"], spec.linear["in_features"],
                                           spec.linear["out_features"])
@@ -956,6 +981,8 @@ _register(_K_RELU_POOL, "relu_pool", _fw_relu_pool[float], _fw_relu_pool[double]
 _register(_K_ADD, "add", _fw_add[float], _fw_add[double], _bw_add[float], _bw_add[double])
 _register(_K_ADD_RELU, "add_relu", _fw_add_relu[float], _fw_add_relu[double], _bw_add_relu[float],
           _bw_add_relu[double])
+_register(_K_GLOBAL_AVGPOOL, "global_avgpool", _fw_global_avgpool[float], _fw_global_avgpool[double],
+          _bw_global_avgpool[float], _bw_global_avgpool[double])
 _register(_K_BN_TRAIN, "batchnorm_train", _fw_bn_train[float], _fw_bn_train[double], _bw_bn_train[float],
           _bw_bn_train[double])
 _register(_K_BN_TRAIN_RELU, "batchnorm_train_relu", _fw_bn_train_relu[float], _fw_bn_train_relu[double],

@@ -2,11 +2,11 @@
 
 Each module describes itself: ``module.plan_op(shape, dtype)`` returns a dict (``kind``, named geometry, the
 parameters, the output shape; see Module.plan_op) or None, and then the whole Sequential runs layer by layer.
-:func:`lower` chains the descriptions over buffer ids (buffer 0 is the caller's input; a reshape keeps its
-buffer), lowers a Residual to its two branches and an ``add`` with two inputs, and fuses: FUSIONS is the one
-table of patterns, matched longest-first. The extension (cnnx/_plan.pxi) allocates the buffers and runs each
-op kind through its forward and backward entry points; a kind it has no entry for (an eval-mode batch norm that
-follows no convolution) makes the whole Sequential run layer by layer.
+:func:`lower` chains the descriptions over buffer ids (buffer 0 is the caller's input; a reshape keeps its buffer),
+lowers a Residual to its two branches and an ``add`` with two inputs and a nested Sequential to its modules, and
+fuses: FUSIONS is the one table of patterns, matched longest-first. The extension (cnnx/_plan.pxi) allocates the
+buffers and runs each op kind through its forward and backward entry points; a kind it has no entry for (an
+eval-mode batch norm that follows no convolution) makes the whole Sequential run layer by layer.
 
 An op's backward writes its input's gradient, or adds to it when another op that reads the same buffer (a
 residual's input: the block and the shortcut) comes later in the forward order and so wrote it first.
@@ -52,6 +52,7 @@ class Op:
         self.conv = desc.get("conv")
         self.pool = desc.get("pool")
         self.linear = desc.get("linear")
+        self.planes = desc.get("planes")        # global_avgpool: NC planes of L values each
         self.params = list(desc.get("params", ()))
         self.bn = desc.get("bn")        # eval-mode batch norm: eps, mean, var (arrays), params [gamma, beta]
         self.bn_train = desc.get("bn_train")    # batch statistics: eps, N, C, L, momentum, and mean, var, count
@@ -129,10 +130,8 @@ class _Lowering:
             return buf, shape
         if kind == "reshape":
             return buf, tuple(desc["out"])
-        if kind == "sequence":
-            if depth == 0:      # a Sequential in the chain runs as one layer, through its own plan
-                raise _Fallback
-            return self.chain(desc["modules"], buf, shape, depth)
+        if kind == "sequence":      # a Sequential in the chain: its modules join it (as a Residual's branches do)
+            return self.chain(desc["modules"], buf, shape, depth + 1)
         if kind == "residual":
             a, shape_a = self.module(desc["block"], buf, shape, depth + 1)
             b, shape_b = (buf, shape) if desc["shortcut"] is None else \
@@ -172,6 +171,7 @@ def _merge(kind, group):
         op.conv = op.conv or part.conv
         op.pool = op.pool or part.pool
         op.linear = op.linear or part.linear
+        op.planes = op.planes or part.planes
         op.params = op.params or part.params
         op.bn = op.bn or part.bn
         op.bn_train = op.bn_train or part.bn_train

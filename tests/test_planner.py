@@ -79,6 +79,7 @@ STEPS = {
     "maxpool": _pool,
     "relu": lambda op, x: _relu(x),
     "relu_pool": lambda op, x: _pool(op, _relu(x)),
+    "global_avgpool": lambda op, x: ref.global_avgpool2d_forward(x),
     "batchnorm_train": _bn_batch,
     "batchnorm_train_relu": lambda op, x: _bn_batch(op, x, relu=True),
 }
@@ -167,6 +168,20 @@ def test_fusions_match_longest_first():
         ["maxpool", "linear"]
 
 
+def test_nested_sequentials_are_lowered_into_the_chain():
+    """A Sequential in the chain adds its modules to it: fusions cross its edges; an empty one is the identity."""
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(), nn.Sequential(nn.ReLU(), nn.Flatten()),
+                          nn.Linear(2 * 4 * 4, 3))
+    assert kinds(model, (2, 1, 6, 6)) == ["conv_relu", "linear"]
+    resnet, x = models.ResNet20(), rand((2, 3, 32, 32))
+    graph = _planner.lower(resnet, x)
+    assert [op.kind for op in graph.ops][-2:] == ["global_avgpool", "linear"]
+    assert [op.kind for op in graph.ops].count("add_relu") == 9 and graph.out_shape == (2, 10)
+    with cnnx.backend("numpy"):
+        expected = resnet(x)            # (training mode: batch statistics)
+    np.testing.assert_allclose(run_graph(graph, x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_fusion_is_a_table_entry():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
     graph = _planner.lower(model, np.zeros((1, 1, 6, 6), np.float32))
@@ -216,7 +231,6 @@ def test_what_runs_layer_by_layer():
     for model in (nn.Sequential(nn.Conv2d(1, 1, 3), Doubled()),          # a subclass changing forward
                   nn.Sequential(nn.Conv2d(1, 1, 3), patched),            # an instance's own forward
                   nn.Sequential(nn.Conv2d(1, 1, 3), nn.Tanh()),          # no plan_op
-                  nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 3))),      # nested: plans on its own
                   nn.Sequential(nn.Residual(nn.Conv2d(1, 2, 3))),        # branches of different shapes
                   nn.Sequential(nn.Conv2d(1, 1, 3), nn.Residual(nn.ReLU(inplace=True))),   # in place on x's reader
                   nn.Sequential(nn.Conv2d(1, 1, 7)),                     # kernel larger than the input

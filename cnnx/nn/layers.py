@@ -532,6 +532,18 @@ class AdaptiveAvgPool2d(_AdaptivePool2d):
         self._cache_x_shape = None
         return dx
 
+    def plan_op(self, shape, dtype):
+        """Global average pooling of (N, C, H, W) (an output size that is 1 x 1 there): "global_avgpool", the
+        same kernels over the N*C planes."""
+        if len(shape) != 4 or shape[2] < 1 or shape[3] < 1:
+            return None
+        oh = shape[2] if self._size[0] is None else self._size[0]
+        ow = shape[3] if self._size[1] is None else self._size[1]
+        if (oh, ow) != (1, 1):
+            return None
+        return {"kind": "global_avgpool", "planes": {"NC": shape[0] * shape[1], "L": shape[2] * shape[3]},
+                "out": (shape[0], shape[1], 1, 1)}
+
 
 class AdaptiveMaxPool2d(_AdaptivePool2d):
     """Max pooling to a fixed output size, as ``torch.nn.AdaptiveMaxPool2d``; output_size=1 is global max
