@@ -827,3 +827,18 @@ def test_batchnorm_training_running_statistics_in_place():
         twin(x)
     np.testing.assert_array_equal(bn.running_var, twin[1].running_var)
     assert int(bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_untracked_batchnorm_in_eval_uses_batch_statistics(dtype):
+    """Without running statistics a batch norm normalises with the batch's in eval too: batchnorm_train with
+    nothing to update, the same bits as the layers."""
+    from cnnx import _planner
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, dtype=dtype), nn.BatchNorm2d(4, track_running_stats=False,
+                                                                                    dtype=dtype),
+                          nn.ReLU(), nn.BatchNorm2d(4, affine=False, track_running_stats=False, dtype=dtype),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 2, dtype=dtype)).eval()
+    x = rand((3, 3, 8, 8), dtype, seed=8)
+    assert [op.kind for op in _planner.lower(model, x).ops] == ["conv", "batchnorm_train_relu", "batchnorm_train",
+                                                                "linear"]
+    assert_same_training(model, x, steps=2)
