@@ -20,7 +20,8 @@
 # layer's own kernels (batchnorm_forward / batchnorm_backward) and, as the layer does, counts num_batches_tracked
 # and updates the running statistics in place; batchnorm_train_relu gives those kernels the ReLU after it (relu=1
 # in the forward's normalising pass, y= in the backward's sums). The convolution before it stays its own op: its
-# output must be whole before the statistics exist. add_relu is a residual's add with the ReLU after it.
+# output must be whole before the statistics exist. batchnorm_train_relu_pool adds a 2x2 max pool as relu_pool
+# runs it, on the batch norm's output (mid). add_relu is a residual's add with the ReLU after it.
 #
 # The results are the layers' own, bit for bit: the same kernels in the same order on the same values, except
 # conv_relu_pool's weight and bias gradients (the same sums in another order, a quarter of the work) and the
@@ -48,6 +49,7 @@ cdef enum:
     _K_BN_TRAIN_RELU
     _K_ADD_RELU
     _K_GLOBAL_AVGPOOL
+    _K_BN_TRAIN_RELU_POOL
     _NKINDS
 
 _KINDS = {}         # name in the graph -> kind (_register, at the end of this file)
@@ -65,9 +67,11 @@ cdef struct _Op:
     cnnx_conv2d_geom conv   # conv kinds
     cnnx_pool2d_geom pool   # pool kinds
     int64_t rows, in_f, out_f   # linear kinds: x (rows, in_f), y (rows, out_f)
-    char *aux               # maxpool: int64 indices; relu_pool, conv_relu_pool: uint8 window positions
-    char *mid               # conv_relu_pool: the convolution's own output (written only when it cannot pool per image)
-    char *dmid              # and its gradient
+    char *aux               # maxpool: int64 indices; relu_pool, conv_relu_pool, batchnorm_train_relu_pool: uint8
+    #                         window positions
+    char *mid               # conv_relu_pool: the convolution's own output (written only when it cannot pool per
+    #                         image); batchnorm_train_relu_pool: the batch norm's output, then (backward) its gradient
+    char *dmid              # conv_relu_pool: mid's gradient
     int gslot, betaslot     # conv_bn kinds: the batch norm's weight (gamma) and bias (beta) slots (-1: none)
     double eps              # conv_bn kinds: the batch norm's eps, running mean and variance (OC each)
     char *bn_mean
@@ -319,6 +323,19 @@ cdef int _fw_bn_train(const _Op *op, const _Exec *ex, const floating *x, floatin
 
 cdef int _fw_bn_train_relu(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
     return _bn_train_forward(op, ex, x, y, 1)
+
+
+cdef int _fw_bn_train_relu_pool(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    # the batch norm into mid, then relu_pool's kernel pools relu(mid) (ReLU -> MaxPool2d(2)'s bits) and keeps
+    # each winner's place (a byte) instead of the pool's int64 index
+    cdef floating *mid = <floating *>op.mid
+    cdef int code = _bn_train_forward(op, ex, x, mid, 0)
+    if code:
+        return code
+    if floating is float:
+        return maxpool2x2_relu_forward_f32(y, <uint8_t *>op.aux, mid, &op.pool)
+    else:
+        return maxpool2x2_relu_forward_f64(y, <uint8_t *>op.aux, mid, &op.pool)
 
 
 # ---------------------------------------------------------------- backward entry points, one per kind
@@ -573,12 +590,11 @@ cdef int _bw_global_avgpool(const _Op *op, const _Exec *ex, floating *dy) noexce
     return code
 
 
-cdef int _bn_train_backward(const _Op *op, const _Exec *ex, floating *dy, int relu) noexcept nogil:
-    # BatchNorm2d.backward from the forward's saved statistics, as the layer calls it; relu: the kernel masks dy
-    # by (y > 0) as it reads it (ReLU.backward's dy * (y > 0)). The kernel always writes dx: where the input's
-    # gradient is not wanted (the caller's input), into the scratch.
+cdef int _bn_train_backward(const _Op *op, const _Exec *ex, const floating *dy, const floating *y) noexcept nogil:
+    # BatchNorm2d.backward from the forward's saved statistics, as the layer calls it; y (the output after a fused
+    # ReLU, else NULL): the kernel masks dy by (y > 0) as it reads it (ReLU.backward's dy * (y > 0)). The kernel
+    # always writes dx: where the input's gradient is not wanted (the caller's input), into the scratch.
     cdef const floating *x = <const floating *>ex.val[op.inp[0]]
-    cdef const floating *y = <const floating *>ex.val[op.out] if relu else NULL
     cdef const floating *w = <const floating *>ex.wptr[op.wslot] if op.wslot >= 0 else NULL
     cdef const floating *mean = <const floating *>op.saved
     cdef floating *dw = _scratch(ex, op.wslot, dy) if _wants(ex, op.wslot) else NULL
@@ -604,11 +620,25 @@ cdef int _bn_train_backward(const _Op *op, const _Exec *ex, floating *dy, int re
 
 
 cdef int _bw_bn_train(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
-    return _bn_train_backward(op, ex, dy, 0)
+    return _bn_train_backward(op, ex, dy, <const floating *>NULL)
 
 
 cdef int _bw_bn_train_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
-    return _bn_train_backward(op, ex, dy, 1)
+    return _bn_train_backward(op, ex, dy, <const floating *>ex.val[op.out])
+
+
+cdef int _bw_bn_train_relu_pool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    # relu_pool's backward (MaxPool2d -> ReLU backward's bits) into mid, which the forward's values no longer need,
+    # then the batch norm's from it
+    cdef floating *dmid = <floating *>op.mid
+    cdef int code
+    if floating is float:
+        code = maxpool2x2_relu_backward_f32(dmid, dy, <uint8_t *>op.aux, <const float *>ex.val[op.out], &op.pool)
+    else:
+        code = maxpool2x2_relu_backward_f64(dmid, dy, <uint8_t *>op.aux, <const double *>ex.val[op.out], &op.pool)
+    if code:
+        return code
+    return _bn_train_backward(op, ex, dmid, <const floating *>NULL)
 
 
 # ---------------------------------------------------------------- the kind tables and the run loops
@@ -649,6 +679,9 @@ _OP_ARRAYS = {
     _K_CONV_BN_RELU: lambda spec, out, dtype: {"fold": _fold_array(spec, dtype)},
     _K_BN_TRAIN: lambda spec, out, dtype: {"saved": np.empty(2 * spec.bn_train["C"], dtype)},   # mean | invstd
     _K_BN_TRAIN_RELU: lambda spec, out, dtype: {"saved": np.empty(2 * spec.bn_train["C"], dtype)},
+    _K_BN_TRAIN_RELU_POOL: lambda spec, out, dtype: {
+        "saved": np.empty(2 * spec.bn_train["C"], dtype), "aux": np.empty(out, np.uint8),
+        "mid": np.empty(spec.bn_train["N"] * spec.bn_train["C"] * spec.bn_train["L"], dtype)},
 }
 
 
@@ -981,6 +1014,8 @@ _register(_K_RELU_POOL, "relu_pool", _fw_relu_pool[float], _fw_relu_pool[double]
 _register(_K_ADD, "add", _fw_add[float], _fw_add[double], _bw_add[float], _bw_add[double])
 _register(_K_ADD_RELU, "add_relu", _fw_add_relu[float], _fw_add_relu[double], _bw_add_relu[float],
           _bw_add_relu[double])
+_register(_K_BN_TRAIN_RELU_POOL, "batchnorm_train_relu_pool", _fw_bn_train_relu_pool[float],
+          _fw_bn_train_relu_pool[double], _bw_bn_train_relu_pool[float], _bw_bn_train_relu_pool[double])
 _register(_K_GLOBAL_AVGPOOL, "global_avgpool", _fw_global_avgpool[float], _fw_global_avgpool[double],
           _bw_global_avgpool[float], _bw_global_avgpool[double])
 _register(_K_BN_TRAIN, "batchnorm_train", _fw_bn_train[float], _fw_bn_train[double], _bw_bn_train[float],

@@ -24,6 +24,7 @@ FUSIONS = (
     (("relu", "maxpool2x2"), "relu_pool"),                # the pool reads relu(x) on the fly
     # Batch statistics (training): the convolution's output must be whole before its statistics exist, so the
     # conv stays its own op and the ReLU joins the batch norm's normalising pass (and its mask the backward's sums)
+    (("batchnorm_train", "relu", "maxpool2x2"), "batchnorm_train_relu_pool"),   # the pool as relu_pool runs it
     (("batchnorm_train", "relu"), "batchnorm_train_relu"),
     (("add", "relu"), "add_relu"),                        # a residual block's last ReLU, in the add's pass
 )

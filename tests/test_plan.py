@@ -708,7 +708,7 @@ TRAIN_BN_CHAINS = {
         nn.Flatten(), nn.Linear(8 * 4 * 4, 2, dtype=dt)),
 }
 TRAIN_BN_KINDS = {
-    "conv-bn-relu chains": ["conv", "batchnorm_train_relu", "maxpool", "conv", "batchnorm_train_relu", "linear"],
+    "conv-bn-relu chains": ["conv", "batchnorm_train_relu_pool", "conv", "batchnorm_train_relu", "linear"],
     "bn without relu, momentum None": ["conv", "batchnorm_train", "linear"],
     "bn first, bn after a relu": ["batchnorm_train", "conv_relu", "batchnorm_train_relu", "linear"],
     "affine=False, bias=False, untracked": ["conv", "batchnorm_train_relu", "conv", "batchnorm_train_relu", "conv",
