@@ -76,19 +76,10 @@ def torch_twin(torch, model):
     return t
 
 
-def count_flops(model, shape):
-    """Multiply-adds x 2 of the convolutions and linear layers for one image, by running shapes through."""
+def leaf_calls(model, shape):
+    """[(module, input shape for one image)] of every leaf module, in forward order, by running zeros through."""
     from cnnx import nn
-    total = 0
-
-    def hook(m, x):
-        nonlocal total
-        y = m(x)
-        if isinstance(m, nn.Conv2d):
-            total += 2 * y[0].size * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            total += 2 * m.in_features * m.out_features
-        return y
+    calls = []
 
     def walk(m, x):
         if isinstance(m, nn.Sequential):
@@ -98,10 +89,85 @@ def count_flops(model, shape):
         if isinstance(m, nn.Residual):
             y = walk(m.block, x)
             return y + (x if m.shortcut is None else walk(m.shortcut, x))
-        return hook(m, x)
+        calls.append((m, x.shape[1:]))
+        return m(x)
     model.eval()
     walk(model, np.zeros((1,) + shape, np.float32))
+    return calls
+
+
+def conv_macs(m, in_shape):
+    """Multiply-adds of Conv2d m on one image of in_shape."""
+    from cnnx._geometry import conv2d_output_shape, conv_padding, pair
+    pad = conv_padding(m.padding, in_shape[1:], m.kernel_size, pair(m.stride, "stride"), pair(m.dilation, "dilation"), "bench")
+    out = conv2d_output_shape((1,) + tuple(in_shape), m.weight.shape, pair(m.stride, "stride"), pad,
+                              pair(m.dilation, "dilation"), m.groups)
+    return int(np.prod(out)) * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+
+def count_flops(model, shape):
+    """Multiply-adds x 2 of the convolutions and linear layers for one image, by running shapes through."""
+    from cnnx import nn
+    total = 0
+    for m, in_shape in leaf_calls(model, shape):
+        if isinstance(m, nn.Conv2d):
+            total += 2 * conv_macs(m, in_shape)
+        elif isinstance(m, nn.Linear):
+            total += 2 * m.in_features * m.out_features
     return total
+
+
+def conv_layer_table(name, model, n, torch, args):
+    """Each distinct convolution of model at batch n: cnnx's forward, backward to the input and backward to the
+    weight (cnnx._kernels, as the layers call them) against PyTorch's (aten.convolution and
+    aten.convolution_backward), interleaved; GFLOP/s as direct multiply-adds x 2 (Winograd does fewer)."""
+    from cnnx import nn, _kernels as K
+    from cnnx._geometry import conv_padding, pair
+    seen = collections.OrderedDict()
+    for m, in_shape in leaf_calls(model, (3, 32, 32)):
+        if isinstance(m, nn.Conv2d):
+            key = (tuple(in_shape), tuple(m.weight.shape), m.stride, m.padding, m.groups)
+            seen.setdefault(key, [m, in_shape, 0])[2] += 1
+    rows, rng = [], np.random.default_rng(1)
+    for (in_shape, w_shape, _, _, _), (m, _, count) in seen.items():
+        stride, dil = pair(m.stride, "stride"), pair(m.dilation, "dilation")
+        pad = conv_padding(m.padding, in_shape[1:], m.kernel_size, stride, dil, "bench")
+        x = rng.standard_normal((n,) + in_shape, dtype=np.float32)
+        w = rng.standard_normal(w_shape, dtype=np.float32) * 0.1
+        geo = (stride, pad, dil, m.groups)
+        y = K.conv2d_forward(x, w, None, *geo)
+        dy = rng.standard_normal(y.shape, dtype=np.float32)
+        fns = {"fwd": lambda: K.conv2d_forward(x, w, None, *geo),
+               "bwd-input": lambda: K.conv2d_backward_input(dy, w, x.shape, *geo),
+               "bwd-weight": lambda: K.conv2d_backward_weight(dy, x, w.shape, *geo, False)}
+        if torch is not None:
+            xt, wt, dyt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
+            tpad = (pad[0], pad[2]) if pad[0] == pad[1] and pad[2] == pad[3] else None
+            if tpad is None:
+                torch = None                          # (asymmetric padding: no aten twin)
+            else:
+                aten = torch.ops.aten
+                conv = lambda: aten.convolution(xt, wt, None, stride, tpad, dil, False, (0, 0), m.groups)
+                back = lambda mask: aten.convolution_backward(dyt, xt, wt, None, stride, tpad, dil, False, (0, 0),
+                                                              m.groups, mask)
+                fns_t = {"fwd": conv, "bwd-input": lambda: back([True, False, False]),
+                         "bwd-weight": lambda: back([False, True, False])}
+        macs = conv_macs(m, in_shape) * n
+        cells = []
+        for what, fn in fns.items():
+            todo = {"c": fn}
+            if torch is not None:
+                todo["torch"] = fns_t[what]
+            stats = C.measure(todo, args.repeat, args.target)
+            c_t = stats["c"].median
+            t_t = stats["torch"].median if "torch" in stats else None
+            cells.append(f"{C.fmt_time(c_t)} {2 * macs / c_t / 1e9:.0f}"
+                         + (f" / {2 * macs / t_t / 1e9:.0f} = {t_t / c_t:.2f}x" if t_t else ""))
+        rows.append([f"{w_shape[1]}->{w_shape[0]} {w_shape[2]}x{w_shape[3]} s{stride[0]} on {in_shape[1]}x{in_shape[2]}",
+                     str(count)] + cells)
+    print(f"{name}, batch {n}: each distinct convolution; cell: cnnx time, cnnx GFLOP/s"
+          + (" / torch GFLOP/s = cnnx speed / torch's" if torch is not None else ""))
+    C.print_table(["convolution", "count", "forward", "backward to input", "backward to weight"], rows)
 
 
 class CnnxRun:
@@ -199,6 +265,9 @@ def main(argv=None):
     p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
                    help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
     p.add_argument("--train-batch", type=int, default=128, help="training batch size (default 128)")
+    p.add_argument("--layers", choices=("yes", "no"), default="yes",
+                   help="time each distinct convolution's kernels at the training batch, per thread count "
+                        "(default yes; --quick: no)")
     started = C.start(p, argv, "bench_cifar")
     if started is None:
         return 2
@@ -252,6 +321,10 @@ def main(argv=None):
                              C.fmt_ratio(ips["c"], ips.get("torch")), C.fmt_ratio(ips["c"], ips.get("numpy"))])
         C.print_table(["model", "what", "cnnx C img/s (step)", "GFLOP/s", "torch img/s", "numpy img/s",
                        "C/torch", "C/ref"], rows)
+        if args.layers == "yes" and not args.quick:
+            for name in args.models:
+                cnnx.manual_seed(0)
+                conv_layer_table(name, MODELS[name](), args.train_batch, torch, args)
 
     C.section("summary: issue 15's targets, measured in this run")
     for name in args.models:

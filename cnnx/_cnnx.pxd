@@ -40,6 +40,12 @@ cdef extern from "cnnx.h" nogil:
     int conv2d_pooled_backward_weight_f64(double *dw, double *db, double *dh, const double *dyp,
                                           const uint8_t *code, const double *yp, const double *x,
                                           const cnnx_conv2d_geom *g, const cnnx_pool2d_geom *pool, int need_dh)
+    int conv2d_pooled_backward_input_f32(float *dx, float *dh, const float *dyp, const uint8_t *code,
+                                         const float *yp, const float *w, const cnnx_conv2d_geom *g,
+                                         const cnnx_pool2d_geom *pool)
+    int conv2d_pooled_backward_input_f64(double *dx, double *dh, const double *dyp, const uint8_t *code,
+                                         const double *yp, const double *w, const cnnx_conv2d_geom *g,
+                                         const cnnx_pool2d_geom *pool)
 
     int linear_forward_f32(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t IN,
                            int64_t OUT)

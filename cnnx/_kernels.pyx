@@ -978,8 +978,8 @@ def adam_update(p, grad, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoup
 from libc.string cimport memset
 
 cdef inline bint _plain(object a, int typenum, bint writable):
-    """a is an exact ndarray of typenum, aligned and C-contiguous (and writable if asked)."""
-    if type(a) is not np.ndarray:
+    """a is an exact ndarray of typenum in native byte order, aligned and C-contiguous (and writable if asked)."""
+    if type(a) is not cnp.ndarray:     # (cnp's: a pointer comparison; np.ndarray is a module attribute lookup)
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>a
     if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_ISCARRAY_RO(arr):
@@ -997,7 +997,7 @@ def cross_entropy_forward(x, target, ignore_index, mean):
     """
     fn = "cross_entropy_forward"
     cdef int typenum
-    if type(x) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
+    if type(x) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
         typenum = cnp.NPY_FLOAT32
     else:
         typenum = cnp.NPY_FLOAT64
@@ -1039,7 +1039,7 @@ def cross_entropy_forward(x, target, ignore_index, mean):
 
 cdef inline int _float_type(object a):
     """NPY_FLOAT32 / NPY_FLOAT64 for an exact float32 / float64 ndarray, else -1."""
-    if type(a) is not np.ndarray:
+    if type(a) is not cnp.ndarray:
         return -1
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>a)
     return typenum if typenum == cnp.NPY_FLOAT32 or typenum == cnp.NPY_FLOAT64 else -1
@@ -1185,7 +1185,7 @@ def zero_grads(params):
         g = p.grad
         if g is None:
             continue
-        if type(g) is np.ndarray and cnp.PyArray_ISFLOAT(<cnp.ndarray>g) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>g) \
+        if type(g) is cnp.ndarray and cnp.PyArray_ISFLOAT(<cnp.ndarray>g) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>g) \
                 and (cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>g) or cnp.PyArray_IS_F_CONTIGUOUS(<cnp.ndarray>g)):
             memset(cnp.PyArray_DATA(<cnp.ndarray>g), 0, cnp.PyArray_NBYTES(<cnp.ndarray>g))
         else:

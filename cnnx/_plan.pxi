@@ -13,8 +13,10 @@
 # layer's backward does not need its output, so nothing is lost); relu_pool pools relu(x) as it reads
 # (maxpool2x2_relu_forward) and writes dx masked by the pooled output in its backward; conv_relu_pool runs the
 # pooling inside the convolution (conv2d_relu_maxpool2x2_forward: each image pooled from a small per-thread buffer
-# while it is in cache, the convolution's output never written) and sums its weight gradient over the pool's
-# winners only (conv2d_pooled_backward_weight). Such pools keep each winner's place in its 2x2 window (a byte).
+# while it is in cache, the convolution's output never written) and sums its weight gradient and its input
+# gradient over the pool's winners only (conv2d_pooled_backward_weight, conv2d_pooled_backward_input: a quarter
+# of the dense kernels' multiply-adds, fewer where the ReLU is closed). Such pools keep each winner's place in its
+# 2x2 window (a byte).
 # conv_bn and conv_bn_relu fold an eval-mode batch norm into the convolution's weights and bias at each call.
 # batchnorm_train (a batch norm with batch statistics: training, or eval without running statistics) runs the
 # layer's own kernels (batchnorm_forward / batchnorm_backward) and, as the layer does, counts num_batches_tracked
@@ -24,8 +26,8 @@
 # runs it, on the batch norm's output (mid). add_relu is a residual's add with the ReLU after it.
 #
 # The results are the layers' own, bit for bit: the same kernels in the same order on the same values, except
-# conv_relu_pool's weight and bias gradients (the same sums in another order, a quarter of the work) and the
-# folded batch norms (to rounding). Sequential
+# conv_relu_pool's weight, bias and input gradients (the same sums in another order, a quarter of the work), and
+# so every gradient its input gradient reaches, and the folded batch norms (to rounding). Sequential
 # decides when a plan applies (cnnx/nn/module.py); anything unusual (another layer type, a hook, an input that is
 # not a C-contiguous array of the parameters' dtype, a parameter array replaced by something unusual) falls back
 # to the layer-by-layer path, which raises the usual errors.
@@ -101,19 +103,20 @@ cdef inline char *_data_ptr(a):
     return <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef bint _usable(a, dtype, shape, bint writable):
-    """a is an ndarray the kernels can use directly: exact dtype and shape, C-contiguous, aligned."""
-    if type(a) is not np.ndarray:
+cdef bint _usable(a, int typenum, tuple shape, bint writable):
+    """a is an ndarray the kernels can use directly: exact dtype (typenum, native byte order) and shape,
+    C-contiguous, aligned (and writable if asked). All in C, without building a.shape or a.dtype: a plan call
+    checks its input and every parameter (and, in backward, every gradient) this way."""
+    if not _plain(a, typenum, writable):
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>a
-    if arr.dtype is not dtype and arr.dtype != dtype:
+    cdef int k, nd = cnp.PyArray_NDIM(arr)
+    if nd != len(shape):
         return False
-    if a.shape != shape:
-        return False
-    cdef int flags = cnp.PyArray_FLAGS(arr)
-    if not (flags & cnp.NPY_ARRAY_C_CONTIGUOUS) or not (flags & cnp.NPY_ARRAY_ALIGNED):
-        return False
-    return not writable or (flags & cnp.NPY_ARRAY_WRITEABLE) != 0
+    for k in range(nd):
+        if cnp.PyArray_DIM(arr, k) != <cnp.npy_intp>shape[k]:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- elementwise pieces
@@ -381,35 +384,37 @@ cdef int _bw_conv_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept no
 
 
 cdef int _bw_conv_relu_pool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
-    # The weight gradient from the pooled gradient directly; the convolution's output gradient (dmid) is written
-    # only when dx needs it.
+    # The weight gradient and dx from the pooled gradient directly, each over the pool's winners only; the
+    # convolution's output gradient (dmid) is written only where a kernel cannot take that shortcut.
     cdef const floating *x = <const floating *>ex.val[op.inp[0]]
     cdef const floating *yp = <const floating *>ex.val[op.out]
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot]
     cdef floating *dmid = <floating *>op.dmid
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
     cdef floating *sw
     cdef floating *sb
-    cdef bint need_dx = ex.grad[op.inp[0]] != NULL
     cdef int code = 0
     if _wants(ex, op.wslot) or _wants(ex, op.bslot):
         sw, sb = _scratch(ex, op.wslot, dy), _scratch(ex, op.bslot, dy)
         if floating is float:
             code = conv2d_pooled_backward_weight_f32(sw, sb, dmid, dy, <uint8_t *>op.aux, yp, x, &op.conv, &op.pool,
-                                                     need_dx)
+                                                     0)
         else:
             code = conv2d_pooled_backward_weight_f64(sw, sb, dmid, dy, <uint8_t *>op.aux, yp, x, &op.conv, &op.pool,
-                                                     need_dx)
+                                                     0)
         if code:
             return code
         _collect(ex, op.wslot, sw)
         _collect(ex, op.bslot, sb)
-    elif need_dx:
-        if floating is float:
-            code = maxpool2x2_relu_backward_f32(dmid, dy, <uint8_t *>op.aux, yp, &op.pool)
-        else:
-            code = maxpool2x2_relu_backward_f64(dmid, dy, <uint8_t *>op.aux, yp, &op.pool)
-        if code:
-            return code
-    return _conv_input_grad(op, ex, dmid)
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = conv2d_pooled_backward_input_f32(dx, dmid, dy, <uint8_t *>op.aux, yp, w, &op.conv, &op.pool)
+    else:
+        code = conv2d_pooled_backward_input_f64(dx, dmid, dy, <uint8_t *>op.aux, yp, w, &op.conv, &op.pool)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
+    return code
 
 
 cdef int _bw_conv_bn(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
@@ -726,6 +731,7 @@ cdef class _SequentialPlan:
     cdef _Op *ops
     cdef int nops
     cdef int f64
+    cdef int typenum            # dtype's (NPY_FLOAT32 or NPY_FLOAT64)
     cdef _Exec ex
     cdef readonly tuple in_shape
     cdef readonly object dtype
@@ -738,7 +744,7 @@ cdef class _SequentialPlan:
     cdef list pdata             # the array last validated per slot
     cdef list pshape
     cdef list scratch           # per slot: the scratch array its gradient goes through
-    cdef list hold              # parameter copies alive during one backward
+    cdef list hold              # parameter copies alive during one backward (None: none, the usual case)
     cdef list stamps            # (module, version) of every module of the Sequential
     cdef object x_ref           # the input of the pending forward
     cdef public bint pending    # a forward ran and its backward has not
@@ -769,7 +775,7 @@ cdef class _SequentialPlan:
             data = self.params[i].data
             if data is self.pdata[i]:
                 continue
-            if _usable(data, self.dtype, self.pshape[i], False):
+            if _usable(data, self.typenum, self.pshape[i], False):
                 self.pdata[i] = data
                 self.ex.wptr[i] = _data_ptr(data)
                 continue
@@ -784,6 +790,8 @@ cdef class _SequentialPlan:
             if not copy.flags.aligned:
                 copy = copy.copy()
             self.pdata[i] = None
+            if self.hold is None:
+                self.hold = []
             self.hold.append(copy)
             self.ex.wptr[i] = _data_ptr(copy)
         return True
@@ -803,7 +811,7 @@ cdef class _SequentialPlan:
         self.busy = True
         cdef int code = 0
         try:
-            if not _usable(x, self.dtype, self.in_shape, False) or not self._params_ready(True):
+            if not _usable(x, self.typenum, self.in_shape, False) or not self._params_ready(True):
                 return None
             self.ex.val[0] = _data_ptr(x)
             with nogil:
@@ -816,9 +824,14 @@ cdef class _SequentialPlan:
             _status(code, "Sequential.forward")
             self.x_ref = x
             self.pending = True
-            return self.out_buf.copy()
+            return cnp.PyArray_NewCopy(<cnp.ndarray>self.out_buf, cnp.NPY_CORDER)   # (.copy() parses its arguments)
         finally:
             self.busy = False
+
+    def takes(self, dy):
+        """dy is an array of the output's shape and dtype that backward can read as it is (Sequential.backward
+        then has nothing to check or convert)."""
+        return _usable(dy, self.typenum, self.out_shape, False)
 
     def backward(self, dy, bint input_grad):
         """Backward of the pending forward from dy (the output's shape and dtype: Sequential.backward checks it):
@@ -829,7 +842,7 @@ cdef class _SequentialPlan:
             raise RuntimeError("Sequential.backward: this model is running in another thread; one model "
                                "cannot train in two threads at once")
         self.busy = True
-        self.hold = []
+        self.hold = None
         try:
             self._params_ready(False)
         except BaseException:
@@ -838,13 +851,16 @@ cdef class _SequentialPlan:
         cdef int nslots = len(self.params), i, code = 0
         dx = None
         try:
-            np.copyto(self.grad_buf, dy)
+            if _usable(dy, self.typenum, self.out_shape, False):    # the usual case: a plain copy
+                memcpy(_data_ptr(self.grad_buf), _data_ptr(dy), cnp.PyArray_NBYTES(<cnp.ndarray>dy))
+            else:
+                np.copyto(self.grad_buf, dy)
             for i in range(nslots):
                 p = self.params[i]
                 self.ex.gptr[i] = NULL
                 if not p.requires_grad:
                     self.ex.gmode[i] = 0
-                elif _usable(p.grad, self.dtype, self.pshape[i], True):
+                elif _usable(p.grad, self.typenum, self.pshape[i], True):
                     self.ex.gmode[i] = 1
                     self.ex.gptr[i] = _data_ptr(p.grad)
                 else:
@@ -869,7 +885,7 @@ cdef class _SequentialPlan:
             self.x_ref = None
             return dx
         finally:
-            self.hold = []
+            self.hold = None
             self.busy = False
 
 
@@ -884,15 +900,16 @@ def compile_plan(graph):
         return plan         # (a kind with no entry point here: layer by layer)
     dtype = np.dtype(graph.dtype)
     for spec in graph.ops:
-        if spec.bn is not None and not all(_usable(spec.bn[k], dtype, (spec.conv["OC"],), False)
+        if spec.bn is not None and not all(_usable(spec.bn[k], dtype.num, (spec.conv["OC"],), False)
                                            for k in ("mean", "var")):
             return plan     # (running statistics the kernels cannot read in place)
         tracked = spec.bn_train["count"] if spec.bn_train is not None else None
-        if tracked is not None and not (all(_usable(spec.bn_train[k], dtype, (spec.bn_train["C"],), True)
+        if tracked is not None and not (all(_usable(spec.bn_train[k], dtype.num, (spec.bn_train["C"],), True)
                                             for k in ("mean", "var"))
-                                        and _usable(tracked, np.dtype(np.int64), (), True)):
+                                        and _usable(tracked, cnp.NPY_INT64, (), True)):
             return plan     # (running statistics or a count the kernels cannot update in place)
     plan.dtype, plan.in_shape, plan.f64 = dtype, tuple(graph.in_shape), dtype == np.float64
+    plan.typenum = dtype.num
     plan.out_shape, plan.last = tuple(graph.out_shape), graph.last
     plan.params, plan.pdata, plan.pshape, plan.scratch, plan.keep = [], [], [], [], []
     ops = graph.ops

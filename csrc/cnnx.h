@@ -133,14 +133,18 @@ CNNX_LOSS_DECLARE(double, f64)
 int conv2d_relu_maxpool2x2_forward_##SUF(REAL *pooled, uint8_t *code, REAL *y, const REAL *x,        \
                          const REAL *w, const REAL *b, const cnnx_conv2d_geom *g,                    \
                          const cnnx_pool2d_geom *pool);
-/* The weight and bias gradients of such a convolution from the pool's output gradient dyp, pooled yp and code:
+/* The weight and bias gradients of such a convolution from the pool's output gradient dyp, pooled yp and code
+ * (and, conv2d_pooled_backward_input, its input gradient dx, overwritten; dh: scratch of the output's size):
  * only the windows' winners, where the ReLU let the gradient through (conv2d_impl.h). dh gets the convolution's
  * output gradient (maxpool2x2_relu_backward) when need_dh is set, or when the shortcut does not apply (groups, an
  * x that is not all finite), which then takes conv2d_backward_weight on dh. */
 #define CNNX_CONV_POOL_BACKWARD_DECLARE(REAL, SUF)                                                  \
 int conv2d_pooled_backward_weight_##SUF(REAL *dw, REAL *db, REAL *dh, const REAL *dyp,              \
                          const uint8_t *code, const REAL *yp, const REAL *x, const cnnx_conv2d_geom *g, \
-                         const cnnx_pool2d_geom *pool, int need_dh);
+                         const cnnx_pool2d_geom *pool, int need_dh);                                \
+int conv2d_pooled_backward_input_##SUF(REAL *dx, REAL *dh, const REAL *dyp, const uint8_t *code,     \
+                         const REAL *yp, const REAL *w, const cnnx_conv2d_geom *g,                     \
+                         const cnnx_pool2d_geom *pool);
 CNNX_CONV_POOL_BACKWARD_DECLARE(float, f32)
 CNNX_CONV_POOL_BACKWARD_DECLARE(double, f64)
 CNNX_CONV_POOL_DECLARE(float, f32)

@@ -1098,6 +1098,138 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
     return status;
 }
 
+/*
+ * conv2d_pooled_backward_input: the input gradient of the same convolution (y through ReLU and a 2x2, stride-2 max
+ * pool: conv2d_relu_maxpool2x2_forward) from the pool's output gradient dyp, differentiating
+ * y[n, o, oh, ow] += w[o, c, kh, kw] * x[n, c, oh*SH - PT + kh*DH, ow*SW - PL + kw*DW]:
+ *   dx[n, c, ih, iw] = sum over the windows (o, ph, pw) whose winner (oh, ow) = (2ph + r, 2pw + s) reaches (ih, iw)
+ *                      of v[n, o, ph, pw] * w[o, c, kh, kw],   v = (0 + dyp) * (yp > 0 ? 1 : 0)
+ * dx (N, C, H, W) overwritten. conv2d_backward_input on the dense gradient dh multiplies every output position;
+ * here only the windows' winners (a quarter of them), and only those the ReLU let through. Per image and window,
+ * the winners are summed over their output channels first (in channel order; AVX2: the window's 4 positions at
+ * once, its rows in registers) and added once into a zero-padded copy of the image's gradient, windows in order
+ * (adding into one buffer row by row, as each position came, stalled on loads that half-overlap the store just
+ * before them: a 2x slower kernel on LeNet-5's conv2): the same values as the dense
+ * kernel up to rounding (another order of the same sums), not its bits; one thread per image, so the result does
+ * not depend on the thread count. When the shortcut does not apply (groups; a weight or dyp that is not all
+ * finite: the dense kernel's 0 * inf terms would be NaN) dh (N, OC, OH, OW) gets the dense gradient
+ * (maxpool2x2_relu_backward) and dx comes from conv2d_backward_input on it; dh is otherwise untouched.
+ */
+int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp, const uint8_t *code, const REAL *yp,
+                                            const REAL *w, const cnnx_conv2d_geom *geom,
+                                            const cnnx_pool2d_geom *pool)
+{
+    CNNX_CONV_GEOM(geom);
+    const int64_t PH = pool->OH, PW = pool->OW, Q = PH * PW;
+    if (2 * PH > OH || 2 * PW > OW || pool->NC != N * OC || pool->H != OH || pool->W != OW) return CNNX_EGEOMETRY;
+    const int64_t Hq = (2 * PH - 1) * SH + (KH - 1) * DH + 1;
+    const int64_t Wq = (2 * PW - 1) * SW + (KW - 1) * DW + 1 + 8; /* + the AVX2 rows' spare lanes */
+    const int sparse = G == 1 && N > 0 && PH > 0 && PW > 0 && Hq * Wq <= INT32_MAX &&
+                       GLUE(all_finite, SUF)(w, OC * C * KH * KW) && GLUE(all_finite, SUF)(dyp, N * OC * Q);
+    if (!sparse) {
+        const int status = GLUE(maxpool2x2_relu_backward, SUF)(dh, dyp, code, yp, pool);
+        if (status != CNNX_OK) return status;
+        return GLUE(conv2d_backward_input, SUF)(dx, dh, w, geom);
+    }
+    /* vec (AVX2 float, stride 1, no dilation, KW <= 7): a window's 4 positions together, its (KH + 1) rows of 8
+     * lanes in registers, w's rows stored 8 lanes wide twice: as they are (s = 0) and one lane right (s = 1) */
+    const int vec = GLUE(POOLED_WINDOW_VECTOR, SUF)(KH, KW, SH, SW, DH, DW);
+    const int64_t ld = vec ? 16 : KW, rows = C * KH;    /* wr: w's rows (o, c, kh), ld wide */
+    REAL *wr = ALLOC(OC * rows * ld);
+    int32_t *qoff = (int32_t *)malloc(sizeof(int32_t) * (size_t)Q);
+    if (!wr || !qoff) {
+        free(wr);
+        free(qoff);
+        return CNNX_ENOMEM;
+    }
+    for (int64_t i = 0; i < OC * rows; i++)
+        if (vec)
+            for (int64_t j = 0; j < 8; j++) {
+                wr[i * 16 + j] = j < KW ? w[i * KW + j] : 0;
+                wr[i * 16 + 8 + j] = j >= 1 && j <= KW ? w[i * KW + j - 1] : 0;
+            }
+        else
+            for (int64_t kw = 0; kw < KW; kw++) wr[i * KW + kw] = w[i * KW + kw];
+    for (int64_t ph = 0, q = 0; ph < PH; ph++)          /* window q's top left corner in the padded image */
+        for (int64_t pw = 0; pw < PW; pw++, q++) qoff[q] = (int32_t)(2 * ph * SH * Wq + 2 * pw * SW);
+    const int32_t coff[4] = {0, (int32_t)SW, (int32_t)(SH * Wq), (int32_t)(SH * Wq + SW)}; /* code = 2r + s */
+    int status = CNNX_OK;
+    const cnnx_fpenv fp = cnnx_fp_caller();
+    CNNX_PARALLEL(N > 1 && N * OC * Q * rows * KW >= PARALLEL_MIN_MACS / 4, {
+        cnnx_fp_worker_enter();
+        REAL *z = ALLOC(C * Hq * Wq), *v = ALLOC(4 * Q * OC), *acc = vec ? NULL : ALLOC(rows * KW);
+        int64_t *wo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * Q * OC)); /* per winner: its w rows */
+        int64_t *cnt = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * Q));
+        const int ok = z && v && wo && cnt && (vec || acc);
+        if (!ok) {
+            CNNX_OMP_CRITICAL_STATUS
+            status = CNNX_ENOMEM;
+        }
+        CNNX_OMP_FOR
+        for (int64_t n = 0; n < N; n++) {
+            if (!ok) continue;
+            memset(z, 0, sizeof(REAL) * (size_t)(C * Hq * Wq));
+            /* each window's winners whose gradient is not 0, grouped by position p = 2r + s: cnt[4q + p] of them,
+             * gradients from v[(4q + p)*OC], w's rows at wr + wo[...] (vec: + 8 for s = 1); channel by channel,
+             * windows inner (along memory, and each count bumped once per channel) */
+            for (int64_t i = 0; i < 4 * Q; i++) cnt[i] = 0;
+            for (int64_t o = 0; o < OC; o++) {
+                const int64_t base = (n * OC + o) * Q, wrow = o * rows * ld;
+                for (int64_t q = 0; q < Q; q++) {
+                    const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[base + q], yp[base + q]);
+                    const int r = code[base + q] & 3;
+                    const int64_t slot = 4 * q + r, at = slot * OC + cnt[slot];
+                    v[at] = g;
+                    wo[at] = wrow + (vec && (r & 1) ? 8 : 0);
+                    cnt[slot] += g != 0;
+                }
+            }
+            for (int64_t q = 0; q < Q; q++) {
+                if (vec) {
+                    GLUE(POOLED_WINDOW_FAST, SUF)(z + qoff[q], wr, v + 4 * q * OC, wo + 4 * q * OC, cnt + 4 * q, OC, C,
+                                                  KH, Wq, Hq * Wq);
+                    continue;
+                }
+                for (int r = 0; r < 4; r++) {
+                    const int64_t slot = 4 * q + r;
+                    if (!cnt[slot]) continue;
+                    for (int64_t i = 0; i < rows * KW; i++) acc[i] = 0;
+                    for (int64_t j = 0; j < cnt[slot]; j++) {
+                        const REAL vj = v[slot * OC + j], *wj = wr + wo[slot * OC + j];
+                        for (int64_t i = 0; i < rows * KW; i++) acc[i] += vj * wj[i];
+                    }
+                    REAL *zq = z + qoff[q] + coff[r];
+                    for (int64_t c = 0; c < C; c++)
+                        for (int64_t kh = 0; kh < KH; kh++) {
+                            REAL *zr = zq + c * Hq * Wq + kh * DH * Wq;
+                            const REAL *ar = acc + (c * KH + kh) * KW;
+                            for (int64_t kw = 0; kw < KW; kw++) zr[kw * DW] += ar[kw];
+                        }
+                }
+            }
+            /* dx[n, c, ih, iw] = z[c, ih + PT, iw + PL]; rows and columns z does not reach (past the last window's
+             * reach, or the padding's) get 0 */
+            const int64_t wcopy = Wq - 8 - PL < W ? (Wq - 8 - PL > 0 ? Wq - 8 - PL : 0) : W;
+            for (int64_t c = 0; c < C; c++)
+                for (int64_t ih = 0; ih < H; ih++) {
+                    REAL *d = dx + ((n * C + c) * H + ih) * W;
+                    const int64_t zh = ih + PT, m = zh < Hq ? wcopy : 0;
+                    if (m) memcpy(d, z + (c * Hq + zh) * Wq + PL, sizeof(REAL) * (size_t)m);
+                    for (int64_t iw = m; iw < W; iw++) d[iw] = 0;
+                }
+        }
+        free(z);
+        free(v);
+        free(acc);
+        free(wo);
+        free(cnt);
+        cnnx_fp_worker_leave(fp);
+    });
+    free(wr);
+    free(qoff);
+    return status;
+}
+
 #undef ALLOC
 #undef GROUP
 #undef PARALLEL_MIN_MACS

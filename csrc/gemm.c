@@ -361,6 +361,30 @@ TARGET static void tile_##S(REAL *c, int64_t ldc, const int64_t *coff, const REA
     STORE_TILE(REAL, LOADU, STOREU, ADD, LANES)                                                      \
 }
 
+/* One row of c over ROW_NV vectors of columns (a GEMM with one row of A: a batch-1 Linear's backward to its
+ * input), where the 6-row tile would run six copies of the row: per k one broadcast, ROW_NV loads of b and
+ * ROW_NV FMAs. Each element is the tile's: started from the bias, the same FMAs in the same k order, the same
+ * store. */
+#define ROW_NV 4
+#define GEMM_ROW(REAL, S, VEC, LOADU, STOREU, ADD, FMADD, ZERO, BROADCAST, LANES)                    \
+TARGET static void row_tile_##S(REAL *c, const REAL *restrict ap, const REAL *restrict b,            \
+                                const int64_t *boff, int64_t rsb, int64_t K, int accumulate,         \
+                                const REAL *bias)                                                    \
+{                                                                                                    \
+    VEC c0 = bias ? BROADCAST(bias) : ZERO(), c1 = c0, c2 = c0, c3 = c0;                             \
+    for (int64_t k = 0; k < K; k++) {                                                                \
+        const REAL *bk = BROW(k);                                                                    \
+        const VEC ai = BROADCAST(ap + k * MR);                                                       \
+        c0 = FMADD(ai, LOADU(bk), c0);                                                               \
+        c1 = FMADD(ai, LOADU(bk + LANES), c1);                                                       \
+        c2 = FMADD(ai, LOADU(bk + 2 * LANES), c2);                                                   \
+        c3 = FMADD(ai, LOADU(bk + 3 * LANES), c3);                                                   \
+    }                                                                                                \
+    const VEC acc[ROW_NV] = {c0, c1, c2, c3};                                                        \
+    for (int v = 0; v < ROW_NV; v++)                                                                 \
+        STOREU(c + v * LANES, accumulate ? ADD(LOADU(c + v * LANES), acc[v]) : acc[v]);              \
+}
+
 /* The gather tile (gemm_gather): 6 rows whose elements are broadcast from six pointers plus a per-k offset,
  * x NR columns of packed B, started from the bias; per k 1 offset, 2 vectors of b, 6 broadcasts, 12 FMAs.
  * Stored transposed through a stack buffer. */
@@ -390,6 +414,8 @@ TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows
 GEMM_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps,
           _mm256_broadcast_ss, 8)
 GATHER_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_broadcast_ss, 8)
+GEMM_ROW(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps,
+         _mm256_broadcast_ss, 8)
 DOT_TILE(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8, MASK_F32,
          _mm256_maskload_ps)
 DOT_TILE_ALT(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzero_ps, hsum4_f32, 8, MASK_F32,
@@ -408,6 +434,8 @@ DOT_ROW(float, f32_avx2, __m256, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_setzer
 GEMM_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, _mm256_fmadd_pd,
           _mm256_setzero_pd, _mm256_broadcast_sd, 4)
 GATHER_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_fmadd_pd, _mm256_broadcast_sd, 4)
+GEMM_ROW(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, _mm256_fmadd_pd,
+         _mm256_setzero_pd, _mm256_broadcast_sd, 4)
 DOT_TILE(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4, MASK_F64,
          _mm256_maskload_pd)
 DOT_TILE_ALT(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setzero_pd, hsum4_f64, 4, MASK_F64,
@@ -426,6 +454,7 @@ DOT_ROW(double, f64_avx2, __m256d, _mm256_loadu_pd, _mm256_fmadd_pd, _mm256_setz
 #undef ALT_DR
 #undef ALT_DC
 #undef ROW_DC
+#undef ROW_NV
 #undef TARGET
 #else
 #define pack_a_f32_avx2 pack_a_f32_portable

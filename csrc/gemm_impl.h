@@ -59,7 +59,16 @@ TARGET static void GLUE(gemm, SUF)(REAL *c, int64_t ldc, const int64_t *coff, co
             }
         return;
     }
-    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+    int64_t j_rows = 0; /* the columns the panels below start from */
+#ifdef ROW_NV
+    if (M == 1) { /* one row: whole blocks of ROW_NV vectors by the row tile, the rest by the panels below */
+        const int64_t wide = ROW_NV * (NR / 2); /* ROW_NV vectors (a tile is NR = two vectors wide) */
+        REAL *c0 = coff ? c + coff[0] : c;
+        for (; j_rows + wide <= N; j_rows += wide)
+            GLUE(row_tile, SUF)(c0 + j_rows, apack, b + j_rows, boff, rsb, K, accumulate, bias);
+    }
+#endif
+    for (int64_t j0 = j_rows; j0 < N; j0 += NR) {
         const int64_t nr = N - j0 < NR ? N - j0 : NR;
         const REAL *bp = b + j0;
         const int64_t *off = boff;

@@ -200,7 +200,8 @@ def test_a_grad_of_the_wrong_shape_is_not_silently_accumulated():
 
 
 # -------------------------------------------------------------------------------- load_state_dict
-@pytest.mark.parametrize("change", ["shape", "ndim", "scalar", "object", "string", "missing", "unexpected"])
+@pytest.mark.parametrize("change", ["shape", "ndim", "scalar", "object", "string", "missing", "unexpected",
+                                    "overflow"])
 def test_load_state_dict_refuses_bad_entries_and_changes_nothing(change):
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3), nn.BatchNorm1d(3))
     before = {k: v.copy() for k, v in model.state_dict().items()}
@@ -218,10 +219,14 @@ def test_load_state_dict_refuses_bad_entries_and_changes_nothing(change):
         state[key] = np.full(before[key].shape, "x")
     elif change == "missing":
         del state[key]
+    elif change == "overflow":          # float64 values beyond float32's range would load as inf
+        state[key] = np.full(before[key].shape, 1e39)
     else:
         state["0.extra"] = np.zeros(3)
     with pytest.raises(ValueError) as info:
         model.load_state_dict(state)
+    if change == "overflow":
+        assert "18 finite value(s)" in str(info.value) and "would load as inf" in str(info.value), str(info.value)
     assert key in str(info.value) or "0.extra" in str(info.value), str(info.value)
     after = model.state_dict()
     for k in before:

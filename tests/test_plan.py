@@ -2,9 +2,11 @@
 
 The plan runs the same C kernels on the same values, so forward outputs, dx and the parameter gradients must
 agree bit for bit with the layer-by-layer path, on every chain shape the plan accepts; the one exception, a
-Conv2d -> ReLU -> MaxPool2d(2) chain's convolution, whose weight gradient the plan sums over the pool's winners
-only, must agree to rounding (assert_same_grads) and stay independent of the thread count. Anything the plan
-does not accept must fall back and behave exactly as before (results and error messages).
+Conv2d -> ReLU -> MaxPool2d(2) chain's convolution, whose weight gradient and input gradient the plan sums over
+the pool's winners only, must agree to rounding, with everything its input gradient reaches (dx and the
+gradients of the layers before it: assert_same_step, assert_same_grads), and stay independent of the thread
+count. Anything the plan does not accept must fall back and behave exactly as before (results and error
+messages).
 """
 import contextlib
 import copy
@@ -51,28 +53,44 @@ def assert_same_step(model, x, input_grad=True, seed=0):
     dy = np.random.default_rng(seed).standard_normal(y.shape).astype(y.dtype)
     dx = model.backward(dy, input_grad=input_grad)
     dx_ref = eager_backward(twin, dy, input_grad=input_grad)
-    if input_grad:
+    if not input_grad:
+        assert dx is None and dx_ref is None
+    elif rounded_params(model) is None:
         np.testing.assert_array_equal(dx, dx_ref)
     else:
-        assert dx is None and dx_ref is None
+        assert_close(dx, dx_ref, "dx")
     assert_same_grads(model, twin)
     return y
 
 
-def assert_same_grads(model, twin):
-    """Parameter gradients: bit for bit, except a Conv2d's whose output goes through ReLU and MaxPool2d(2) (the plan
-    sums its weight gradient over the pool's winners only: the same sums in another order, to rounding)."""
-    pooled = set()
+def assert_close(a, b, what):
+    tol = 2e-5 if b.dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(b), initial=0), err_msg=what)
+
+
+def rounded_params(model):
+    """The ids of the parameters whose gradients the plan computes to rounding, not bit for bit (None: none):
+    those of every module up to the last Conv2d whose output goes through ReLU and MaxPool2d(2), in forward order
+    (the plan sums that convolution's weight and input gradients over the pool's winners only: the same sums in
+    another order, and its input gradient reaches every layer before it)."""
     mods = [m for m in model.modules() if not isinstance(m, nn.Sequential)]
-    for a, b, c in zip(mods, mods[1:], mods[2:]):
+    last = None
+    for i, (a, b, c) in enumerate(zip(mods, mods[1:], mods[2:])):
         if isinstance(a, nn.Conv2d) and isinstance(b, nn.ReLU) and isinstance(c, nn.MaxPool2d):
-            pooled.update(id(p) for p in a.parameters())
+            last = i
+    if last is None:
+        return None
+    return {id(p) for m in mods[:last + 1] for p in m.parameters(recurse=False)}
+
+
+def assert_same_grads(model, twin):
+    """Parameter gradients: bit for bit, except those rounded_params names (to rounding)."""
+    rounded = rounded_params(model) or set()
     for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
-        if id(p) not in pooled:
+        if id(p) not in rounded:
             np.testing.assert_array_equal(p.grad, q.grad, err_msg=name)
-            continue
-        tol = 2e-5 if p.grad.dtype == np.float32 else 1e-12
-        np.testing.assert_allclose(p.grad, q.grad, rtol=tol, atol=tol * np.max(np.abs(q.grad)), err_msg=name)
+        else:
+            assert_close(p.grad, q.grad, name)
 
 
 def rand(shape, dtype=np.float32, seed=1):
@@ -103,6 +121,12 @@ CHAINS = {
     "conv-relu-pool, odd sizes, stride 2": lambda dt: nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2, padding=1, dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(3, 5, 2, dtype=dt), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 2 * 2, 3, dtype=dt)),
+    # pooled convolutions whose input gradient flows on: dilated with asymmetric padding (the portable scatter),
+    # and 9 columns wide (more than the AVX2 rows' 8 lanes)
+    "pooled conv after a conv, dilated, wide": lambda dt: nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, dtype=dt), nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=(2, 0, 1, 3), dilation=(1, 2), dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 3, (2, 9), padding=(0, 0, 4, 4), dtype=dt), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(0, -1)),
 }
 SHAPES = {
     "lenet5": [(1, 1, 28, 28), (5, 1, 28, 28), (64, 1, 28, 28)],
@@ -112,6 +136,7 @@ SHAPES = {
     "mlp on 3-d input": [(2, 3, 7), (1, 1, 7)],
     "conv-relu-pool, not per image": [(2, 4, 98, 98)],
     "conv-relu-pool, odd sizes, stride 2": [(1, 2, 23, 21), (3, 2, 23, 21)],
+    "pooled conv after a conv, dilated, wide": [(1, 2, 13, 17), (3, 2, 14, 12)],
 }
 
 
@@ -154,8 +179,9 @@ def test_lenet5_training_loop_matches():
 
 
 def test_pooled_conv_gradients_do_not_depend_on_the_thread_count():
-    """The pooled convolutions' weight gradients (each thread sums whole output channels, images in order) and
-    everything else in a plan's training step give the same bits on 1, 2 and 3 threads."""
+    """The pooled convolutions' weight gradients (each thread sums whole output channels, images in order), their
+    input gradients (each image on one thread) and everything else in a plan's training step give the same bits
+    on 1, 2 and 3 threads."""
     x = rand((16, 1, 28, 28))
     dy = rand((16, 10), seed=3)
     before = cnnx.get_num_threads()
@@ -167,8 +193,8 @@ def test_pooled_conv_gradients_do_not_depend_on_the_thread_count():
             model = models.LeNet5()
             model(x)
             assert used_plan(model)
-            model.backward(dy)
-            grads.append([p.grad.copy() for p in model.parameters()])
+            dx = model.backward(dy)
+            grads.append([p.grad.copy() for p in model.parameters()] + [dx])
     finally:
         cnnx.set_num_threads(before)
     for other in grads[1:]:
@@ -180,11 +206,12 @@ def test_pooled_conv_gradients_do_not_depend_on_the_thread_count():
 def test_pooled_conv_gradients_on_both_cpu_paths(width):    # and a scalar tail
     """The pooled weight gradient's list of winners is built 8 windows a step on the AVX2 path and one by one on
     the portable path: the bias gradient (sum of the list) has the same bits on both, the weight gradient (whose
-    multiply-adds differ between the paths) agrees to rounding, with dead ReLUs, exact zeros and signed zeros."""
+    multiply-adds differ between the paths) agrees to rounding, with dead ReLUs, exact zeros and signed zeros; so
+    does the input gradient (AVX2: 8-lane rows; portable: element by element)."""
     from cnnx import _kernels as K
     rng = np.random.default_rng(5)
-    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-    model[0].bias.data[...] = [-0.5, 0.0, 0.2, -1.5, 0.4]       # channel 3 mostly dead
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    model[1].bias.data[...] = [-0.5, 0.0, 0.2, -1.5, 0.4]       # channel 3 mostly dead
     x = rng.standard_normal((4, 3, width, width)).astype(np.float32)
     dy = rng.standard_normal((4, 5, width // 2, width // 2)).astype(np.float32)
     dy[rng.random(dy.shape) < 0.3] = 0.0
@@ -197,19 +224,43 @@ def test_pooled_conv_gradients_on_both_cpu_paths(width):    # and a scalar tail
             twin = copy.deepcopy(model)
             twin(x)
             assert used_plan(twin)
-            twin.backward(dy, input_grad=False)
-            grads.append((twin[0].weight.grad.copy(), twin[0].bias.grad.copy()))
+            dx = twin.backward(dy)
+            grads.append((twin[1].weight.grad.copy(), twin[1].bias.grad.copy(), dx))
     finally:
         K.force_portable(before)
     eager = copy.deepcopy(model)
     eager_forward(eager, x)
-    eager_backward(eager, dy, input_grad=False)
-    (w_avx, b_avx), (w_port, b_port) = grads
+    dx_ref = eager_backward(eager, dy)
+    (w_avx, b_avx, _), (w_port, b_port, _) = grads
     np.testing.assert_array_equal(b_avx.view(np.uint32), b_port.view(np.uint32))
-    for w, b in grads:
-        scale = np.max(np.abs(eager[0].weight.grad))
-        np.testing.assert_allclose(w, eager[0].weight.grad, rtol=2e-5, atol=2e-5 * scale)
-        np.testing.assert_allclose(b, eager[0].bias.grad, rtol=2e-5, atol=2e-5 * np.max(np.abs(b)))
+    for w, b, dx in grads:
+        scale = np.max(np.abs(eager[1].weight.grad))
+        np.testing.assert_allclose(w, eager[1].weight.grad, rtol=2e-5, atol=2e-5 * scale)
+        np.testing.assert_allclose(b, eager[1].bias.grad, rtol=2e-5, atol=2e-5 * np.max(np.abs(b)))
+        np.testing.assert_allclose(dx, dx_ref, rtol=2e-5, atol=2e-5 * np.max(np.abs(dx_ref)))
+
+
+@pytest.mark.parametrize("bad", ["dy inf", "dy nan", "weight inf"])
+def test_pooled_conv_input_gradient_falls_back_to_the_dense_kernel_on_non_finite_values(bad):
+    """The pooled input gradient skips the positions the pool did not pick, which is only right while every
+    product it skips is 0: with an infinite or NaN pooled gradient or weight it runs the dense kernel on the
+    dense output gradient, as the layers do (the same bits, NaNs and infinities included)."""
+    rng = np.random.default_rng(7)
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    x = rng.standard_normal((3, 2, 10, 10)).astype(np.float32)
+    dy = rng.standard_normal((3, 4, 5, 5)).astype(np.float32)
+    if bad == "weight inf":
+        model[1].weight.data[1, 0, 0, 0] = np.inf
+    else:
+        dy[1, 2, 3, 4] = np.inf if bad == "dy inf" else np.nan
+    eager = copy.deepcopy(model)
+    model(x)
+    assert used_plan(model)
+    with np.errstate(invalid="ignore", over="ignore"):
+        dx = model.backward(dy)
+        eager_forward(eager, x)
+        dx_ref = eager_backward(eager, dy)
+    np.testing.assert_array_equal(dx, dx_ref)
 
 
 def test_output_is_a_new_array_each_call():
@@ -281,6 +332,58 @@ def test_reconfiguring_a_layer_rebuilds_the_plan():
     model[0].stride = (2, 2)           # 4x4 conv out -> 2x2 pool: mismatch again
     with pytest.raises(ValueError, match="Linear"):
         model(x)
+
+
+def test_plan_cache_is_reused_until_any_module_changes():
+    # Sequential._plan skips comparing every module's stamp while no module anywhere was reconfigured; a change
+    # anywhere (here: deep inside a Residual, or in an unrelated model) sends it back to the full comparison.
+    block = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(nn.Residual(block), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    other = nn.Linear(2, 2)
+    x = rand((2, 2, 6, 6))
+    assert_same_step(model, x)
+    plan = model._plan(x)
+    assert model._plan(x) is plan                   # nothing changed: the same plan, without a rebuild
+    other.in_features = 2                           # a change elsewhere: the full comparison keeps the plan
+    assert model._plan(x) is plan
+    block[0].padding = (0, 0)                       # deep inside: rebuilt, and 4x4 no longer adds to 6x6
+    assert model._plan(x) is not plan
+    with pytest.raises(ValueError, match="Residual"):
+        model(x)
+    block[0].padding = (1, 1)
+    assert_same_step(model, x)
+    block.add_module("2", nn.MaxPool2d(1))          # a module added to a nested Sequential: rebuilt too
+    assert_same_step(model, x)
+    delattr(block, "1")                             # and one deleted
+    assert_same_step(model, x)
+    assert [type(m) for m in block] == [nn.Conv2d, nn.MaxPool2d]
+
+
+def test_plan_runs_after_summary():
+    # summary() probes the layers with their forward replaced: the plans compiled then run layer by layer and
+    # must not outlive it
+    model = models.LeNet5()
+    x = rand((1, 1, 28, 28))
+    model.summary(x.shape, print_summary=False)
+    assert_same_step(model, x)
+
+
+def test_backward_takes_dy_in_any_layout():
+    # dy that the plan reads as it is skips Sequential's checks; any other layout goes through them and is
+    # copied in: the same gradients
+    model = models.LeNet5()
+    x = rand((3, 1, 28, 28))
+    results = []
+    for make in (np.ascontiguousarray, np.asfortranarray, lambda a: np.repeat(a, 2, axis=1)[:, ::2], list):
+        for p in model.parameters():
+            p.grad[...] = 0
+        y = model(x)
+        dy = rand(y.shape, seed=2)
+        dx = model.backward(make(dy))
+        results.append([dx] + [p.grad.copy() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_parameters_replaced_or_frozen():

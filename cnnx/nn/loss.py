@@ -93,7 +93,8 @@ class _Loss(Module):
         default 1."""
         if self._cache_grad is None:
             raise self._no_forward()
-        grad_fn, self._cache_grad = self._cache_grad, None
+        grad_fn = self._cache_grad
+        self.__dict__["_cache_grad"] = None     # (as Module.__setattr__ does for _cache names, without the call)
         if self.reduction == "none" and dloss is not None:
             dloss = np.asarray(dloss)
             if dloss.shape != self._cache_out_shape:
@@ -177,12 +178,13 @@ class CrossEntropyLoss(_Loss):
     def forward(self, input, target):
         # The common case -- (N, C) logits, class indices, no weight or smoothing -- in one kernel pass that
         # also writes the gradient; everything else takes the general numpy path below.
-        if (type(input) is np.ndarray and type(target) is np.ndarray and input.ndim == 2 and target.ndim == 1
-                and self.weight is None and self.label_smoothing == 0 and input.dtype in _FLOATS
-                and target.dtype.kind in "iu" and target.shape[0] == input.shape[0] and input.size
-                and input.flags.c_contiguous and input.flags.aligned and self.reduction in _REDUCTIONS
-                and -2**63 <= self.ignore_index < 2**63):
-            return self._forward_indices_2d(input, target)
+        if type(input) is np.ndarray and type(target) is np.ndarray and input.ndim == 2 and target.ndim == 1:
+            flags = input.flags
+            if (self.weight is None and self.label_smoothing == 0 and input.dtype in _FLOATS
+                    and target.dtype.kind in "iu" and target.shape[0] == input.shape[0] and input.size
+                    and flags.c_contiguous and flags.aligned and self.reduction in _REDUCTIONS
+                    and -2**63 <= self.ignore_index < 2**63):
+                return self._forward_indices_2d(input, target)
         fn = self._name
         x = _float_array(input, "input", fn)
         target = np.asarray(target)
@@ -238,11 +240,12 @@ class CrossEntropyLoss(_Loss):
             raise ValueError(f"{self._name}: target contains class index {int(t[bad])} outside [0, {x.shape[1]}) "
                              f"(ignore_index={self.ignore_index})")
         dtype, reduction = x.dtype, self.reduction
+        d = self.__dict__       # (forward state straight into the instance: Module.__setattr__ is a Python call)
         if reduction == "none":
-            self._cache_out_shape = losses.shape
+            d["_cache_out_shape"] = losses.shape
             loss = losses
         else:
-            self._cache_out_shape = None
+            d["_cache_out_shape"] = None
             loss = dtype.type(total if reduction == "sum" else total / count if count else np.nan)
 
         def grad_fn(dloss):
@@ -254,7 +257,7 @@ class CrossEntropyLoss(_Loss):
                     g *= dtype.type(np.asarray(dloss).reshape(()))
             return g
 
-        self._cache_grad = grad_fn
+        d["_cache_grad"] = grad_fn
         return loss
 
     def _forward_probs(self, x, q, w, eps, c):

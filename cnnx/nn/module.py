@@ -108,6 +108,14 @@ def _state_array(value):
     return np.asarray(value)
 
 
+def _overflow_count(value, dtype):
+    """How many finite entries of the floating array value become infinite when cast to the floating dtype."""
+    if value.dtype.kind != "f" or np.dtype(dtype).kind != "f" or value.dtype.itemsize <= np.dtype(dtype).itemsize:
+        return 0
+    with np.errstate(over="ignore"):
+        return int(np.count_nonzero(np.isinf(value.astype(dtype)) & np.isfinite(value)))
+
+
 def _same_kind(value_dtype, target_dtype):
     """A value may be loaded into a state array of target_dtype: floating into floating (any width: the
     copy casts), integer into integer; never complex, bool, strings or objects."""
@@ -481,6 +489,11 @@ class Module:
             elif not _same_kind(value.dtype, target.dtype):
                 errors.append(f"dtype error for {key}: expected a {_kind_name(target.dtype)} array (the model "
                               f"holds {target.dtype}), got dtype {value.dtype}.")
+            elif _overflow_count(value, target.dtype):
+                errors.append(f"value error for {key}: {_overflow_count(value, target.dtype)} finite value(s) "
+                              f"of the {value.dtype} array, up to {float(np.nanmax(np.abs(value))):.4g} in "
+                              f"magnitude, exceed the model's {target.dtype} (largest "
+                              f"{float(np.finfo(target.dtype).max):.4g}): they would load as inf.")
             else:
                 values[key] = value
         if errors:
@@ -566,6 +579,9 @@ class Module:
             for m in self.modules():        # drop the caches the probe forward left behind
                 for key in [k for k in m.__dict__ if k.startswith("_cache")]:
                     m.__dict__[key] = None
+                # and the plans compiled while the layers' forward was the recorder (they run layer by layer, and
+                # restoring `training` above stamps no change, so they would stay valid)
+                m.__dict__.pop("_plans", None)
         y = out[0] if isinstance(out, tuple) else out
         result = {"input_shape": input_shape, "output_shape": tuple(np.shape(y)), "layers": rows,
                   "total_params": self.num_parameters(),
@@ -657,11 +673,18 @@ class Sequential(Module):
         if plans is None:
             plans = d["_plans"] = {}
         key = (x.shape, x.dtype)
-        plan = plans.get(key)
+        entry = plans.get(key)      # (plan, the global change stamp when its modules' stamps were last compared)
+        # No module anywhere was reconfigured since then (the usual case in a training loop): the plan is valid
+        # without comparing each module's stamp (plan.valid(), a Python loop over the modules).
+        if entry is not None and entry[1] == _changes[0]:
+            return entry[0]
+        changes = _changes[0]       # (read before the comparison: a change made during it forces the next one)
+        plan = None if entry is None else entry[0]
         if plan is None or not plan.valid():
             if len(plans) >= 8:
                 plans.clear()
-            plan = plans[key] = build(_planner.lower(self, x))
+            plan = build(_planner.lower(self, x))
+        plans[key] = (plan, changes)
         return plan
 
     def plan_op(self, shape, dtype):
@@ -692,7 +715,7 @@ class Sequential(Module):
         if state is not None:
             if state is False:
                 raise self._no_forward()
-            if state.pending:
+            if state.pending and not state.takes(dy):     # (an array it takes as it is needs no checks)
                 dy = state.last._check_dy(dy, state.out_shape, state.dtype)
             dx = state.backward(dy, input_grad)
             self.__dict__["_plan_state"] = False
