@@ -1,10 +1,10 @@
 # Included by _kernels.pyx: the executor of Sequential's compiled plan.
 #
-# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity / Residual (and Dropout, BatchNorm2d in
-# eval mode) run layer by layer costs a Python call, argument checks, an output allocation and a cache update per layer:
-# about 6 us each, 80 us for a batch-1 LeNet-5 forward whose arithmetic takes 20 us. A plan does the checks
-# once per (input shape, dtype), keeps every activation and gradient buffer, and runs the whole graph of C
-# kernels in one call without the GIL.
+# A Sequential of Conv2d / ReLU / MaxPool2d / Flatten / Linear / Identity / Residual / BatchNorm2d /
+# AdaptiveAvgPool2d(1) / Sequential (and Dropout in eval mode) run layer by layer costs a Python call, argument
+# checks, an output allocation and a cache update per layer: about 6 us each, 80 us for a batch-1 LeNet-5 forward
+# whose arithmetic takes 20 us. A plan does the checks once per (input shape, dtype), keeps every activation and
+# gradient buffer, and runs the whole graph of C kernels in one call without the GIL.
 #
 # cnnx/_planner.py (pure Python) lowers the Sequential to a graph: ops over buffer ids, fused by its FUSIONS
 # table. Here each op kind has one forward and one backward entry point (the _fw_* / _bw_* functions, in the
@@ -18,6 +18,12 @@
 # of the dense kernels' multiply-adds, fewer where the ReLU is closed). Such pools keep each winner's place in its
 # 2x2 window (a byte).
 # conv_bn and conv_bn_relu fold an eval-mode batch norm into the convolution's weights and bias at each call.
+# batchnorm_train (a batch norm with batch statistics: training, or eval without running statistics) runs the
+# layer's own kernels (batchnorm_forward / batchnorm_backward) and, as the layer does, counts num_batches_tracked
+# and updates the running statistics in place; batchnorm_train_relu gives those kernels the ReLU after it (relu=1
+# in the forward's normalising pass, y= in the backward's sums). The convolution before it stays its own op: its
+# output must be whole before the statistics exist. batchnorm_train_relu_pool adds a 2x2 max pool as relu_pool
+# runs it, on the batch norm's output (mid). add_relu is a residual's add with the ReLU after it.
 #
 # The results are the layers' own, bit for bit: the same kernels in the same order on the same values, except
 # conv_relu_pool's weight, bias and input gradients (the same sums in another order, a quarter of the work), and
@@ -41,6 +47,11 @@ cdef enum:
     _K_RELU
     _K_RELU_POOL
     _K_ADD
+    _K_BN_TRAIN
+    _K_BN_TRAIN_RELU
+    _K_ADD_RELU
+    _K_GLOBAL_AVGPOOL
+    _K_BN_TRAIN_RELU_POOL
     _NKINDS
 
 _KINDS = {}         # name in the graph -> kind (_register, at the end of this file)
@@ -58,14 +69,23 @@ cdef struct _Op:
     cnnx_conv2d_geom conv   # conv kinds
     cnnx_pool2d_geom pool   # pool kinds
     int64_t rows, in_f, out_f   # linear kinds: x (rows, in_f), y (rows, out_f)
-    char *aux               # maxpool: int64 indices; relu_pool, conv_relu_pool: uint8 window positions
-    char *mid               # conv_relu_pool: the convolution's own output (written only when it cannot pool per image)
-    char *dmid              # and its gradient
+    char *aux               # maxpool: int64 indices; relu_pool, conv_relu_pool, batchnorm_train_relu_pool: uint8
+    #                         window positions
+    char *mid               # conv_relu_pool: the convolution's own output (written only when it cannot pool per
+    #                         image); batchnorm_train_relu_pool: the batch norm's output, then (backward) its gradient
+    char *dmid              # conv_relu_pool: mid's gradient
     int gslot, betaslot     # conv_bn kinds: the batch norm's weight (gamma) and bias (beta) slots (-1: none)
     double eps              # conv_bn kinds: the batch norm's eps, running mean and variance (OC each)
     char *bn_mean
     char *bn_var
     char *fold              # conv_bn kinds: per call, scale (OC) | folded bias (OC) | sum of dy (OC) | folded w
+    int64_t bn_n, bn_c, bn_l    # batchnorm_train kinds: x and y viewed as (N, C, L = H*W)
+    double momentum         # batchnorm_train kinds: the layer's momentum (cumulative: 1 / num_batches_tracked)
+    int cumulative          #   (momentum=None)
+    int64_t *count          # batchnorm_train kinds: num_batches_tracked, counted in place (NULL: not tracked; then
+    #                         bn_mean, bn_var are NULL too and nothing is updated)
+    char *saved             # batchnorm_train kinds: the forward's save_mean (C) | save_invstd (C)
+    int64_t planes, plane   # global_avgpool: x is (planes = N*C, plane = H*W), y (planes,)
 
 
 cdef struct _Exec:
@@ -261,6 +281,64 @@ cdef int _fw_add(const _Op *op, const _Exec *ex, const floating *x, floating *y)
     for i in range(op.n_out):
         y[i] = x[i] + x2[i]
     return 0
+
+
+cdef int _fw_add_relu(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    # relu(x1 + x2) in one pass: each sum rounded to floating, then numpy's maximum(., 0), as _relu
+    cdef const floating *x2 = <const floating *>ex.val[op.inp[1]]
+    cdef floating v
+    cdef int64_t i
+    for i in range(op.n_out):
+        v = x[i] + x2[i]
+        y[i] = v if (v > 0 or v != v) else 0
+    return 0
+
+
+cdef int _fw_global_avgpool(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    if floating is float:
+        return global_avgpool2d_forward_f32(y, x, op.planes, op.plane)
+    else:
+        return global_avgpool2d_forward_f64(y, x, op.planes, op.plane)
+
+
+cdef int _bn_train_forward(const _Op *op, const _Exec *ex, const floating *x, floating *y, int relu) noexcept nogil:
+    # BatchNorm2d.forward with batch statistics: num_batches_tracked counted first, then the same kernel with
+    # momentum, or 1 / num_batches_tracked for momentum=None, updating the running statistics in place (neither
+    # when they are not tracked: count NULL); relu: max(y, 0) in the normalising pass (the ReLU layer's bits)
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot] if op.wslot >= 0 else NULL
+    cdef const floating *b = <const floating *>ex.wptr[op.bslot] if op.bslot >= 0 else NULL
+    cdef floating *mean = <floating *>op.saved
+    cdef double factor = 0.0
+    if op.count != NULL:
+        op.count[0] += 1
+        factor = 1.0 / <double>op.count[0] if op.cumulative else op.momentum
+    if floating is float:
+        return batchnorm_forward_f32(y, mean, mean + op.bn_c, <float *>op.bn_mean, <float *>op.bn_var, x, w, b,
+                                     op.bn_n, op.bn_c, op.bn_l, op.eps, factor, relu)
+    else:
+        return batchnorm_forward_f64(y, mean, mean + op.bn_c, <double *>op.bn_mean, <double *>op.bn_var, x, w, b,
+                                     op.bn_n, op.bn_c, op.bn_l, op.eps, factor, relu)
+
+
+cdef int _fw_bn_train(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    return _bn_train_forward(op, ex, x, y, 0)
+
+
+cdef int _fw_bn_train_relu(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    return _bn_train_forward(op, ex, x, y, 1)
+
+
+cdef int _fw_bn_train_relu_pool(const _Op *op, const _Exec *ex, const floating *x, floating *y) noexcept nogil:
+    # the batch norm into mid, then relu_pool's kernel pools relu(mid) (ReLU -> MaxPool2d(2)'s bits) and keeps
+    # each winner's place (a byte) instead of the pool's int64 index
+    cdef floating *mid = <floating *>op.mid
+    cdef int code = _bn_train_forward(op, ex, x, mid, 0)
+    if code:
+        return code
+    if floating is float:
+        return maxpool2x2_relu_forward_f32(y, <uint8_t *>op.aux, mid, &op.pool)
+    else:
+        return maxpool2x2_relu_forward_f64(y, <uint8_t *>op.aux, mid, &op.pool)
 
 
 # ---------------------------------------------------------------- backward entry points, one per kind
@@ -498,6 +576,76 @@ cdef int _bw_add(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
     return 0
 
 
+cdef int _bw_add_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    _relu_back(dy, dy, <const floating *>ex.val[op.out], op.n_out)
+    return _bw_add(op, ex, dy)
+
+
+cdef int _bw_global_avgpool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    cdef int code = 0
+    if dx == NULL:
+        return 0
+    if floating is float:
+        code = global_avgpool2d_backward_f32(dx, dy, op.planes, op.plane)
+    else:
+        code = global_avgpool2d_backward_f64(dx, dy, op.planes, op.plane)
+    if code == 0:
+        _dx_done(op, ex, 0, dx)
+    return code
+
+
+cdef int _bn_train_backward(const _Op *op, const _Exec *ex, const floating *dy, const floating *y) noexcept nogil:
+    # BatchNorm2d.backward from the forward's saved statistics, as the layer calls it; y (the output after a fused
+    # ReLU, else NULL): the kernel masks dy by (y > 0) as it reads it (ReLU.backward's dy * (y > 0)). The kernel
+    # always writes dx: where the input's gradient is not wanted (the caller's input), into the scratch.
+    cdef const floating *x = <const floating *>ex.val[op.inp[0]]
+    cdef const floating *w = <const floating *>ex.wptr[op.wslot] if op.wslot >= 0 else NULL
+    cdef const floating *mean = <const floating *>op.saved
+    cdef floating *dw = _scratch(ex, op.wslot, dy) if _wants(ex, op.wslot) else NULL
+    cdef floating *db = _scratch(ex, op.bslot, dy) if _wants(ex, op.bslot) else NULL
+    cdef floating *dx = <floating *>_dx(op, ex, 0)
+    cdef int code
+    if dx == NULL and dw == NULL and db == NULL:
+        return 0
+    if floating is float:
+        code = batchnorm_backward_f32(dx if dx != NULL else <float *>ex.tmp, dw, db, dy, y, x, w, mean,
+                                      mean + op.bn_c, op.bn_n, op.bn_c, op.bn_l)
+    else:
+        code = batchnorm_backward_f64(dx if dx != NULL else <double *>ex.tmp, dw, db, dy, y, x, w, mean,
+                                      mean + op.bn_c, op.bn_n, op.bn_c, op.bn_l)
+    if code:
+        return code
+    if dw != NULL:
+        _collect(ex, op.wslot, dw)
+    if db != NULL:
+        _collect(ex, op.bslot, db)
+    _dx_done(op, ex, 0, dx)
+    return 0
+
+
+cdef int _bw_bn_train(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    return _bn_train_backward(op, ex, dy, <const floating *>NULL)
+
+
+cdef int _bw_bn_train_relu(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    return _bn_train_backward(op, ex, dy, <const floating *>ex.val[op.out])
+
+
+cdef int _bw_bn_train_relu_pool(const _Op *op, const _Exec *ex, floating *dy) noexcept nogil:
+    # relu_pool's backward (MaxPool2d -> ReLU backward's bits) into mid, which the forward's values no longer need,
+    # then the batch norm's from it
+    cdef floating *dmid = <floating *>op.mid
+    cdef int code
+    if floating is float:
+        code = maxpool2x2_relu_backward_f32(dmid, dy, <uint8_t *>op.aux, <const float *>ex.val[op.out], &op.pool)
+    else:
+        code = maxpool2x2_relu_backward_f64(dmid, dy, <uint8_t *>op.aux, <const double *>ex.val[op.out], &op.pool)
+    if code:
+        return code
+    return _bn_train_backward(op, ex, dmid, <const floating *>NULL)
+
+
 # ---------------------------------------------------------------- the kind tables and the run loops
 
 ctypedef int (*_fwd32_t)(const _Op *, const _Exec *, const float *, float *) noexcept nogil
@@ -534,6 +682,11 @@ _OP_ARRAYS = {
                                                  "dmid": _conv_output(spec, dtype)},
     _K_CONV_BN: lambda spec, out, dtype: {"fold": _fold_array(spec, dtype)},
     _K_CONV_BN_RELU: lambda spec, out, dtype: {"fold": _fold_array(spec, dtype)},
+    _K_BN_TRAIN: lambda spec, out, dtype: {"saved": np.empty(2 * spec.bn_train["C"], dtype)},   # mean | invstd
+    _K_BN_TRAIN_RELU: lambda spec, out, dtype: {"saved": np.empty(2 * spec.bn_train["C"], dtype)},
+    _K_BN_TRAIN_RELU_POOL: lambda spec, out, dtype: {
+        "saved": np.empty(2 * spec.bn_train["C"], dtype), "aux": np.empty(out, np.uint8),
+        "mid": np.empty(spec.bn_train["N"] * spec.bn_train["C"] * spec.bn_train["L"], dtype)},
 }
 
 
@@ -750,6 +903,11 @@ def compile_plan(graph):
         if spec.bn is not None and not all(_usable(spec.bn[k], dtype.num, (spec.conv["OC"],), False)
                                            for k in ("mean", "var")):
             return plan     # (running statistics the kernels cannot read in place)
+        tracked = spec.bn_train["count"] if spec.bn_train is not None else None
+        if tracked is not None and not (all(_usable(spec.bn_train[k], dtype.num, (spec.bn_train["C"],), True)
+                                            for k in ("mean", "var"))
+                                        and _usable(tracked, cnp.NPY_INT64, (), True)):
+            return plan     # (running statistics or a count the kernels cannot update in place)
     plan.dtype, plan.in_shape, plan.f64 = dtype, tuple(graph.in_shape), dtype == np.float64
     plan.typenum = dtype.num
     plan.out_shape, plan.last = tuple(graph.out_shape), graph.last
@@ -805,7 +963,7 @@ def compile_plan(graph):
             op.inp[k] = buffer(spec.inputs[k]) if k < op.nin else -1
             op.acc[k] = spec.accumulate[k] if k < op.nin else 0
             op.n_in[k] = math.prod(graph.shapes[spec.inputs[k]]) if k < op.nin else 0
-            if op.acc[k] and op.kind != _K_ADD:
+            if op.acc[k] and op.kind != _K_ADD and op.kind != _K_ADD_RELU:
                 tmp_size = max(tmp_size, op.n_in[k])
         params = list(spec.params) + [None, None]
         op.wslot, op.bslot = slot(params[0]), slot(params[1])
@@ -816,10 +974,23 @@ def compile_plan(graph):
             op.gslot, op.betaslot = slot(params[0]), slot(params[1])
             op.eps = spec.bn["eps"]
             op.bn_mean, op.bn_var = _kept(plan, spec.bn["mean"]), _kept(plan, spec.bn["var"])
+        op.count = NULL
+        if spec.bn_train is not None:
+            bt = spec.bn_train
+            op.bn_n, op.bn_c, op.bn_l, op.eps = bt["N"], bt["C"], bt["L"], bt["eps"]
+            op.cumulative = bt["momentum"] is None
+            op.momentum = 0.0 if op.cumulative else bt["momentum"]
+            if bt["count"] is not None:
+                op.bn_mean, op.bn_var = _kept(plan, bt["mean"]), _kept(plan, bt["var"])
+                op.count = <int64_t *>_kept(plan, bt["count"])
+            if op.inp[0] == 0:      # (its kernel writes dx even where the caller's input wants none: into tmp)
+                tmp_size = max(tmp_size, op.n_in[0])
         if spec.conv is not None:
             op.conv = spec.conv
         if spec.pool is not None:
             op.pool = spec.pool
+        if spec.planes is not None:
+            op.planes, op.plane = spec.planes["NC"], spec.planes["L"]
         if spec.linear is not None:
             op.rows, op.in_f, op.out_f = (spec.linear["rows"], spec.linear["in_features"],
                                           spec.linear["out_features"])
@@ -827,6 +998,7 @@ def compile_plan(graph):
         op.aux, op.mid, op.dmid = _kept(plan, arrays.get("aux")), _kept(plan, arrays.get("mid")), \
             _kept(plan, arrays.get("dmid"))
         op.fold = _kept(plan, arrays.get("fold"))
+        op.saved = _kept(plan, arrays.get("saved"))
     plan.ex.tmp = _kept(plan, np.empty(max(tmp_size, 1), dtype))
     for i in range(len(plan.params)):
         plan.pdata[i] = None
@@ -857,3 +1029,13 @@ _register(_K_RELU, "relu", _fw_relu[float], _fw_relu[double], _bw_relu[float], _
 _register(_K_RELU_POOL, "relu_pool", _fw_relu_pool[float], _fw_relu_pool[double], _bw_relu_pool[float],
           _bw_relu_pool[double])
 _register(_K_ADD, "add", _fw_add[float], _fw_add[double], _bw_add[float], _bw_add[double])
+_register(_K_ADD_RELU, "add_relu", _fw_add_relu[float], _fw_add_relu[double], _bw_add_relu[float],
+          _bw_add_relu[double])
+_register(_K_BN_TRAIN_RELU_POOL, "batchnorm_train_relu_pool", _fw_bn_train_relu_pool[float],
+          _fw_bn_train_relu_pool[double], _bw_bn_train_relu_pool[float], _bw_bn_train_relu_pool[double])
+_register(_K_GLOBAL_AVGPOOL, "global_avgpool", _fw_global_avgpool[float], _fw_global_avgpool[double],
+          _bw_global_avgpool[float], _bw_global_avgpool[double])
+_register(_K_BN_TRAIN, "batchnorm_train", _fw_bn_train[float], _fw_bn_train[double], _bw_bn_train[float],
+          _bw_bn_train[double])
+_register(_K_BN_TRAIN_RELU, "batchnorm_train_relu", _fw_bn_train_relu[float], _fw_bn_train_relu[double],
+          _bw_bn_train_relu[float], _bw_bn_train_relu[double])

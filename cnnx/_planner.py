@@ -2,11 +2,11 @@
 
 Each module describes itself: ``module.plan_op(shape, dtype)`` returns a dict (``kind``, named geometry, the
 parameters, the output shape; see Module.plan_op) or None, and then the whole Sequential runs layer by layer.
-:func:`lower` chains the descriptions over buffer ids (buffer 0 is the caller's input; a reshape keeps its
-buffer), lowers a Residual to its two branches and an ``add`` with two inputs, and fuses: FUSIONS is the one
-table of patterns, matched longest-first. The extension (cnnx/_plan.pxi) allocates the buffers and runs each
-op kind through its forward and backward entry points; a kind it has no entry for (a batch norm that follows no
-convolution) makes the whole Sequential run layer by layer.
+:func:`lower` chains the descriptions over buffer ids (buffer 0 is the caller's input; a reshape keeps its buffer),
+lowers a Residual to its two branches and an ``add`` with two inputs and a nested Sequential to its modules, and
+fuses: FUSIONS is the one table of patterns, matched longest-first. The extension (cnnx/_plan.pxi) allocates the
+buffers and runs each op kind through its forward and backward entry points; a kind it has no entry for (an
+eval-mode batch norm that follows no convolution) makes the whole Sequential run layer by layer.
 
 An op's backward writes its input's gradient, or adds to it when another op that reads the same buffer (a
 residual's input: the block and the shortcut) comes later in the forward order and so wrote it first.
@@ -22,6 +22,11 @@ FUSIONS = (
     (("conv", "relu"), "conv_relu"),                      # ReLU in place on the conv's output
     (("linear", "relu"), "linear_relu"),
     (("relu", "maxpool2x2"), "relu_pool"),                # the pool reads relu(x) on the fly
+    # Batch statistics (training): the convolution's output must be whole before its statistics exist, so the
+    # conv stays its own op and the ReLU joins the batch norm's normalising pass (and its mask the backward's sums)
+    (("batchnorm_train", "relu", "maxpool2x2"), "batchnorm_train_relu_pool"),   # the pool as relu_pool runs it
+    (("batchnorm_train", "relu"), "batchnorm_train_relu"),
+    (("add", "relu"), "add_relu"),                        # a residual block's last ReLU, in the add's pass
 )
 
 
@@ -48,8 +53,11 @@ class Op:
         self.conv = desc.get("conv")
         self.pool = desc.get("pool")
         self.linear = desc.get("linear")
+        self.planes = desc.get("planes")        # global_avgpool: NC planes of L values each
         self.params = list(desc.get("params", ()))
         self.bn = desc.get("bn")        # eval-mode batch norm: eps, mean, var (arrays), params [gamma, beta]
+        self.bn_train = desc.get("bn_train")    # batch statistics: eps, N, C, L, momentum, and mean, var, count
+        #                                         (the running statistics and num_batches_tracked: None, not kept)
         self.inplace = bool(desc.get("inplace", False))
         self.accumulate = [False] * len(self.inputs)   # set by lower(): add this input's gradient to its buffer's
 
@@ -123,10 +131,8 @@ class _Lowering:
             return buf, shape
         if kind == "reshape":
             return buf, tuple(desc["out"])
-        if kind == "sequence":
-            if depth == 0:      # a Sequential in the chain runs as one layer, through its own plan
-                raise _Fallback
-            return self.chain(desc["modules"], buf, shape, depth)
+        if kind == "sequence":      # a Sequential in the chain: its modules join it (as a Residual's branches do)
+            return self.chain(desc["modules"], buf, shape, depth + 1)
         if kind == "residual":
             a, shape_a = self.module(desc["block"], buf, shape, depth + 1)
             b, shape_b = (buf, shape) if desc["shortcut"] is None else \
@@ -166,8 +172,10 @@ def _merge(kind, group):
         op.conv = op.conv or part.conv
         op.pool = op.pool or part.pool
         op.linear = op.linear or part.linear
+        op.planes = op.planes or part.planes
         op.params = op.params or part.params
         op.bn = op.bn or part.bn
+        op.bn_train = op.bn_train or part.bn_train
     return op
 
 

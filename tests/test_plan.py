@@ -8,6 +8,7 @@ gradients of the layers before it: assert_same_step, assert_same_grads), and sta
 count. Anything the plan does not accept must fall back and behave exactly as before (results and error
 messages).
 """
+import contextlib
 import copy
 import pickle
 import threading
@@ -294,9 +295,8 @@ def test_unusual_inputs_fall_back_with_the_layers_errors():
 
 def test_unsupported_layers_run_layer_by_layer():
     for model in (models.LeNet5(variant="1998"),
-                  nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()),
+                  nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.ReLU()),       # (N, C) batch norm
                   nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)),           # training-mode dropout
-                  nn.Sequential(nn.Sequential(nn.Linear(3, 3)), nn.ReLU()),   # nested: the inner one plans
                   nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 2)),     # would overwrite the input
                   nn.Sequential(nn.MaxPool2d(2, return_indices=True))):
         shape = (2, 1, 32, 32) if isinstance(model, models.LeNet5) else \
@@ -305,13 +305,15 @@ def test_unsupported_layers_run_layer_by_layer():
         assert not used_plan(model), model
 
 
-def test_nested_sequential_plans_inside():
+def test_nested_sequentials_join_the_plan():
+    """A Sequential in the chain is lowered into the plan that holds it (as a Residual's branches are): one plan
+    for the whole model, the inner one's own never runs."""
     inner = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     outer = nn.Sequential(inner, nn.Linear(4, 2))
     twin = copy.deepcopy(outer)
     x = rand((5, 3))
     np.testing.assert_array_equal(outer(x), eager_forward(twin, x))
-    assert used_plan(inner) and not used_plan(outer)
+    assert used_plan(outer) and not used_plan(inner)
     dy = rand((5, 2), seed=3)
     np.testing.assert_array_equal(outer.backward(dy), eager_backward(twin, dy))
     for p, q in zip(outer.parameters(), twin.parameters()):
@@ -736,3 +738,210 @@ def test_batchnorm_not_after_a_convolution_runs_layer_by_layer():
         model.eval()
         model(rand((2, 1, 6, 6)))
         assert not used_plan(model)
+
+
+# ---------------------------------------------------------------- BatchNorm2d with batch statistics (training)
+
+@contextlib.contextmanager
+def without_plans():
+    """Every Sequential runs layer by layer, nested ones too (no compile_plan: Sequential._plan gives None)."""
+    from cnnx import _kernels
+    saved = _kernels.compile_plan
+    _kernels.compile_plan = None
+    try:
+        yield
+    finally:
+        _kernels.compile_plan = saved
+
+
+def _sequentials(model):
+    return [m for m in model.modules() if isinstance(m, nn.Sequential)]
+
+
+def assert_same_training(model, x, steps=2, input_grad=True, lr=0.05):
+    """steps training steps (forward, backward, an in-place SGD update) through the plans and through a deep copy
+    layer by layer: outputs, dx, every parameter gradient (accumulated over the steps: .grad None at the first
+    one, an array after) and every buffer (running statistics, num_batches_tracked) the same bits."""
+    twin = copy.deepcopy(model)
+    for step in range(steps):
+        y = model(x)
+        assert any(used_plan(m) for m in _sequentials(model)), "no plan ran"
+        with without_plans():
+            y_ref = twin(x)
+        np.testing.assert_array_equal(y, y_ref)
+        dy = rand(y.shape, y.dtype, seed=10 + step)
+        dx = model.backward(dy, input_grad=input_grad)
+        with without_plans():
+            dx_ref = twin.backward(dy, input_grad=input_grad)
+        if input_grad:
+            np.testing.assert_array_equal(dx, dx_ref)
+        else:
+            assert dx is None and dx_ref is None
+        for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+            np.testing.assert_array_equal(p.grad, q.grad, err_msg=f"step {step}: {name}.grad")
+        for (name, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            np.testing.assert_array_equal(a, b, err_msg=f"step {step}: {name}")
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.data -= p.data.dtype.type(lr) * p.grad
+            q.data -= q.data.dtype.type(lr) * q.grad
+    return twin
+
+
+TRAIN_BN_CHAINS = {
+    "conv-bn-relu chains": lambda dt: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, dtype=dt), nn.BatchNorm2d(4, dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False, dtype=dt), nn.BatchNorm2d(6, dtype=dt), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 3, dtype=dt)),
+    "bn without relu, momentum None": lambda dt: nn.Sequential(
+        nn.Conv2d(3, 4, 3, dtype=dt), nn.BatchNorm2d(4, momentum=None, dtype=dt), nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 2, dtype=dt)),
+    "bn first, bn after a relu": lambda dt: nn.Sequential(
+        nn.BatchNorm2d(3, momentum=0.3, dtype=dt), nn.Conv2d(3, 4, 3, stride=2, dtype=dt), nn.ReLU(),
+        nn.BatchNorm2d(4, eps=1e-3, dtype=dt), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2, dtype=dt)),
+    "affine=False, bias=False, untracked": lambda dt: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, dtype=dt), nn.BatchNorm2d(4, affine=False, dtype=dt), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=2, dtype=dt), nn.BatchNorm2d(4, bias=False, track_running_stats=False, dtype=dt),
+        nn.ReLU(), nn.Conv2d(4, 2, 1, dtype=dt), nn.BatchNorm2d(2, affine=False, track_running_stats=False,
+                                                                 momentum=None, dtype=dt),
+        nn.Flatten(), nn.Linear(2 * 6 * 6, 2, dtype=dt)),
+    "residual blocks, projection shortcut": lambda dt: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False, dtype=dt), nn.BatchNorm2d(4, dtype=dt), nn.ReLU(),
+        models._basic_block(4, 4, 1, dt)[0], nn.ReLU(), models._basic_block(4, 8, 2, dt)[0], nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 2, dtype=dt)),
+}
+TRAIN_BN_KINDS = {
+    "conv-bn-relu chains": ["conv", "batchnorm_train_relu_pool", "conv", "batchnorm_train_relu", "linear"],
+    "bn without relu, momentum None": ["conv", "batchnorm_train", "linear"],
+    "bn first, bn after a relu": ["batchnorm_train", "conv_relu", "batchnorm_train_relu", "linear"],
+    "affine=False, bias=False, untracked": ["conv", "batchnorm_train_relu", "conv", "batchnorm_train_relu", "conv",
+                                            "batchnorm_train", "linear"],
+    "residual blocks, projection shortcut": None,
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(TRAIN_BN_CHAINS))
+def test_batchnorm_training_matches_layer_by_layer(name, dtype, threads):
+    """Training-mode BatchNorm2d in the plan (batchnorm_train, with the next ReLU: batchnorm_train_relu) runs the
+    layer's kernels on the same values: the same bits as layer by layer, the running statistics and
+    num_batches_tracked included, on 1 and 2 threads."""
+    from cnnx import _planner
+    model = TRAIN_BN_CHAINS[name](dtype)
+    x = rand((3, 3, 8, 8), dtype, seed=2) * dtype(3) + dtype(1)
+    kinds = [op.kind for op in _planner.lower(model, x).ops]
+    if TRAIN_BN_KINDS[name] is not None:
+        assert kinds == TRAIN_BN_KINDS[name]
+    else:
+        assert kinds.count("batchnorm_train_relu") == 3 and kinds.count("batchnorm_train") == 3, kinds
+        assert kinds.count("add_relu") == 2 and "add" not in kinds, kinds
+    before = cnnx.get_num_threads()
+    try:
+        cnnx.set_num_threads(threads)
+        assert_same_training(model, x, steps=3, input_grad=name != "bn first, bn after a relu")
+    finally:
+        cnnx.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_training_first_layer_without_input_grad(dtype):
+    """A batch norm on the caller's input with input_grad=False: its kernel's dx goes to scratch, its parameter
+    gradients are the layer's."""
+    model = TRAIN_BN_CHAINS["bn first, bn after a relu"](dtype)
+    assert_same_training(model, rand((4, 3, 8, 8), dtype, seed=4), steps=2, input_grad=False)
+    model = TRAIN_BN_CHAINS["bn first, bn after a relu"](dtype)
+    assert_same_training(model, rand((4, 3, 8, 8), dtype, seed=4), steps=2, input_grad=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("make", [lambda dt: models.ResNet20(dtype=dt),
+                                  lambda dt: models.VGG("small", batch_norm=True, dtype=dt)],
+                         ids=["resnet20", "vgg-small-bn"])
+def test_batchnorm_training_models_match_layer_by_layer(make, dtype, threads):
+    cnnx.manual_seed(0)
+    model = make(dtype)
+    x = rand((3, 3, 32, 32), dtype, seed=6)
+    model(x)
+    assert used_plan(model)             # the whole model: one plan (nested Sequentials, the global average pool)
+    model.backward(np.zeros((3, 10), dtype))
+    model.zero_grad(set_to_none=True)
+    before = cnnx.get_num_threads()
+    try:
+        cnnx.set_num_threads(threads)
+        assert_same_training(model, x, steps=2)
+    finally:
+        cnnx.set_num_threads(before)
+
+
+def test_batchnorm_train_eval_train_replans():
+    """train() and eval() restamp the modules: each switch lowers the model again (batch statistics, then the
+    running ones folded into the convolutions, then batch statistics), and every step agrees with the layers."""
+    from cnnx import _planner
+    dt = np.float64
+    model = TRAIN_BN_CHAINS["conv-bn-relu chains"](dt)
+    x = rand((4, 3, 8, 8), dt, seed=3)
+    twin = assert_same_training(model, x, steps=2)
+    model.eval()
+    twin.eval()
+    assert "conv_bn_relu" in [op.kind for op in _planner.lower(model, x).ops]
+    y = model(x)
+    assert used_plan(model)
+    with without_plans():
+        y_ref = twin(x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-11, atol=1e-12)    # (the fold: to rounding)
+    counts = [m.num_batches_tracked.copy() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    model(x)
+    assert [int(c) for c in counts] == [2, 2]
+    assert all(np.array_equal(m.num_batches_tracked, c) for m, c in
+               zip([m for m in model.modules() if isinstance(m, nn.BatchNorm2d)], counts))   # eval: not counted
+    model.train()
+    twin.train()
+    assert "batchnorm_train_relu" in [op.kind for op in _planner.lower(model, x).ops]
+    twin2 = assert_same_training(model, x, steps=1)
+    # the model as the layers left it: eval outputs, state_dict and a layer-by-layer step afterwards
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, twin2.state_dict()[key], err_msg=key)
+    assert int(model[1].num_batches_tracked) == 3
+    with without_plans():
+        y = model(x)
+        model.backward(np.ones_like(y))
+    assert int(model[1].num_batches_tracked) == 4
+
+
+def test_batchnorm_training_running_statistics_in_place():
+    """The plan updates the layers' own running-statistics arrays (state_dict and eval see them); a buffer the
+    kernels cannot update in place (here a float64 running_var in a float32 layer, replaced: a new plan) runs
+    layer by layer, which converts it as before."""
+    model = TRAIN_BN_CHAINS["bn without relu, momentum None"](np.float32)
+    x = rand((2, 3, 8, 8), seed=5)
+    bn = model[1]
+    mean, var = bn.running_mean, bn.running_var
+    model(x)
+    assert used_plan(model)
+    assert bn.running_mean is mean and bn.running_var is var and not np.all(mean == 0)
+    assert int(bn.num_batches_tracked) == 1
+    bn.running_var = np.ones(4, np.float64)
+    twin = copy.deepcopy(model)
+    model(x)
+    assert not used_plan(model)
+    with without_plans():
+        twin(x)
+    np.testing.assert_array_equal(bn.running_var, twin[1].running_var)
+    assert int(bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_untracked_batchnorm_in_eval_uses_batch_statistics(dtype):
+    """Without running statistics a batch norm normalises with the batch's in eval too: batchnorm_train with
+    nothing to update, the same bits as the layers."""
+    from cnnx import _planner
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, dtype=dtype), nn.BatchNorm2d(4, track_running_stats=False,
+                                                                                    dtype=dtype),
+                          nn.ReLU(), nn.BatchNorm2d(4, affine=False, track_running_stats=False, dtype=dtype),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 2, dtype=dtype)).eval()
+    x = rand((3, 3, 8, 8), dtype, seed=8)
+    assert [op.kind for op in _planner.lower(model, x).ops] == ["conv", "batchnorm_train_relu", "batchnorm_train",
+                                                                "linear"]
+    assert_same_training(model, x, steps=2)

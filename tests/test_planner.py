@@ -61,6 +61,13 @@ def _bn(op, z):
     return y if beta is None else y + beta.reshape(1, -1, 1, 1)
 
 
+def _bn_batch(op, x, relu=False):
+    """Batch-statistics batch norm (its running statistics left alone here)."""
+    bt = op.bn_train
+    w, b = (p[0].data if p is not None else None for p in (op.params + [None, None])[:2])
+    return ref.batchnorm_forward(x.reshape(bt["N"], bt["C"], -1, 1), w, b, None, None, 0.0, bt["eps"], relu)[0]
+
+
 STEPS = {
     "conv": lambda op, x: _conv(op, x, op.params),
     "conv_relu": lambda op, x: _relu(_conv(op, x, op.params)),
@@ -72,6 +79,10 @@ STEPS = {
     "maxpool": _pool,
     "relu": lambda op, x: _relu(x),
     "relu_pool": lambda op, x: _pool(op, _relu(x)),
+    "global_avgpool": lambda op, x: ref.global_avgpool2d_forward(x),
+    "batchnorm_train": _bn_batch,
+    "batchnorm_train_relu": lambda op, x: _bn_batch(op, x, relu=True),
+    "batchnorm_train_relu_pool": lambda op, x: _pool(op, _bn_batch(op, x, relu=True)),
 }
 
 
@@ -79,9 +90,9 @@ def run_graph(graph, x):
     """The graph's forward, op by op, each fused kind as the layers it replaces (numpy reference kernels)."""
     values = {0: x}
     for op in graph.ops:
-        if op.kind == "add":
+        if op.kind in ("add", "add_relu"):
             a, b = (values[i].reshape(-1) for i in op.inputs)
-            y = a + b
+            y = a + b if op.kind == "add" else _relu(a + b)
         else:
             y = STEPS[op.kind](op, values[op.inputs[0]])
         values[op.output] = y.reshape(graph.shapes[op.output])
@@ -104,6 +115,11 @@ MODELS = {
     "batch norms": (lambda: _statistics(nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
         nn.BatchNorm2d(4, affine=False), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))), (2, 2, 6, 6)),
+    "untracked batch norms": (lambda: nn.Sequential(       # batch statistics in eval too
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False,
+                                                                                track_running_stats=False))),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), (2, 2, 6, 6)),
 }
 
 
@@ -142,6 +158,36 @@ def test_fusions_match_longest_first():
     assert kinds(ceil, (1, 1, 5, 5)) == ["conv_relu_pool"]      # (4x4 conv output: no partial window)
     # eval-mode batch norm after a convolution: folded into it
     assert kinds(MODELS["batch norms"][0]().eval(), (2, 2, 6, 6)) == ["conv_bn_relu", "conv_bn", "linear"]
+    # batch statistics (training): the convolution stays whole, the ReLU joins the batch norm; a residual's add
+    # takes the ReLU after it
+    assert kinds(MODELS["batch norms"][0]().train(), (2, 2, 6, 6)) == \
+        ["conv", "batchnorm_train_relu", "conv", "batchnorm_train", "linear"]
+    assert kinds(MODELS["untracked batch norms"][0]().eval(), (2, 2, 6, 6)) == \
+        ["conv", "batchnorm_train_relu", "conv", "batchnorm_train", "add_relu", "linear"]
+    # (and the 2x2 max pool after them as relu_pool runs it)
+    assert kinds(models.VGG("small", batch_norm=True), (2, 3, 32, 32)) == \
+        ["conv", "batchnorm_train_relu", "conv", "batchnorm_train_relu_pool"] * 2 + ["linear"]
+
+
+def test_nested_sequentials_are_lowered_into_the_chain():
+    """A Sequential in the chain adds its modules to it: fusions cross its edges; an empty one is the identity.
+    The CIFAR models lower whole; their graphs compute the layers' training forward."""
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(), nn.Sequential(nn.ReLU(), nn.Flatten()),
+                          nn.Linear(2 * 4 * 4, 3))
+    assert kinds(model, (2, 1, 6, 6)) == ["conv_relu", "linear"]
+    resnet, x = models.ResNet20(), rand((2, 3, 32, 32))
+    graph = _planner.lower(resnet, x)
+    assert [op.kind for op in graph.ops][-2:] == ["global_avgpool", "linear"]
+    assert [op.kind for op in graph.ops].count("add_relu") == 9 and graph.out_shape == (2, 10)
+    with cnnx.backend("numpy"):
+        expected = resnet(x)            # (training mode: batch statistics)
+    np.testing.assert_allclose(run_graph(graph, x), expected, rtol=1e-5, atol=1e-5)
+    vgg = models.VGG("small", batch_norm=True)
+    graph = _planner.lower(vgg, x)
+    assert "batchnorm_train_relu_pool" in [op.kind for op in graph.ops]
+    with cnnx.backend("numpy"):
+        expected = vgg(x)
+    np.testing.assert_allclose(run_graph(graph, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_fusion_is_a_table_entry():
@@ -171,10 +217,10 @@ def test_residual_lowers_to_branches_and_a_two_input_add():
     block = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
     model = nn.Sequential(nn.Residual(block, nn.Conv2d(3, 4, 1, stride=2)), nn.ReLU())
     graph = _planner.lower(model, np.zeros((2, 3, 8, 8), np.float32))
-    assert [op.kind for op in graph.ops] == ["conv_relu", "conv", "conv", "add", "relu"]
-    c1, c2, short, add, relu = graph.ops
+    assert [op.kind for op in graph.ops] == ["conv_relu", "conv", "conv", "add_relu"]
+    c1, c2, short, add = graph.ops
     assert c1.inputs == [0] and short.inputs == [0] and c2.inputs == [c1.output]
-    assert add.inputs == [c2.output, short.output] and relu.inputs == [add.output]
+    assert add.inputs == [c2.output, short.output] and graph.output == add.output
     assert short.accumulate == [False] and c1.accumulate == [True]     # x's gradient: shortcut's, then + block's
     assert graph.shapes[add.output] == (2, 4, 4, 4)
     identity = _planner.lower(nn.Sequential(nn.Residual(nn.Identity())), np.zeros((2, 3), np.float32))
@@ -193,7 +239,6 @@ def test_what_runs_layer_by_layer():
     for model in (nn.Sequential(nn.Conv2d(1, 1, 3), Doubled()),          # a subclass changing forward
                   nn.Sequential(nn.Conv2d(1, 1, 3), patched),            # an instance's own forward
                   nn.Sequential(nn.Conv2d(1, 1, 3), nn.Tanh()),          # no plan_op
-                  nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 3))),      # nested: plans on its own
                   nn.Sequential(nn.Residual(nn.Conv2d(1, 2, 3))),        # branches of different shapes
                   nn.Sequential(nn.Conv2d(1, 1, 3), nn.Residual(nn.ReLU(inplace=True))),   # in place on x's reader
                   nn.Sequential(nn.Conv2d(1, 1, 7)),                     # kernel larger than the input
@@ -215,5 +260,5 @@ def test_the_extension_does_not_import_cnnx_nn():
 def test_every_fused_kind_has_an_entry_point(kernels):
     """What FUSIONS can produce, and every layer kind that runs on its own, the executor can run."""
     fused = {kind for _, kind in _planner.FUSIONS}
-    assert fused | {"conv", "linear", "maxpool", "relu", "add"} <= set(kernels._KINDS)
+    assert fused | {"conv", "linear", "maxpool", "relu", "add", "batchnorm_train"} <= set(kernels._KINDS)
     assert "batchnorm" not in kernels._KINDS        # (only folded into a convolution)

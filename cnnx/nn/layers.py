@@ -532,6 +532,18 @@ class AdaptiveAvgPool2d(_AdaptivePool2d):
         self._cache_x_shape = None
         return dx
 
+    def plan_op(self, shape, dtype):
+        """Global average pooling of (N, C, H, W) (an output size that is 1 x 1 there): "global_avgpool", the
+        same kernels over the N*C planes."""
+        if len(shape) != 4 or shape[2] < 1 or shape[3] < 1:
+            return None
+        oh = shape[2] if self._size[0] is None else self._size[0]
+        ow = shape[3] if self._size[1] is None else self._size[1]
+        if (oh, ow) != (1, 1):
+            return None
+        return {"kind": "global_avgpool", "planes": {"NC": shape[0] * shape[1], "L": shape[2] * shape[3]},
+                "out": (shape[0], shape[1], 1, 1)}
+
 
 class AdaptiveMaxPool2d(_AdaptivePool2d):
     """Max pooling to a fixed output size, as ``torch.nn.AdaptiveMaxPool2d``; output_size=1 is global max
@@ -1135,13 +1147,27 @@ class _BatchNorm(Module):
 
     def plan_op(self, shape, dtype):
         """Eval mode with running statistics: an affine map per channel (a plan folds it into the convolution
-        before it, see cnnx/_planner.py), the statistics read at each call."""
-        if self.training or not self.track_running_stats or len(shape) != 4 or 4 not in self._ndims:
+        before it, see cnnx/_planner.py), the statistics read at each call. Batch statistics (training, or eval
+        without running statistics): "batchnorm_train", the forward's kernels with the running statistics and
+        num_batches_tracked updated in place as forward does (none of them when not tracked or in eval)."""
+        if len(shape) != 4 or 4 not in self._ndims:
             return None
         if self.dtype != dtype or shape[1] != self.num_features or (self.affine and self.weight is None):
             return None
         c = (self.num_features,)
         params = [(p, c) if p is not None else None for p in (self.weight, self.bias)]
+        if self.training or not self.track_running_stats:
+            n, length = shape[0], shape[2] * shape[3]
+            if n * length <= 1:
+                return None     # (forward raises in training; an empty batch: the layer's own path)
+            update = self.training and self.track_running_stats
+            if update and any(getattr(self, name) is None for name in ("running_mean", "running_var",
+                                                                       "num_batches_tracked")):
+                return None
+            bn = {"eps": self.eps, "N": n, "C": self.num_features, "L": length, "momentum": self.momentum,
+                  "mean": self.running_mean if update else None, "var": self.running_var if update else None,
+                  "count": self.num_batches_tracked if update else None}
+            return {"kind": "batchnorm_train", "bn_train": bn, "params": params, "out": tuple(shape)}
         bn = {"eps": self.eps, "mean": self.running_mean, "var": self.running_var, "params": params}
         return {"kind": "batchnorm", "bn": bn, "out": tuple(shape)}
 

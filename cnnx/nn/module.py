@@ -263,12 +263,14 @@ class Module:
         """How a Sequential's compiled plan (cnnx/_planner.py) runs this module on an input of `shape` and
         `dtype`, or None (the default): the Sequential then runs layer by layer, which raises the usual errors.
 
-        A dict: "kind" ("conv", "linear", "maxpool", "relu", "batchnorm"; "reshape" and "identity", which move
-        no data; "sequence" and "residual" for containers), "out" (the output shape), and what the kind needs:
-        "conv" / "pool" (the geometry, named as csrc/cnnx.h's cnnx_conv2d_geom / cnnx_pool2d_geom), "linear"
-        (rows, in_features, out_features), "params" ([(weight Parameter, its expected shape), (bias, shape) or
-        None]), "inplace" (relu), "bn" (eps, running mean and variance, params). It is used only when the class
-        that defines it also defines forward and backward.
+        A dict: "kind" ("conv", "linear", "maxpool", "relu", "batchnorm", "batchnorm_train", "global_avgpool";
+        "reshape" and "identity", which move no data; "sequence" and "residual" for containers), "out" (the
+        output shape), and what the kind needs: "conv" / "pool" (the geometry, named as csrc/cnnx.h's
+        cnnx_conv2d_geom / cnnx_pool2d_geom), "linear" (rows, in_features, out_features), "params" ([(weight
+        Parameter, its expected shape), (bias, shape) or None]), "inplace" (relu), "bn" (eps, running mean and
+        variance, params), "bn_train" (eps, N, C, L, momentum, and the running mean, variance and
+        num_batches_tracked arrays it updates, or None), "planes" (NC, L). It is used only when the class that
+        defines it also defines forward and backward.
         """
         return None
 
@@ -656,10 +658,10 @@ class Sequential(Module):
             raise TypeError(f"Sequential indices must be int or slice, got {type(index).__name__}") from None
 
     # A chain of modules that describe themselves (Module.plan_op: Conv2d, ReLU, MaxPool2d, Flatten, Linear,
-    # Identity, eval-mode Dropout, Residual) runs as one compiled plan per input shape (cnnx/_planner.py lowers
-    # it, cnnx/_plan.pxi runs it): the same kernels on the same values, without the per-layer Python work that
-    # dominates small batches. The layers inside then keep no forward state of their own: backward goes through
-    # the Sequential. Anything else runs layer by layer.
+    # Identity, eval-mode Dropout, BatchNorm2d, AdaptiveAvgPool2d(1), Residual, Sequential) runs as one compiled
+    # plan per input shape (cnnx/_planner.py lowers it, cnnx/_plan.pxi runs it): the same kernels on the same
+    # values, without the per-layer Python work that dominates small batches. The layers inside then keep no
+    # forward state of their own: backward goes through the Sequential. Anything else runs layer by layer.
     def _plan(self, x):
         if type(x) is not np.ndarray:
             return None
@@ -686,8 +688,8 @@ class Sequential(Module):
         return plan
 
     def plan_op(self, shape, dtype):
-        # A Sequential inside another plan's chain runs as one layer, through its own plan; a Residual's block
-        # or shortcut that is a Sequential is lowered into the plan that holds it.
+        # A Sequential inside another plan's chain (or a Residual's block or shortcut that is a Sequential) is
+        # lowered into the plan that holds it.
         return {"kind": "sequence", "modules": list(self._modules.values())}
 
     def forward(self, x):
