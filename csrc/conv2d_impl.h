@@ -82,6 +82,9 @@ static void GLUE(im2col, SUF)(REAL *restrict col, const REAL *restrict x, int64_
                     for (; o < lo; o++) d[o] = 0;
                     if (SW == 1)
                         for (; o < hi; o++) d[o] = src[o];
+                    else if (SW == 2) /* (a constant stride the compiler vectorises: one store per element, with
+                                       * a load from x before each, stalled wherever the two were 4 KiB apart) */
+                        for (; o < hi; o++) d[o] = src[2 * o];
                     else
                         for (; o < hi; o++) d[o] = src[o * SW];
                     for (; o < OW; o++) d[o] = 0;
