@@ -1,42 +1,13 @@
 """ResNet-20 and VGG (cnnx.models) against PyTorch twins built the same way: the same state_dict keys and
 shapes, the same outputs, and, after one training step (batch-statistics BatchNorm, cross-entropy), the same
 gradient for every parameter; and a save/load round trip."""
-import collections
-
 import numpy as np
 import pytest
 
 import cnnx
 from cnnx import models, nn
 
-
-def _torch_twin(torch, model):
-    """The same architecture in torch.nn, module for module (names included), from cnnx's description."""
-    tn = torch.nn
-
-    class Residual(tn.Module):
-        def __init__(self, block, shortcut):
-            super().__init__()
-            self.block, self.shortcut = block, shortcut
-
-        def forward(self, x):
-            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
-
-    def twin(m):
-        if isinstance(m, nn.Sequential):
-            return tn.Sequential(collections.OrderedDict((k, twin(v)) for k, v in m._modules.items()))
-        if isinstance(m, nn.Residual):
-            return Residual(twin(m.block), None if m.shortcut is None else twin(m.shortcut))
-        if isinstance(m, nn.Conv2d):
-            return tn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                             bias=m.bias is not None)
-        if isinstance(m, nn.BatchNorm2d):
-            return tn.BatchNorm2d(m.num_features)
-        if isinstance(m, nn.Linear):
-            return tn.Linear(m.in_features, m.out_features)
-        return {nn.ReLU: tn.ReLU, nn.MaxPool2d: lambda: tn.MaxPool2d(2), nn.Flatten: tn.Flatten,
-                nn.AdaptiveAvgPool2d: lambda: tn.AdaptiveAvgPool2d(1)}[type(m)]()
-    return twin(model)
+from test_interop import torch_twin  # the same architecture in torch.nn, module for module
 
 
 MODELS = {"resnet20": lambda dt: models.ResNet20(dtype=dt),
@@ -73,7 +44,7 @@ def test_one_training_step_matches_pytorch(name, dt):
     torch.manual_seed(0)
     cnnx.manual_seed(0)
     model = MODELS[name](dt)
-    tmodel = _torch_twin(torch, model).to(torch.float64 if dt == np.float64 else torch.float32)
+    tmodel = torch_twin(torch, model).to(torch.float64 if dt == np.float64 else torch.float32)
     assert list(model.state_dict()) == list(tmodel.state_dict())
     model.load_state_dict(tmodel.state_dict())
     rng = np.random.default_rng(2)

@@ -60,6 +60,17 @@ def torch_twin(torch, module):
     if isinstance(module, nn.Sequential):
         return tnn.Sequential(collections.OrderedDict((name, torch_twin(torch, child))
                                                       for name, child in module.named_children()))
+    if isinstance(module, nn.Residual):
+
+        class Residual(tnn.Module):         # y = block(x) + shortcut(x), as nn.Residual (same child names)
+            def __init__(self, block, shortcut):
+                super().__init__()
+                self.block, self.shortcut = block, shortcut
+
+            def forward(self, x):
+                return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+        return Residual(torch_twin(torch, module.block),
+                        None if module.shortcut is None else torch_twin(torch, module.shortcut))
     t = type(module).__name__
     if t == "Conv2d":
         return tnn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
