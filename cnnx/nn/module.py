@@ -489,8 +489,8 @@ class Module:
             elif not _same_kind(value.dtype, target.dtype):
                 errors.append(f"dtype error for {key}: expected a {_kind_name(target.dtype)} array (the model "
                               f"holds {target.dtype}), got dtype {value.dtype}.")
-            elif _overflow_count(value, target.dtype):
-                errors.append(f"value error for {key}: {_overflow_count(value, target.dtype)} finite value(s) "
+            elif (over := _overflow_count(value, target.dtype)):
+                errors.append(f"value error for {key}: {over} finite value(s) "
                               f"of the {value.dtype} array, up to {float(np.nanmax(np.abs(value))):.4g} in "
                               f"magnitude, exceed the model's {target.dtype} (largest "
                               f"{float(np.finfo(target.dtype).max):.4g}): they would load as inf.")
