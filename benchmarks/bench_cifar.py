@@ -140,23 +140,21 @@ def conv_layer_table(name, model, n, torch, args):
         fns = {"fwd": lambda: K.conv2d_forward(x, w, None, *geo),
                "bwd-input": lambda: K.conv2d_backward_input(dy, w, x.shape, *geo),
                "bwd-weight": lambda: K.conv2d_backward_weight(dy, x, w.shape, *geo, False)}
-        if torch is not None:
+        fns_t = {}                                    # torch's twins (none for asymmetric padding)
+        tpad = (pad[0], pad[2]) if pad[0] == pad[1] and pad[2] == pad[3] else None
+        if torch is not None and tpad is not None:
             xt, wt, dyt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
-            tpad = (pad[0], pad[2]) if pad[0] == pad[1] and pad[2] == pad[3] else None
-            if tpad is None:
-                torch = None                          # (asymmetric padding: no aten twin)
-            else:
-                aten = torch.ops.aten
-                conv = lambda: aten.convolution(xt, wt, None, stride, tpad, dil, False, (0, 0), m.groups)
-                back = lambda mask: aten.convolution_backward(dyt, xt, wt, None, stride, tpad, dil, False, (0, 0),
-                                                              m.groups, mask)
-                fns_t = {"fwd": conv, "bwd-input": lambda: back([True, False, False]),
-                         "bwd-weight": lambda: back([False, True, False])}
+            aten = torch.ops.aten
+            conv = lambda: aten.convolution(xt, wt, None, stride, tpad, dil, False, (0, 0), m.groups)
+            back = lambda mask: aten.convolution_backward(dyt, xt, wt, None, stride, tpad, dil, False, (0, 0),
+                                                          m.groups, mask)
+            fns_t = {"fwd": conv, "bwd-input": lambda: back([True, False, False]),
+                     "bwd-weight": lambda: back([False, True, False])}
         macs = conv_macs(m, in_shape) * n
         cells = []
         for what, fn in fns.items():
             todo = {"c": fn}
-            if torch is not None:
+            if what in fns_t:
                 todo["torch"] = fns_t[what]
             stats = C.measure(todo, args.repeat, args.target)
             c_t = stats["c"].median
