@@ -167,16 +167,34 @@ static int64_t max2x2_relu_back_row_avx2(float *d0, float *d1, const float *dy, 
             return n;
     }
 }
+/* max2x2_plane's work (pool2d_impl.h) on one float plane with OW >= 4: every row through max2x2_row_avx2,
+ * inlined into this one AVX2 function. Called row by row from the generic code, each call (the spills, the
+ * constants set up again) cost about as much as the row itself on LeNet-5's planes, 14 and 5 windows wide:
+ * the fused Conv-ReLU-pool forward of its batch-64 step took ~2% less once the rows were in one function. */
+__attribute__((target("avx2,fma"), flatten))
+static void max2x2_plane_avx2(float *yp, int64_t *ip, uint8_t *cp, const float *xp, int64_t W, int64_t OH,
+                              int64_t OW, int relu)
+{
+    for (int64_t oh = 0; oh < OH; oh++)
+        max2x2_row_avx2(yp + oh * OW, ip ? ip + oh * OW : NULL, ip ? NULL : cp + oh * OW, xp + 2 * oh * W,
+                        xp + (2 * oh + 1) * W, OW, 2 * oh * W, W, relu);
+}
 #undef MAX2X2_WINNER
 #undef MAX2X2_OFFSET
+#define MAX2X2_PLANE_FAST_f32(yp, ip, cp, xp, W, OH, OW, relu)                                          \
+    (CNNX_USE_AVX2 && (OW) >= 4 && (W) < ((int64_t)1 << 30)                                               \
+         ? (max2x2_plane_avx2(yp, ip, cp, xp, W, OH, OW, relu), 1)                                         \
+         : 0)
 #define MAX2X2_ROW_FAST_f32(yr, ir, cr, r0, r1, n, base, W, relu)                                        \
     (CNNX_USE_AVX2 && (n) >= 4 && (W) < ((int64_t)1 << 30) ? max2x2_row_avx2(yr, ir, cr, r0, r1, n, base, W, relu) \
                                                            : 0)
 #define MAX2X2_BACK_ROW_FAST_f32(d0, d1, dy, y, cr, n) (CNNX_USE_AVX2 ? max2x2_relu_back_row_avx2(d0, d1, dy, y, cr, n) : 0)
 #else
 #define MAX2X2_ROW_FAST_f32(yr, ir, cr, r0, r1, n, base, W, relu) 0
+#define MAX2X2_PLANE_FAST_f32(yp, ip, cp, xp, W, OH, OW, relu) 0
 #define MAX2X2_BACK_ROW_FAST_f32(d0, d1, dy, y, cr, n) 0
 #endif
+#define MAX2X2_PLANE_FAST_f64(yp, ip, cp, xp, W, OH, OW, relu) 0
 #define MAX2X2_ROW_FAST_f64(yr, ir, cr, r0, r1, n, base, W, relu) 0
 #define MAX2X2_BACK_ROW_FAST_f64(d0, d1, dy, y, cr, n) 0
 

@@ -60,6 +60,7 @@ static inline REAL GLUE(select, SUF)(int t, REAL x, REAL y)
 static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, uint8_t *restrict cp,
                                     const REAL *restrict xp, int64_t W, int64_t OH, int64_t OW, int relu)
 {
+    if (GLUE(MAX2X2_PLANE_FAST, SUF)(yp, ip, cp, xp, W, OH, OW, relu)) return;
     for (int64_t oh = 0; oh < OH; oh++) {
         const REAL *restrict r0 = xp + 2 * oh * W, *restrict r1 = r0 + W;
         REAL *restrict yr = yp + oh * OW;
