@@ -47,20 +47,32 @@ int cnnx_threads(void);
  * the team's size and this thread's place in it are cnnx_team_size() and cnnx_team_rank().
  */
 #ifdef _OPENMP
+extern volatile double cnnx_team_end;
 #define CNNX_PARALLEL(worth_it, ...)                                                     \
     do {                                                                                 \
         if ((worth_it) && cnnx_threads() > 1) {                                          \
             _Pragma("omp parallel num_threads(cnnx_threads())") __VA_ARGS__              \
+            cnnx_team_end = omp_get_wtime();                                             \
         } else {                                                                         \
             __VA_ARGS__                                                                  \
         }                                                                                \
     } while (0)
 static inline int64_t cnnx_team_size(void) { return omp_get_num_threads(); }
 static inline int64_t cnnx_team_rank(void) { return omp_get_thread_num(); }
+/* Whether the worker threads are likely still awake: a parallel region ended less than 100 us ago. After a
+ * region, the OpenMP runtime keeps its workers spinning for a while (libgomp: GOMP_SPINCOUNT, ~0.3 ms by
+ * default; LLVM's: KMP_BLOCKTIME, 200 ms), and then puts them to sleep, from which a wake-up costs tens of
+ * microseconds on a VM. A small elementwise kernel can then share its work when the threads are awake (the
+ * optimizer step right after a batch's backward) and keep it on one thread when they are not (a batch-1 step,
+ * whose kernels are all serial). cnnx_team_end is written by whichever thread ran the region last; with
+ * several callers at once a stale time only changes this guess (an aligned double is stored whole on every
+ * platform cnnx targets), and results never depend on it. */
+static inline int cnnx_team_awake(void) { return omp_get_wtime() - cnnx_team_end < 100e-6; }
 #else
 #define CNNX_PARALLEL(worth_it, ...) do { __VA_ARGS__ } while (0)
 static inline int64_t cnnx_team_size(void) { return 1; }
 static inline int64_t cnnx_team_rank(void) { return 0; }
+static inline int cnnx_team_awake(void) { return 0; }
 #endif
 #define CNNX_OMP_FOR _Pragma("omp for schedule(static)")
 #define CNNX_OMP_FOR_NOWAIT _Pragma("omp for schedule(static) nowait")

@@ -6,6 +6,9 @@
 
 int cnnx_avx2_active = 0;
 int cnnx_flush_denormal = 1;
+#ifdef _OPENMP
+volatile double cnnx_team_end = -1e300; /* when the last parallel region ended (omp_get_wtime; cnnx_team_awake) */
+#endif
 static int cnnx_portable_forced = 0;
 static int cnnx_nthreads = 0; /* 0: not yet set, use the OpenMP default (OMP_NUM_THREADS or all cores) */
 

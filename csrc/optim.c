@@ -83,8 +83,13 @@ CNNX_OPTIM_DISPATCH(double, f64)
 /* Elements in the group below which one thread updates it all. A group of LeNet-5's 61,706 parameters takes
  * ~5 us on one thread; on two, the second thread is often asleep by the next step's update (a batch-1 step
  * lasts ~80 us), and waking it cost more than the update itself (a batch-1 step measured 145 us on two threads
- * against 82 us on one with the old limit, 32,768). */
+ * against 82 us on one with the old limit, 32,768). From GROUP_AWAKE_MIN the update is shared when the threads
+ * are still awake from the backward just before (cnnx_team_awake): at batch 64 the one-thread update read the
+ * half of the gradients the other thread had just written from that thread's cache, 36-39 us on two threads
+ * against 22 us shared (LeNet-5; 20 us on one thread). */
 #define GROUP_PARALLEL_MIN 262144
+#define GROUP_AWAKE_MIN 32768
+#define GROUP_SHARED(total) ((total) >= GROUP_PARALLEL_MIN || ((total) >= GROUP_AWAKE_MIN && cnnx_team_awake()))
 
 static int64_t group_total(const int64_t *size, int64_t n, int stride)
 {
@@ -107,7 +112,7 @@ int cnnx_sgd_group(void *const *ptr, const int64_t *size, const int *f32, int64_
     const int64_t total = group_total(size, n, stride);
     (void)total;
     const cnnx_fpenv fp = cnnx_fp_caller();
-    CNNX_PARALLEL(total >= GROUP_PARALLEL_MIN, {
+    CNNX_PARALLEL(GROUP_SHARED(total), {
         cnnx_fp_worker_enter();
         for (int64_t i = 0; i < n; i += stride) {
             int64_t lo, hi;
@@ -132,7 +137,7 @@ int cnnx_adam_group(void *const *ptr, const int64_t *size, const int *f32, int64
     const int64_t total = group_total(size, n, stride);
     (void)total;
     const cnnx_fpenv fp = cnnx_fp_caller();
-    CNNX_PARALLEL(total >= GROUP_PARALLEL_MIN, {
+    CNNX_PARALLEL(GROUP_SHARED(total), {
         cnnx_fp_worker_enter();
         for (int64_t i = 0; i < n; i += stride) {
             int64_t lo, hi;
@@ -153,3 +158,5 @@ int cnnx_adam_group(void *const *ptr, const int64_t *size, const int *f32, int64
     return CNNX_OK;
 }
 #undef GROUP_PARALLEL_MIN
+#undef GROUP_AWAKE_MIN
+#undef GROUP_SHARED

@@ -155,6 +155,43 @@ def test_group_step_matches_per_parameter_path_bit_for_bit(case, threads, monkey
     assert _model_params(0)[5].data.tolist() == fast[5].data.tolist()           # frozen: unchanged
 
 
+@pytest.mark.parametrize("name, kwargs", [("SGD", dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+                                          ("Adam", dict(lr=1e-2, amsgrad=True))])
+def test_group_step_right_after_a_threaded_kernel_matches_bit_for_bit(name, kwargs, monkeypatch):
+    """A group of 48,906 elements, between csrc/optim.c's GROUP_AWAKE_MIN and GROUP_PARALLEL_MIN, is shared among
+    the threads only while they are still awake from a parallel region that ended just before (cnnx_team_awake),
+    as after a batch's backward: each step here follows a threaded convolution, on 2 threads, and gives the
+    per-parameter path's bits."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 16, 32, 32)).astype(np.float32)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+
+    def run(group_kernels):
+        params = [cnnx.nn.Parameter(np.random.default_rng(i).standard_normal(s).astype(np.float32))
+                  for i, s in enumerate([(120, 400), (120,), (16, 6, 5, 5), (16,), (6, 1, 5, 5)])]
+        assert 32768 < sum(p.data.size for p in params) < 262144
+        opt = getattr(cnnx.optim, name)(params, **kwargs)
+        grads = np.random.default_rng(9)
+        with monkeypatch.context() as m:
+            if not group_kernels:
+                m.setattr(optim_module, "_group_kernels", lambda: None)
+            for step in range(3):
+                for p in params:
+                    p.grad = grads.standard_normal(p.data.shape).astype(np.float32)
+                cnnx.functional.conv2d(x, w, padding=1)         # threads busy, then spinning
+                opt.step()
+        return params
+
+    before = cnnx.get_num_threads()
+    cnnx.set_num_threads(2)
+    try:
+        fast = run(True)
+    finally:
+        cnnx.set_num_threads(before)
+    for a, b in zip(fast, run(False)):
+        assert np.array_equal(a.data, b.data)
+
+
 def test_group_steps_refuse_what_they_cannot_take_without_changing_anything():
     params = _model_params(2)
     rng = np.random.default_rng(3)
