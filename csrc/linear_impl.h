@@ -6,6 +6,11 @@
 #define GLUE_(a, b) a##_##b
 #define GLUE(a, b) GLUE_(a, b)
 #define ALLOC(n) ((REAL *)malloc(sizeof(REAL) * (size_t)((n) > 0 ? (n) : 1)))
+/* Columns of dx and dw per task in the backward kernels: two of the GEMM's 16-wide tiles. LeNet-5's first
+ * layer (IN = 400) in 64-wide panels made 7 tasks, 4 on one thread and 3 on the other (256 columns against 144);
+ * in 32-wide ones 13 (224 against 176): its batch-64 backward took 79-81 us on two threads instead of 89, the
+ * same 122 us on one. A fixed width, so the result does not depend on the thread count. */
+#define PANEL 32
 
 /*
  * linear_forward: x (N, IN), w (OUT, IN), b (OUT,) or NULL  ->  y (N, OUT), overwritten.
@@ -48,7 +53,7 @@ int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
     REAL *apack = ALLOC(cnnx_gemm_apack_size(N, OUT));
     if (!apack) return CNNX_ENOMEM;
     GLUE(cnnx_gemm_pack_a, SUF)(path, apack, dy, OUT, 1, N, OUT);
-    const int64_t panels = (IN + 63) / 64;
+    const int64_t panels = (IN + PANEL - 1) / PANEL;
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
     CNNX_PARALLEL(N * IN * OUT >= PARALLEL_MIN_MACS, {
@@ -61,7 +66,7 @@ int GLUE(linear_backward_input, SUF)(REAL *dx, const REAL *dy, const REAL *w, in
         CNNX_OMP_FOR
         for (int64_t p = 0; p < panels; p++) {
             if (!bpad) continue;
-            const int64_t j0 = p * 64, cols = IN - j0 < 64 ? IN - j0 : 64;
+            const int64_t j0 = p * PANEL, cols = IN - j0 < PANEL ? IN - j0 : PANEL;
             GLUE(cnnx_gemm, SUF)(path, dx + j0, IN, NULL, apack, w + j0, NULL, IN, NULL, N, cols, OUT, 0, 0, 0, bpad);
         }
         free(bpad);
@@ -84,7 +89,7 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     REAL *apack = ALLOC(cnnx_gemm_apack_size(OUT, N));
     if (!apack) return CNNX_ENOMEM;
     GLUE(cnnx_gemm_pack_a, SUF)(path, apack, dy, 1, OUT, OUT, N); /* dy^T: element (o, n) at dy[n*OUT + o] */
-    const int64_t panels = (IN + 63) / 64;
+    const int64_t panels = (IN + PANEL - 1) / PANEL;
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
     CNNX_PARALLEL(N * IN * OUT >= PARALLEL_MIN_MACS, {
@@ -97,7 +102,7 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         CNNX_OMP_FOR_NOWAIT
         for (int64_t p = 0; p < panels; p++) {
             if (!bpad) continue;
-            const int64_t j0 = p * 64, cols = IN - j0 < 64 ? IN - j0 : 64;
+            const int64_t j0 = p * PANEL, cols = IN - j0 < PANEL ? IN - j0 : PANEL;
             GLUE(cnnx_gemm, SUF)(path, dw + j0, IN, NULL, apack, x + j0, NULL, IN, NULL, OUT, cols, N, accumulate, 0, 0,
                                  bpad);
         }
@@ -118,5 +123,6 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
 }
 
 #undef ALLOC
+#undef PANEL
 #undef GLUE
 #undef GLUE_
