@@ -1109,8 +1109,9 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
  *                      of v[n, o, ph, pw] * w[o, c, kh, kw],   v = (0 + dyp) * (yp > 0 ? 1 : 0)
  * dx (N, C, H, W) overwritten. conv2d_backward_input on the dense gradient dh multiplies every output position;
  * here only the windows' winners (a quarter of them), and only those the ReLU let through. Per image and window,
- * the winners are summed over their output channels first (in channel order; AVX2: the window's 4 positions at
- * once, its rows in registers) and added once into a zero-padded copy of the image's gradient, windows in order
+ * the winners are summed over their output channels first (in channel order; AVX2: all the window's winners in
+ * one loop, whatever their position, its rows in registers) and added once into a zero-padded copy of the
+ * image's gradient, windows in order
  * (adding into one buffer row by row, as each position came, stalled on loads that half-overlap the store just
  * before them: a 2x slower kernel on LeNet-5's conv2): the same values as the dense
  * kernel up to rounding (another order of the same sums), not its bits; one thread per image, so the result does
@@ -1134,25 +1135,29 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         if (status != CNNX_OK) return status;
         return GLUE(conv2d_backward_input, SUF)(dx, dh, w, geom);
     }
-    /* vec (AVX2 float, stride 1, no dilation, KW <= 7): a window's 4 positions together, its (KH + 1) rows of 8
-     * lanes in registers, w's rows stored 8 lanes wide twice: as they are (s = 0) and one lane right (s = 1) */
+    /* vec (AVX2 float, stride 1, no dilation, KH, KW <= 7): a window's (KH + 1) rows of 8 lanes in registers,
+     * all its winners in one loop (POOLED_WINDOW_FAST), w's rows stored per (o, c) as a block of KH + 2 rows of 8:
+     * a zero row, w's rows one lane right of a zero lane, a zero row (+ 8 zeros after the last block, which the
+     * last row's read one lane on reaches). A winner at (r, s) reads its block from row 1 - r, lane 1 - s.
+     * Otherwise w's rows (o, c, kh) as they are. */
     const int vec = GLUE(POOLED_WINDOW_VECTOR, SUF)(KH, KW, SH, SW, DH, DW);
-    const int64_t ld = vec ? 16 : KW, rows = C * KH;    /* wr: w's rows (o, c, kh), ld wide */
-    REAL *wr = ALLOC(OC * rows * ld);
+    const int64_t rows = C * KH, blk = (KH + 2) * 8;
+    const int64_t nwr = vec ? OC * C * blk + 8 : OC * rows * KW;
+    REAL *wr = ALLOC(nwr);
     int32_t *qoff = (int32_t *)malloc(sizeof(int32_t) * (size_t)Q);
     if (!wr || !qoff) {
         free(wr);
         free(qoff);
         return CNNX_ENOMEM;
     }
-    for (int64_t i = 0; i < OC * rows; i++)
-        if (vec)
-            for (int64_t j = 0; j < 8; j++) {
-                wr[i * 16 + j] = j < KW ? w[i * KW + j] : 0;
-                wr[i * 16 + 8 + j] = j >= 1 && j <= KW ? w[i * KW + j - 1] : 0;
-            }
-        else
-            for (int64_t kw = 0; kw < KW; kw++) wr[i * KW + kw] = w[i * KW + kw];
+    if (vec) {
+        for (int64_t i = 0; i < nwr; i++) wr[i] = 0;
+        for (int64_t i = 0; i < OC * C; i++)
+            for (int64_t kh = 0; kh < KH; kh++)
+                for (int64_t kw = 0; kw < KW; kw++) wr[i * blk + (kh + 1) * 8 + 1 + kw] = w[(i * KH + kh) * KW + kw];
+    } else {
+        for (int64_t i = 0; i < OC * rows * KW; i++) wr[i] = w[i];
+    }
     for (int64_t ph = 0, q = 0; ph < PH; ph++)          /* window q's top left corner in the padded image */
         for (int64_t pw = 0; pw < PW; pw++, q++) qoff[q] = (int32_t)(2 * ph * SH * Wq + 2 * pw * SW);
     const int32_t coff[4] = {0, (int32_t)SW, (int32_t)(SH * Wq), (int32_t)(SH * Wq + SW)}; /* code = 2r + s */
@@ -1173,28 +1178,30 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         for (int64_t n = 0; n < N; n++) {
             if (!ok) continue;
             memset(z, 0, sizeof(REAL) * (size_t)(C * Hq * Wq));
-            /* each window's winners whose gradient is not 0, grouped by position p = 2r + s: cnt[4j + p] of them
-             * for window q0 + j of a block of QB, gradients from v[(4j + p)*OC], w's rows at wr + wo[...] (vec: + 8
-             * for s = 1); channel by channel, windows inner (along memory, each count bumped once per channel) */
+            /* each window's winners whose gradient is not 0 in slots: vec, one per window (cnt[j] of them for
+             * window q0 + j of a block of QB, gradients from v[j*OC], w's rows at wr + wo[...], the block of (o, 0)
+             * from row 1 - r, lane 1 - s); otherwise one per position p = 2r + s (slot 4j + p, from v[(4j + p)*OC],
+             * w's rows (o, 0, 0) on at wr + wo[...]). Channel by channel, windows inner (along memory, each count
+             * bumped once per channel). */
             for (int64_t q0 = 0; q0 < Q; q0 += QB) {
                 const int64_t nq = Q - q0 < QB ? Q - q0 : QB;
                 for (int64_t i = 0; i < 4 * nq; i++) cnt[i] = 0;
                 for (int64_t o = 0; o < OC; o++) {
-                    const int64_t base = (n * OC + o) * Q + q0, wrow = o * rows * ld;
+                    const int64_t base = (n * OC + o) * Q + q0, wrow = vec ? o * C * blk : o * rows * KW;
                     for (int64_t j = 0; j < nq; j++) {
                         const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[base + j], yp[base + j]);
                         const int r = code[base + j] & 3;
-                        const int64_t slot = 4 * j + r, at = slot * OC + cnt[slot];
+                        const int64_t slot = vec ? j : 4 * j + r, at = slot * OC + cnt[slot];
                         v[at] = g;
-                        wo[at] = wrow + (vec && (r & 1) ? 8 : 0);
+                        wo[at] = vec ? wrow + (r & 2 ? 0 : 8) + (r & 1 ? 0 : 1) : wrow;
                         cnt[slot] += g != 0;
                     }
                 }
                 for (int64_t j = 0; j < nq; j++) {
                     const int64_t q = q0 + j;
                     if (vec) {
-                        GLUE(POOLED_WINDOW_FAST, SUF)(z + qoff[q], wr, v + 4 * j * OC, wo + 4 * j * OC, cnt + 4 * j, OC,
-                                                      C, KH, Wq, Hq * Wq);
+                        GLUE(POOLED_WINDOW_FAST, SUF)(z + qoff[q], wr, v + j * OC, wo + j * OC, cnt[j], C, KH, Wq,
+                                                      Hq * Wq);
                         continue;
                     }
                     for (int r = 0; r < 4; r++) {

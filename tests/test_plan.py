@@ -127,6 +127,11 @@ CHAINS = {
         nn.Conv2d(2, 3, 3, padding=1, dtype=dt), nn.ReLU(),
         nn.Conv2d(3, 4, 3, padding=(2, 0, 1, 3), dilation=(1, 2), dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 3, (2, 9), padding=(0, 0, 4, 4), dtype=dt), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(0, -1)),
+    # the AVX2 input gradient's tallest and widest kernels (7 rows of 7: 8 accumulator rows a channel) and a
+    # 1-row one, an odd channel count (the last channel of a pair alone)
+    "pooled conv, 7x7 and 1x7": lambda dt: nn.Sequential(
+        nn.Conv2d(2, 3, 7, padding=3, dtype=dt), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 5, (1, 7), padding=(0, 3), dtype=dt), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(0, -1)),
 }
 SHAPES = {
     "lenet5": [(1, 1, 28, 28), (5, 1, 28, 28), (64, 1, 28, 28)],
@@ -137,6 +142,7 @@ SHAPES = {
     "conv-relu-pool, not per image": [(2, 4, 98, 98)],
     "conv-relu-pool, odd sizes, stride 2": [(1, 2, 23, 21), (3, 2, 23, 21)],
     "pooled conv after a conv, dilated, wide": [(1, 2, 13, 17), (3, 2, 14, 12)],
+    "pooled conv, 7x7 and 1x7": [(1, 2, 16, 15), (3, 2, 17, 18)],
 }
 
 
