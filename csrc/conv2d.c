@@ -64,7 +64,7 @@ static void pooled_taps_avx2(float *acc, const float *xq, const float *v, const 
  *   z[c*cs + i*rs + j] += sum over the winners of v * w[o, c, i - r, j - s]   (0 where out of range)
  * One loop over the window's winners, against four (one per position, of a few winners each) in a kernel that
  * stored no zero row: one FMA more per winner and channel, but on LeNet-5's conv2 at batch 64 the input
- * gradient took 267-272 us instead of 304-321 (the short loops' exits mispredicted). z has at least 7
+ * gradient took 282-291 us instead of 310-339 (the short loops' exits mispredicted). z has at least 7
  * writable elements past every row it reaches.
  */
 #define WTAP(a, b, i)                                                            \

@@ -185,17 +185,12 @@ static void max2x2_plane_avx2(float *yp, int64_t *ip, uint8_t *cp, const float *
     (CNNX_USE_AVX2 && (OW) >= 4 && (W) < ((int64_t)1 << 30)                                               \
          ? (max2x2_plane_avx2(yp, ip, cp, xp, W, OH, OW, relu), 1)                                         \
          : 0)
-#define MAX2X2_ROW_FAST_f32(yr, ir, cr, r0, r1, n, base, W, relu)                                        \
-    (CNNX_USE_AVX2 && (n) >= 4 && (W) < ((int64_t)1 << 30) ? max2x2_row_avx2(yr, ir, cr, r0, r1, n, base, W, relu) \
-                                                           : 0)
 #define MAX2X2_BACK_ROW_FAST_f32(d0, d1, dy, y, cr, n) (CNNX_USE_AVX2 ? max2x2_relu_back_row_avx2(d0, d1, dy, y, cr, n) : 0)
 #else
-#define MAX2X2_ROW_FAST_f32(yr, ir, cr, r0, r1, n, base, W, relu) 0
 #define MAX2X2_PLANE_FAST_f32(yp, ip, cp, xp, W, OH, OW, relu) 0
 #define MAX2X2_BACK_ROW_FAST_f32(d0, d1, dy, y, cr, n) 0
 #endif
 #define MAX2X2_PLANE_FAST_f64(yp, ip, cp, xp, W, OH, OW, relu) 0
-#define MAX2X2_ROW_FAST_f64(yr, ir, cr, r0, r1, n, base, W, relu) 0
 #define MAX2X2_BACK_ROW_FAST_f64(d0, d1, dy, y, cr, n) 0
 
 #define REAL float

@@ -55,7 +55,8 @@ static inline REAL GLUE(select, SUF)(int t, REAL x, REAL y)
 
 /* The commonest pooling, 2x2 windows at stride 2 with no padding or dilation, over one whole plane: the
  * selects of the general fast path below without its per-row window arithmetic, which dominates small
- * planes such as LeNet-5's 10x10; 8 outputs at a time with AVX2 (float). The winners go to ip as indices
+ * planes such as LeNet-5's 10x10; 8 outputs at a time with AVX2 (float planes 4 or more windows wide:
+ * MAX2X2_PLANE_FAST, pool2d.c), the same selects in the same order. The winners go to ip as indices
  * into the plane or, when ip is NULL, to cp as their position in the window (0..3: row k >> 1, column k & 1). */
 static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, uint8_t *restrict cp,
                                     const REAL *restrict xp, int64_t W, int64_t OH, int64_t OW, int relu)
@@ -67,7 +68,7 @@ static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, uin
         int64_t *restrict ir = ip ? ip + oh * OW : NULL;
         uint8_t *restrict cr = ip ? NULL : cp + oh * OW;
         const int64_t base = 2 * oh * W;
-        for (int64_t ow = GLUE(MAX2X2_ROW_FAST, SUF)(yr, ir, cr, r0, r1, OW, base, W, relu); ow < OW; ow++) {
+        for (int64_t ow = 0; ow < OW; ow++) {
             REAL a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
             if (relu) {
                 a = GLUE(select, SUF)((a > 0) | (a != a), a, 0);
