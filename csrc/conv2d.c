@@ -179,6 +179,42 @@ static int64_t pooled_winners_avx2(float *v, int64_t *off, float *s, const float
     *q = i;
     return nw;
 }
+/*
+ * conv2d_pooled_backward_input's winners for float with AVX2 (the one-loop kernel's slots): for one image and
+ * output channel, windows j < nq of a block, 8 a step: g = (0 + dyp[j]) * (yp[j] > 0 ? 1 : 0) as
+ * cnnx_relu_pool_grad computes it, w's offset wrow + 8 * (1 - r) + (1 - s) for the winner (r, s) = code's bits;
+ * each stored at slot j's next place (v[j*OC + cnt[j]], wo[...]), its count bumped where g is not 0. The same
+ * entries as the scalar loop, which goes on from the window returned (the last whole step of 8). On LeNet-5's
+ * conv2 at batch 64 (one thread) its input gradient took 263-266 us against 281-287 with the scalar loop alone.
+ */
+__attribute__((target("avx2,fma")))
+static int64_t pooled_slots_avx2(float *v, int64_t *wo, int64_t *cnt, const float *dyp, const float *yp,
+                                 const uint8_t *code, int64_t nq, int64_t OC, int64_t wrow)
+{
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256i nine = _mm256_set1_epi32(9), two = _mm256_set1_epi32(2), onei = _mm256_set1_epi32(1);
+    int64_t j = 0;
+    for (; j + 8 <= nq; j += 8) {
+        const __m256 m = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(yp + j), zero, _CMP_GT_OQ), one);
+        const __m256 g = _mm256_mul_ps(_mm256_add_ps(zero, _mm256_loadu_ps(dyp + j)), m);
+        const int live = _mm256_movemask_ps(_mm256_cmp_ps(g, zero, _CMP_NEQ_UQ));
+        const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(code + j)));
+        /* 9 - 8 * (r) - s with r = (k >> 1) & 1, s = k & 1 */
+        const __m256i d = _mm256_sub_epi32(_mm256_sub_epi32(nine, _mm256_slli_epi32(_mm256_and_si256(k, two), 2)),
+                                           _mm256_and_si256(k, onei));
+        float gl[8];
+        int32_t dl[8];
+        _mm256_storeu_ps(gl, g);
+        _mm256_storeu_si256((__m256i *)dl, d);
+        for (int l = 0; l < 8; l++) {
+            const int64_t at = (j + l) * OC + cnt[j + l];
+            v[at] = gl[l];
+            wo[at] = wrow + dl[l];
+            cnt[j + l] += (live >> l) & 1;
+        }
+    }
+    return j;
+}
 #define POOLED_TAPS_FAST_f32(vec, acc, xq, v, off, nw, Cin, KH, rs, cs) \
     ((vec) ? (pooled_taps_avx2(acc, xq, v, off, nw, Cin, KH, rs, cs), 1) : 0)
 #define POOLED_WINNERS_FAST_f32(v, off, s, dyp, code, yp, qoff, coff, Q, q) \
@@ -187,7 +223,10 @@ static int64_t pooled_winners_avx2(float *v, int64_t *off, float *s, const float
 #define POOLED_WINDOW_VECTOR_f32(KH, KW, SH, SW, DH, DW) \
     (CNNX_USE_AVX2 && (KH) <= 7 && (KW) <= 7 && (SH) == 1 && (SW) == 1 && (DH) == 1 && (DW) == 1)
 #define POOLED_WINDOW_FAST_f32(z, wr, v, wo, nw, Cin, KH, rs, cs) pooled_window_avx2(z, wr, v, wo, nw, Cin, KH, rs, cs)
+#define POOLED_SLOTS_FAST_f32(v, wo, cnt, dyp, yp, code, nq, OC, wrow) \
+    pooled_slots_avx2(v, wo, cnt, dyp, yp, code, nq, OC, wrow)
 #else
+#define POOLED_SLOTS_FAST_f32(v, wo, cnt, dyp, yp, code, nq, OC, wrow) 0
 #define POOLED_WINDOW_VECTOR_f32(KH, KW, SH, SW, DH, DW) 0
 #define POOLED_WINDOW_FAST_f32(z, wr, v, wo, nw, Cin, KH, rs, cs) ((void)0)
 #define POOLED_TAPS_FAST_f32(vec, acc, xq, v, off, nw, Cin, KH, rs, cs) 0
@@ -199,6 +238,7 @@ static int64_t pooled_winners_avx2(float *v, int64_t *off, float *s, const float
 #define POOLED_VECTOR_f64(KW, DW) 0
 #define POOLED_WINDOW_VECTOR_f64(KH, KW, SH, SW, DH, DW) 0
 #define POOLED_WINDOW_FAST_f64(z, wr, v, wo, nw, Cin, KH, rs, cs) ((void)0)
+#define POOLED_SLOTS_FAST_f64(v, wo, cnt, dyp, yp, code, nq, OC, wrow) 0
 
 #define REAL float
 #define SUF f32

@@ -1188,7 +1188,9 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
                 for (int64_t i = 0; i < 4 * nq; i++) cnt[i] = 0;
                 for (int64_t o = 0; o < OC; o++) {
                     const int64_t base = (n * OC + o) * Q + q0, wrow = vec ? o * C * blk : o * rows * KW;
-                    for (int64_t j = 0; j < nq; j++) {
+                    const int64_t j0 = vec ? GLUE(POOLED_SLOTS_FAST, SUF)(v, wo, cnt, dyp + base, yp + base, code + base,
+                                                                        nq, OC, wrow) : 0;
+                    for (int64_t j = j0; j < nq; j++) {
                         const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[base + j], yp[base + j]);
                         const int r = code[base + j] & 3;
                         const int64_t slot = vec ? j : 4 * j + r, at = slot * OC + cnt[slot];
