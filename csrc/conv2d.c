@@ -144,6 +144,16 @@ static const uint32_t WINNERS_LUT[256] = {WL_64(0), WL_64(64), WL_64(128), WL_64
 #undef WL_BELOW
 #undef WL_BIT
 
+/* cnnx_relu_pool_grad (cnnx_internal.h) of 8 windows: (0 + dyp) * (yp > 0 ? 1 : 0), the same operations, so
+ * the same bits as the scalar loops these kernels hand their tails to. */
+__attribute__((target("avx2,fma")))
+static inline __m256 relu_pool_grad8(const float *dyp, const float *yp)
+{
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 m = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(yp), zero, _CMP_GT_OQ), _mm256_set1_ps(1.0f));
+    return _mm256_mul_ps(_mm256_add_ps(zero, _mm256_loadu_ps(dyp)), m);
+}
+
 /*
  * pooled_winners (conv2d_impl.h) for float with AVX2, 8 windows a step: g = (0 + dyp) * (yp > 0 ? 1 : 0);
  * s[j] += g for the lanes j = q % 8; the g that are not zero are packed to the front of the step with WINNERS_LUT
@@ -154,15 +164,14 @@ __attribute__((target("avx2,fma")))
 static int64_t pooled_winners_avx2(float *v, int64_t *off, float *s, const float *dyp, const uint8_t *code,
                                    const float *yp, const int32_t *qoff, const int32_t *coff, int64_t Q, int64_t *q)
 {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 zero = _mm256_setzero_ps();
     const __m256i cv = _mm256_setr_epi32(coff[0], coff[1], coff[2], coff[3], 0, 0, 0, 0);
     const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
     const __m256i three = _mm256_set1_epi32(3), seven = _mm256_set1_epi32(7);
     __m256 sum = _mm256_loadu_ps(s);
     int64_t nw = 0, i = 0;
     for (; i + 8 <= Q; i += 8) {
-        const __m256 m = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(yp + i), zero, _CMP_GT_OQ), one);
-        const __m256 g = _mm256_mul_ps(_mm256_add_ps(zero, _mm256_loadu_ps(dyp + i)), m);
+        const __m256 g = relu_pool_grad8(dyp + i, yp + i);
         sum = _mm256_add_ps(sum, g);
         const uint32_t e = WINNERS_LUT[_mm256_movemask_ps(_mm256_cmp_ps(g, zero, _CMP_NEQ_UQ))];
         const __m256i k = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(code + i))), three);
@@ -191,12 +200,11 @@ __attribute__((target("avx2,fma")))
 static int64_t pooled_slots_avx2(float *v, int64_t *wo, int64_t *cnt, const float *dyp, const float *yp,
                                  const uint8_t *code, int64_t nq, int64_t OC, int64_t wrow)
 {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 zero = _mm256_setzero_ps();
     const __m256i nine = _mm256_set1_epi32(9), two = _mm256_set1_epi32(2), onei = _mm256_set1_epi32(1);
     int64_t j = 0;
     for (; j + 8 <= nq; j += 8) {
-        const __m256 m = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(yp + j), zero, _CMP_GT_OQ), one);
-        const __m256 g = _mm256_mul_ps(_mm256_add_ps(zero, _mm256_loadu_ps(dyp + j)), m);
+        const __m256 g = relu_pool_grad8(dyp + j, yp + j);
         const int live = _mm256_movemask_ps(_mm256_cmp_ps(g, zero, _CMP_NEQ_UQ));
         const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(code + j)));
         /* 9 - 8 * (r) - s with r = (k >> 1) & 1, s = k & 1 */
