@@ -8,18 +8,14 @@
 #if CNNX_HAVE_X86_DISPATCH
 #include <immintrin.h>
 /* The winner of each window (taps a, b, c, d, in row-major window order) as the scalar code picks it, in
- * vectors of 4 (PFX _mm, BITS 128) or 8 (_mm256, 256) windows: the taps go through relu first when relu is
- * set; m gets the maximum, k the winner's position in the window (0..3, int32 lanes: row k >> 1, column k & 1).
- * One definition for both widths, so they cannot drift apart. */
+ * vectors of 4 (PFX _mm, BITS 128) or 8 (_mm256, 256) windows: m gets the maximum, k the winner's position in
+ * the window (0..3, int32 lanes: row k >> 1, column k & 1); with relu set, those of the taps' relu (v if v > 0
+ * or NaN, else +0), which the scalar code pools. The relu is applied once, to the raw winner: where the raw
+ * maximum is > 0 or NaN, relu(taps) have the same first maximum (or last NaN) at the same place; elsewhere every
+ * relu(tap) is +0, so the first tap wins: m = +0, k = 0. One definition for both widths, so they cannot drift
+ * apart. */
 #define MAX2X2_WINNER(PFX, BITS, a, b, c, d, relu, m, k)                                                 \
     do {                                                                                                 \
-        if (relu) { /* the taps of relu(x): v if v > 0 or NaN, else +0 */                               \
-            const __m##BITS z_ = PFX##_setzero_ps();                                                     \
-            a = PFX##_and_ps(a, PFX##_or_ps(PFX##_cmp_ps(a, z_, _CMP_GT_OQ), PFX##_cmp_ps(a, a, _CMP_UNORD_Q))); \
-            b = PFX##_and_ps(b, PFX##_or_ps(PFX##_cmp_ps(b, z_, _CMP_GT_OQ), PFX##_cmp_ps(b, b, _CMP_UNORD_Q))); \
-            c = PFX##_and_ps(c, PFX##_or_ps(PFX##_cmp_ps(c, z_, _CMP_GT_OQ), PFX##_cmp_ps(c, c, _CMP_UNORD_Q))); \
-            d = PFX##_and_ps(d, PFX##_or_ps(PFX##_cmp_ps(d, z_, _CMP_GT_OQ), PFX##_cmp_ps(d, d, _CMP_UNORD_Q))); \
-        }                                                                                                \
         /* a later tap wins when greater, or when it is NaN */                                          \
         const __m##BITS tb_ = PFX##_or_ps(PFX##_cmp_ps(b, a, _CMP_GT_OQ), PFX##_cmp_ps(b, b, _CMP_UNORD_Q)); \
         m = PFX##_blendv_ps(a, b, tb_);                                                                  \
@@ -30,6 +26,12 @@
         const __m##BITS td_ = PFX##_or_ps(PFX##_cmp_ps(d, m, _CMP_GT_OQ), PFX##_cmp_ps(d, d, _CMP_UNORD_Q)); \
         m = PFX##_blendv_ps(m, d, td_);                                                                  \
         k = PFX##_blendv_epi8(k, PFX##_set1_epi32(3), PFX##_castps_si##BITS(td_));                       \
+        if (relu) { /* the raw winner kept where it is > 0 or NaN; +0 and position 0 elsewhere */        \
+            const __m##BITS open_ = PFX##_or_ps(PFX##_cmp_ps(m, PFX##_setzero_ps(), _CMP_GT_OQ),          \
+                                                PFX##_cmp_ps(m, m, _CMP_UNORD_Q));                       \
+            m = PFX##_and_ps(m, open_);                                                                  \
+            k = PFX##_and_si##BITS(k, PFX##_castps_si##BITS(open_));                                     \
+        }                                                                                                \
     } while (0)
 
 /* off (the windows' first columns, 2j) + the offset of winner k in the row pair: k & 1, plus W for row 1 */
