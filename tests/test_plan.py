@@ -246,6 +246,38 @@ def test_pooled_conv_gradients_on_both_cpu_paths(width):    # and a scalar tail
         np.testing.assert_allclose(dx, dx_ref, rtol=2e-5, atol=2e-5 * np.max(np.abs(dx_ref)))
 
 
+@pytest.mark.parametrize("width", [8, 9, 10, 11, 28])     # windows per row: 4, 4 (odd), 5, 5 (odd), 14
+def test_relu_pool_on_both_cpu_paths_ties_signed_zeros_and_nans(width):
+    """ReLU -> MaxPool2d(2) fused: the AVX2 steps apply the ReLU once, to each window's raw winner, the scalar
+    code to every tap first. Same bits of y and dx (whose nonzero entries sit at the winners) on both paths and
+    as the layers, on small integers (ties everywhere), -0.0, all-negative windows and NaNs."""
+    from cnnx import _kernels as K
+    rng = np.random.default_rng(11)
+    model = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+    for trial in range(6):
+        x = rng.integers(-2, 3, (3, 4, width, width)).astype(np.float32)
+        x[rng.random(x.shape) < 0.1] = -0.0
+        if trial % 2:
+            x[rng.random(x.shape) < 0.05] = np.nan
+        dy = rng.standard_normal((3, 4, width // 2, width // 2)).astype(np.float32)
+        before = K.force_portable()
+        got = []
+        try:
+            for portable in (False, True):
+                K.force_portable(portable)
+                twin = copy.deepcopy(model)
+                y = twin(x)
+                assert used_plan(twin)
+                got.append((y, twin.backward(dy)))
+        finally:
+            K.force_portable(before)
+        eager = copy.deepcopy(model)
+        ref = (eager_forward(eager, x), eager_backward(eager, dy))
+        for y, dx in got:
+            np.testing.assert_array_equal(y.view(np.uint32), ref[0].view(np.uint32))
+            np.testing.assert_array_equal(dx.view(np.uint32), ref[1].view(np.uint32))
+
+
 @pytest.mark.parametrize("bad", ["dy inf", "dy nan", "weight inf"])
 def test_pooled_conv_input_gradient_falls_back_to_the_dense_kernel_on_non_finite_values(bad):
     """The pooled input gradient skips the positions the pool did not pick, which is only right while every
