@@ -101,6 +101,31 @@ def test_linear_layer_same_on_both_backends_and_threads():
         assert rel(a, b) <= 2e-5
 
 
+@pytest.mark.parametrize("out_features", [120, 47, 50, 10])   # row blocks (8 tiles and more, tails) or panels
+def test_linear_weight_gradient_same_bits_on_any_thread_count(out_features):
+    """linear_backward_weight splits dw by rows from 8 row tiles on, by column panels below: the bits depend on
+    neither the split nor the thread count, and accumulate into a given gradient the same way."""
+    rng = np.random.default_rng(out_features)
+    dy = rng.standard_normal((128, out_features)).astype(np.float32)
+    x = rng.standard_normal((128, 301)).astype(np.float32)
+    before = cnnx.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 3):
+            cnnx.set_num_threads(threads)
+            dw, db = K.linear_backward_weight(dy, x, True)
+            gw, gb = np.ones_like(dw), np.ones_like(db)
+            K.linear_backward_weight(dy, x, True, gw, gb)
+            got.append((dw, db, gw, gb))
+    finally:
+        cnnx.set_num_threads(before)
+    dw_r, db_r = ref.linear_backward_weight(dy, x, True)
+    assert rel(got[0][0], dw_r) <= RTOL[np.float32] and rel(got[0][2], dw_r + 1) <= RTOL[np.float32]
+    for other in got[1:]:
+        for a, b in zip(got[0], other):
+            np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 def test_linear_kernel_bad_input_names_the_argument():
     x, w = np.zeros((2, 3), np.float32), np.zeros((4, 3), np.float32)
     with pytest.raises(TypeError, match="weight"):
