@@ -57,15 +57,19 @@ static void pooled_taps_avx2(float *acc, const float *xq, const float *v, const 
 /*
  * The inner loop of conv2d_pooled_backward_input (conv2d_impl.h) for float with AVX2 (stride 1, no dilation,
  * KH, KW <= 7), one window: its nw winners, gradient v[i], w's rows read from wr + wo[i]. wr holds, per (o, c),
- * KH + 2 rows of 8 lanes: a zero row, w's KH rows each one lane right of a zero lane, a zero row. A winner at
- * (r, s) in the window points at row 1 - r, lane 1 - s of its (o, c) block (the caller's wo), and then every
- * winner adds into the same KH + 1 rows of 8 lanes: for each input channel c they are summed in registers,
+ * two blocks of KH + 2 rows of 8 lanes: a zero row, w's KH rows, a zero row; in copy 1 each row starts one lane
+ * right (after a zero lane), in copy 0 at lane 0. A winner at (r, s) in the window points at row 1 - r of its
+ * (o, c) block in copy s (the caller's wo): every load is one aligned 32-byte half of a cache line (wr is on a
+ * line boundary). Then every winner adds into the same KH + 1 rows of 8 lanes: for each input channel c they
+ * are summed in registers,
  * winner by winner in the order given, and added once:
  *   z[c*cs + i*rs + j] += sum over the winners of v * w[o, c, i - r, j - s]   (0 where out of range)
  * One loop over the window's winners, against four (one per position, of a few winners each) in a kernel that
  * stored no zero row: one FMA more per winner and channel, but on LeNet-5's conv2 at batch 64 the input
- * gradient took 282-291 us instead of 310-339 (the short loops' exits mispredicted). z has at least 7
- * writable elements past every row it reaches.
+ * gradient took 282-291 us instead of 310-339 (the short loops' exits mispredicted). The loop is bound by its
+ * loads (one per FMA): with a single copy read at lane 1 - s from a malloc'd (16-byte aligned) wr, about half
+ * of them straddled two cache lines; aligned, with the two copies, the input gradient took 230-232 us instead
+ * of 260-262 (the same bits). z has at least 7 writable elements past every row it reaches.
  */
 #define WTAP(a, b, i)                                                            \
     if (kh_n >= i) {                                                               \
@@ -191,25 +195,27 @@ static int64_t pooled_winners_avx2(float *v, int64_t *off, float *s, const float
 /*
  * conv2d_pooled_backward_input's winners for float with AVX2 (the one-loop kernel's slots): for one image and
  * output channel, windows j < nq of a block, 8 a step: g = (0 + dyp[j]) * (yp[j] > 0 ? 1 : 0) as
- * cnnx_relu_pool_grad computes it, w's offset wrow + 8 * (1 - r) + (1 - s) for the winner (r, s) = code's bits;
+ * cnnx_relu_pool_grad computes it, w's offset wrow + 8 * (1 - r) + (s ? 0 : cb) for the winner (r, s) = code's
+ * bits (cb: copy 0's offset from copy 1, see pooled_window_avx2);
  * each stored at slot j's next place (v[j*OC + cnt[j]], wo[...]), its count bumped where g is not 0. The same
  * entries as the scalar loop, which goes on from the window returned (the last whole step of 8). On LeNet-5's
  * conv2 at batch 64 (one thread) its input gradient took 263-266 us against 281-287 with the scalar loop alone.
  */
 __attribute__((target("avx2,fma")))
 static int64_t pooled_slots_avx2(float *v, int64_t *wo, int64_t *cnt, const float *dyp, const float *yp,
-                                 const uint8_t *code, int64_t nq, int64_t OC, int64_t wrow)
+                                 const uint8_t *code, int64_t nq, int64_t OC, int64_t wrow, int64_t cb)
 {
     const __m256 zero = _mm256_setzero_ps();
-    const __m256i nine = _mm256_set1_epi32(9), two = _mm256_set1_epi32(2), onei = _mm256_set1_epi32(1);
+    const __m256i eight = _mm256_set1_epi32(8), two = _mm256_set1_epi32(2), onei = _mm256_set1_epi32(1);
+    const __m256i cbv = _mm256_set1_epi32((int32_t)cb);
     int64_t j = 0;
     for (; j + 8 <= nq; j += 8) {
         const __m256 g = relu_pool_grad8(dyp + j, yp + j);
         const int live = _mm256_movemask_ps(_mm256_cmp_ps(g, zero, _CMP_NEQ_UQ));
         const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(code + j)));
-        /* 9 - 8 * (r) - s with r = (k >> 1) & 1, s = k & 1 */
-        const __m256i d = _mm256_sub_epi32(_mm256_sub_epi32(nine, _mm256_slli_epi32(_mm256_and_si256(k, two), 2)),
-                                           _mm256_and_si256(k, onei));
+        /* 8 - 8 * r + (s ? 0 : cb) with r = (k >> 1) & 1, s = k & 1 */
+        const __m256i d = _mm256_add_epi32(_mm256_sub_epi32(eight, _mm256_slli_epi32(_mm256_and_si256(k, two), 2)),
+                                           _mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_and_si256(k, onei), onei), cbv));
         float gl[8];
         int32_t dl[8];
         _mm256_storeu_ps(gl, g);
@@ -231,10 +237,10 @@ static int64_t pooled_slots_avx2(float *v, int64_t *wo, int64_t *cnt, const floa
 #define POOLED_WINDOW_VECTOR_f32(KH, KW, SH, SW, DH, DW) \
     (CNNX_USE_AVX2 && (KH) <= 7 && (KW) <= 7 && (SH) == 1 && (SW) == 1 && (DH) == 1 && (DW) == 1)
 #define POOLED_WINDOW_FAST_f32(z, wr, v, wo, nw, Cin, KH, rs, cs) pooled_window_avx2(z, wr, v, wo, nw, Cin, KH, rs, cs)
-#define POOLED_SLOTS_FAST_f32(v, wo, cnt, dyp, yp, code, nq, OC, wrow) \
-    pooled_slots_avx2(v, wo, cnt, dyp, yp, code, nq, OC, wrow)
+#define POOLED_SLOTS_FAST_f32(v, wo, cnt, dyp, yp, code, nq, OC, wrow, cb) \
+    pooled_slots_avx2(v, wo, cnt, dyp, yp, code, nq, OC, wrow, cb)
 #else
-#define POOLED_SLOTS_FAST_f32(v, wo, cnt, dyp, yp, code, nq, OC, wrow) 0
+#define POOLED_SLOTS_FAST_f32(v, wo, cnt, dyp, yp, code, nq, OC, wrow, cb) 0
 #define POOLED_WINDOW_VECTOR_f32(KH, KW, SH, SW, DH, DW) 0
 #define POOLED_WINDOW_FAST_f32(z, wr, v, wo, nw, Cin, KH, rs, cs) ((void)0)
 #define POOLED_TAPS_FAST_f32(vec, acc, xq, v, off, nw, Cin, KH, rs, cs) 0
@@ -246,7 +252,7 @@ static int64_t pooled_slots_avx2(float *v, int64_t *wo, int64_t *cnt, const floa
 #define POOLED_VECTOR_f64(KW, DW) 0
 #define POOLED_WINDOW_VECTOR_f64(KH, KW, SH, SW, DH, DW) 0
 #define POOLED_WINDOW_FAST_f64(z, wr, v, wo, nw, Cin, KH, rs, cs) ((void)0)
-#define POOLED_SLOTS_FAST_f64(v, wo, cnt, dyp, yp, code, nq, OC, wrow) 0
+#define POOLED_SLOTS_FAST_f64(v, wo, cnt, dyp, yp, code, nq, OC, wrow, cb) 0
 
 #define REAL float
 #define SUF f32

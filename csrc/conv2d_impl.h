@@ -1136,17 +1136,18 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         return GLUE(conv2d_backward_input, SUF)(dx, dh, w, geom);
     }
     /* vec (AVX2 float, stride 1, no dilation, KH, KW <= 7): a window's (KH + 1) rows of 8 lanes in registers,
-     * all its winners in one loop (POOLED_WINDOW_FAST), w's rows stored per (o, c) as a block of KH + 2 rows of 8:
-     * a zero row, w's rows one lane right of a zero lane, a zero row (+ 8 zeros after the last block, which the
-     * last row's read one lane on reaches). A winner at (r, s) reads its block from row 1 - r, lane 1 - s.
-     * Otherwise w's rows (o, c, kh) as they are. */
+     * all its winners in one loop (POOLED_WINDOW_FAST), w's rows stored per (o, c) as blocks of KH + 2 rows of 8:
+     * a zero row, w's rows, a zero row, twice: copy 1 (at 2*o*cb + c*blk) with each row one lane right of a zero
+     * lane, copy 0 (cb further) from lane 0. A winner at (r, s) reads copy s from row 1 - r. wr starts on a
+     * 64-byte line, so that every row is one aligned half of a line. Otherwise w's rows (o, c, kh) as they are. */
     const int vec = GLUE(POOLED_WINDOW_VECTOR, SUF)(KH, KW, SH, SW, DH, DW);
-    const int64_t rows = C * KH, blk = (KH + 2) * 8;
-    const int64_t nwr = vec ? OC * C * blk + 8 : OC * rows * KW;
-    REAL *wr = ALLOC(nwr);
+    const int64_t rows = C * KH, blk = (KH + 2) * 8, cb = C * blk;
+    const int64_t nwr = vec ? 2 * OC * cb : OC * rows * KW;
+    REAL *wr_mem = ALLOC(nwr + 64 / sizeof(REAL));   /* wr: on a 64-byte line boundary (see below) */
+    REAL *wr = wr_mem ? (REAL *)(((uintptr_t)wr_mem + 63) & ~(uintptr_t)63) : NULL;
     int32_t *qoff = (int32_t *)malloc(sizeof(int32_t) * (size_t)Q);
     if (!wr || !qoff) {
-        free(wr);
+        free(wr_mem);
         free(qoff);
         return CNNX_ENOMEM;
     }
@@ -1154,7 +1155,11 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         for (int64_t i = 0; i < nwr; i++) wr[i] = 0;
         for (int64_t i = 0; i < OC * C; i++)
             for (int64_t kh = 0; kh < KH; kh++)
-                for (int64_t kw = 0; kw < KW; kw++) wr[i * blk + (kh + 1) * 8 + 1 + kw] = w[(i * KH + kh) * KW + kw];
+                for (int64_t kw = 0; kw < KW; kw++) {
+                    const int64_t o = i / C, c = i % C, at = 2 * o * cb + c * blk + (kh + 1) * 8 + kw;
+                    wr[at + 1] = w[(i * KH + kh) * KW + kw];       /* copy 1: from lane 1 (winners at s = 1) */
+                    wr[at + cb] = w[(i * KH + kh) * KW + kw];      /* copy 0: from lane 0 (s = 0) */
+                }
     } else {
         for (int64_t i = 0; i < OC * rows * KW; i++) wr[i] = w[i];
     }
@@ -1179,23 +1184,23 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
             if (!ok) continue;
             memset(z, 0, sizeof(REAL) * (size_t)(C * Hq * Wq));
             /* each window's winners whose gradient is not 0 in slots: vec, one per window (cnt[j] of them for
-             * window q0 + j of a block of QB, gradients from v[j*OC], w's rows at wr + wo[...], the block of (o, 0)
-             * from row 1 - r, lane 1 - s); otherwise one per position p = 2r + s (slot 4j + p, from v[(4j + p)*OC],
+             * window q0 + j of a block of QB, gradients from v[j*OC], w's rows at wr + wo[...], copy s of the block of
+             * (o, 0) from row 1 - r); otherwise one per position p = 2r + s (slot 4j + p, from v[(4j + p)*OC],
              * w's rows (o, 0, 0) on at wr + wo[...]). Channel by channel, windows inner (along memory, each count
              * bumped once per channel). */
             for (int64_t q0 = 0; q0 < Q; q0 += QB) {
                 const int64_t nq = Q - q0 < QB ? Q - q0 : QB;
                 for (int64_t i = 0; i < 4 * nq; i++) cnt[i] = 0;
                 for (int64_t o = 0; o < OC; o++) {
-                    const int64_t base = (n * OC + o) * Q + q0, wrow = vec ? o * C * blk : o * rows * KW;
+                    const int64_t base = (n * OC + o) * Q + q0, wrow = vec ? 2 * o * cb : o * rows * KW;
                     const int64_t j0 = vec ? GLUE(POOLED_SLOTS_FAST, SUF)(v, wo, cnt, dyp + base, yp + base, code + base,
-                                                                        nq, OC, wrow) : 0;
+                                                                        nq, OC, wrow, cb) : 0;
                     for (int64_t j = j0; j < nq; j++) {
                         const REAL g = GLUE(cnnx_relu_pool_grad, SUF)(dyp[base + j], yp[base + j]);
                         const int r = code[base + j] & 3;
                         const int64_t slot = vec ? j : 4 * j + r, at = slot * OC + cnt[slot];
                         v[at] = g;
-                        wo[at] = vec ? wrow + (r & 2 ? 0 : 8) + (r & 1 ? 0 : 1) : wrow;
+                        wo[at] = vec ? wrow + (r & 2 ? 0 : 8) + (r & 1 ? 0 : cb) : wrow;
                         cnt[slot] += g != 0;
                     }
                 }
@@ -1242,7 +1247,7 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
         free(cnt);
         cnnx_fp_worker_leave(fp);
     });
-    free(wr);
+    free(wr_mem);
     free(qoff);
     return status;
 }
