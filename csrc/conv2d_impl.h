@@ -1018,7 +1018,11 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
     const int64_t PH = pool->OH, PW = pool->OW; /* the pooled output's size */
     if (2 * PH > OH || 2 * PW > OW || pool->NC != N * OC || pool->H != OH || pool->W != OW) return CNNX_EGEOMETRY;
     const int64_t Hq = (2 * PH - 1) * SH + (KH - 1) * DH + 1;
-    const int64_t Wq = (2 * PW - 1) * SW + (KW - 1) * DW + 1 + 8; /* + the AVX2 taps' spare lanes */
+    /* + the AVX2 taps' spare lanes, rounded up to whole 64-byte lines: xq (line-aligned) then has every row start on
+     * a line, and a tap row's 8 lanes straddle two lines only from column 9 of a line on (LeNet-5's conv2 reads
+     * columns 0..9 of each row; with rows of 22 floats, 7 of 16 column offsets straddled) */
+    const int64_t LINE = 64 / (int64_t)sizeof(REAL);
+    const int64_t Wq = ((2 * PW - 1) * SW + (KW - 1) * DW + 1 + 8 + LINE - 1) / LINE * LINE;
     const int sparse = G == 1 && N > 0 && PH > 0 && PW > 0 && Hq * Wq <= INT32_MAX &&
                        GLUE(all_finite, SUF)(x, N * C * H * W);
     if (need_dh || !sparse) {
@@ -1050,7 +1054,8 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
         cnnx_fp_worker_enter();
         const int64_t T = cnnx_team_size(), t = cnnx_team_rank();
         const int64_t o0 = OC * t / T, o1 = OC * (t + 1) / T;
-        REAL *xq = ALLOC(C * Hq * Wq), *v = ALLOC(Q + 8), *part = vec ? NULL : ALLOC(rows * KW);
+        REAL *xq_mem = ALLOC(C * Hq * Wq + LINE), *v = ALLOC(Q + 8), *part = vec ? NULL : ALLOC(rows * KW);
+        REAL *xq = xq_mem ? (REAL *)(((uintptr_t)xq_mem + 63) & ~(uintptr_t)63) : NULL;
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(Q + 8)); /* + a vector step's spare stores */
         const int ok = xq && v && off && (vec || part);
         if (!ok) {
@@ -1082,7 +1087,7 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
                 for (int64_t i = 0; i < rows * KW; i++) ao[i] += part[i];
             }
         }
-        free(xq);
+        free(xq_mem);
         free(v);
         free(part);
         free(off);
