@@ -246,6 +246,15 @@ def test_pooled_conv_gradients_on_both_cpu_paths(width):    # and a scalar tail
         np.testing.assert_allclose(dx, dx_ref, rtol=2e-5, atol=2e-5 * np.max(np.abs(dx_ref)))
 
 
+@pytest.mark.parametrize("kh", [1, 2, 3, 4, 5, 6, 7, 9])
+def test_pooled_conv_every_kernel_height(kh):
+    """Conv -> ReLU -> MaxPool2d(2) at every kernel height: the AVX2 weight gradient takes 4 (KH 2, 3), 3 (4, 5) or
+    2 (6, 7) channels a block and the channels left over (here 1) one at a time, KH 1 and above 7 only one at a
+    time; 5 input channels, a non-square kernel, the input gradient too. Same as the layers to rounding."""
+    model = nn.Sequential(nn.Conv2d(5, 4, (kh, 3), padding=(kh // 2, 1)), nn.ReLU(), nn.MaxPool2d(2))
+    assert_same_step(model, rand((3, 5, 12, 14), seed=kh))
+
+
 @pytest.mark.parametrize("width", [8, 9, 10, 11, 28])     # windows per row: 4, 4 (odd), 5, 5 (odd), 14
 def test_relu_pool_on_both_cpu_paths_ties_signed_zeros_and_nans(width):
     """ReLU -> MaxPool2d(2) fused: the AVX2 steps apply the ReLU once, to each window's raw winner, the scalar
