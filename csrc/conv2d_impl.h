@@ -198,6 +198,33 @@ static void GLUE(pad_rows, SUF)(REAL *restrict img, const REAL *restrict in, int
         }
 }
 
+/* img (Cin, KW, R, OW) = one copy of rows [r0, r0 + R) of in (Cin, Hin, Win) per kernel column, each OW wide and
+ * shifted by that column: img[c, kw, r, q] = in[c, r0 + r - T, q + kw*DW - L] (zero outside the image). */
+static void GLUE(shift_rows, SUF)(REAL *restrict img, const REAL *restrict in, int64_t Cin, int64_t Hin,
+                                  int64_t Win, int64_t T, int64_t L, int64_t r0, int64_t R, int64_t OW, int64_t KW,
+                                  int64_t DW)
+{
+    for (int64_t c = 0; c < Cin; c++)
+        for (int64_t kw = 0; kw < KW; kw++) {
+            const int64_t sh = kw * DW - L; /* column q reads in's column q + sh */
+            const int64_t q0 = sh < 0 ? (-sh < OW ? -sh : OW) : 0, q1e = Win - sh < OW ? Win - sh : OW;
+            const int64_t q1 = q1e > q0 ? q1e : q0;
+            for (int64_t r = 0; r < R; r++) {
+                REAL *restrict d = img + ((c * KW + kw) * R + r) * OW;
+                const int64_t ih = r0 + r - T;
+                if (ih < 0 || ih >= Hin) {
+                    for (int64_t q = 0; q < OW; q++) d[q] = 0;
+                    continue;
+                }
+                const REAL *restrict srow = in + (c * Hin + ih) * Win + sh;
+                int64_t q = 0;
+                for (; q < q0; q++) d[q] = 0;
+                for (; q < q1; q++) d[q] = srow[q];
+                for (; q < OW; q++) d[q] = 0;
+            }
+        }
+}
+
 /* off[(c*KH + kh)*KW + kw] = c*plane + kh*DH*Wp + kw*DW: where each kernel tap's row of B starts. */
 static void GLUE(tap_offsets, SUF)(int64_t *off, int64_t Cin, int64_t KH, int64_t KW, int64_t DH, int64_t DW,
                                    int64_t plane, int64_t Wp)
@@ -221,10 +248,18 @@ static void GLUE(direct_rows, SUF)(int path, REAL *out, const REAL *in, const RE
                                    int64_t Cin, int64_t Hin, int64_t Win, int64_t Cout, int64_t KH,
                                    int64_t KW, int64_t DH, int64_t DW, int64_t T, int64_t L, int64_t OH,
                                    int64_t OW, int64_t oh0, int64_t oh1, REAL *img, int64_t *off, REAL *tmp,
-                                   REAL *bpad, const REAL *bpack, int64_t *qoff, int wrap)
+                                   REAL *bpad, const REAL *bpack, int64_t *qoff, int wrap, int shifted)
 {
     const int64_t Wp = OW + (KW - 1) * DW, rows = oh1 - oh0, R = rows + (KH - 1) * DH;
     const int64_t K = Cin * KH * KW, Nc = (rows - 1) * Wp + OW;
+    if (shifted) { /* B's row for tap (c, kh, kw): rows*OW output pixels in a row, read from copy (c, kw) */
+        GLUE(shift_rows, SUF)(img, in, Cin, Hin, Win, T, L, oh0, R, OW, KW, DW);
+        for (int64_t c = 0; c < Cin; c++)
+            for (int64_t kh = 0; kh < KH; kh++)
+                for (int64_t kw = 0; kw < KW; kw++) off[(c * KH + kh) * KW + kw] = ((c * KW + kw) * R + kh * DH) * OW;
+        GEMM(path, out + oh0 * OW, OH * OW, NULL, apack, img, off, 0, bias, Cout, rows * OW, K, 0, 0, 0, bpad);
+        return;
+    }
     const REAL *src = img;
     int64_t plane = R * Wp;
     if (T == 0 && L == 0 && Wp == Win && oh0 + R <= Hin) {
@@ -320,11 +355,12 @@ static int GLUE(is_fully_connected, SUF)(int64_t H, int64_t W, int64_t KH, int64
  * A dispatcher (conv2d_forward_impl, below) picks an algorithm (fwd_algorithm), packs the weights for it once,
  * and runs independent (n, g, chunk of output rows) tasks, each computed by the algorithm's function:
  *   im2col (any stride): fwd_im2col;
- *   direct, direct with the GEMM's wrapped store, gather (stride 1): direct_rows (see there and fwd_algorithm).
+ *   direct, direct with the GEMM's wrapped store, gather, shifted copies (stride 1): direct_rows (see there and
+ *   fwd_algorithm).
  */
 #ifndef CNNX_FWD_ALGORITHMS
 #define CNNX_FWD_ALGORITHMS
-enum { FWD_IM2COL, FWD_DIRECT, FWD_DIRECT_WRAP, FWD_GATHER };
+enum { FWD_IM2COL, FWD_DIRECT, FWD_DIRECT_WRAP, FWD_GATHER, FWD_SHIFTED };
 #endif
 
 /* Which forward algorithm. */
@@ -333,12 +369,13 @@ static int GLUE(fwd_algorithm, SUF)(int path, const cnnx_conv2d_geom *geom)
     CNNX_CONV_GEOM(geom);
     if (SH != 1 || SW != 1) return FWD_IM2COL;
     const int64_t OCg = OC / G, K = C / G * KH * KW, P = OH * OW, Wp = OW + (KW - 1) * DW;
-    /* Stride 1 runs one of two products. direct_rows: (output channel) x (padded-grid column) tiles, so
+    /* Stride 1 runs one of three products. direct_rows: (output channel) x (padded-grid column) tiles, so
      * Wp/OW of the useful columns, OCg rounded up to the tile's rows, then a copy that drops the extra columns
      * (none when Wp == OW). gather: (output pixel) x (output channel) tiles, no extra pixels, OCg rounded up
      * to the tile's columns, a transposed store (as much as ~10 steps of the tile's k loop). Chosen by the tile
      * steps each runs per image; LeNet-5's conv2 (16 channels, 10x10 from 14x14) is 17 x 1 x (150 + 10)
-     * against 3 x 9 x 150 and a copy; its conv1 (6 channels, 28x28 padded to 32 wide) stays direct. */
+     * against 3 x 9 x 150 and a copy; its conv1 (6 channels, 28x28 padded to 32 wide) takes the third (shifted,
+     * below). */
     int64_t tm, tn;
     cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
     /* When the padded width is a whole number of column panels no tile straddles two rows, and the GEMM
@@ -350,8 +387,18 @@ static int GLUE(fwd_algorithm, SUF)(int path, const cnnx_conv2d_geom *geom)
     const int64_t cost_direct = ((OCg + tm - 1) / tm) * ((Nc + tn - 1) / tn) * (K + 2)
                               + (Wp != OW && !wrap ? (OCg * P) / (tm * tn) : 0);
     const int64_t cost_gather = ((P + tm - 1) / tm) * ((OCg + tn - 1) / tn) * (K + 10);
+    /* shifted: direct_rows' tiles over the output pixels alone, as many columns as pixels, B read from KW copies
+     * of the image each shifted by a kernel column (shift_rows), which cost about a tile step (tm x tn / 8 FMAs)
+     * per 48 elements copied. Pays where the copies are small against the product: few input channels (LeNet-5's
+     * conv1: 49 tiles an image instead of 56, no dropped columns; its fused Conv-ReLU-pool forward at batch 64 on
+     * one thread took 236-237 us instead of 264-267). The same tile, bias and k order as the wrapped store. */
+    const int64_t cost_shifted = Wp == OW ? INT64_MAX
+                               : ((OCg + tm - 1) / tm) * ((P + tn - 1) / tn) * (K + 2)
+                                 + C / G * KW * (OH + (KH - 1) * DH) * OW / 48;
     /* the portable double tile's 4 x 8 accumulators do not fit SSE2's registers: half direct_rows' speed */
-    if (cost_gather < cost_direct && (path || sizeof(REAL) == sizeof(float))) return FWD_GATHER;
+    if (cost_gather < cost_direct && cost_gather <= cost_shifted && (path || sizeof(REAL) == sizeof(float)))
+        return FWD_GATHER;
+    if (cost_shifted < cost_direct) return FWD_SHIFTED;
     return wrap ? FWD_DIRECT_WRAP : FWD_DIRECT;
 }
 
@@ -382,9 +429,10 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
     const int path = cnnx_gemm_path();
     const int algo = GLUE(fwd_algorithm, SUF)(path, geom);
     const int direct = algo != FWD_IM2COL, gather = algo == FWD_GATHER, wrap = algo == FWD_DIRECT_WRAP;
+    const int shifted = algo == FWD_SHIFTED;
     const int64_t Cg = C / G, OCg = OC / G, K = Cg * KH * KW, P = OH * OW;
     const int64_t Wp = OW + (KW - 1) * DW, span_h = (KH - 1) * DH;
-    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, Wp, OH)
+    const int64_t unit = direct ? GLUE(chunk_rows, SUF)(Cg, OCg, span_h, shifted ? KW * OW : Wp, OH)
                                 : GLUE(chunk_rows_im2col, SUF)(K, OH, OW); /* output rows per task */
     const int64_t nchunks = (OH + unit - 1) / unit;
     const int64_t ntasks = N * G * nchunks;
@@ -402,7 +450,7 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
     const cnnx_fpenv fp = cnnx_fp_caller();
     CNNX_PARALLEL(ntasks > 1 && N * OC * OH * OW * K >= PARALLEL_MIN_MACS, {
         cnnx_fp_worker_enter();
-        const int64_t img_n = direct ? Cg * (unit + span_h) * Wp : K * unit * OW;
+        const int64_t img_n = shifted ? Cg * KW * (unit + span_h) * OW : direct ? Cg * (unit + span_h) * Wp : K * unit * OW;
         REAL *img = ALLOC(img_n), *tmp = algo == FWD_DIRECT ? ALLOC(OCg * unit * Wp) : NULL;
         REAL *bpad = ALLOC(cnnx_gemm_bpad_size(K));
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(K > 0 ? K : 1));
@@ -423,7 +471,8 @@ static int GLUE(conv2d_forward_impl, SUF)(REAL *y, const REAL *x, const REAL *w,
             const REAL *bg = b ? b + g * OCg : NULL;
             if (direct)
                 GLUE(direct_rows, SUF)(path, yg, xg, apack + g * apg, bg, Cg, H, W, OCg, KH, KW, DH, DW, PT, PL, OH,
-                                       OW, u0, u1, img, off, tmp, bpad, gather ? apack + g * apg : NULL, qoff, wrap);
+                                       OW, u0, u1, img, off, tmp, bpad, gather ? apack + g * apg : NULL, qoff, wrap,
+                                       shifted);
             else
                 GLUE(fwd_im2col, SUF)(path, yg, xg, apack + g * apg, bg, geom, u0, u1, img, bpad);
             if (fuse_pool)
@@ -565,7 +614,7 @@ static int GLUE(bwd_input_direct, SUF)(REAL *dx, const REAL *dy, const REAL *w, 
             const int64_t r0 = chunk * unit, r1 = r0 + unit < H ? r0 + unit : H;
             GLUE(direct_rows, SUF)(path, dx + (n * C + g * Cg) * H * W, dy + (n * OC + g * OCg) * P, apack + g * apg,
                                    NULL, OCg, OH, OW, Cg, KH, KW, DH, DW, T2, L2, H, W, r0, r1, img, off, tmp, bpad,
-                                   NULL, NULL, 0);
+                                   NULL, NULL, 0, 0);
         }
         free(img);
         free(tmp);

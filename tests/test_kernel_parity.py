@@ -43,6 +43,10 @@ CONV_CASES = {
     "input_1x1": (2, 3, 1, 1, 2, (1, 1), 1, 0, 1, 1),
     "lenet_conv1": (4, 1, 28, 28, 6, (5, 5), 1, 2, 1, 1),
     "lenet_conv2": (4, 6, 14, 14, 16, (5, 5), 1, 0, 1, 1),
+    # the forward from kernel-column-shifted copies (few channels, narrow padded rows): a tall image in several row
+    # chunks, and dilated with asymmetric padding
+    "shifted_copies_tall_chunked": (1, 1, 1000, 28, 6, (5, 5), 1, 2, 1, 1),
+    "shifted_copies_dilated": (2, 2, 30, 20, 6, (3, 3), 1, (1, 2, 2, 1), (1, 2), 1),
     "gemm_tail_sizes": (2, 19, 23, 29, 37, (3, 3), 1, 1, 1, 1),
     # a kernel covering the whole unpadded input (LeNet-5's C5): the fully connected path
     "fully_connected_kernel": (3, 4, 5, 6, 7, (5, 6), 1, 0, 1, 1),
