@@ -197,6 +197,11 @@ void cnnx_max2x2_relu_planes_f32(float *y, uint8_t *code, const float *x, int64_
                                  int64_t OH, int64_t OW);
 void cnnx_max2x2_relu_planes_f64(double *y, uint8_t *code, const double *x, int64_t NC, int64_t H, int64_t W,
                                  int64_t OH, int64_t OW);
+/* The same from NC planes whose output pixels are stored tap-major: plane p holds the windows' top-left taps,
+ * then their top-right, bottom-left and bottom-right ones, Q (= OH*OW windows) each: x + p*4*Q + t*Q + window
+ * (the fused convolution's gather product writes them so). The same values and codes, bit for bit. */
+void cnnx_max2x2_relu_taps_f32(float *y, uint8_t *code, const float *x, int64_t NC, int64_t Q);
+void cnnx_max2x2_relu_taps_f64(double *y, uint8_t *code, const double *x, int64_t NC, int64_t Q);
 
 
 /* The gradient a ReLU -> 2x2 max pool passes to the pool's winner: (0 + dy) * (y > 0 ? 1 : 0), y the pooled output

@@ -169,6 +169,32 @@ static int64_t max2x2_relu_back_row_avx2(float *d0, float *d1, const float *dy, 
             return n;
     }
 }
+/* cnnx_max2x2_relu_taps (pool2d_impl.h) on one float plane of Q >= 8 windows, 8 a step (the last step
+ * overlapping the one before): the taps are four contiguous arrays, so no shuffles; the same selects, values
+ * and codes as the scalar code. Returns Q (0 when Q < 8). */
+__attribute__((target("avx2,fma")))
+static int64_t max2x2_taps_avx2(float *y, uint8_t *cp, const float *ta, const float *tb, const float *tc,
+                                const float *td, int64_t Q)
+{
+    if (Q < 8)
+        return 0;
+    for (int64_t q = 0;; q = q + 16 <= Q ? q + 8 : Q - 8) {
+        __m256 a = _mm256_loadu_ps(ta + q), b = _mm256_loadu_ps(tb + q), c = _mm256_loadu_ps(tc + q);
+        __m256 d = _mm256_loadu_ps(td + q), m;
+        __m256i k;
+        MAX2X2_WINNER(_mm256, 256, a, b, c, d, 1, m, k);
+        _mm256_storeu_ps(y + q, m);
+        const __m256i t = _mm256_shuffle_epi8(k, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                              -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                              -1, -1, -1, -1));
+        const int32_t lo = _mm256_cvtsi256_si32(t), hi = _mm256_extract_epi32(t, 4);
+        memcpy(cp + q, &lo, 4);
+        memcpy(cp + q + 4, &hi, 4);
+        if (q == Q - 8)
+            return Q;
+    }
+}
+
 /* max2x2_plane's work (pool2d_impl.h) on one float plane with OW >= 4: every row through max2x2_row_avx2,
  * inlined into this one AVX2 function. Called row by row from the generic code, each call (the spills, the
  * constants set up again) cost about as much as the row itself on LeNet-5's planes, 14 and 5 windows wide:
@@ -188,12 +214,15 @@ static void max2x2_plane_avx2(float *yp, int64_t *ip, uint8_t *cp, const float *
          ? (max2x2_plane_avx2(yp, ip, cp, xp, W, OH, OW, relu), 1)                                         \
          : 0)
 #define MAX2X2_BACK_ROW_FAST_f32(d0, d1, dy, y, cr, n) (CNNX_USE_AVX2 ? max2x2_relu_back_row_avx2(d0, d1, dy, y, cr, n) : 0)
+#define MAX2X2_TAPS_FAST_f32(y, cp, ta, tb, tc, td, Q) (CNNX_USE_AVX2 ? max2x2_taps_avx2(y, cp, ta, tb, tc, td, Q) : 0)
 #else
+#define MAX2X2_TAPS_FAST_f32(y, cp, ta, tb, tc, td, Q) 0
 #define MAX2X2_PLANE_FAST_f32(yp, ip, cp, xp, W, OH, OW, relu) 0
 #define MAX2X2_BACK_ROW_FAST_f32(d0, d1, dy, y, cr, n) 0
 #endif
 #define MAX2X2_PLANE_FAST_f64(yp, ip, cp, xp, W, OH, OW, relu) 0
 #define MAX2X2_BACK_ROW_FAST_f64(d0, d1, dy, y, cr, n) 0
+#define MAX2X2_TAPS_FAST_f64(y, cp, ta, tb, tc, td, Q) 0
 
 #define REAL float
 #define UREAL uint32_t

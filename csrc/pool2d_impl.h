@@ -115,6 +115,34 @@ void GLUE(cnnx_max2x2_relu_planes, SUF)(REAL *y, uint8_t *code, const REAL *x, i
         GLUE(max2x2_plane, SUF)(y + p * OH * OW, NULL, code + p * OH * OW, x + p * H * W, W, OH, OW, 1);
 }
 
+void GLUE(cnnx_max2x2_relu_taps, SUF)(REAL *y, uint8_t *code, const REAL *x, int64_t NC, int64_t Q)
+{
+    for (int64_t p = 0; p < NC; p++) {
+        const REAL *restrict ta = x + p * 4 * Q, *restrict tb_ = ta + Q, *restrict tc_ = ta + 2 * Q;
+        const REAL *restrict td_ = ta + 3 * Q;
+        REAL *restrict yp = y + p * Q;
+        uint8_t *restrict cp = code + p * Q;
+        const int64_t q0 = GLUE(MAX2X2_TAPS_FAST, SUF)(yp, cp, ta, tb_, tc_, td_, Q);
+        for (int64_t q = q0; q < Q; q++) { /* max2x2_plane's selects, relu first */
+            const REAL a = GLUE(select, SUF)((ta[q] > 0) | (ta[q] != ta[q]), ta[q], 0);
+            const REAL b = GLUE(select, SUF)((tb_[q] > 0) | (tb_[q] != tb_[q]), tb_[q], 0);
+            const REAL c = GLUE(select, SUF)((tc_[q] > 0) | (tc_[q] != tc_[q]), tc_[q], 0);
+            const REAL d = GLUE(select, SUF)((td_[q] > 0) | (td_[q] != td_[q]), td_[q], 0);
+            const int tb = (b > a) | (b != b);
+            REAL m = GLUE(select, SUF)(tb, b, a);
+            int64_t k = tb;
+            const int tc = (c > m) | (c != c);
+            m = GLUE(select, SUF)(tc, c, m);
+            k ^= (k ^ 2) & -(int64_t)tc;
+            const int td = (d > m) | (d != d);
+            m = GLUE(select, SUF)(td, d, m);
+            k ^= (k ^ 3) & -(int64_t)td;
+            yp[q] = m;
+            cp[q] = (uint8_t)k;
+        }
+    }
+}
+
 int GLUE(maxpool2x2_relu_forward, SUF)(REAL *y, uint8_t *code, const REAL *x, const cnnx_pool2d_geom *g)
 {
     CNNX_POOL_PLANES(g);

@@ -246,6 +246,26 @@ def test_pooled_conv_gradients_on_both_cpu_paths(width):    # and a scalar tail
         np.testing.assert_allclose(dx, dx_ref, rtol=2e-5, atol=2e-5 * np.max(np.abs(dx_ref)))
 
 
+@pytest.mark.parametrize("size", [6, 9, 12, 21])   # pooled 2x2 (scalar only), 3x3 after a dropped row, 5x5, 9x9
+def test_pooled_conv_forward_ties_on_both_cpu_paths(size):
+    """Conv -> ReLU -> MaxPool2d(2) whose convolution runs the gather product: it computes only the windows'
+    pixels, tap-major, and pools them from four contiguous arrays. Small integer weights and inputs make ties and
+    zeros everywhere: the same bits of y and of every gradient as the layers, on both CPU paths."""
+    from cnnx import _kernels as K
+    rng = np.random.default_rng(size)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.MaxPool2d(2))
+    model[0].weight.data[...] = rng.integers(-1, 2, model[0].weight.shape)
+    model[0].bias.data[...] = rng.integers(-1, 2, 16)
+    x = rng.integers(-1, 2, (2, 3, size, size)).astype(np.float32)
+    before = K.force_portable()
+    try:
+        for portable in (False, True):
+            K.force_portable(portable)
+            assert_same_step(copy.deepcopy(model), x)
+    finally:
+        K.force_portable(before)
+
+
 @pytest.mark.parametrize("kh", [1, 2, 3, 4, 5, 6, 7, 9])
 def test_pooled_conv_every_kernel_height(kh):
     """Conv -> ReLU -> MaxPool2d(2) at every kernel height: the AVX2 weight gradient takes 4 (KH 2, 3), 3 (4, 5) or
@@ -747,6 +767,7 @@ def test_batchnorm_folded_matches_layer_by_layer(name, dtype):
     """The plan folds each eval-mode BatchNorm2d into the convolution before it (conv_bn, conv_bn_relu): the output,
     dx and every gradient (the batch norms' included) agree with the layers to rounding."""
     from cnnx import _planner
+    cnnx.manual_seed(3)     # the layers' initial weights: not whatever the tests before this one left
     model = _with_statistics(BN_CHAINS[name](dtype))
     x = rand(BN_SHAPES[name], dtype, seed=2)
     kinds = [op.kind for op in _planner.lower(model, x).ops]
