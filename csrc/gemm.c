@@ -385,9 +385,48 @@ TARGET static void row_tile_##S(REAL *c, const REAL *restrict ap, const REAL *re
         STOREU(c + v * LANES, accumulate ? ADD(LOADU(c + v * LANES), acc[v]) : acc[v]);              \
 }
 
+/* A whole float gather tile (6 rows x 16 columns, acc[i][v] = row i's columns 8v..8v+7) stored transposed:
+ * c[j*ldc + i] = (accumulate ? c[j*ldc + i] : 0) + acc[i][j], each 8 x 8 block (rows 6 and 7 zero) transposed in
+ * registers (unpack, shuffle, lane permute) and each column's 6 values written as 4 + 2; the same adds as the
+ * scalar store through a stack buffer (0 + v turns -0 into +0 there too), which took ~300 instructions a tile
+ * (LeNet-5's conv2 forward: 17 tiles an image). */
+TARGET static inline void store_t6x16_f32(float *c, int64_t ldc, const __m256 acc[6][2], int accumulate)
+{
+    const __m256 z = _mm256_setzero_ps();
+    for (int v = 0; v < 2; v++) {
+        const __m256 t0 = _mm256_unpacklo_ps(acc[0][v], acc[1][v]), t1 = _mm256_unpackhi_ps(acc[0][v], acc[1][v]);
+        const __m256 t2 = _mm256_unpacklo_ps(acc[2][v], acc[3][v]), t3 = _mm256_unpackhi_ps(acc[2][v], acc[3][v]);
+        const __m256 t4 = _mm256_unpacklo_ps(acc[4][v], acc[5][v]), t5 = _mm256_unpackhi_ps(acc[4][v], acc[5][v]);
+        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 s4 = _mm256_shuffle_ps(t4, z, 0x44), s5 = _mm256_shuffle_ps(t4, z, 0xEE);
+        const __m256 s6 = _mm256_shuffle_ps(t5, z, 0x44), s7 = _mm256_shuffle_ps(t5, z, 0xEE);
+        const __m256 col[8] = {_mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+                               _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+                               _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+                               _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+        for (int j = 0; j < 8; j++) { /* column 8v + j: rows 0..3 in the low half, 4..5 in the high half */
+            float *p = c + (8 * v + j) * ldc;
+            __m128 lo = _mm256_castps256_ps128(col[j]), hi = _mm256_extractf128_ps(col[j], 1);
+            if (accumulate) {
+                lo = _mm_add_ps(_mm_loadu_ps(p), lo);
+                hi = _mm_add_ps(_mm_castpd_ps(_mm_load_sd((const double *)(p + 4))), hi);
+            } else {
+                lo = _mm_add_ps(_mm_setzero_ps(), lo);
+                hi = _mm_add_ps(_mm_setzero_ps(), hi);
+            }
+            _mm_storeu_ps(p, lo);
+            _mm_storel_pi((__m64 *)(p + 4), hi);
+        }
+    }
+}
+#define GATHER_STORE_float(c, ldc, acc, mr, nr, accumulate) \
+    ((mr) == 6 && (nr) == 16 ? (store_t6x16_f32(c, ldc, acc, accumulate), 1) : 0)
+#define GATHER_STORE_double(c, ldc, acc, mr, nr, accumulate) 0
+
 /* The gather tile (gemm_gather): 6 rows whose elements are broadcast from six pointers plus a per-k offset,
  * x NR columns of packed B, started from the bias; per k 1 offset, 2 vectors of b, 6 broadcasts, 12 FMAs.
- * Stored transposed through a stack buffer. */
+ * Stored transposed: a whole float tile by store_t6x16_f32, others through a stack buffer. */
 #define GATHER_TILE(REAL, S, VEC, LOADU, STOREU, FMADD, BROADCAST, LANES)                            \
 TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows, const int64_t *koff, \
                                    const REAL *restrict bp, const REAL *bv, int64_t K, int64_t mr,    \
@@ -402,6 +441,7 @@ TARGET static void gather_tile_##S(REAL *c, int64_t ldc, const REAL *const *rows
         STEP_6X2(VEC, BROADCAST, FMADD, r0 + o, r1 + o, r2 + o, r3 + o, r4 + o, r5 + o)               \
     }                                                                                                \
     const VEC acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}}; \
+    if (GATHER_STORE_##REAL(c, ldc, acc, mr, nr, accumulate)) return;                                \
     REAL tmp[MR][NR];                                                                                \
     for (int i = 0; i < MR; i++)                                                                     \
         for (int v = 0; v < 2; v++) STOREU(&tmp[i][v * LANES], acc[i][v]);                           \
