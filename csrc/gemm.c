@@ -410,13 +410,13 @@ TARGET static inline void store_t6x16_f32(float *c, int64_t ldc, const __m256 ac
             __m128 lo = _mm256_castps256_ps128(col[j]), hi = _mm256_extractf128_ps(col[j], 1);
             if (accumulate) {
                 lo = _mm_add_ps(_mm_loadu_ps(p), lo);
-                hi = _mm_add_ps(_mm_castpd_ps(_mm_load_sd((const double *)(p + 4))), hi);
+                hi = _mm_add_ps(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(p + 4))), hi);
             } else {
                 lo = _mm_add_ps(_mm_setzero_ps(), lo);
                 hi = _mm_add_ps(_mm_setzero_ps(), hi);
             }
             _mm_storeu_ps(p, lo);
-            _mm_storel_pi((__m64 *)(p + 4), hi);
+            _mm_storel_epi64((__m128i *)(p + 4), _mm_castps_si128(hi));
         }
     }
 }
