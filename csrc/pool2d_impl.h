@@ -53,6 +53,30 @@ static inline REAL GLUE(select, SUF)(int t, REAL x, REAL y)
     return out;
 }
 
+/* The winner of a 2x2 window's taps a, b, c, d (row-major; with relu, of their relu: v where v > 0 or NaN, +0
+ * elsewhere): a later tap wins when greater or NaN. *m gets its value; returns its position (0..3). The AVX2 steps
+ * (pool2d.c: MAX2X2_WINNER) pick the same. */
+static inline int64_t GLUE(winner4, SUF)(REAL a, REAL b, REAL c, REAL d, int relu, REAL *m)
+{
+    if (relu) {
+        a = GLUE(select, SUF)((a > 0) | (a != a), a, 0);
+        b = GLUE(select, SUF)((b > 0) | (b != b), b, 0);
+        c = GLUE(select, SUF)((c > 0) | (c != c), c, 0);
+        d = GLUE(select, SUF)((d > 0) | (d != d), d, 0);
+    }
+    const int tb = (b > a) | (b != b);
+    REAL v = GLUE(select, SUF)(tb, b, a);
+    int64_t k = tb;
+    const int tc = (c > v) | (c != c);
+    v = GLUE(select, SUF)(tc, c, v);
+    k ^= (k ^ 2) & -(int64_t)tc;
+    const int td = (d > v) | (d != d);
+    v = GLUE(select, SUF)(td, d, v);
+    k ^= (k ^ 3) & -(int64_t)td;
+    *m = v;
+    return k;
+}
+
 /* The commonest pooling, 2x2 windows at stride 2 with no padding or dilation, over one whole plane: the
  * selects of the general fast path below without its per-row window arithmetic, which dominates small
  * planes such as LeNet-5's 10x10; 8 outputs at a time with AVX2 (float planes 4 or more windows wide:
@@ -69,22 +93,8 @@ static void GLUE(max2x2_plane, SUF)(REAL *restrict yp, int64_t *restrict ip, uin
         uint8_t *restrict cr = ip ? NULL : cp + oh * OW;
         const int64_t base = 2 * oh * W;
         for (int64_t ow = 0; ow < OW; ow++) {
-            REAL a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
-            if (relu) {
-                a = GLUE(select, SUF)((a > 0) | (a != a), a, 0);
-                b = GLUE(select, SUF)((b > 0) | (b != b), b, 0);
-                c = GLUE(select, SUF)((c > 0) | (c != c), c, 0);
-                d = GLUE(select, SUF)((d > 0) | (d != d), d, 0);
-            }
-            const int tb = (b > a) | (b != b);
-            REAL m = GLUE(select, SUF)(tb, b, a);
-            int64_t k = tb;
-            const int tc = (c > m) | (c != c);
-            m = GLUE(select, SUF)(tc, c, m);
-            k ^= (k ^ 2) & -(int64_t)tc;
-            const int td = (d > m) | (d != d);
-            m = GLUE(select, SUF)(td, d, m);
-            k ^= (k ^ 3) & -(int64_t)td;
+            REAL m;
+            const int64_t k = GLUE(winner4, SUF)(r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1], relu, &m);
             yr[ow] = m;
             if (ir)
                 ir[ow] = base + 2 * ow + (k & 1) + (k >> 1) * W;
@@ -123,23 +133,8 @@ void GLUE(cnnx_max2x2_relu_taps, SUF)(REAL *y, uint8_t *code, const REAL *x, int
         REAL *restrict yp = y + p * Q;
         uint8_t *restrict cp = code + p * Q;
         const int64_t q0 = GLUE(MAX2X2_TAPS_FAST, SUF)(yp, cp, ta, tb_, tc_, td_, Q);
-        for (int64_t q = q0; q < Q; q++) { /* max2x2_plane's selects, relu first */
-            const REAL a = GLUE(select, SUF)((ta[q] > 0) | (ta[q] != ta[q]), ta[q], 0);
-            const REAL b = GLUE(select, SUF)((tb_[q] > 0) | (tb_[q] != tb_[q]), tb_[q], 0);
-            const REAL c = GLUE(select, SUF)((tc_[q] > 0) | (tc_[q] != tc_[q]), tc_[q], 0);
-            const REAL d = GLUE(select, SUF)((td_[q] > 0) | (td_[q] != td_[q]), td_[q], 0);
-            const int tb = (b > a) | (b != b);
-            REAL m = GLUE(select, SUF)(tb, b, a);
-            int64_t k = tb;
-            const int tc = (c > m) | (c != c);
-            m = GLUE(select, SUF)(tc, c, m);
-            k ^= (k ^ 2) & -(int64_t)tc;
-            const int td = (d > m) | (d != d);
-            m = GLUE(select, SUF)(td, d, m);
-            k ^= (k ^ 3) & -(int64_t)td;
-            yp[q] = m;
-            cp[q] = (uint8_t)k;
-        }
+        for (int64_t q = q0; q < Q; q++)
+            cp[q] = (uint8_t)GLUE(winner4, SUF)(ta[q], tb_[q], tc_[q], td_[q], 1, yp + q);
     }
 }
 
