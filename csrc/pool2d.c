@@ -39,6 +39,19 @@
     PFX##_add_epi32(PFX##_add_epi32(off, PFX##_and_si##BITS(k, PFX##_set1_epi32(1))),                    \
                     PFX##_and_si##BITS(PFX##_cmpgt_epi32(k, PFX##_set1_epi32(1)), PFX##_set1_epi32((int)(W))))
 
+/* The 8 winners' positions (int32 lanes, 0..3) as 8 bytes at cp: byte 0 of each lane, bytes 0..3 of each
+ * 128-bit half. */
+__attribute__((target("avx2,fma")))
+static inline void store_codes8(uint8_t *cp, __m256i k)
+{
+    const __m256i t = _mm256_shuffle_epi8(k, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                              -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                              -1, -1, -1, -1));
+    const int32_t lo = _mm256_cvtsi256_si32(t), hi = _mm256_extract_epi32(t, 4);
+    memcpy(cp, &lo, 4);
+    memcpy(cp + 4, &hi, 4);
+}
+
 /*
  * 2x2 stride-2 max pooling of one float output row of n >= 4 outputs, 8 per step (4 for rows narrower than
  * 8, such as LeNet-5's 5): the row pair r0/r1 is split into its even and odd columns (the four taps of the
@@ -103,13 +116,8 @@ static int64_t max2x2_row_avx2(float *yr, int64_t *ir, uint8_t *cr, const float 
                                 _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(off)), b64));
             _mm256_storeu_si256((__m256i *)(ir + q + 4),
                                 _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(off, 1)), b64));
-        } else { /* byte 0 of each lane: bytes 0..3 of each 128-bit half */
-            const __m256i t = _mm256_shuffle_epi8(k, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
-                                                  -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
-                                                  -1, -1, -1, -1));
-            const int32_t lo = _mm256_cvtsi256_si32(t), hi = _mm256_extract_epi32(t, 4);
-            memcpy(cr + q, &lo, 4);
-            memcpy(cr + q + 4, &hi, 4);
+        } else {
+            store_codes8(cr + q, k);
         }
         if (q == n - 8)
             return n;
@@ -184,12 +192,7 @@ static int64_t max2x2_taps_avx2(float *y, uint8_t *cp, const float *ta, const fl
         __m256i k;
         MAX2X2_WINNER(_mm256, 256, a, b, c, d, 1, m, k);
         _mm256_storeu_ps(y + q, m);
-        const __m256i t = _mm256_shuffle_epi8(k, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
-                                              -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
-                                              -1, -1, -1, -1));
-        const int32_t lo = _mm256_cvtsi256_si32(t), hi = _mm256_extract_epi32(t, 4);
-        memcpy(cp + q, &lo, 4);
-        memcpy(cp + q + 4, &hi, 4);
+        store_codes8(cp + q, k);
         if (q == Q - 8)
             return Q;
     }
