@@ -207,6 +207,7 @@ class Stat:
     """Per-call times of one implementation (seconds): median and interquartile spread."""
 
     def __init__(self, samples):
+        self.rounds = list(samples)     # in round order (measure: round r's sample of each implementation)
         self.samples = sorted(samples)
         self.median = statistics.median(self.samples)
         if len(self.samples) >= 4:
@@ -321,6 +322,14 @@ def fmt_stat(stat):
     if stat is None:
         return "-"
     return f"{fmt_time(stat.median)} ±{100 * stat.spread:.0f}%"
+
+
+def paired_ratio(slow, fast):
+    """Median over the rounds of slow's sample / fast's sample in the same round (measure interleaves them, so
+    both saw the same machine): on a machine whose speed drifts (another tenant on a shared core), steadier than
+    the ratio of the two medians, which pairs samples taken at different times. None without common rounds."""
+    pairs = [s / f for s, f in zip(slow.rounds, fast.rounds) if f > 0]
+    return statistics.median(pairs) if pairs else None
 
 
 def fmt_ratio(num, den):

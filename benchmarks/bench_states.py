@@ -110,7 +110,7 @@ def main(argv=None):
     C.print_header("cnnx LeNet-5 in three states of training, float32", args, torch, args.threads)
     print(f"flush_denormal: cnnx {cnnx.get_flush_denormal()}"
           + (", torch off (its default)" if torch is not None else ""))
-    results = {}
+    results, paired_results = {}, {}
     for state in STATES:
         for n in args.batches:
             C.set_threads(1, torch)          # states are reached on one thread (the thread count changes no bits)
@@ -129,10 +129,14 @@ def main(argv=None):
                         stats = C.measure(fns, args.repeat, args.target)
                     ips = {name: n / st.median for name, st in stats.items()}
                     results[(state, mode, n, t)] = ips
+                    paired = C.paired_ratio(stats["torch"], stats["c"]) if "torch" in stats else None
+                    paired_results[(state, mode, n, t)] = paired
                     rows.append([mode, C.threads_label(t), f"{C.fmt_rate(ips['c'])} ({C.fmt_stat(stats['c'])})",
                                  f"{C.fmt_rate(ips['torch'])} ({C.fmt_stat(stats['torch'])})" if "torch" in ips
-                                 else "-", C.fmt_ratio(ips["c"], ips.get("torch"))])
-            C.print_table(["mode", "threads", "cnnx img/s (step)", "torch img/s (step)", "cnnx/torch"], rows)
+                                 else "-", C.fmt_ratio(ips["c"], ips.get("torch")),
+                                 f"{paired:.2f}x" if paired else "-"])
+            C.print_table(["mode", "threads", "cnnx img/s (step)", "torch img/s (step)", "cnnx/torch",
+                           "paired"], rows)
             phase_rows = []
             for t in args.threads:        # where a training step's time goes, in this state
                 C.set_threads(t, torch)
@@ -158,6 +162,16 @@ def main(argv=None):
             rows.append([f"{'training' if mode == 'train' else 'inference'}, batch {n}", C.threads_label(t)] + cells
                         + [f">= {target:g}x", C.verdict(ok)])
     C.print_table(["what", "threads"] + list(STATES) + ["target", ""], rows)
+    if torch is not None:
+        print("the same, as the median over the rounds of each round's torch / cnnx (both timed in that round; "
+              "steadier where the machine's speed drifts, see _common.paired_ratio):")
+        rows = []
+        for (mode, n), target in TARGETS.items():
+            for t in args.threads:
+                cells = [paired_results.get((state, mode, n, t)) for state in STATES]
+                rows.append([f"{'training' if mode == 'train' else 'inference'}, batch {n}", C.threads_label(t)]
+                            + [f"{c:.2f}x" if c else "-" for c in cells] + [f">= {target:g}x"])
+        C.print_table(["what", "threads"] + list(STATES) + ["target"], rows)
     print(f"({C.load_average()})")
     return 0
 
