@@ -91,7 +91,6 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     REAL *apack = ALLOC(cnnx_gemm_apack_size(OUT, N));
     if (!apack) return CNNX_ENOMEM;
     GLUE(cnnx_gemm_pack_a, SUF)(path, apack, dy, 1, OUT, OUT, N); /* dy^T: element (o, n) at dy[n*OUT + o] */
-    const int64_t panels = (IN + PANEL - 1) / PANEL;
     /* With OUT_TILES or more of the GEMM's row tiles, each thread takes a contiguous block of dw's rows (whole
      * tiles, all IN columns) instead of column panels: the block the optimizer's group step gives the same thread
      * next (optim.c: thread_part, contiguous halves of each parameter), which then updates lines in its own cache.
@@ -103,6 +102,7 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
     cnnx_gemm_tile_shape(path, (int)sizeof(REAL), &tm, &tn);
     const int64_t row_tiles = (OUT + tm - 1) / tm;
     const int by_rows = row_tiles >= OUT_TILES;
+    const int64_t panels = by_rows ? 0 : (IN + PANEL - 1) / PANEL; /* otherwise: column panels */
     int status = CNNX_OK;
     const cnnx_fpenv fp = cnnx_fp_caller();
     CNNX_PARALLEL(N * IN * OUT >= PARALLEL_MIN_MACS, {
@@ -121,7 +121,7 @@ int GLUE(linear_backward_weight, SUF)(REAL *dw, REAL *db, const REAL *dy, const 
         }
         CNNX_OMP_FOR_NOWAIT
         for (int64_t p = 0; p < panels; p++) {
-            if (!bpad || by_rows) continue;
+            if (!bpad) continue;
             const int64_t j0 = p * PANEL, cols = IN - j0 < PANEL ? IN - j0 : PANEL;
             GLUE(cnnx_gemm, SUF)(path, dw + j0, IN, NULL, apack, x + j0, NULL, IN, NULL, OUT, cols, N, accumulate, 0, 0,
                                  bpad);
