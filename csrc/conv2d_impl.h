@@ -117,6 +117,13 @@ static void GLUE(col2im, SUF)(REAL *restrict dx, const REAL *restrict dcol, int6
             }
 }
 
+/* p rounded up to the next 64-byte cache line (NULL stays NULL): the start of a buffer allocated with a line's worth
+ * of spare elements. */
+static inline REAL *GLUE(line_aligned, SUF)(REAL *p)
+{
+    return p ? (REAL *)(((uintptr_t)p + 63) & ~(uintptr_t)63) : NULL;
+}
+
 /* 1 when every x[i], i < n, is finite. (x - x is 0 for a finite x and NaN for an infinite or NaN one;
  * eight independent partial sums let the compiler vectorise the scan.) */
 static int GLUE(all_finite, SUF)(const REAL *restrict x, int64_t n)
@@ -1122,7 +1129,7 @@ int GLUE(conv2d_pooled_backward_weight, SUF)(REAL *dw, REAL *db, REAL *dh, const
         const int64_t T = cnnx_team_size(), t = cnnx_team_rank();
         const int64_t o0 = OC * t / T, o1 = OC * (t + 1) / T;
         REAL *xq_mem = ALLOC(C * Hq * Wq + LINE), *v = ALLOC(Q + 8), *part = vec ? NULL : ALLOC(rows * KW);
-        REAL *xq = xq_mem ? (REAL *)(((uintptr_t)xq_mem + 63) & ~(uintptr_t)63) : NULL;
+        REAL *xq = GLUE(line_aligned, SUF)(xq_mem);
         int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(Q + 8)); /* + a vector step's spare stores */
         const int ok = xq && v && off && (vec || part);
         if (!ok) {
@@ -1216,7 +1223,7 @@ int GLUE(conv2d_pooled_backward_input, SUF)(REAL *dx, REAL *dh, const REAL *dyp,
     const int64_t rows = C * KH, blk = (KH + 2) * 8, cb = C * blk;
     const int64_t nwr = vec ? 2 * OC * cb : OC * rows * KW;
     REAL *wr_mem = ALLOC(nwr + 64 / sizeof(REAL));   /* wr: on a 64-byte line boundary (see below) */
-    REAL *wr = wr_mem ? (REAL *)(((uintptr_t)wr_mem + 63) & ~(uintptr_t)63) : NULL;
+    REAL *wr = GLUE(line_aligned, SUF)(wr_mem);
     int32_t *qoff = (int32_t *)malloc(sizeof(int32_t) * (size_t)Q);
     if (!wr || !qoff) {
         free(wr_mem);
